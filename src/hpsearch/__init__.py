@@ -1,0 +1,28 @@
+"""hpsearch: hyperparameter search for fine-tuning torchvision image classifiers, on Optuna.
+
+The package's top level stays light: `import hpsearch.train` must not pull in Optuna, so public names
+that need it are imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "load_study", "open_storage"]
+
+if TYPE_CHECKING:
+    from hpsearch.config import load_study
+    from hpsearch.storage import open_storage
+
+
+def __getattr__(name: str) -> Any:
+    if name == "open_storage":
+        from hpsearch.storage import open_storage
+
+        return open_storage
+    if name == "load_study":
+        from hpsearch.config import load_study
+
+        return load_study
+    raise AttributeError(f"module 'hpsearch' has no attribute {name!r}")

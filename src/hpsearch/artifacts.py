@@ -1,0 +1,95 @@
+"""A study's artifact store: where it lives, and a trial's weights and outputs in it.
+
+Every COMPLETE trial uploads, through Optuna's artifact store, `weights.safetensors` (best epoch, plain
+torchvision keys) and `outputs.safetensors` (validation and test logits in split order, tagged with the
+split's sha256). Their artifact ids sit in the trial's user attrs. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from safetensors.torch import load_file, save_file
+
+DEFAULT_ARTIFACTS = "artifacts"
+ATTR_ARTIFACTS = "artifacts_dir"
+ATTR_WEIGHTS = "weights_artifact"
+ATTR_OUTPUTS = "outputs_artifact"
+
+
+def resolve_artifacts_dir(cli: str | None, study: optuna.Study | None, study_file: str | None) -> Path:
+    """--artifacts > the location recorded in the study > [study] artifacts > ./artifacts."""
+    recorded = study.user_attrs.get(ATTR_ARTIFACTS) if study is not None else None
+    chosen = cli or recorded or study_file or DEFAULT_ARTIFACTS
+    return Path(chosen).expanduser().resolve()
+
+
+def open_artifact_store(path: Path) -> FileSystemArtifactStore:
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(path))
+
+
+@dataclass(frozen=True)
+class TrialOutputs:
+    val_logits: torch.Tensor
+    test_logits: torch.Tensor
+    split_sha256: str
+
+
+def upload_trial_artifacts(
+    store: FileSystemArtifactStore,
+    trial: optuna.Trial,
+    state_dict: dict[str, torch.Tensor],
+    outputs: TrialOutputs,
+    metadata: dict[str, str],
+) -> dict[str, str]:
+    """Write both files completely, upload them, and return their artifact ids (also set as user attrs)."""
+    with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+        weights = Path(tmp) / "weights.safetensors"
+        save_file(state_dict, str(weights), metadata=metadata)
+        out = Path(tmp) / "outputs.safetensors"
+        save_file(
+            {"val_logits": outputs.val_logits.contiguous(), "test_logits": outputs.test_logits.contiguous()},
+            str(out),
+            metadata={"split_sha256": outputs.split_sha256},
+        )
+        ids = {
+            ATTR_WEIGHTS: upload_artifact(artifact_store=store, file_path=str(weights), study_or_trial=trial,
+                                          mimetype="application/octet-stream"),
+            ATTR_OUTPUTS: upload_artifact(artifact_store=store, file_path=str(out), study_or_trial=trial,
+                                          mimetype="application/octet-stream"),
+        }
+    for key, value in ids.items():
+        trial.set_user_attr(key, value)
+    return ids
+
+
+def download_to(store: FileSystemArtifactStore, artifact_id: str, folder: Path, name: str) -> Path:
+    path = folder / name
+    download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=str(path))
+    return path
+
+
+def load_trial_weights(store: FileSystemArtifactStore, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+        path = download_to(store, trial.user_attrs[ATTR_WEIGHTS], Path(tmp), "weights.safetensors")
+        return load_file(str(path))
+
+
+def load_trial_outputs(store: FileSystemArtifactStore, trial: optuna.trial.FrozenTrial) -> TrialOutputs:
+    from safetensors import safe_open
+
+    with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+        path = download_to(store, trial.user_attrs[ATTR_OUTPUTS], Path(tmp), "outputs.safetensors")
+        with safe_open(str(path), framework="pt") as f:
+            sha = (f.metadata() or {}).get("split_sha256", "")
+            return TrialOutputs(f.get_tensor("val_logits"), f.get_tensor("test_logits"), sha)
+
+
+def store_size_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

@@ -1,0 +1,270 @@
+"""The `hpsearch` command: argument parsing, progress, tables and exit codes over the library.
+
+Exit codes: 0 done; 1 the run stopped on failing trials; 2 bad input (one line, no traceback);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from hpsearch import __version__
+
+console = Console(stderr=True)
+out = Console()
+
+
+class UsageError(ValueError):
+    """Bad input found by the CLI itself; printed as one line, exit code 2."""
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from hpsearch.config import ConfigError
+    from hpsearch.storage import StorageError
+
+    errors: list[type[BaseException]] = [ConfigError, StorageError, UsageError]
+    if "hpsearch.data" in sys.modules:
+        errors.append(sys.modules["hpsearch.data"].DataError)
+    return tuple(errors)
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from hpsearch.config import load_study
+    from hpsearch.model import check_model_config
+    from hpsearch.storage import redact, resolve_storage_url
+
+    cfg = load_study(args.study)
+    check_model_config(cfg.model, cfg.data.image_size)
+    url = resolve_storage_url(args.storage, cfg.study.storage)
+    out.print(f"[bold]{args.study}[/] is valid")
+    out.print(f"storage: {redact(url)}")
+    out.print_json(data=cfg.model_dump(mode="json"))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.workers != 1:
+        raise UsageError("--workers: only 1 worker per run is supported so far; start more `hpsearch run` "
+                         "processes on the same --storage to run trials in parallel")
+    import optuna
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hpsearch.artifacts import resolve_artifacts_dir
+    from hpsearch.config import load_study
+    from hpsearch.model import check_model_config
+    from hpsearch.report import describe_trial, top_trials_table
+    from hpsearch.search import Objective, finished_trials, open_study, prepare, run_trials
+    from hpsearch.storage import open_storage, redact, resolve_storage_url
+    from hpsearch.train import EpochMetrics, resolve_device
+
+    cfg = load_study(args.study)
+    check_model_config(cfg.model, cfg.data.image_size)
+    n_trials = args.n_trials or cfg.study.n_trials
+    device = resolve_device(args.device or cfg.train.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    url = resolve_storage_url(args.storage, cfg.study.storage)
+    storage = open_storage(url)
+    prepared = prepare(cfg)
+    existing = _load_existing(storage, cfg.study.name)
+    artifacts = resolve_artifacts_dir(args.artifacts, existing, cfg.study.artifacts)
+    study = open_study(cfg, storage, prepared, artifacts)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    console.print(f"study [bold]{cfg.study.name}[/] on {redact(url)}: {finished_trials(study)}/{n_trials} "
+                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {prepared.split.sizes()}, device {device}; "
+                  f"artifacts in {artifacts}")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        trials_task = progress.add_task("trials", total=n_trials, completed=finished_trials(study))
+        epoch_task = progress.add_task("epochs", total=cfg.train.epochs)
+
+        def on_epoch(trial: Any, m: EpochMetrics) -> None:
+            progress.update(epoch_task, completed=m.epoch + 1,
+                            description=f"trial {trial.number} val_acc {m.val_accuracy:.4f}")
+
+        def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            progress.console.print(describe_trial(trial))
+            best = _best_value(study)
+            progress.update(trials_task, completed=min(n_trials, finished_trials(study)),
+                            description=f"trials (best {best})")
+            progress.reset(epoch_task)
+
+        objective = Objective(cfg, prepared, device, artifacts, on_epoch=on_epoch)
+        guard = run_trials(study, objective, n_trials, timeout=args.timeout, callbacks=[on_trial])
+    out.print(top_trials_table(study, cfg.ensemble.top_k))
+    if guard.tripped:
+        console.print(f"[red]stopped[/]: {guard.limit} trials failed in a row; see `hpsearch status "
+                      f"{args.study}` and each trial's fail_reason")
+        return 1
+    return 0
+
+
+def _best_value(study: Any) -> str:
+    from hpsearch.search import best_trial
+
+    best = best_trial(study)
+    return f"{best.value:.4f}" if best is not None else "-"
+
+
+def _load_existing(storage: Any, name: str) -> Any:
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def _study_for(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(config or None, study, storage url) for commands that read an existing study."""
+    from hpsearch.config import load_study
+    from hpsearch.storage import open_storage, redact, resolve_storage_url
+
+    cfg = load_study(args.study)
+    url = resolve_storage_url(args.storage, cfg.study.storage)
+    study = _load_existing(open_storage(url), cfg.study.name)
+    if study is None:
+        raise UsageError(f"study {cfg.study.name!r} does not exist in {redact(url)}; start it with "
+                         f"`hpsearch run {args.study}` or pass the right --storage")
+    return cfg, study, url
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from hpsearch.artifacts import resolve_artifacts_dir, store_size_bytes
+    from hpsearch.report import state_counts, top_trials_table
+    from hpsearch.search import best_trial
+    from hpsearch.storage import redact
+
+    cfg, study, url = _study_for(args)
+    counts = Table(title=f"study {study.study_name!r} in {redact(url)}", header_style="bold")
+    for state in counts_keys(state_counts(study)):
+        counts.add_column(state, justify="right")
+    values = state_counts(study)
+    counts.add_row(*(str(values[s]) for s in counts_keys(values)))
+    out.print(counts)
+    best = best_trial(study)
+    if best is not None:
+        out.print(f"best: trial {best.number} val_accuracy={best.value:.4f} params={best.params}")
+    artifacts = resolve_artifacts_dir(args.artifacts, study, cfg.study.artifacts)
+    out.print(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
+    out.print(top_trials_table(study, args.top_k or cfg.ensemble.top_k))
+    return 0
+
+
+def counts_keys(counts: dict[str, int]) -> list[str]:
+    return [k for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if k in counts]
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from hpsearch.dashboard import serve
+
+    if not args.allow_remote and not _is_loopback(args.host):
+        raise UsageError(f"--host {args.host}: optuna-dashboard has no authentication and can delete studies; "
+                         "bind 127.0.0.1 (default), or add --allow-remote to expose it on purpose")
+    serve(args.study, storage=args.storage, artifacts=args.artifacts, host=args.host, port=args.port,
+          echo=console.print)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -------------------------------------------------------------------------------------------- parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpsearch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hpsearch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def storage(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--storage", help="SQLAlchemy URL (default: $HPSEARCH_STORAGE, [study] storage, "
+                       "sqlite:///hpsearch.db)")
+
+    def artifacts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--artifacts", metavar="DIR", help="artifact store folder (default: the one the study "
+                       "recorded, else [study] artifacts, else ./artifacts)")
+
+    run = sub.add_parser("run", help="run (or resume) a study until it holds n_trials finished trials")
+    run.add_argument("study", metavar="STUDY.toml")
+    storage(run)
+    run.add_argument("--n-trials", type=_positive, help="finished trials to reach (default: [study] n_trials)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")
+    run.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [train] device (auto)")
+    artifacts(run)
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a study file and print what `run` would do")
+    check.add_argument("study", metavar="STUDY.toml")
+    storage(check)
+    check.set_defaults(func=cmd_check)
+
+    status = sub.add_parser("status", help="trial counts by state, best trial, top-k table")
+    status.add_argument("study", metavar="STUDY.toml")
+    storage(status)
+    artifacts(status)
+    status.add_argument("--top-k", type=_positive, help="rows of the table (default: [ensemble] top_k)")
+    status.set_defaults(func=cmd_status)
+
+    dash = sub.add_parser("dashboard", help="start optuna-dashboard on the study's storage and artifacts")
+    dash.add_argument("study", metavar="STUDY.toml", nargs="?")
+    storage(dash)
+    artifacts(dash)
+    dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8080)
+    dash.add_argument("--allow-remote", action="store_true",
+                      help="allow a non-loopback --host (the dashboard has no authentication)")
+    dash.set_defaults(func=cmd_dashboard)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: running trials were marked FAIL; `hpsearch run` resumes the study")
+        return 130
+    except Exception as err:
+        if isinstance(err, _input_errors()):
+            console.print(f"[red]error[/]: {err}", highlight=False, soft_wrap=True)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The study file: its typed schema and its validation.
+
+A study file is TOML with the tables `[study]`, `[data]`, `[model]`, `[train]`, `[space]` and
+`[ensemble]`. `load_study(path)` returns a `StudyConfig` or raises `ConfigError`, whose message is one
+line that names the offending field and says what is allowed. This module imports no torch: checks that
+need the model itself (can this architecture take this image size?) live in `model.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+OPTIMIZERS = ("adam", "rmsprop", "sgd", "adamw")
+SCHEDULERS = ("step", "exponential", "plateau", "none")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+AUGMENTATIONS = ("crop", "flip", "cutout")
+SAMPLERS = ("tpe", "random", "gp")
+PRUNERS = ("median", "hyperband", "none")
+
+# Supported torchvision classification families: name pattern and the smallest input side they take.
+# ViT and Swin carry extra constraints (patch size, pretrained input size) checked in model.py.
+FAMILIES: dict[str, tuple[str, int]] = {
+    "resnet": (r"resnet\d+|resnext\d+_\w+|wide_resnet\d+_2", 32),
+    "regnet": (r"regnet_[xy]_\w+", 32),
+    "mobilenet": (r"mobilenet_v2|mobilenet_v3_(small|large)", 32),
+    "efficientnet": (r"efficientnet_(b[0-7]|v2_[sml])", 32),
+    "convnext": (r"convnext_(tiny|small|base|large)", 32),
+    "densenet": (r"densenet(121|161|169|201)", 32),
+    "vgg": (r"vgg(11|13|16|19)(_bn)?", 32),
+    "vit": (r"vit_[bhl]_(14|16|32)", 32),
+    "swin": (r"swin_(v2_)?[tsb]", 32),
+}
+
+
+def family_of(arch: str) -> str | None:
+    """The supported family an architecture name belongs to, or None."""
+    for family, (pattern, _) in FAMILIES.items():
+        if re.fullmatch(pattern, arch):
+            return family
+    return None
+
+
+class ConfigError(ValueError):
+    """A study file that cannot be run. `str(err)` is one line naming the field and the fix."""
+
+    def __init__(self, field: str, message: str, source: str | Path | None = None) -> None:
+        self.field = field
+        self.source = str(source) if source is not None else None
+        where = f"{self.source}: " if self.source else ""
+        super().__init__(f"{where}{field}: {message}")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than intent: refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _range(value: Any, *, log: bool = False, integer: bool = False) -> tuple[float, float]:
+    if not (isinstance(value, list | tuple) and len(value) == 2):
+        raise ValueError("must be a two-element list [low, high]")
+    low, high = value
+    kinds = (int,) if integer else (int, float)
+    if any(isinstance(v, bool) or not isinstance(v, kinds) for v in (low, high)):
+        raise ValueError(f"must hold two {'integers' if integer else 'numbers'}, got {list(value)!r}")
+    if low > high:
+        raise ValueError(f"low {low} is above high {high}")
+    if log and low <= 0:
+        raise ValueError(f"is searched on a log scale, so low must be > 0 (got {low})")
+    return (low, high)
+
+
+FloatRange = Annotated[tuple[float, float], Field(description="[low, high]")]
+IntRange = Annotated[tuple[int, int], Field(description="[low, high]")]
+
+
+class StudySection(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    n_trials: int = Field(20, ge=1)
+    direction: Literal["maximize"] = "maximize"
+    sampler: Literal["tpe", "random", "gp"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    # Trials the median pruner waits for, and epochs before it may prune a trial.
+    pruner_startup_trials: int = Field(5, ge=0)
+    pruner_warmup_epochs: int = Field(1, ge=0)
+    seed: int = Field(0, ge=0)
+    storage: str | None = None
+    artifacts: str | None = None
+    # A run stops, rather than burning the budget, when this many trials in a row fail.
+    max_consecutive_failures: int = Field(5, ge=1)
+
+
+class DataSection(_Strict):
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    root: str = "data"
+    image_size: int = Field(32, ge=8, le=1024)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    augment: list[Literal["crop", "flip", "cutout"]] = Field(default_factory=lambda: ["crop"])
+    # Use at most this many images (stratified), for smoke runs; 0 uses everything.
+    subset: int = Field(0, ge=0)
+    # Only for `synthetic`: how many images, how many classes.
+    synthetic_size: int = Field(2000, ge=20)
+    synthetic_classes: int = Field(10, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if len(set(self.augment)) != len(self.augment):
+            raise ValueError("augment lists an augmentation twice")
+        if self.dataset == "digits" and "flip" in self.augment:
+            raise ValueError("augment: 'flip' is wrong for digits (a mirrored 2 is no 2); use crop or cutout")
+        return self
+
+
+class ModelSection(_Strict):
+    arch: str = "resnet18"
+    weights: str = "none"  # none | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | a local file
+    freeze: Literal["none", "backbone"] = "none"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        if family_of(arch) is None:
+            families = ", ".join(FAMILIES)
+            raise ValueError(
+                f"unknown architecture {arch!r}; use a torchvision classification model of the families "
+                f"{families} (e.g. resnet18, efficientnet_b0, convnext_tiny, vit_b_16)"
+            )
+        return arch
+
+    @property
+    def weights_kind(self) -> Literal["none", "torchvision", "file"]:
+        if self.weights.lower() == "none":
+            return "none"
+        if looks_like_path(self.weights):
+            return "file"
+        return "torchvision"
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights_kind != "none"
+
+
+def looks_like_path(weights: str) -> bool:
+    return "/" in weights or "\\" in weights or weights.endswith((".safetensors", ".pt", ".pth", ".bin"))
+
+
+class TrainSection(_Strict):
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Label smoothing for the training loss (validation loss is plain cross-entropy).
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class StepSpace(_Strict):
+    step_size: IntRange = (1, 3)
+    gamma: FloatRange = (0.1, 0.5)
+
+    _v = field_validator("step_size", mode="before")(lambda v: _range(v, integer=True))
+    _g = field_validator("gamma", mode="before")(lambda v: _range(v, log=True))
+
+
+class ExponentialSpace(_Strict):
+    gamma: FloatRange = (0.7, 0.99)
+
+    _g = field_validator("gamma", mode="before")(lambda v: _range(v, log=True))
+
+
+class PlateauSpace(_Strict):
+    factor: FloatRange = (0.1, 0.5)
+    patience: IntRange = (0, 2)
+
+    _f = field_validator("factor", mode="before")(lambda v: _range(v, log=True))
+    _p = field_validator("patience", mode="before")(lambda v: _range(v, integer=True))
+
+
+class SpaceSection(_Strict):
+    lr: FloatRange = (1e-4, 1e-1)
+    optimizer: list[Literal["adam", "rmsprop", "sgd", "adamw"]] = Field(default_factory=lambda: ["adam", "rmsprop"])
+    scheduler: list[Literal["step", "exponential", "plateau", "none"]] = Field(
+        default_factory=lambda: ["step", "exponential", "plateau"]
+    )
+    dropout: FloatRange = (0.0, 0.5)
+    # Optional: searched (log) when given, else no weight decay.
+    weight_decay: FloatRange | None = None
+    step: StepSpace = Field(default_factory=StepSpace)
+    exponential: ExponentialSpace = Field(default_factory=ExponentialSpace)
+    plateau: PlateauSpace = Field(default_factory=PlateauSpace)
+
+    _lr = field_validator("lr", "weight_decay", mode="before")(lambda v: None if v is None else _range(v, log=True))
+    _d = field_validator("dropout", mode="before")(lambda v: _range(v))
+
+    @field_validator("optimizer", "scheduler")
+    @classmethod
+    def _non_empty(cls, choices: list[str]) -> list[str]:
+        if not choices:
+            raise ValueError("needs at least one choice")
+        if len(set(choices)) != len(choices):
+            raise ValueError(f"lists a choice twice: {choices}")
+        return choices
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] < 0 or value[1] >= 1:
+            raise ValueError(f"must lie in [0, 1), got {list(value)}")
+        return value
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        """The parts that decide what Optuna may suggest; a resumed study must keep them."""
+        data = self.model_dump(mode="json")
+        # Only the branches that can be chosen matter.
+        for branch in ("step", "exponential", "plateau"):
+            if branch not in self.scheduler:
+                data.pop(branch)
+        return data
+
+
+class EnsembleSection(_Strict):
+    top_k: int = Field(5, ge=1)
+
+
+class StudyConfig(_Strict):
+    study: StudySection
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    space: SpaceSection = Field(default_factory=SpaceSection)
+    ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
+    # Where the file was read from; relative paths in it resolve against its folder's parent project.
+    source: str | None = Field(None, exclude=True)
+
+    def space_fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.space.fingerprint_data(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith(("function-", "function_")))]
+    # pydantic puts the validator's name or a union member in `loc`; keep the user's key path.
+    parts = [p for p in parts if p not in {"tuple[float, float]", "list[...]", "function-after", "function-before"}]
+    return ".".join(parts) if parts else "(file)"
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key; check its spelling against the study-file reference in README.md"
+    if kind == "missing":
+        return "is required"
+    if kind == "literal_error":
+        allowed = error.get("ctx", {}).get("expected", "")
+        return f"{error['input']!r} is not allowed; use one of {allowed}"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def parse_study(data: dict[str, Any], source: str | Path | None = None) -> StudyConfig:
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(_field_path(first["loc"]), _message(first), source) from None
+    _check_weights_file(config, source)
+    return config.model_copy(update={"source": str(source) if source else None})
+
+
+def _check_weights_file(config: StudyConfig, source: str | Path | None) -> None:
+    if config.model.weights_kind == "file":
+        path = resolve_path(config.model.weights, source)
+        if not path.is_file():
+            raise ConfigError(
+                "model.weights", f"local weights file {str(path)!r} does not exist; give an existing "
+                ".safetensors/.pt file, a torchvision weights name such as DEFAULT, or none", source
+            )
+
+
+def resolve_path(value: str, source: str | Path | None) -> Path:
+    """Relative paths in a study file are taken from the current directory, like every CLI path."""
+    return Path(value).expanduser().resolve()
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("study file", f"{str(path)!r} does not exist; pass a studies/*.toml file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("(file)", f"is not valid TOML: {err}", path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("(file)", "is not UTF-8 text; save it as UTF-8 TOML", path) from None
+    return parse_study(data, path)

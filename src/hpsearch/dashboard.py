@@ -1,0 +1,42 @@
+"""optuna-dashboard on a study's storage and artifact store, opened exactly as the workers open them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+
+from hpsearch.artifacts import ATTR_ARTIFACTS, resolve_artifacts_dir
+from hpsearch.storage import open_storage, redact, resolve_storage_url
+
+
+def artifacts_for(storage: optuna.storages.BaseStorage, study_name: str | None, cli: str | None,
+                  study_file: str | None) -> Path:
+    """The study's recorded artifact store; without a study, the one all recorded studies share."""
+    if study_name is not None:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            study = None
+        return resolve_artifacts_dir(cli, study, study_file)
+    recorded = {s.user_attrs.get(ATTR_ARTIFACTS) for s in storage.get_all_studies()} - {None}
+    return resolve_artifacts_dir(cli or (recorded.pop() if len(recorded) == 1 else None), None, study_file)
+
+
+def serve(study_path: str | None, *, storage: str | None, artifacts: str | None, host: str, port: int,
+          echo: Callable[[str], None] = print) -> None:
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import run_server
+
+    from hpsearch.config import load_study
+
+    cfg = load_study(study_path) if study_path else None
+    url = resolve_storage_url(storage, cfg.study.storage if cfg else None)
+    opened = open_storage(url)
+    folder = artifacts_for(opened, cfg.study.name if cfg else None, artifacts,
+                           cfg.study.artifacts if cfg else None)
+    store = FileSystemArtifactStore(str(folder)) if folder.is_dir() else None
+    echo(f"optuna-dashboard on http://{host}:{port}/ for {redact(url)}"
+         f" (artifacts: {folder if store else 'none found'}); Ctrl-C stops it")
+    run_server(opened, host=host, port=port, artifact_store=store)

@@ -1,0 +1,202 @@
+"""Models by torchvision name: weights (torchvision enum or local file), a new head, optional freezing.
+
+The head is the architecture's own final `nn.Linear`, resized for the dataset's classes. The trial's
+dropout sits in front of it without adding a module to the state dict, so saved weights keep plain
+torchvision keys and load into `torchvision.models.get_model(arch, num_classes=n)` with `strict=True`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models
+
+from hpsearch.config import ConfigError, ModelSection, family_of, resolve_path
+
+
+class DropoutLinear(nn.Linear):
+    """`nn.Linear` with dropout on its input: same parameters and keys as the Linear it replaces."""
+
+    def __init__(self, in_features: int, out_features: int, p: float, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.dropout(x, self.p, self.training))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dropout={self.p}"
+
+
+def head_path(model: nn.Module) -> str:
+    """Dotted name of the classifier head: the last `nn.Linear` in registration order."""
+    name = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            name = module_name
+    if name is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head")
+    return name
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    *parents, leaf = path.split(".")
+    owner = model
+    for part in parents:
+        owner = getattr(owner, part)
+    return owner, leaf
+
+
+def _weights_enum(arch: str, name: str) -> models.WeightsEnum:
+    try:
+        enum = models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise ConfigError("model.weights", f"{arch} has no torchvision weights; use none or a local file") from None
+    if name == "DEFAULT":
+        return enum.DEFAULT
+    try:
+        return enum[name.removeprefix(f"{enum.__name__}.")]
+    except KeyError:
+        allowed = ", ".join(["DEFAULT", *enum.__members__])
+        raise ConfigError("model.weights", f"{name!r} is not a weights name of {arch}; use one of {allowed}, "
+                          "none, or a local .safetensors/.pt file") from None
+
+
+def _arch_kwargs(cfg: ModelSection, image_size: int) -> dict[str, Any]:
+    # ViT builds its position embedding for one input size.
+    if family_of(cfg.arch) == "vit":
+        if cfg.weights_kind == "torchvision":
+            return {"image_size": _weights_enum(cfg.arch, cfg.weights).meta["min_size"][0]}
+        return {"image_size": image_size}
+    return {}
+
+
+def check_model_config(cfg: ModelSection, image_size: int) -> None:
+    """Refuse, before any trial, weights names and image sizes this architecture cannot take."""
+    if cfg.arch not in models.list_models(module=models):
+        raise ConfigError("model.arch", f"{cfg.arch!r} is not in this torchvision's model registry")
+    family = family_of(cfg.arch)
+    if family == "vit":
+        patch = int(cfg.arch.rsplit("_", 1)[1])
+        if cfg.weights_kind == "torchvision":
+            size = _weights_enum(cfg.arch, cfg.weights).meta["min_size"][0]
+            if image_size != size:
+                raise ConfigError("data.image_size", f"{cfg.arch} with {cfg.weights} weights takes exactly "
+                                  f"{size}x{size} images; set image_size = {size}")
+        elif image_size % patch:
+            raise ConfigError("data.image_size", f"{cfg.arch} needs an image size divisible by its patch "
+                              f"size {patch}; use e.g. {max(patch, image_size // patch * patch)}")
+    elif cfg.weights_kind == "torchvision":
+        _weights_enum(cfg.arch, cfg.weights)
+    # Run the real forward on the meta device: shape errors surface here, at no compute cost.
+    with torch.device("meta"):
+        model = models.get_model(cfg.arch, num_classes=10, **_arch_kwargs(cfg, image_size))
+        try:
+            model.eval()(torch.empty(2, 3, image_size, image_size))
+        except (RuntimeError, ValueError, AssertionError) as err:
+            reason = str(err).splitlines()[0][:160]
+            raise ConfigError("data.image_size", f"{cfg.arch} cannot take {image_size}x{image_size} images "
+                              f"({reason}); use a larger size such as 224") from None
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A local state dict: safetensors, or a torch file loaded with weights_only=True (never unsafe pickle)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - any parse failure of a user file is a clear error
+            raise ConfigError("model.weights", f"{path} is not a valid safetensors file ({err})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ConfigError("model.weights", f"{path} was refused: only plain tensor state dicts load "
+                          f"(weights_only=True), never arbitrary pickles ({first}); re-save it with "
+                          "torch.save(model.state_dict()) or as .safetensors") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError("model.weights", f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _pretrained_state(cfg: ModelSection) -> dict[str, torch.Tensor] | None:
+    if cfg.weights_kind == "none":
+        return None
+    if cfg.weights_kind == "file":
+        return load_weights_file(resolve_path(cfg.weights, None))
+    weights = _weights_enum(cfg.arch, cfg.weights)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # noqa: BLE001 - network errors come in many types
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise ConfigError("model.weights", f"could not fetch {weights} ({type(err).__name__}); without network "
+                          f"place {Path(weights.url).name} at {cache}, or give a local file") from None
+
+
+def build_model(cfg: ModelSection, num_classes: int, image_size: int, dropout: float = 0.0) -> nn.Module:
+    """The architecture with its weights loaded, a fresh head for `num_classes`, dropout before the head."""
+    kwargs = _arch_kwargs(cfg, image_size)
+    model = models.get_model(cfg.arch, num_classes=num_classes, **kwargs)
+    head = head_path(model)
+    state = _pretrained_state(cfg)
+    if state is not None:
+        _load_backbone(model, state, head, cfg)
+    owner, leaf = _parent(model, head)
+    old: nn.Linear = getattr(owner, leaf)
+    # Where the family already puts a Dropout right before the head, tune that one instead of stacking.
+    if (isinstance(owner, nn.Sequential) and leaf.isdigit() and int(leaf) > 0
+            and isinstance(owner[int(leaf) - 1], nn.Dropout)):
+        owner[int(leaf) - 1].p = dropout
+        new_head: nn.Linear = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+    else:
+        new_head = DropoutLinear(old.in_features, old.out_features, dropout, bias=old.bias is not None)
+    new_head.load_state_dict(old.state_dict())
+    setattr(owner, leaf, new_head)
+    if cfg.freeze == "backbone":
+        freeze_backbone(model, head)
+    return model
+
+
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head: str, cfg: ModelSection) -> None:
+    own = model.state_dict()
+    head_keys = {k for k in own if k.startswith(head + ".")}
+    # A checkpoint of the same head shape (e.g. a trial's own weights) loads whole; otherwise the head is new.
+    same_head = all(k in state and state[k].shape == own[k].shape for k in head_keys)
+    body = state if same_head else {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    missing = [k for k in missing if same_head or k not in head_keys]
+    if missing or unexpected:
+        sample = (missing or unexpected)[:3]
+        raise ConfigError("model.weights", f"{cfg.weights} does not fit {cfg.arch}: "
+                          f"{len(missing)} missing and {len(unexpected)} unexpected keys (e.g. {sample})")
+
+
+def freeze_backbone(model: nn.Module, head: str | None = None) -> None:
+    """Train only the head: everything else stops taking gradients and keeps its BatchNorm statistics."""
+    head = head or head_path(model)
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(head + ".")
+    model.frozen_head = head  # type: ignore[assignment]
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """train(), except that a frozen backbone's normalization layers keep their running statistics."""
+    model.train()
+    head = getattr(model, "frozen_head", None)
+    if head:
+        for name, module in model.named_modules():
+            if not name.startswith(head) and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The torchvision-keyed state dict, detached, contiguous, on the CPU (what safetensors wants)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}

@@ -1,0 +1,259 @@
+"""The Optuna side: study creation, samplers, pruners, the objective (suggest → train → report → store).
+
+Everything about a study that later stages rely on is recorded in it as user attrs: the search-space
+fingerprint (a resumed study must keep its space), the split's sha256 and sizes, the artifact store's
+location, and the study file it was created from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch import __version__
+from hpsearch.artifacts import ATTR_ARTIFACTS, TrialOutputs, open_artifact_store, upload_trial_artifacts
+from hpsearch.config import ConfigError, SpaceSection, StudyConfig, StudySection
+from hpsearch.data import ImagePool, Split, load_pool, make_split, trial_data
+from hpsearch.model import build_model
+from hpsearch.train import EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
+
+METRIC_NAME = "val_accuracy"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# ------------------------------------------------------------------------------------- sampler, pruner
+
+
+def make_sampler(cfg: StudySection, seed: int) -> optuna.samplers.BaseSampler:
+    if cfg.sampler == "tpe":
+        # group=True splits the conditional scheduler branches into their own joint spaces;
+        # constant_liar keeps parallel workers from proposing the same point.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=min(10, max(3, cfg.n_trials // 4)))
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, max(3, cfg.n_trials // 4)))
+
+
+def make_pruner(cfg: StudySection, epochs: int) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                           n_warmup_steps=cfg.pruner_warmup_epochs)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+def sampler_seed(study_seed: int, worker: int, existing_trials: int) -> int:
+    """Distinct per worker and per resume, so no two samplers replay the same random startup points."""
+    return int(np.random.SeedSequence([study_seed, worker, existing_trials]).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------------------------------- the space
+
+
+def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
+    """lr (log), optimizer, scheduler with its own parameters (names unique per branch), dropout."""
+    params: dict[str, Any] = {
+        "lr": trial.suggest_float("lr", *space.lr, log=True),
+        "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
+        "scheduler": trial.suggest_categorical("scheduler", space.scheduler),
+        "dropout": trial.suggest_float("dropout", *space.dropout),
+    }
+    if space.weight_decay is not None:
+        params["weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
+    if params["scheduler"] == "step":
+        params["step_size"] = trial.suggest_int("step_size", *space.step.step_size)
+        params["step_gamma"] = trial.suggest_float("step_gamma", *space.step.gamma, log=True)
+    elif params["scheduler"] == "exponential":
+        params["exp_gamma"] = trial.suggest_float("exp_gamma", *space.exponential.gamma, log=True)
+    elif params["scheduler"] == "plateau":
+        params["plateau_factor"] = trial.suggest_float("plateau_factor", *space.plateau.factor, log=True)
+        params["plateau_patience"] = trial.suggest_int("plateau_patience", *space.plateau.patience)
+    return Hyperparams(**params)
+
+
+# ------------------------------------------------------------------------------------------ the study
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every trial of a process shares: the data pool and the study's split."""
+
+    pool: ImagePool
+    split: Split
+
+
+def prepare(cfg: StudyConfig) -> Prepared:
+    """Load the data and check the model's weights once, before any trial exists."""
+    pool = load_pool(cfg.data, cfg.study.seed)
+    split = make_split(pool, cfg.data, cfg.study.seed)
+    # Fails here (clear ConfigError), not in every trial, when weights cannot be loaded.
+    build_model(cfg.model, pool.num_classes, cfg.data.image_size)
+    return Prepared(pool, split)
+
+
+def _space_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "space") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _space_diff(a, b, f"{prefix}.{key}")
+        elif a != b:
+            changes.append(f"{prefix}.{key} {json.dumps(a)} -> {json.dumps(b)}")
+    return changes
+
+
+def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared: Prepared,
+               artifacts_dir: Path, worker: int = 0) -> optuna.Study:
+    """Create the study, or resume it if its search space and split are unchanged."""
+    study = optuna.create_study(
+        study_name=cfg.study.name, storage=storage, direction=cfg.study.direction,
+        pruner=make_pruner(cfg.study, cfg.train.epochs), load_if_exists=True,
+    )
+    attrs = study.user_attrs
+    space = json.loads(json.dumps(cfg.space.fingerprint_data()))
+    split_sha = prepared.split.sha256()
+    if "space_fingerprint" in attrs:
+        if attrs["space_fingerprint"] != cfg.space_fingerprint():
+            changes = "; ".join(_space_diff(attrs.get("space", {}), space)) or "space changed"
+            raise ConfigError("space", f"differs from study {cfg.study.name!r} in {study_storage_name(storage)} "
+                              f"({changes}); Optuna cannot mix the two spaces: give the study a new [study] name "
+                              f"or delete it (optuna delete-study --study-name {cfg.study.name} --storage URL)",
+                              cfg.source)
+        if attrs.get("split_sha256") not in (None, split_sha):
+            raise ConfigError("data", f"the split differs from the one study {cfg.study.name!r} recorded (the dataset, "
+                              "subset, fractions or seed changed); trials' outputs would not line up: use a new "
+                              "[study] name", cfg.source)
+    else:
+        study.set_user_attr("space_fingerprint", cfg.space_fingerprint())
+        study.set_user_attr("space", space)
+        study.set_user_attr("split_sha256", split_sha)
+        study.set_user_attr("split_sizes", prepared.split.sizes())
+        study.set_user_attr("classes", prepared.pool.classes)
+        study.set_user_attr("config", cfg.model_dump(mode="json"))
+        study.set_user_attr("hpsearch_version", __version__)
+    if ATTR_ARTIFACTS not in attrs:
+        study.set_user_attr(ATTR_ARTIFACTS, str(artifacts_dir))
+    study.set_metric_names([METRIC_NAME])
+    existing = len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(cfg.study, sampler_seed(cfg.study.seed, worker, existing))
+    return study
+
+
+def study_storage_name(storage: optuna.storages.BaseStorage) -> str:
+    url = getattr(storage, "url", None)
+    if url:
+        from hpsearch.storage import redact
+
+        return redact(url)
+    return type(storage).__name__
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+# ------------------------------------------------------------------------------------------ objective
+
+
+class Objective:
+    """suggest → train → report every epoch (the pruner may stop it) → store artifacts → value."""
+
+    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, artifacts_dir: Path,
+                 on_epoch: Callable[[FrozenTrial | optuna.Trial, EpochMetrics], None] | None = None) -> None:
+        self.cfg = cfg
+        self.prepared = prepared
+        self.device = device
+        self.store = open_artifact_store(artifacts_dir)
+        self.on_epoch = on_epoch
+        pretrained = cfg.model.pretrained
+        # The splits move to the device once per process, not once per trial.
+        self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        hp = suggest(trial, self.cfg.space)
+        seed = self.cfg.study.seed + trial.number
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("device", str(self.device))
+
+        def report(metrics: EpochMetrics) -> None:
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(trial, metrics)
+            if trial.should_prune():
+                reason = (f"pruned at epoch {metrics.epoch + 1}: val_accuracy {metrics.val_accuracy:.4f} "
+                          f"by the {self.cfg.study.pruner} pruner")
+                trial.set_user_attr("pruned_reason", reason)
+                raise optuna.TrialPruned(reason)
+
+        try:
+            result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
+                                 on_epoch=report)
+        except NonFiniteLoss as err:
+            # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
+            trial.set_user_attr("pruned_reason", str(err))
+            raise optuna.TrialPruned(str(err)) from None
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:1000])
+            trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+            raise
+        self._store(trial, result)
+        return result.best.val_accuracy
+
+    def _store(self, trial: optuna.Trial, result: TrainResult) -> None:
+        # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere.
+        outputs = TrialOutputs(result.val_logits, result.test_logits, self.prepared.split.sha256())
+        metadata = {"arch": self.cfg.model.arch, "num_classes": str(self.data.num_classes),
+                    "trial": str(trial.number)}
+        upload_trial_artifacts(self.store, trial, result.state_dict, outputs, metadata)
+        for key, value in result.summary().items():
+            trial.set_user_attr(key, value)
+
+
+# -------------------------------------------------------------------------------------------- running
+
+
+class StopAfterFailures:
+    """Stop the study after `limit` trials of this process failed in a row (a broken setup, not bad luck)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.tripped = False
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.in_a_row = self.in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if self.in_a_row >= self.limit:
+            self.tripped = True
+            study.stop()
+
+
+def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, timeout: float | None = None,
+               callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> StopAfterFailures:
+    """Run until the study holds n_trials finished (COMPLETE + PRUNED) trials, the timeout, or a failure streak."""
+    guard = StopAfterFailures(objective.cfg.study.max_consecutive_failures)
+    if finished_trials(study) >= n_trials:
+        return guard
+    stop_at_n = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
+    study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
+                   callbacks=[*callbacks, stop_at_n, guard])
+    return guard
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None

@@ -1,0 +1,102 @@
+"""`open_storage(url)`: the one place a storage is built, in every process (workers and dashboard too).
+
+- `sqlite:///file.db`: WAL journal (the dashboard reads beside a writer) and a busy timeout.
+- `postgresql+psycopg://user@host/db`: `pool_pre_ping` (Optuna sets it only for MySQL, and long trials
+  otherwise find their pooled connection dropped) and a small pool per process.
+- `journal:///path/file.log`: Optuna's journal file storage, for shared filesystems without a database.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+DEFAULT_STORAGE = "sqlite:///hpsearch.db"
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
+class StorageError(ValueError):
+    """A storage URL that cannot be opened; the message says which and why."""
+
+
+def resolve_storage_url(cli: str | None, study_file: str | None) -> str:
+    """--storage > HPSEARCH_STORAGE > [study] storage > sqlite:///hpsearch.db."""
+    return cli or os.environ.get("HPSEARCH_STORAGE") or study_file or DEFAULT_STORAGE
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and manifests."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("journal:"):
+        return _journal(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"storage: {url!r} is not a database URL; use e.g. sqlite:///hpsearch.db or "
+                           "postgresql+psycopg://user@host:5432/db") from None
+    backend = parsed.get_backend_name()
+    try:
+        if backend == "sqlite":
+            return _sqlite(url, parsed.database)
+        if backend == "postgresql":
+            return _postgresql(url)
+        return optuna.storages.RDBStorage(url)
+    except StorageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - drivers raise many types; the user needs one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StorageError(f"storage: cannot open {redact(url)} ({first})") from None
+
+
+def _sqlite(url: str, database: str | None) -> optuna.storages.RDBStorage:
+    if database and database != ":memory:":
+        folder = Path(database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise StorageError(f"storage: folder {str(folder)!r} of {url} does not exist; create it first")
+    storage = optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    )
+    engine = storage.engine
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.close()
+
+    # Connections pooled before the listener existed would miss the pragmas.
+    engine.dispose()
+    return storage
+
+
+def _postgresql(url: str) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs={
+            "pool_pre_ping": True,
+            "pool_size": 2,
+            "max_overflow": 2,
+            "connect_args": {"application_name": os.environ.get("HPSEARCH_APP_NAME", f"hpsearch-{os.getpid()}")},
+        },
+    )
+
+
+def _journal(url: str) -> optuna.storages.JournalStorage:
+    path = Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
+    if not path.parent.is_dir():
+        raise StorageError(f"storage: folder {str(path.parent)!r} of {url} does not exist; create it first")
+    backend = optuna.storages.journal.JournalFileBackend(str(path))
+    return optuna.storages.JournalStorage(backend)

@@ -1,0 +1,211 @@
+"""One trial's training, independent of Optuna.
+
+`train_trial` fine-tunes one model with one set of hyperparameters, evaluates on validation every epoch,
+hands the epoch's numbers to a callback (which may raise to stop the trial, e.g. a pruner), keeps the best
+epoch's weights, and returns them with that epoch's validation and test logits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpsearch.config import ModelSection, TrainSection
+from hpsearch.data import DeviceData, Preprocess, TrialData, augment
+from hpsearch.model import build_model, plain_state_dict, set_train_mode
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """One point of the search space. Field names are the Optuna parameter names (unique per branch)."""
+
+    lr: float
+    optimizer: str
+    scheduler: str
+    dropout: float = 0.0
+    weight_decay: float = 0.0
+    step_size: int = 1  # StepLR: epochs between decays
+    step_gamma: float = 0.1  # StepLR: decay factor
+    exp_gamma: float = 0.9  # ExponentialLR: decay per epoch
+    plateau_factor: float = 0.1  # ReduceLROnPlateau: decay factor
+    plateau_patience: int = 0  # ReduceLROnPlateau: epochs without val-loss improvement before decaying
+
+    @classmethod
+    def from_params(cls, params: dict[str, object]) -> Hyperparams:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in params.items() if k in known})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 0-based
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    best: EpochMetrics
+    history: list[EpochMetrics]
+    state_dict: dict[str, torch.Tensor]  # best epoch, plain torchvision keys, CPU
+    val_logits: torch.Tensor  # float32 [n_val, classes], split order, best epoch
+    test_logits: torch.Tensor  # float32 [n_test, classes], split order, best epoch
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        return {"best_epoch": self.best.epoch, "val_accuracy": self.best.val_accuracy,
+                "val_loss": self.best.val_loss, "epochs_run": len(self.history)}
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, what: str) -> None:
+        self.epoch = epoch
+        super().__init__(f"non-finite {what} at epoch {epoch}")
+
+
+# ------------------------------------------------------------------------------------------ factories
+
+
+def make_optimizer(params: Iterable[nn.Parameter], hp: Hyperparams) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    if hp.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=hp.lr, weight_decay=hp.weight_decay, alpha=0.9, eps=1e-6)
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay, momentum=0.9, nesterov=True)
+    raise ValueError(f"optimizer: {hp.optimizer!r} is not one of adam, rmsprop, sgd, adamw")
+
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparams) -> Scheduler | None:
+    """Epoch-level schedulers; ReduceLROnPlateau watches the validation loss."""
+    sched = torch.optim.lr_scheduler
+    if hp.scheduler == "step":
+        return sched.StepLR(optimizer, step_size=hp.step_size, gamma=hp.step_gamma)
+    if hp.scheduler == "exponential":
+        return sched.ExponentialLR(optimizer, gamma=hp.exp_gamma)
+    if hp.scheduler == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode="min", factor=hp.plateau_factor,
+                                       patience=hp.plateau_patience)
+    if hp.scheduler == "none":
+        return None
+    raise ValueError(f"scheduler: {hp.scheduler!r} is not one of step, exponential, plateau, none")
+
+
+def step_scheduler(scheduler: Scheduler | None, val_loss: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    # bf16 on the GPU (no loss scaling needed); full precision on the CPU, where bf16 is slow.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: DeviceData, preprocess: Preprocess, batch_size: int) -> torch.Tensor:
+    model.eval()
+    device = data.images.device
+    outs = []
+    for images, _ in data.batches(batch_size):
+        with _autocast(device):
+            outs.append(model(preprocess(images)).float())
+    return torch.cat(outs)
+
+
+def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(cross-entropy, accuracy) of logits against labels."""
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+def train_trial(
+    model_cfg: ModelSection,
+    train_cfg: TrainSection,
+    data: TrialData,
+    hp: Hyperparams,
+    *,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> TrainResult:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model(model_cfg, data.num_classes, data.preprocess.image_size, hp.dropout)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    optimizer = make_optimizer(model.parameters(), hp)
+    scheduler = make_scheduler(optimizer, hp)
+    steps = data.train.num_batches(train_cfg.batch_size, drop_last=True)
+
+    history: list[EpochMetrics] = []
+    best: EpochMetrics | None = None
+    best_state: dict[str, torch.Tensor] = {}
+    for epoch in range(train_cfg.epochs):
+        start = time.perf_counter()
+        set_train_mode(model)
+        # Summed on the device: one host synchronization per epoch, not per step.
+        loss_sum = torch.zeros((), device=device)
+        for images, labels in data.train.batches(train_cfg.batch_size, shuffle=True, generator=gen,
+                                                 drop_last=True):
+            x = augment(data.preprocess(images), data.augment, gen)
+            with _autocast(device):
+                logits = model(x.contiguous(memory_format=fmt))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=train_cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+        train_loss = loss_sum.item() / max(1, steps)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(epoch, "training loss")
+        val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size)
+        val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
+        if not math.isfinite(val_loss):
+            raise NonFiniteLoss(epoch, "validation loss")
+        lr = optimizer.param_groups[0]["lr"]
+        step_scheduler(scheduler, val_loss)
+        metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy, lr, time.perf_counter() - start)
+        history.append(metrics)
+        if best is None or (val_accuracy, -val_loss) > (best.val_accuracy, -best.val_loss):
+            best, best_state = metrics, plain_state_dict(model)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    assert best is not None
+    model.load_state_dict(best_state)
+    val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
+    test_logits = predict_logits(model, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
+    return TrainResult(best, history, best_state, val_logits, test_logits)
+
+
+def metrics_dict(metrics: EpochMetrics) -> dict[str, float | int]:
+    return asdict(metrics)
