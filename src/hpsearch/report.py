@@ -10,8 +10,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-PARAM_ORDER = ("lr", "optimizer", "scheduler", "dropout", "weight_decay", "step_size", "step_gamma",
-               "exp_gamma", "plateau_factor", "plateau_patience")
+HEADERS = {"val_accuracy": "val_acc", "optimizer": "optim", "seconds": "sec"}
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -30,14 +29,33 @@ def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
 def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
     rows = []
     for t in trials:
-        row: dict[str, object] = {"trial": t.number, "state": t.state.name,
-                                  "val_accuracy": t.value if t.values else None,
-                                  "best_epoch": _epoch(t.user_attrs.get("best_epoch"))}
-        row.update({k: t.params[k] for k in PARAM_ORDER if k in t.params})
+        p = t.params
         seconds = t.duration.total_seconds() if t.duration is not None else None
-        row["seconds"] = round(seconds, 1) if seconds is not None else None
-        rows.append(row)
+        rows.append({
+            "trial": t.number,
+            "state": t.state.name,
+            "val_accuracy": t.value if t.values else None,
+            "epoch": _epoch(t.user_attrs.get("best_epoch")),
+            "lr": p.get("lr"),
+            "optimizer": p.get("optimizer"),
+            "scheduler": scheduler_label(p),
+            "dropout": p.get("dropout"),
+            "seconds": round(seconds, 1) if seconds is not None else None,
+        })
     return pd.DataFrame(rows)
+
+
+def scheduler_label(params: dict[str, object]) -> str:
+    """The scheduler with its own parameters, e.g. step(2, 0.31)."""
+    name = str(params.get("scheduler", ""))
+    args = {
+        "step": ("step_size", "step_gamma"),
+        "exponential": ("exp_gamma",),
+        "plateau": ("plateau_factor", "plateau_patience"),
+    }.get(name, ())
+    values = [_format("", params[a]) for a in args if a in params]
+    short = {"exponential": "exp"}.get(name, name)
+    return f"{short}({', '.join(values)})" if values else name
 
 
 def _epoch(value: object) -> int | None:
@@ -51,6 +69,8 @@ def _format(column: str, value: object) -> str:
         return f"{value:.2e}"
     if column == "val_accuracy" and isinstance(value, float):
         return f"{value:.4f}"
+    if column == "dropout" and isinstance(value, float):
+        return f"{value:.2f}"
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
@@ -59,7 +79,9 @@ def _format(column: str, value: object) -> str:
 def frame_table(frame: pd.DataFrame, title: str) -> Table:
     table = Table(title=title, header_style="bold")
     for column in frame.columns:
-        table.add_column(str(column), justify="right" if column != "state" else "left")
+        text = column in ("state", "optimizer", "scheduler")
+        table.add_column(HEADERS.get(str(column), str(column)), justify="left" if text else "right",
+                         no_wrap=column == "scheduler")
     for record in frame.to_dict("records"):
         table.add_row(*(_format(str(c), record[c]) for c in frame.columns))
     return table
@@ -67,7 +89,8 @@ def frame_table(frame: pd.DataFrame, title: str) -> Table:
 
 def top_trials_table(study: optuna.Study, k: int) -> Table:
     top = ranked_trials(study)[:k]
-    return frame_table(trials_frame(top), f"top {len(top)} trials of {study.study_name!r}")
+    frame = trials_frame(top).drop(columns=["state"], errors="ignore")
+    return frame_table(frame, f"top {len(top)} trials of {study.study_name!r} (COMPLETE)")
 
 
 def describe_trial(trial: FrozenTrial) -> str:

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny study files, and every storage the product supports (one list, one fixture)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("HPSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+# Every storage backend tests run against; PostgreSQL is the real server on 127.0.0.1:5432.
+STORAGES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_study(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    """Write a study file; nested dicts become sub-tables ([space.step])."""
+    lines: list[str] = []
+
+    def emit(name: str, table: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        subs = {k: v for k, v in table.items() if isinstance(v, dict)}
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict))
+        lines.append("")
+        for key, sub in subs.items():
+            emit(f"{name}.{key}", sub)
+
+    for name, table in tables.items():
+        emit(name, table)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def tiny_tables(name: str = "tiny", **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A study that trains in seconds: 240 digits, 16 px, 1 epoch, a small ResNet-18."""
+    tables: dict[str, dict[str, Any]] = {
+        "study": {"name": name, "n_trials": 2, "sampler": "random", "pruner": "none", "seed": 0},
+        "data": {"dataset": "digits", "image_size": 32, "subset": 240, "augment": ["crop"]},
+        "model": {"arch": "resnet18", "weights": "none"},
+        "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
+        "space": {"lr": [1e-3, 3e-3], "optimizer": ["adam", "rmsprop"], "scheduler": ["step", "exponential",
+                  "plateau"], "dropout": [0.0, 0.3]},
+        "ensemble": {"top_k": 2},
+    }
+    for table, values in overrides.items():
+        tables.setdefault(table, {}).update(values)
+    return tables
+
+
+@pytest.fixture
+def study_file(tmp_path: Path) -> Callable[..., Path]:
+    """study_file(name=..., study={...}, data={...}, ...) -> path of a tiny study TOML in tmp_path."""
+
+    def make(name: str = "tiny", **overrides: dict[str, Any]) -> Path:
+        return write_study(tmp_path / f"{name}.toml", tiny_tables(name, **overrides))
+
+    return make
+
+
+def _postgres_database() -> Iterator[str]:
+    import sqlalchemy as sa
+
+    db = f"hpsearch_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
+    except sa.exc.OperationalError as err:
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({err}); start it (see .ci/run)")
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=STORAGES)
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty storage of each supported kind: a real SQLite file, a real PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'study.db'}"
+    else:
+        yield from _postgres_database()
