@@ -36,9 +36,11 @@ def open_artifact_store(path: Path) -> FileSystemArtifactStore:
 
 @dataclass(frozen=True)
 class TrialOutputs:
-    val_logits: torch.Tensor
-    test_logits: torch.Tensor
+    val_logits: torch.Tensor  # float32 [n_val, classes], split order
+    test_logits: torch.Tensor  # float32 [n_test, classes], split order
     split_sha256: str
+    val_labels: torch.Tensor  # int64 [n_val]: the ensemble scores outputs without reloading the data
+    test_labels: torch.Tensor  # int64 [n_test]
 
 
 def upload_trial_artifacts(
@@ -54,7 +56,8 @@ def upload_trial_artifacts(
         save_file(state_dict, str(weights), metadata=metadata)
         out = Path(tmp) / "outputs.safetensors"
         save_file(
-            {"val_logits": outputs.val_logits.contiguous(), "test_logits": outputs.test_logits.contiguous()},
+            {"val_logits": outputs.val_logits.contiguous(), "test_logits": outputs.test_logits.contiguous(),
+             "val_labels": outputs.val_labels.contiguous(), "test_labels": outputs.test_labels.contiguous()},
             str(out),
             metadata={"split_sha256": outputs.split_sha256},
         )
@@ -88,7 +91,8 @@ def load_trial_outputs(store: FileSystemArtifactStore, trial: optuna.trial.Froze
         path = download_to(store, trial.user_attrs[ATTR_OUTPUTS], Path(tmp), "outputs.safetensors")
         with safe_open(str(path), framework="pt") as f:
             sha = (f.metadata() or {}).get("split_sha256", "")
-            return TrialOutputs(f.get_tensor("val_logits"), f.get_tensor("test_logits"), sha)
+            return TrialOutputs(f.get_tensor("val_logits"), f.get_tensor("test_logits"), sha,
+                                f.get_tensor("val_labels"), f.get_tensor("test_labels"))
 
 
 def store_size_bytes(path: Path) -> int:

@@ -72,7 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_study(args.study)
     check_model_config(cfg.model, cfg.data.image_size)
     n_trials = args.n_trials or cfg.study.n_trials
-    device = resolve_device(args.device or cfg.train.device)
+    try:
+        device = resolve_device(args.device or cfg.train.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     url = resolve_storage_url(args.storage, cfg.study.storage)

@@ -215,7 +215,8 @@ class Objective:
 
     def _store(self, trial: optuna.Trial, result: TrainResult) -> None:
         # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere.
-        outputs = TrialOutputs(result.val_logits, result.test_logits, self.prepared.split.sha256())
+        outputs = TrialOutputs(result.val_logits, result.test_logits, self.prepared.split.sha256(),
+                               self.data.val.labels.cpu(), self.data.test.labels.cpu())
         metadata = {"arch": self.cfg.model.arch, "num_classes": str(self.data.num_classes),
                     "trial": str(trial.number)}
         upload_trial_artifacts(self.store, trial, result.state_dict, outputs, metadata)
