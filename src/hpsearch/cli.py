@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,41 +55,66 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    if args.workers != 1:
-        raise UsageError("--workers: only 1 worker per run is supported so far; start more `hpsearch run` "
-                         "processes on the same --storage to run trials in parallel")
+@dataclass
+class _Run:
+    cfg: Any
+    url: str
+    storage: Any
+    study: Any
+    prepared: Any
+    artifacts: Path
+    device: Any
+    n_trials: int
+
+
+def _open_run(args: argparse.Namespace, worker: int = 0) -> _Run:
+    """Everything `run` and `worker` share: validated config, storage, data, the study (created or resumed)."""
     import optuna
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hpsearch.artifacts import resolve_artifacts_dir
     from hpsearch.config import load_study
     from hpsearch.model import check_model_config
-    from hpsearch.report import describe_trial, top_trials_table
-    from hpsearch.search import Objective, finished_trials, open_study, prepare, run_trials
-    from hpsearch.storage import open_storage, redact, resolve_storage_url
-    from hpsearch.train import EpochMetrics, resolve_device
+    from hpsearch.search import open_study, prepare
+    from hpsearch.storage import open_storage, resolve_storage_url
+    from hpsearch.train import resolve_device
 
     cfg = load_study(args.study)
     check_model_config(cfg.model, cfg.data.image_size)
-    n_trials = args.n_trials or cfg.study.n_trials
     try:
         device = resolve_device(args.device or cfg.train.device)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = os.environ.get("HPSEARCH_THREADS")
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(int(threads))
     url = resolve_storage_url(args.storage, cfg.study.storage)
     storage = open_storage(url)
     prepared = prepare(cfg)
-    existing = _load_existing(storage, cfg.study.name)
-    artifacts = resolve_artifacts_dir(args.artifacts, existing, cfg.study.artifacts)
-    study = open_study(cfg, storage, prepared, artifacts)
+    artifacts = resolve_artifacts_dir(args.artifacts, _load_existing(storage, cfg.study.name), cfg.study.artifacts)
+    study = open_study(cfg, storage, prepared, artifacts, worker=worker)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    console.print(f"study [bold]{cfg.study.name}[/] on {redact(url)}: {finished_trials(study)}/{n_trials} "
-                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {prepared.split.sizes()}, device {device}; "
-                  f"artifacts in {artifacts}")
+    return _Run(cfg, url, storage, study, prepared, artifacts, device, args.n_trials or cfg.study.n_trials)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import optuna
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hpsearch.report import describe_trial, top_trials_table
+    from hpsearch.search import Objective, finished_trials, run_trials
+    from hpsearch.storage import redact
+    from hpsearch.train import EpochMetrics
+
+    run = _open_run(args)
+    cfg, study, n_trials = run.cfg, run.study, run.n_trials
+    console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{n_trials} "
+                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}, "
+                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}")
+    if args.workers > 1:
+        code = _run_workers(args, run)
+        out.print(top_trials_table(study, cfg.ensemble.top_k))
+        return code
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -105,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             description=f"trials (best {best})")
             progress.reset(epoch_task)
 
-        objective = Objective(cfg, prepared, device, artifacts, on_epoch=on_epoch)
+        objective = Objective(cfg, run.prepared, run.device, run.artifacts, on_epoch=on_epoch)
         guard = run_trials(study, objective, n_trials, timeout=args.timeout, callbacks=[on_trial])
     out.print(top_trials_table(study, cfg.ensemble.top_k))
     if guard.tripped:
@@ -113,6 +140,44 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"{args.study}` and each trial's fail_reason")
         return 1
     return 0
+
+
+def _run_workers(args: argparse.Namespace, run: _Run) -> int:
+    from hpsearch.search import finished_trials
+    from hpsearch.workers import Supervisor, Worker, visible_gpus, worker_command, worker_env
+
+    gpus = [] if run.device.type == "cpu" else (args.gpus or visible_gpus())
+    passed = [args.study, "--storage", run.url, "--artifacts", str(run.artifacts), "--n-trials",
+              str(run.n_trials), "--device", "cuda" if gpus else "cpu"]
+    if args.timeout:
+        passed += ["--timeout", str(args.timeout)]
+    per_gpu = args.workers_per_gpu
+    workers = [Worker(i, worker_command([*passed, "--worker-index", str(i)]),
+                      worker_env(i, args.workers, gpus, per_gpu)) for i in range(args.workers)]
+    supervisor = Supervisor(run.study, run.storage, workers, done=lambda: finished_trials(run.study) >= run.n_trials,
+                            on_event=lambda line: console.print(line, highlight=False))
+    code = supervisor.run()
+    console.print(f"{finished_trials(run.study)}/{run.n_trials} finished trials")
+    return code
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker: what `run --workers N` starts, and what other machines run against one storage."""
+    import optuna
+
+    from hpsearch.report import describe_trial
+    from hpsearch.search import Objective, run_trials
+    from hpsearch.workers import install_stop_handler
+
+    install_stop_handler()
+    run = _open_run(args, worker=args.worker_index)
+
+    def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        console.print(f"[dim]worker {args.worker_index}[/] " + describe_trial(trial), highlight=False)
+
+    objective = Objective(run.cfg, run.prepared, run.device, run.artifacts)
+    guard = run_trials(run.study, objective, run.n_trials, timeout=args.timeout, callbacks=[on_trial])
+    return 1 if guard.tripped else 0
 
 
 def _best_value(study: Any) -> str:
@@ -214,10 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     storage(run)
     run.add_argument("--n-trials", type=_positive, help="finished trials to reach (default: [study] n_trials)")
     run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")
-    run.add_argument("--workers", type=_positive, default=1, help="worker processes (default 1)")
+    run.add_argument("--workers", type=_positive, default=1, help="worker processes on this machine (default 1)")
+    run.add_argument("--gpus", type=_gpu_list, help="GPU indices for the workers, e.g. 0,1,2,3 (default: all)")
+    run.add_argument("--workers-per-gpu", type=_positive, default=1, help="workers packed on each GPU")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [train] device (auto)")
     artifacts(run)
     run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="run one worker against a storage (what other machines run)")
+    worker.add_argument("study", metavar="STUDY.toml")
+    storage(worker)
+    worker.add_argument("--n-trials", type=_positive, help="finished trials to reach (default: [study] n_trials)")
+    worker.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")
+    worker.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: [train] device (auto)")
+    worker.add_argument("--worker-index", type=int, default=0, help="seeds this worker's sampler (default 0)")
+    artifacts(worker)
+    worker.set_defaults(func=cmd_worker)
 
     check = sub.add_parser("check", help="validate a study file and print what `run` would do")
     check.add_argument("study", metavar="STUDY.toml")
@@ -241,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="allow a non-loopback --host (the dashboard has no authentication)")
     dash.set_defaults(func=cmd_dashboard)
     return parser
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of GPU indices") from None
 
 
 def _positive(text: str) -> int:

@@ -26,6 +26,7 @@ from hpsearch.config import ConfigError, SpaceSection, StudyConfig, StudySection
 from hpsearch.data import ImagePool, Split, load_pool, make_split, trial_data
 from hpsearch.model import build_model
 from hpsearch.train import EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
+from hpsearch.workers import ATTR_WORKER, worker_tag
 
 METRIC_NAME = "val_accuracy"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -186,6 +187,7 @@ class Objective:
         seed = self.cfg.study.seed + trial.number
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("device", str(self.device))
+        trial.set_user_attr(ATTR_WORKER, worker_tag())
 
         def report(metrics: EpochMetrics) -> None:
             trial.report(metrics.val_accuracy, metrics.epoch)
