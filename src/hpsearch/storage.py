@@ -1,6 +1,7 @@
 """`open_storage(url)`: the one place a storage is built, in every process (workers and dashboard too).
 
-- `sqlite:///file.db`: WAL journal (the dashboard reads beside a writer) and a busy timeout.
+- `sqlite:///file.db`: every transaction starts with `BEGIN IMMEDIATE` (exactly-once trial pops with
+  several workers), WAL journal (the dashboard reads beside a writer) and a busy timeout.
 - `postgresql+psycopg://user@host/db`: `pool_pre_ping` (Optuna sets it only for MySQL, and long trials
   otherwise find their pooled connection dropped) and a small pool per process.
 - `journal:///path/file.log`: Optuna's journal file storage, for shared filesystems without a database.
@@ -55,7 +56,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url)
     except StorageError:
         raise
-    except Exception as err:  # noqa: BLE001 - drivers raise many types; the user needs one line
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StorageError(f"storage: cannot open {redact(url)} ({first})") from None
 
@@ -72,10 +73,18 @@ def _sqlite(url: str, database: str | None) -> optuna.storages.RDBStorage:
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        # The driver's own deferred BEGIN lets two writers both read, then one fails to upgrade its lock
+        # ("database is locked", or two workers popping one enqueued trial). Turn it off; see _begin.
+        dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        # Take the write lock up front: transactions queue on the busy timeout instead of failing midway.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     # Connections pooled before the listener existed would miss the pragmas.
     engine.dispose()
