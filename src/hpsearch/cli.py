@@ -89,7 +89,8 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> _Run:
     if device.type == "cpu" and threads:
         torch.set_num_threads(int(threads))
     url = resolve_storage_url(args.storage, cfg.study.storage)
-    storage = open_storage(url)
+    storage = open_storage(url, heartbeat_interval=cfg.study.heartbeat_interval,
+                           heartbeat_grace=cfg.study.heartbeat_grace)
     prepared = prepare(cfg)
     artifacts = resolve_artifacts_dir(args.artifacts, _load_existing(storage, cfg.study.name), cfg.study.artifacts)
     study = open_study(cfg, storage, prepared, artifacts, worker=worker)

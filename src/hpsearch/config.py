@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -101,6 +102,10 @@ class StudySection(_Strict):
     artifacts: str | None = None
     # A run stops, rather than burning the budget, when this many trials in a row fail.
     max_consecutive_failures: int = Field(5, ge=1)
+    # Workers on RDB storages beat every `heartbeat_interval` s; a trial silent for `heartbeat_grace` s is
+    # failed and retried once (its worker died). Long GPU trials are fine: beats run in a thread. 0 = off.
+    heartbeat_interval: int = Field(60, ge=0)
+    heartbeat_grace: int = Field(600, ge=1)
 
 
 class DataSection(_Strict):
@@ -120,11 +125,17 @@ class DataSection(_Strict):
     def _check(self) -> DataSection:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
-        if len(set(self.augment)) != len(self.augment):
-            raise ValueError("augment lists an augmentation twice")
-        if self.dataset == "digits" and "flip" in self.augment:
-            raise ValueError("augment: 'flip' is wrong for digits (a mirrored 2 is no 2); use crop or cutout")
         return self
+
+    @field_validator("augment")
+    @classmethod
+    def _check_augment(cls, augment: list[str], info: ValidationInfo) -> list[str]:
+        # A field validator (not the model one) so the error names data.augment.
+        if len(set(augment)) != len(augment):
+            raise ValueError("lists an augmentation twice")
+        if info.data.get("dataset") == "digits" and "flip" in augment:
+            raise ValueError("'flip' is wrong for digits (a mirrored 2 is no 2); use crop or cutout")
+        return augment
 
 
 class ModelSection(_Strict):
@@ -258,10 +269,23 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) if parts else "(file)"
 
 
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table at `loc` takes, for naming them when a key is unknown."""
+    model: type[BaseModel] = StudyConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return [name for name, field in model.model_fields.items() if not field.exclude]
+
+
 def _message(error: dict[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        return "unknown key; check its spelling against the study-file reference in README.md"
+        allowed = _allowed_keys(error["loc"][:-1])
+        return f"unknown key; allowed here: {', '.join(allowed)}" if allowed else (
+            "unknown key; check its spelling against the study-file reference in README.md")
     if kind == "missing":
         return "is required"
     if kind == "literal_error":

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import optuna
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///hpsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -39,7 +42,36 @@ def redact(url: str) -> str:
         return url
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+class _RDBStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose heartbeat survives a dropped connection.
+
+    Optuna's heartbeat thread ends on the first database error, after which a live trial looks dead and
+    is failed by another worker. A missed beat is logged instead; the next one reconnects (pool_pre_ping).
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as err:  # the thread must live on whatever the driver raised
+            _log.warning("heartbeat of trial id %s missed (%s); retrying at the next beat", trial_id,
+                         str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+def _heartbeat_kwargs(interval: int | None, grace: int | None) -> dict[str, Any]:
+    if not interval:
+        return {}
+    return {
+        "heartbeat_interval": interval,
+        "grace_period": grace or 10 * interval,
+        # A trial whose worker died on another machine becomes FAIL and is retried once, same params.
+        "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+    }
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = None,
+                 heartbeat_grace: int | None = None) -> optuna.storages.BaseStorage:
+    """The storage behind `url`; with `heartbeat_interval` (seconds) RDB trials beat and stale ones retry."""
+    beat = _heartbeat_kwargs(heartbeat_interval, heartbeat_grace)
     if url.startswith("journal:"):
         return _journal(url)
     try:
@@ -50,10 +82,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     backend = parsed.get_backend_name()
     try:
         if backend == "sqlite":
-            return _sqlite(url, parsed.database)
+            return _sqlite(url, parsed.database, beat)
         if backend == "postgresql":
-            return _postgresql(url)
-        return optuna.storages.RDBStorage(url)
+            return _postgresql(url, beat)
+        return _RDBStorage(url, **beat)
     except StorageError:
         raise
     except Exception as err:
@@ -61,14 +93,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise StorageError(f"storage: cannot open {redact(url)} ({first})") from None
 
 
-def _sqlite(url: str, database: str | None) -> optuna.storages.RDBStorage:
+def _sqlite(url: str, database: str | None, beat: dict[str, Any]) -> optuna.storages.RDBStorage:
     if database and database != ":memory:":
         folder = Path(database).expanduser().resolve().parent
         if not folder.is_dir():
             raise StorageError(f"storage: folder {str(folder)!r} of {url} does not exist; create it first")
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    )
+    storage = _RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}, **beat)
     engine = storage.engine
 
     @event.listens_for(engine, "connect")
@@ -91,9 +121,10 @@ def _sqlite(url: str, database: str | None) -> optuna.storages.RDBStorage:
     return storage
 
 
-def _postgresql(url: str) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(
+def _postgresql(url: str, beat: dict[str, Any]) -> optuna.storages.RDBStorage:
+    return _RDBStorage(
         url,
+        **beat,
         engine_kwargs={
             "pool_pre_ping": True,
             "pool_size": 2,
