@@ -239,6 +239,50 @@ def counts_keys(counts: dict[str, int]) -> list[str]:
     return [k for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if k in counts]
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from hpsearch.artifacts import open_artifact_store, resolve_artifacts_dir
+    from hpsearch.ensemble import EnsembleError, build_ensemble, result_table, select_candidates, write_ensemble_dir
+
+    cfg, study, _ = _study_for(args)
+    top_k = args.top_k or cfg.ensemble.top_k
+    if top_k < 2:
+        raise UsageError(f"top_k {top_k}: an ensemble needs at least 2 members; set --top-k or [ensemble] top_k")
+    artifacts = resolve_artifacts_dir(args.artifacts, study, cfg.study.artifacts)
+    if not artifacts.is_dir():
+        raise UsageError(f"--artifacts: {artifacts} is not a folder; pass the study's artifact store")
+    try:
+        selection = select_candidates(study, open_artifact_store(artifacts), top_k)
+        for line in selection.skipped:
+            console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
+        if len(selection.candidates) < 2:
+            raise UsageError(f"study {study.study_name!r} has {len(selection.candidates)} usable trial(s) "
+                             f"({len(selection.skipped)} skipped, see the warnings); an ensemble needs at least 2 "
+                             "COMPLETE trials whose outputs are in the artifact store")
+        arch = study.user_attrs.get("config", {}).get("model", {}).get("arch", cfg.model.arch)
+        result = build_ensemble(selection.candidates, arch, args.method)
+        folder = write_ensemble_dir(Path(args.out), result, study.study_name, study.user_attrs.get("classes", []),
+                                    selection.candidates, selection.skipped)
+    except EnsembleError as err:
+        raise UsageError(str(err)) from None
+    _print_unwrapped(result_table(result, f"top {len(selection.candidates)} trials of {study.study_name!r}: "
+                                          "val NLL on validation, the rest on test; (T) after temperature scaling"))
+    for note in result.notes:
+        out.print(f"- {note}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {folder / 'report.md'} and {folder / 'ensemble.json'}", highlight=False)
+    return 0
+
+
+def _print_unwrapped(renderable: Any) -> None:
+    """Print at the renderable's natural width when stdout is no terminal (a pipe or file is not 80 columns)."""
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(out, out.options.update_width(10_000), renderable).maximum
+    Console(width=max(out.width, width), file=out.file).print(renderable)
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from hpsearch.dashboard import serve
 
@@ -308,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     artifacts(status)
     status.add_argument("--top-k", type=_positive, help="rows of the table (default: [ensemble] top_k)")
     status.set_defaults(func=cmd_status)
+
+    ens = sub.add_parser("ensemble", help="weigh the top-k trials' stored outputs into an ensemble and compare")
+    ens.add_argument("study", metavar="STUDY.toml")
+    storage(ens)
+    artifacts(ens)
+    ens.add_argument("--top-k", type=_positive, help="candidates (default: [ensemble] top_k)")
+    ens.add_argument("--method", choices=["weighted", "soft", "hard"], default="weighted",
+                     help="the ensemble written to --out (default weighted); the table compares all")
+    ens.add_argument("--out", metavar="DIR", default="best-ensemble",
+                     help="folder for report.md and ensemble.json, replaced atomically (default best-ensemble)")
+    ens.set_defaults(func=cmd_ensemble)
 
     dash = sub.add_parser("dashboard", help="start optuna-dashboard on the study's storage and artifacts")
     dash.add_argument("study", metavar="STUDY.toml", nargs="?")
