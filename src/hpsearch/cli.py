@@ -41,13 +41,25 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 # ------------------------------------------------------------------------------------------- commands
 
 
+def _check_model(cfg: Any, path: str) -> None:
+    """The model-level checks of a study file, their errors naming the file like the parse errors do."""
+    from hpsearch.config import ConfigError
+    from hpsearch.model import check_model_config
+
+    try:
+        check_model_config(cfg.model, cfg.data.image_size)
+    except ConfigError as err:
+        if err.source is not None:
+            raise
+        raise ConfigError(err.field, str(err).removeprefix(f"{err.field}: "), path) from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from hpsearch.config import load_study
-    from hpsearch.model import check_model_config
     from hpsearch.storage import redact, resolve_storage_url
 
     cfg = load_study(args.study)
-    check_model_config(cfg.model, cfg.data.image_size)
+    _check_model(cfg, args.study)
     url = resolve_storage_url(args.storage, cfg.study.storage)
     out.print(f"[bold]{args.study}[/] is valid")
     out.print(f"storage: {redact(url)}")
@@ -74,13 +86,12 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> _Run:
 
     from hpsearch.artifacts import resolve_artifacts_dir
     from hpsearch.config import load_study
-    from hpsearch.model import check_model_config
     from hpsearch.search import open_study, prepare
     from hpsearch.storage import open_storage, resolve_storage_url
     from hpsearch.train import resolve_device
 
     cfg = load_study(args.study)
-    check_model_config(cfg.model, cfg.data.image_size)
+    _check_model(cfg, args.study)
     try:
         device = resolve_device(args.device or cfg.train.device)
     except ValueError as err:
@@ -242,8 +253,9 @@ def counts_keys(counts: dict[str, int]) -> list[str]:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from hpsearch.artifacts import open_artifact_store, resolve_artifacts_dir
     from hpsearch.ensemble import EnsembleError, build_ensemble, result_table, select_candidates, write_ensemble_dir
+    from hpsearch.export import ExportError, write_export
 
-    cfg, study, _ = _study_for(args)
+    cfg, study, url = _study_for(args)
     top_k = args.top_k or cfg.ensemble.top_k
     if top_k < 2:
         raise UsageError(f"top_k {top_k}: an ensemble needs at least 2 members; set --top-k or [ensemble] top_k")
@@ -251,7 +263,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if not artifacts.is_dir():
         raise UsageError(f"--artifacts: {artifacts} is not a folder; pass the study's artifact store")
     try:
-        selection = select_candidates(study, open_artifact_store(artifacts), top_k)
+        store = open_artifact_store(artifacts)
+        selection = select_candidates(study, store, top_k)
         for line in selection.skipped:
             console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
         if len(selection.candidates) < 2:
@@ -261,14 +274,17 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         arch = study.user_attrs.get("config", {}).get("model", {}).get("arch", cfg.model.arch)
         result = build_ensemble(selection.candidates, arch, args.method)
         folder = write_ensemble_dir(Path(args.out), result, study.study_name, study.user_attrs.get("classes", []),
-                                    selection.candidates, selection.skipped)
-    except EnsembleError as err:
+                                    selection.candidates, selection.skipped,
+                                    export=lambda d, payload: write_export(d, result, study, store, url,
+                                                                           payload["metrics"]))
+    except (EnsembleError, ExportError) as err:
         raise UsageError(str(err)) from None
     _print_unwrapped(result_table(result, f"top {len(selection.candidates)} trials of {study.study_name!r}: "
                                           "val NLL on validation, the rest on test; (T) after temperature scaling"))
     for note in result.notes:
         out.print(f"- {note}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {folder / 'report.md'} and {folder / 'ensemble.json'}", highlight=False)
+    console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'} and the exported ensemble "
+                  f"({folder / 'manifest.json'}, {len(result.members)} member files)", highlight=False)
     return 0
 
 
@@ -281,6 +297,69 @@ def _print_unwrapped(renderable: Any) -> None:
 
     width = Measurement.get(out, out.options.update_width(10_000), renderable).maximum
     Console(width=max(out.width, width), file=out.file).print(renderable)
+
+
+def _open_export(args: argparse.Namespace) -> tuple[Any, Any, list[Path], list[str]]:
+    """(ensemble, device, image paths, warnings so far) for predict and select; bad DIR/device -> UsageError."""
+    from hpsearch.export import ExportError, find_images, load_ensemble
+    from hpsearch.train import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        ensemble = load_ensemble(args.dir, device)
+    except (ExportError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    warnings: list[str] = []
+    paths = find_images(args.inputs, warnings.append)
+    return ensemble, device, paths, warnings
+
+
+def _warn(warnings: list[str]) -> Callable[[str], None]:
+    def warn(line: str) -> None:
+        warnings.append(line)
+        console.print(f"[yellow]skipped[/]: {line}", highlight=False, soft_wrap=True)
+
+    return warn
+
+
+def _csv_sink(path: str | None) -> Any:
+    return open(path, "w", newline="", encoding="utf-8") if path else sys.stdout  # noqa: SIM115
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Exit 0 when every input was predicted, 3 when some were skipped (named on stderr), 2 bad DIR."""
+    from hpsearch.export import predict_csv
+
+    ensemble, device, paths, warnings = _open_export(args)
+    for line in warnings:
+        console.print(f"[yellow]skipped[/]: {line}", highlight=False, soft_wrap=True)
+    sink = _csv_sink(args.out)
+    try:
+        n = predict_csv(ensemble, paths, sink, args.batch_size, device, _warn(warnings))
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    console.print(f"predicted {n} image(s){f' into {args.out}' if args.out else ''}; {len(warnings)} skipped",
+                  highlight=False)
+    return 3 if warnings else 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    """The N most uncertain images of a pool; exit codes as predict."""
+    from hpsearch.export import select_csv
+
+    ensemble, device, paths, warnings = _open_export(args)
+    for line in warnings:
+        console.print(f"[yellow]skipped[/]: {line}", highlight=False, soft_wrap=True)
+    sink = _csv_sink(args.out)
+    try:
+        n = select_csv(ensemble, paths, sink, args.n, args.by, args.batch_size, device, _warn(warnings))
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    console.print(f"selected {n} image(s) by {args.by}{f' into {args.out}' if args.out else ''}; "
+                  f"{len(warnings)} skipped", highlight=False)
+    return 3 if warnings else 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -363,6 +442,26 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--out", metavar="DIR", default="best-ensemble",
                      help="folder for report.md and ensemble.json, replaced atomically (default best-ensemble)")
     ens.set_defaults(func=cmd_ensemble)
+
+    def exported(p: argparse.ArgumentParser, inputs: str) -> None:
+        p.add_argument("dir", metavar="DIR", help="an ensemble folder written by `hpsearch ensemble --out DIR`")
+        p.add_argument("inputs", metavar=inputs, nargs="+", help="image files and/or folders (searched recursively)")
+        p.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass (default 64)")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+
+    pred = sub.add_parser("predict", help="classify images with an exported ensemble (CSV; exit 3 if some skipped)")
+    exported(pred, "INPUT")
+    pred.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: stdout)")
+    pred.set_defaults(func=cmd_predict)
+
+    sel = sub.add_parser("select", help="rank unlabeled images by ensemble uncertainty, write the N most uncertain")
+    exported(sel, "POOL")
+    sel.add_argument("--n", type=_positive, required=True, help="how many images to select")
+    sel.add_argument("--by", choices=["entropy", "margin", "disagreement"], default="entropy",
+                     help="entropy of the ensemble (default), margin between its top two, or disagreement "
+                     "(mutual information between members)")
+    sel.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: stdout)")
+    sel.set_defaults(func=cmd_select)
 
     dash = sub.add_parser("dashboard", help="start optuna-dashboard on the study's storage and artifacts")
     dash.add_argument("study", metavar="STUDY.toml", nargs="?")

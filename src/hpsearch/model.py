@@ -61,7 +61,7 @@ def _weights_enum(arch: str, name: str) -> models.WeightsEnum:
     try:
         return enum[name.removeprefix(f"{enum.__name__}.")]
     except KeyError:
-        allowed = ", ".join(["DEFAULT", *enum.__members__])
+        allowed = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is also a member alias
         raise ConfigError("model.weights", f"{name!r} is not a weights name of {arch}; use one of {allowed}, "
                           "none, or a local .safetensors/.pt file") from None
 
@@ -94,7 +94,13 @@ def check_model_config(cfg: ModelSection, image_size: int) -> None:
         _weights_enum(cfg.arch, cfg.weights)
     # Run the real forward on the meta device: shape errors surface here, at no compute cost.
     with torch.device("meta"):
-        model = models.get_model(cfg.arch, num_classes=10, **_arch_kwargs(cfg, image_size))
+        try:
+            model = models.get_model(cfg.arch, num_classes=10, **_arch_kwargs(cfg, image_size))
+        except NotImplementedError:
+            # RegNet's builder computes its widths with tensors, which meta cannot read back: build on CPU.
+            with torch.device("cpu"):
+                model = models.get_model(cfg.arch, num_classes=10, **_arch_kwargs(cfg, image_size))
+            model = model.to("meta")
         try:
             model.eval()(torch.empty(2, 3, image_size, image_size))
         except (RuntimeError, ValueError, AssertionError) as err:
@@ -110,12 +116,14 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
         try:
             return load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - any parse failure of a user file is a clear error
+        except Exception as err:
             raise ConfigError("model.weights", f"{path} is not a valid safetensors file ({err})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    except Exception as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # torch's first line advises weights_only=False; the line naming the refused global says why.
+        first = next((line for line in lines if "GLOBAL" in line), lines[0])[:200]
         raise ConfigError("model.weights", f"{path} was refused: only plain tensor state dicts load "
                           f"(weights_only=True), never arbitrary pickles ({first}); re-save it with "
                           "torch.save(model.state_dict()) or as .safetensors") from None
@@ -135,7 +143,7 @@ def _pretrained_state(cfg: ModelSection) -> dict[str, torch.Tensor] | None:
     weights = _weights_enum(cfg.arch, cfg.weights)
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as err:  # noqa: BLE001 - network errors come in many types
+    except Exception as err:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise ConfigError("model.weights", f"could not fetch {weights} ({type(err).__name__}); without network "
                           f"place {Path(weights.url).name} at {cache}, or give a local file") from None
@@ -171,6 +179,12 @@ def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head: str, 
     # A checkpoint of the same head shape (e.g. a trial's own weights) loads whole; otherwise the head is new.
     same_head = all(k in state and state[k].shape == own[k].shape for k in head_keys)
     body = state if same_head else {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    mismatched = [k for k, v in body.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ConfigError("model.weights", f"{cfg.weights} does not fit {cfg.arch}: {len(mismatched)} tensors "
+                          f"have the wrong shape (e.g. {k} is {list(body[k].shape)}, {cfg.arch} needs "
+                          f"{list(own[k].shape)})")
     missing, unexpected = model.load_state_dict(body, strict=False)
     missing = [k for k in missing if same_head or k not in head_keys]
     if missing or unexpected:
