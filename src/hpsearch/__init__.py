@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_study", "open_storage"]
+__all__ = ["__version__", "load_ensemble", "load_study", "open_storage"]
 
 if TYPE_CHECKING:
     from hpsearch.config import load_study
+    from hpsearch.export import load_ensemble
     from hpsearch.storage import open_storage
 
 
@@ -21,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from hpsearch.storage import open_storage
 
         return open_storage
+    if name == "load_ensemble":
+        from hpsearch.export import load_ensemble
+
+        return load_ensemble
     if name == "load_study":
         from hpsearch.config import load_study
 

@@ -275,16 +275,17 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         result = build_ensemble(selection.candidates, arch, args.method)
         folder = write_ensemble_dir(Path(args.out), result, study.study_name, study.user_attrs.get("classes", []),
                                     selection.candidates, selection.skipped,
-                                    export=lambda d, payload: write_export(d, result, study, store, url,
-                                                                           payload["metrics"]))
+                                    export=None if args.no_export else
+                                    lambda d, payload: write_export(d, result, study, store, url, payload["metrics"]))
     except (EnsembleError, ExportError) as err:
         raise UsageError(str(err)) from None
     _print_unwrapped(result_table(result, f"top {len(selection.candidates)} trials of {study.study_name!r}: "
                                           "val NLL on validation, the rest on test; (T) after temperature scaling"))
     for note in result.notes:
         out.print(f"- {note}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'} and the exported ensemble "
-                  f"({folder / 'manifest.json'}, {len(result.members)} member files)", highlight=False)
+    exported = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
+                                          f"{len(result.members)} member files)")
+    console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{exported}", highlight=False)
     return 0
 
 
@@ -315,24 +316,28 @@ def _open_export(args: argparse.Namespace) -> tuple[Any, Any, list[Path], list[s
 
 
 def _warn(warnings: list[str]) -> Callable[[str], None]:
+    from rich.markup import escape
+
     def warn(line: str) -> None:
         warnings.append(line)
-        console.print(f"[yellow]skipped[/]: {line}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
 
     return warn
 
 
 def _csv_sink(path: str | None) -> Any:
-    return open(path, "w", newline="", encoding="utf-8") if path else sys.stdout  # noqa: SIM115
+    return open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Exit 0 when every input was predicted, 3 when some were skipped (named on stderr), 2 bad DIR."""
+    from rich.markup import escape
+
     from hpsearch.export import predict_csv
 
     ensemble, device, paths, warnings = _open_export(args)
     for line in warnings:
-        console.print(f"[yellow]skipped[/]: {line}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
     sink = _csv_sink(args.out)
     try:
         n = predict_csv(ensemble, paths, sink, args.batch_size, device, _warn(warnings))
@@ -346,11 +351,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     """The N most uncertain images of a pool; exit codes as predict."""
+    from rich.markup import escape
+
     from hpsearch.export import select_csv
 
     ensemble, device, paths, warnings = _open_export(args)
     for line in warnings:
-        console.print(f"[yellow]skipped[/]: {line}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
     sink = _csv_sink(args.out)
     try:
         n = select_csv(ensemble, paths, sink, args.n, args.by, args.batch_size, device, _warn(warnings))
@@ -441,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the ensemble written to --out (default weighted); the table compares all")
     ens.add_argument("--out", metavar="DIR", default="best-ensemble",
                      help="folder for report.md and ensemble.json, replaced atomically (default best-ensemble)")
+    ens.add_argument("--no-export", action="store_true",
+                     help="write only report.md and ensemble.json, not the member weights and manifest.json")
     ens.set_defaults(func=cmd_ensemble)
 
     def exported(p: argparse.ArgumentParser, inputs: str) -> None:
@@ -503,7 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:
         if isinstance(err, _input_errors()):
-            console.print(f"[red]error[/]: {err}", highlight=False, soft_wrap=True)
+            from rich.markup import escape
+
+            # escape: a message naming "[study] name" must not be eaten as rich markup
+            console.print(f"[red]error[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
             return 2
         raise
 

@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -611,10 +611,16 @@ def staged_dir(target: Path, marker: str = RESULT_FILE) -> Iterator[Path]:
 
 
 def write_ensemble_dir(target: Path, result: EnsembleResult, study_name: str, classes: Sequence[str],
-                       candidates: Sequence[Candidate], skipped: Sequence[str] = ()) -> Path:
-    """Write report.md and ensemble.json into `target`, atomically (see `staged_dir`)."""
+                       candidates: Sequence[Candidate], skipped: Sequence[str] = (),
+                       export: Callable[[Path, Mapping[str, Any]], None] | None = None) -> Path:
+    """Write report.md and ensemble.json into `target`, atomically (see `staged_dir`).
+
+    `export(folder, payload)` adds more files (hpsearch.export: member weights, manifest) in the same rename.
+    """
     with staged_dir(target) as folder:
         (folder / REPORT_FILE).write_text(report_markdown(result, study_name, candidates, skipped), encoding="utf-8")
         payload = result_json(result, study_name, classes, skipped)
         (folder / RESULT_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        if export is not None:
+            export(folder, payload)
     return Path(target).expanduser().absolute()

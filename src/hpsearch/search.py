@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import __version__
 from hpsearch.artifacts import ATTR_ARTIFACTS, TrialOutputs, open_artifact_store, upload_trial_artifacts
 from hpsearch.config import ConfigError, SpaceSection, StudyConfig, StudySection
-from hpsearch.data import ImagePool, Split, load_pool, make_split, trial_data
+from hpsearch.data import ImagePool, Split, load_pool, make_split, preprocess_for, trial_data
 from hpsearch.model import build_model
 from hpsearch.train import EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
 from hpsearch.workers import ATTR_WORKER, worker_tag
@@ -143,6 +143,10 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
         study.set_user_attr("split_sizes", prepared.split.sizes())
         study.set_user_attr("classes", prepared.pool.classes)
         study.set_user_attr("config", cfg.model_dump(mode="json"))
+        # The normalization every trial trains with, for exports (hpsearch.export reads it back).
+        pre = preprocess_for(prepared.pool, prepared.split, cfg.data, cfg.model.pretrained)
+        study.set_user_attr("preprocess", {"image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
+                                           "interpolation": pre.interpolation})
         study.set_user_attr("hpsearch_version", __version__)
     if ATTR_ARTIFACTS not in attrs:
         study.set_user_attr(ATTR_ARTIFACTS, str(artifacts_dir))
@@ -202,6 +206,8 @@ class Objective:
         try:
             result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
                                  on_epoch=report)
+            # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
+            self._store(trial, result)
         except NonFiniteLoss as err:
             # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
             trial.set_user_attr("pruned_reason", str(err))
@@ -212,7 +218,6 @@ class Objective:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:1000])
             trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
             raise
-        self._store(trial, result)
         return result.best.val_accuracy
 
     def _store(self, trial: optuna.Trial, result: TrainResult) -> None:
