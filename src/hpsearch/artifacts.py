@@ -7,9 +7,12 @@ split's sha256). Their artifact ids sit in the trial's user attrs. Nothing here 
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import optuna
 import torch
@@ -20,6 +23,7 @@ DEFAULT_ARTIFACTS = "artifacts"
 ATTR_ARTIFACTS = "artifacts_dir"
 ATTR_WEIGHTS = "weights_artifact"
 ATTR_OUTPUTS = "outputs_artifact"
+ATTR_CHECKPOINT = "checkpoint_artifact"
 
 
 def resolve_artifacts_dir(cli: str | None, study: optuna.Study | None, study_file: str | None) -> Path:
@@ -29,9 +33,41 @@ def resolve_artifacts_dir(cli: str | None, study: optuna.Study | None, study_fil
     return Path(chosen).expanduser().resolve()
 
 
+class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+    """Optuna's filesystem store, but each file is written under a temporary name and then renamed.
+
+    A worker killed mid-upload leaves no truncated artifact behind a valid id (a reader sees the whole
+    file or none), and the ensemble never loads half a weights file.
+    """
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        final = Path(self._get_filepath(artifact_id))
+        with tempfile.NamedTemporaryFile(dir=final.parent, prefix=f".{final.name}.", delete=False) as tmp:
+            try:
+                shutil.copyfileobj(content_body, tmp)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            except BaseException:
+                tmp.close()
+                os.unlink(tmp.name)
+                raise
+        os.replace(tmp.name, final)
+
+
 def open_artifact_store(path: Path) -> FileSystemArtifactStore:
     path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(path))
+    return AtomicFileSystemArtifactStore(str(path))
+
+
+def remove_artifact(store: FileSystemArtifactStore, artifact_id: str) -> bool:
+    """Delete one artifact's file; False if it was already gone."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    try:
+        store.remove(artifact_id)
+    except ArtifactNotFound:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

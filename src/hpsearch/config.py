@@ -106,6 +106,9 @@ class StudySection(_Strict):
     # failed and retried once (its worker died). Long GPU trials are fine: beats run in a thread. 0 = off.
     heartbeat_interval: int = Field(60, ge=0)
     heartbeat_grace: int = Field(600, ge=1)
+    # Weights of trials outside the best `keep_weights` are deleted as the study runs (outputs are kept).
+    # Default: [ensemble] top_k + 3. 0 keeps every trial's weights.
+    keep_weights: int | None = Field(None, ge=0)
 
 
 class DataSection(_Strict):
@@ -178,6 +181,9 @@ class TrainSection(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Label smoothing for the training loss (validation loss is plain cross-entropy).
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Save a resumable checkpoint every this many epochs (through the artifact store), so a retried trial
+    # continues from its last one instead of epoch 0. 0 = off (short trials restart cheaper than they save).
+    checkpoint_every: int = Field(1, ge=0)
 
 
 class StepSpace(_Strict):

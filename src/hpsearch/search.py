@@ -7,8 +7,12 @@ location, and the study file it was created from.
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
+import logging
 import math
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,15 +22,27 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import __version__
-from hpsearch.artifacts import ATTR_ARTIFACTS, TrialOutputs, open_artifact_store, upload_trial_artifacts
+from hpsearch.artifacts import (
+    ATTR_ARTIFACTS,
+    ATTR_CHECKPOINT,
+    ATTR_WEIGHTS,
+    TrialOutputs,
+    download_to,
+    open_artifact_store,
+    remove_artifact,
+    upload_trial_artifacts,
+)
 from hpsearch.config import ConfigError, SpaceSection, StudyConfig, StudySection
 from hpsearch.data import ImagePool, Split, load_pool, make_split, preprocess_for, trial_data
 from hpsearch.model import build_model
-from hpsearch.train import EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
+from hpsearch.train import Checkpoint, EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
 from hpsearch.workers import ATTR_WORKER, worker_tag
+
+_log = logging.getLogger(__name__)
 
 METRIC_NAME = "val_accuracy"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -192,6 +208,13 @@ class Objective:
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr(ATTR_WORKER, worker_tag())
+        resume, resumed_from = self._resume_point(trial)
+        if resume is not None:
+            # A retry trains with its original's seed, so continuing its checkpoint reproduces it exactly.
+            seed = int(resumed_from.user_attrs.get("seed", seed)) if resumed_from is not None else seed
+            trial.set_user_attr("seed", seed)
+            trial.set_user_attr("resumed_from", {"trial": resumed_from.number if resumed_from else None,
+                                                 "epoch": resume.epoch + 1})
 
         def report(metrics: EpochMetrics) -> None:
             trial.report(metrics.val_accuracy, metrics.epoch)
@@ -203,22 +226,72 @@ class Objective:
                 trial.set_user_attr("pruned_reason", reason)
                 raise optuna.TrialPruned(reason)
 
+        out_of_memory: str | None = None
         try:
             result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
-                                 on_epoch=report)
+                                 on_epoch=report, resume=resume, on_checkpoint=lambda c: self._checkpoint(trial, c),
+                                 checkpoint_every=self.cfg.train.checkpoint_every)
             # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
             self._store(trial, result)
         except NonFiniteLoss as err:
             # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
             trial.set_user_attr("pruned_reason", str(err))
+            self._drop_checkpoint(trial)
             raise optuna.TrialPruned(str(err)) from None
         except optuna.TrialPruned:
+            self._drop_checkpoint(trial)
             raise
+        except torch.cuda.OutOfMemoryError as err:
+            out_of_memory = str(err).splitlines()[0][:500]
         except Exception as err:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:1000])
             trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
             raise
+        if out_of_memory is not None:
+            # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
+            free_device_memory()
+            trial.set_user_attr("fail_reason", f"CUDA out of memory: {out_of_memory}")
+            trial.set_user_attr("out_of_memory", True)
+            raise TrialOutOfMemory(out_of_memory)
+        self._drop_checkpoint(trial)
+        if resumed_from is not None:
+            self._drop_checkpoint(resumed_from)
         return result.best.val_accuracy
+
+    def _resume_point(self, trial: optuna.Trial) -> tuple[Checkpoint | None, FrozenTrial | None]:
+        """The last checkpoint of the trial this one retries (same parameters), if any survived."""
+        frozen = trial.study._storage.get_trial(trial._trial_id)
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+        for number in reversed(history):
+            original = trial.study.get_trials(deepcopy=False)[number]
+            artifact = original.user_attrs.get(ATTR_CHECKPOINT)
+            if not artifact:
+                continue
+            with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+                try:
+                    path = download_to(self.store, artifact, Path(tmp), "checkpoint.pt")
+                    return Checkpoint.load(str(path)), original
+                except Exception as err:  # a lost or unreadable checkpoint means starting over, not failing
+                    _log.warning("trial %s: checkpoint of trial %s unusable (%s); starting from epoch 1",
+                                 trial.number, number, err)
+        return None, None
+
+    def _checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint) -> None:
+        previous = trial.study._storage.get_trial_user_attrs(trial._trial_id).get(ATTR_CHECKPOINT)
+        with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+            path = Path(tmp) / "checkpoint.pt"
+            checkpoint.save(str(path))
+            artifact = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
+                                       mimetype="application/octet-stream")
+        trial.set_user_attr(ATTR_CHECKPOINT, artifact)
+        trial.set_user_attr("checkpoint_epoch", checkpoint.epoch + 1)
+        if previous:
+            remove_artifact(self.store, previous)
+
+    def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
+        attrs = trial.user_attrs
+        if attrs.get(ATTR_CHECKPOINT):
+            remove_artifact(self.store, attrs[ATTR_CHECKPOINT])
 
     def _store(self, trial: optuna.Trial, result: TrainResult) -> None:
         # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere.
@@ -249,6 +322,56 @@ class StopAfterFailures:
             study.stop()
 
 
+class TrialOutOfMemory(RuntimeError):
+    """CUDA ran out of memory in a trial; the worker lives on and the trial is retried once."""
+
+
+def free_device_memory() -> None:
+    """Between trials (and after an OOM): drop what the last trial held, host and device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+_FAILURE_ATTRS = ("fail_reason", "fail_traceback", "out_of_memory", ATTR_WORKER)
+
+
+class RetryOutOfMemory:
+    """A trial that ran out of GPU memory is retried once with the same parameters (no searched parameter
+    changes memory, so PRUNED would teach the sampler the wrong lesson); a second OOM stays FAIL."""
+
+    def __init__(self) -> None:
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1,
+                                                                      inherit_intermediate_values=True)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("out_of_memory"):
+            # The retry copies user attrs: not the failure's own.
+            failed = copy.copy(trial)
+            failed.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in _FAILURE_ATTRS}
+            self.retry(study, failed)
+
+
+class KeepBestWeights:
+    """Disk stays bounded: weights of COMPLETE trials outside the best `keep` are deleted as the study runs.
+    Outputs (small) stay, so the study's record is whole; a deleted trial is simply no ensemble candidate."""
+
+    def __init__(self, store: FileSystemArtifactStore, keep: int) -> None:
+        self.store = store
+        self.keep = keep
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not self.keep:
+            return
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.value is not None and math.isfinite(t.value)]
+        complete.sort(key=lambda t: (-t.value, t.number))
+        for loser in complete[self.keep:]:
+            artifact = loser.user_attrs.get(ATTR_WEIGHTS)
+            if artifact:
+                remove_artifact(self.store, artifact)
+
+
 def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, timeout: float | None = None,
                callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> StopAfterFailures:
     """Run until the study holds n_trials finished (COMPLETE + PRUNED) trials, the timeout, or a failure streak."""
@@ -256,9 +379,16 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
     if finished_trials(study) >= n_trials:
         return guard
     stop_at_n = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
+    cfg = objective.cfg
+    keep = KeepBestWeights(objective.store, cfg.study.keep_weights if cfg.study.keep_weights is not None
+                           else cfg.ensemble.top_k + 3)
     study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                   callbacks=[*callbacks, stop_at_n, guard])
+                   callbacks=[RetryOutOfMemory(), keep, *callbacks, stop_at_n, guard, _free_after_trial])
     return guard
+
+
+def _free_after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    free_device_memory()
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:

@@ -64,7 +64,9 @@ def _heartbeat_kwargs(interval: int | None, grace: int | None) -> dict[str, Any]
         "heartbeat_interval": interval,
         "grace_period": grace or 10 * interval,
         # A trial whose worker died on another machine becomes FAIL and is retried once, same params.
-        "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=1, inherit_intermediate_values=True
+        ),
     }
 
 

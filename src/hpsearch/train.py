@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,37 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     return loss, accuracy
 
 
+@dataclass
+class Checkpoint:
+    """Everything needed to continue a trial after its last completed epoch, bit for bit."""
+
+    epoch: int  # the last completed epoch (0-based)
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    generator: torch.Tensor  # the batch-order/augmentation generator's state
+    rng: torch.Tensor  # torch's global CPU RNG (dropout)
+    history: list[EpochMetrics]
+    best_state: dict[str, torch.Tensor]
+
+    def save(self, path: str) -> None:
+        data = {**{k: getattr(self, k) for k in ("epoch", "model", "optimizer", "scheduler", "generator", "rng",
+                                                 "best_state")},
+                "history": [asdict(m) for m in self.history]}
+        torch.save(data, path)
+
+    @classmethod
+    def load(cls, path: str) -> Checkpoint:
+        # weights_only: tensors, numbers, strings, lists and dicts only; never an arbitrary pickle.
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        data["history"] = [EpochMetrics(**m) for m in data["history"]]
+        return cls(**data)
+
+
+def _best(history: list[EpochMetrics]) -> EpochMetrics | None:
+    return max(history, key=lambda m: (m.val_accuracy, -m.val_loss, -m.epoch), default=None)
+
+
 def train_trial(
     model_cfg: ModelSection,
     train_cfg: TrainSection,
@@ -156,7 +188,11 @@ def train_trial(
     seed: int,
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    resume: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    checkpoint_every: int = 1,
 ) -> TrainResult:
+    """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_model(model_cfg, data.num_classes, data.preprocess.image_size, hp.dropout)
@@ -167,9 +203,17 @@ def train_trial(
     steps = data.train.num_batches(train_cfg.batch_size, drop_last=True)
 
     history: list[EpochMetrics] = []
-    best: EpochMetrics | None = None
     best_state: dict[str, torch.Tensor] = {}
-    for epoch in range(train_cfg.epochs):
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        if scheduler is not None and resume.scheduler is not None:
+            scheduler.load_state_dict(resume.scheduler)
+        gen.set_state(resume.generator)
+        torch.set_rng_state(resume.rng)
+        history, best_state = list(resume.history), resume.best_state
+    best = _best(history)
+    for epoch in range(len(history), train_cfg.epochs):
         start = time.perf_counter()
         set_train_mode(model)
         # Summed on the device: one host synchronization per epoch, not per step.
@@ -199,6 +243,11 @@ def train_trial(
             best, best_state = metrics, plain_state_dict(model)
         if on_epoch is not None:
             on_epoch(metrics)
+        last = epoch + 1 == train_cfg.epochs
+        if on_checkpoint is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0 and not last:
+            on_checkpoint(Checkpoint(epoch, plain_state_dict(model), optimizer.state_dict(),
+                                     scheduler.state_dict() if scheduler is not None else None,
+                                     gen.get_state(), torch.get_rng_state(), list(history), best_state))
 
     assert best is not None
     model.load_state_dict(best_state)

@@ -3,7 +3,7 @@
 Each worker is a real `hpsearch worker` process that opens the storage itself (a storage object never
 crosses a process boundary). The supervisor restarts a worker that dies, fails the trial it held at once
 (every trial records the worker that runs it) and queues one retry with the same parameters through
-Optuna's `RetryFailedTrialCallback`. SIGINT/SIGTERM stop every worker; their trials end FAIL, never RUNNING.
+Optuna's `RetryHeartbeatStaleTrialCallback`. SIGINT/SIGTERM stop every worker; their trials end FAIL, never RUNNING.
 """
 
 from __future__ import annotations
@@ -53,14 +53,18 @@ def visible_gpus() -> list[int]:
 def fail_trials_of(storage: optuna.storages.BaseStorage, study: optuna.Study, tag: str,
                    reason: str) -> list[int]:
     """Mark the RUNNING trials of one (dead) worker FAIL and queue one retry of each; returns their numbers."""
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+    # The retry inherits the reported epochs; it resumes from the dead trial's last checkpoint.
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(ATTR_WORKER) != tag:
             continue
         storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
         if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            retry(study, storage.get_trial(trial._trial_id))
+            # The retry copies user attrs: not this trial's fail_reason, nor the dead worker's tag.
+            dead = storage.get_trial(trial._trial_id)
+            dead.user_attrs = {k: v for k, v in dead.user_attrs.items() if k not in ("fail_reason", ATTR_WORKER)}
+            retry(study, dead)
             failed.append(trial.number)
     return failed
 
