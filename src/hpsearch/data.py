@@ -125,7 +125,7 @@ def _load_cifar(cfg: DataSection, seed: int) -> ImagePool:
         try:
             train = cls(str(root), train=True, download=True)
             test = cls(str(root), train=False, download=True)
-        except Exception as download_err:  # noqa: BLE001 - any download failure gets the same advice
+        except Exception as download_err:
             raise DataError(
                 f"data.root: {cfg.dataset} is missing or corrupt under {str(root)!r} (expected {expected}, "
                 f"md5-checked) and could not be downloaded ({type(download_err).__name__}); place the official "
@@ -247,8 +247,8 @@ def _stratified_cut(idx: np.ndarray, labels: np.ndarray, fraction: float,
     keep, cut = [], []
     for c in np.unique(labels[idx]):
         members = rng.permutation(idx[labels[idx] == c])
-        n = int(round(len(members) * fraction))
-        n = min(max(n, 1 if len(members) > 1 else 0), len(members) - 1) if len(members) > 1 else 0
+        # At least one per part for a class of 2+, never the whole class.
+        n = min(max(round(len(members) * fraction), 1), len(members) - 1) if len(members) > 1 else 0
         cut.append(members[:n])
         keep.append(members[n:])
     return np.concatenate(keep), np.concatenate(cut)
@@ -368,7 +368,8 @@ def cutout(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
     cx = _rand((n,), x, gen, w)[:, None, None]
     ys = torch.arange(h, device=x.device)[None, :, None]
     xs = torch.arange(w, device=x.device)[None, None, :]
-    mask = ((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2)
+    top, left = cy - side // 2, cx - side // 2
+    mask = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
     return x.masked_fill(mask[:, None], 0.0)
 
 
