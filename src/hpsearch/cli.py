@@ -179,7 +179,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from hpsearch.report import describe_trial
     from hpsearch.search import Objective, run_trials
-    from hpsearch.workers import install_stop_handler
+    from hpsearch.workers import EXIT_FAILURE_STREAK, install_stop_handler
 
     install_stop_handler()
     run = _open_run(args, worker=args.worker_index)
@@ -189,7 +189,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     objective = Objective(run.cfg, run.prepared, run.device, run.artifacts)
     guard = run_trials(run.study, objective, run.n_trials, timeout=args.timeout, callbacks=[on_trial])
-    return 1 if guard.tripped else 0
+    return EXIT_FAILURE_STREAK if guard.tripped else 0
 
 
 def _best_value(study: Any) -> str:
@@ -255,6 +255,15 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from hpsearch.ensemble import EnsembleError, build_ensemble, result_table, select_candidates, write_ensemble_dir
     from hpsearch.export import ExportError, write_export
 
+    if args.onnx:
+        if args.no_export:
+            raise UsageError("--onnx exports the ensemble as a graph; it cannot go with --no-export")
+        from hpsearch.onnx_export import require_onnx
+
+        try:
+            require_onnx()  # before any work: a missing optional package is bad input, not a late crash
+        except ExportError as err:
+            raise UsageError(str(err)) from None
     cfg, study, url = _study_for(args)
     top_k = args.top_k or cfg.ensemble.top_k
     if top_k < 2:
@@ -272,11 +281,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
                              f"({len(selection.skipped)} skipped, see the warnings); an ensemble needs at least 2 "
                              "COMPLETE trials whose outputs are in the artifact store")
         arch = study.user_attrs.get("config", {}).get("model", {}).get("arch", cfg.model.arch)
-        result = build_ensemble(selection.candidates, arch, args.method)
+        result = build_ensemble(selection.candidates, arch, "weighted" if args.method == "soup" else args.method)
+        soup = None
+        if args.method == "soup":
+            result, soup = _with_soup(args, cfg, study, store, selection.candidates, result)
         folder = write_ensemble_dir(Path(args.out), result, study.study_name, study.user_attrs.get("classes", []),
                                     selection.candidates, selection.skipped,
                                     export=None if args.no_export else
-                                    lambda d, payload: write_export(d, result, study, store, url, payload["metrics"]))
+                                    lambda d, payload: write_export(d, result, study, store, url, payload["metrics"],
+                                                                    onnx=args.onnx,
+                                                                    soup_state=soup.state_dict if soup else None))
     except (EnsembleError, ExportError) as err:
         raise UsageError(str(err)) from None
     _print_unwrapped(result_table(result, f"top {len(selection.candidates)} trials of {study.study_name!r}: "
@@ -284,9 +298,24 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     for note in result.notes:
         out.print(f"- {note}", highlight=False, soft_wrap=True)
     exported = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
-                                          f"{len(result.members)} member files)")
+                                          f"{len(result.members)} member files"
+                                          + (", ensemble.onnx" if args.onnx else "") + ")")
     console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{exported}", highlight=False)
     return 0
+
+
+def _with_soup(args: argparse.Namespace, cfg: Any, study: Any, store: Any, candidates: Any, result: Any
+               ) -> tuple[Any, Any]:
+    """`--method soup`: the greedy soup of the candidates, re-run on the study's validation (and test) split."""
+    from hpsearch.soup import make_soup, with_soup
+    from hpsearch.train import resolve_device
+
+    try:
+        device = resolve_device(args.device or cfg.train.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    soup = make_soup(study, store, candidates, device, on_start=lambda line: console.print(line, highlight=False))
+    return with_soup(result, soup, candidates), soup
 
 
 def _print_unwrapped(renderable: Any) -> None:
@@ -310,6 +339,13 @@ def _open_export(args: argparse.Namespace) -> tuple[Any, Any, list[Path], list[s
         ensemble = load_ensemble(args.dir, device)
     except (ExportError, ValueError) as err:
         raise UsageError(str(err)) from None
+    if args.tta:
+        from hpsearch.tta import TTAError, manifest_augment
+
+        try:
+            manifest_augment(ensemble.manifest)
+        except TTAError as err:
+            raise UsageError(str(err)) from None
     warnings: list[str] = []
     paths = find_images(args.inputs, warnings.append)
     return ensemble, device, paths, warnings
@@ -340,7 +376,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
     sink = _csv_sink(args.out)
     try:
-        n = predict_csv(ensemble, paths, sink, args.batch_size, device, _warn(warnings))
+        n = predict_csv(ensemble, paths, sink, args.batch_size, device, _warn(warnings), tta=args.tta)
     finally:
         if sink is not sys.stdout:
             sink.close()
@@ -360,7 +396,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
     sink = _csv_sink(args.out)
     try:
-        n = select_csv(ensemble, paths, sink, args.n, args.by, args.batch_size, device, _warn(warnings))
+        n = select_csv(ensemble, paths, sink, args.n, args.by, args.batch_size, device, _warn(warnings),
+                       tta=args.tta)
     finally:
         if sink is not sys.stdout:
             sink.close()
@@ -444,12 +481,19 @@ def build_parser() -> argparse.ArgumentParser:
     storage(ens)
     artifacts(ens)
     ens.add_argument("--top-k", type=_positive, help="candidates (default: [ensemble] top_k)")
-    ens.add_argument("--method", choices=["weighted", "soft", "hard"], default="weighted",
-                     help="the ensemble written to --out (default weighted); the table compares all")
+    ens.add_argument("--method", choices=["weighted", "soft", "hard", "soup"], default="weighted",
+                     help="the ensemble written to --out (default weighted); the table compares all. soup: the "
+                     "greedy weight average of the trials (same architecture and starting weights), re-run on "
+                     "validation and kept only if it beats the best single trial there (else weighted)")
+    ens.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                     help="where --method soup re-runs the averaged model (default: [train] device)")
     ens.add_argument("--out", metavar="DIR", default="best-ensemble",
                      help="folder for report.md and ensemble.json, replaced atomically (default best-ensemble)")
     ens.add_argument("--no-export", action="store_true",
                      help="write only report.md and ensemble.json, not the member weights and manifest.json")
+    ens.add_argument("--onnx", action="store_true",
+                     help="also write ensemble.onnx: the whole ensemble as one ONNX graph, images to probabilities "
+                          "(needs the optional extra: pip install -e '.[onnx]')")
     ens.set_defaults(func=cmd_ensemble)
 
     def exported(p: argparse.ArgumentParser, inputs: str) -> None:
@@ -457,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("inputs", metavar=inputs, nargs="+", help="image files and/or folders (searched recursively)")
         p.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass (default 64)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+        p.add_argument("--tta", action="store_true",
+                       help="test-time augmentation with the study's own augmentations (manifest preprocessing."
+                       "augment): average over the original, fixed shifts (crop) and mirror images (flip)")
 
     pred = sub.add_parser("predict", help="classify images with an exported ensemble (CSV; exit 3 if some skipped)")
     exported(pred, "INPUT")

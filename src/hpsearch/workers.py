@@ -21,6 +21,8 @@ import optuna
 from optuna.trial import TrialState
 
 ATTR_WORKER = "worker"
+# A worker's exit code when it stopped because trials failed in a row (not a crash: not restarted).
+EXIT_FAILURE_STREAK = 4
 STOP_GRACE_S = 30.0
 
 
@@ -125,6 +127,10 @@ class Supervisor:
                 if code == 0:
                     continue  # a worker returns 0 once the study holds its trials
                 self._reap(worker, code)
+                if code == EXIT_FAILURE_STREAK:
+                    # It stopped on purpose (its trials kept failing): restarting would only burn more trials.
+                    self.on_event(f"worker {worker.index} stopped: its trials failed in a row")
+                    continue
                 if self.done() or worker.restarts >= self.max_restarts:
                     continue
                 worker.restarts += 1
@@ -172,6 +178,11 @@ def install_stop_handler() -> None:
     """In a worker: SIGTERM interrupts the trial like Ctrl-C, so Optuna marks it FAIL before exiting."""
 
     def stop(signum: int, _frame: object) -> None:
+        # Once: a second signal (Ctrl-C reaches the whole group, then the supervisor's SIGTERM) must not
+        # interrupt the clean-up that marks the trial FAIL.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
