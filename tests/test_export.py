@@ -160,6 +160,19 @@ def test_load_ensemble_matches_in_process_computation(exported: Exported) -> Non
     assert float((got.argmax(1) == exported.test_labels).float().mean()) > 0.5  # the members learned something
 
 
+def test_load_ensemble_strategies_agree(exported: Exported) -> None:
+    x = exported.pre(exported.pool_images[:16])
+    loop = load_ensemble(exported.folder, strategy="loop")
+    with torch.inference_mode():
+        expected = loop(x)
+        for strategy in ("vmap", "auto"):
+            ensemble = load_ensemble(exported.folder, strategy=strategy)
+            assert ensemble._runner.strategy == ("vmap" if strategy == "vmap" else "loop")  # auto: loop on the CPU
+            assert torch.allclose(ensemble(x), expected, atol=1e-6), strategy
+    with pytest.raises(ExportError, match="strategy 'fast'"):
+        load_ensemble(exported.folder, strategy="fast")
+
+
 @pytest.mark.parametrize("name", ["member-0.safetensors", MANIFEST])
 def test_a_flipped_byte_is_refused(exported: Exported, tmp_path: Path, name: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:

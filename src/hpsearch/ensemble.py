@@ -14,6 +14,9 @@ The held-out test outputs are used only to compare, in one table: the best singl
 uniform soft voting and weighted soft voting; accuracy, NLL and ECE (15 equal-width confidence bins),
 and for the probabilistic rows the same after temperature scaling fitted on validation.
 
+With `--method soup` (hpsearch.soup) the table gains a "greedy soup" row: one model whose weights average
+several trials', re-run on the data (weight averaging changes the function), measured like the other rows.
+
 Conventions: soft voting averages probabilities (softmax of each member's logits), not logits; NLL is the
 mean natural-log negative log-likelihood; argmax ties go to the lowest class index. Hard voting takes each
 member's argmax; a tie between classes with the most votes goes to the class with the highest summed
@@ -48,7 +51,8 @@ if TYPE_CHECKING:
     from optuna.artifacts import FileSystemArtifactStore as ArtifactStore
     from rich.table import Table
 
-Method = Literal["weighted", "soft", "hard"]
+Method = Literal["weighted", "soft", "hard", "soup"]
+# What build_ensemble combines from stored outputs; "soup" (hpsearch.soup) re-runs an averaged model instead.
 METHODS: tuple[Method, ...] = ("weighted", "soft", "hard")
 ECE_BINS = 15
 GREEDY_ROUNDS = 50
@@ -108,7 +112,7 @@ class WeightFit:
 class Row:
     """One line of the comparison; metrics on the held-out test split."""
 
-    key: Literal["single", "hard", "soft", "weighted"]
+    key: Literal["single", "hard", "soft", "weighted", "soup"]
     name: str
     trials: tuple[int, ...]  # members with non-zero weight
     weights: tuple[float, ...]  # their weights
@@ -124,6 +128,26 @@ class Row:
 
 
 @dataclass(frozen=True)
+class SoupStep:
+    """One greedy-soup step: the soup's validation numbers with `trial` added (in-process re-run)."""
+
+    trial: int
+    val_accuracy: float
+    val_nll: float
+    added: bool
+
+
+@dataclass(frozen=True)
+class SoupInfo:
+    """The greedy soup tried by `--method soup` (hpsearch.soup): what went in and whether it was kept."""
+
+    ingredients: tuple[int, ...]  # trials whose weights were averaged, rank order
+    steps: tuple[SoupStep, ...]  # the first is the best trial alone: the baseline the soup must beat
+    kept: bool
+    reason: str  # one line: why it was kept or not
+
+
+@dataclass(frozen=True)
 class EnsembleResult:
     method: Method
     members: tuple[Member, ...]  # of `method`; weights sum to 1
@@ -136,6 +160,7 @@ class EnsembleResult:
     split_sha256: str
     sizes: Mapping[str, int]  # val, test
     candidates: tuple[int, ...]  # trial numbers in rank order; WeightFit.weights line up with them
+    soup: SoupInfo | None = None  # only with --method soup
 
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.key == key)
@@ -306,7 +331,7 @@ def _stack(candidates: Sequence[Candidate]) -> _Outputs:
     )
 
 
-def _soft_row(key: Literal["single", "soft", "weighted"], name: str, data: _Outputs, weights: np.ndarray,
+def _soft_row(key: Literal["single", "soft", "weighted", "soup"], name: str, data: _Outputs, weights: np.ndarray,
               trials: Sequence[int]) -> Row:
     val = mixture_log_probs(data.val, weights)
     test = mixture_log_probs(data.test, weights)
@@ -479,6 +504,8 @@ def table_cells(result: EnsembleResult) -> list[list[str]]:
         name = row.name + (" [chosen]" if row.key == result.method else "")
         if row.key == "weighted" and result.collapsed:
             name += " [collapsed to 1 member]"
+        if row.key == "soup" and result.soup is not None and not result.soup.kept:
+            name += " [not kept]"
         t = _f(row.temperature, 3) + (" (bound)" if row.temperature_at_bound else "")
         cells.append([name, str(len(row.trials)), _weights_cell(row), _f(row.val_nll), _f(row.accuracy),
                       _f(row.nll), _f(row.ece), t, _f(row.nll_scaled), _f(row.ece_scaled)])
@@ -530,6 +557,13 @@ def report_markdown(result: EnsembleResult, study_name: str, candidates: Sequenc
               "## Candidates (rank order)", "",
               _markdown_table(["trial", "val acc", "fitted weight", "params"], cand_rows, left=(0, 3)), "",
               "## Notes", "", *(f"- {n}" for n in result.notes)]
+    if result.soup is not None:
+        parts += ["", "## Greedy soup", "", f"{'Kept' if result.soup.kept else 'Not kept'}: {result.soup.reason}.",
+                  "", "Trials in rank order; each row is the soup's validation accuracy and NLL with that trial's "
+                  "weights averaged in (re-run on the validation split); the first row is the best trial alone.", "",
+                  _markdown_table(["trial", "val acc", "val NLL", "added"],
+                                  [[f"#{s.trial}", f"{s.val_accuracy:.4f}", f"{s.val_nll:.4f}",
+                                    "yes" if s.added else "no"] for s in result.soup.steps])]
     if skipped:
         parts += ["", "## Skipped trials", "", *(f"- {s}" for s in skipped)]
     return "\n".join(parts) + "\n"
@@ -556,7 +590,8 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
         "method": result.method,
         "combine": {"weighted": "weighted average of member softmax probabilities",
                     "soft": "uniform average of member softmax probabilities",
-                    "hard": f"majority vote of member argmax; {HARD_TIE_RULE}"}[result.method],
+                    "hard": f"majority vote of member argmax; {HARD_TIE_RULE}",
+                    "soup": "one model: the uniform average of the greedy soup's ingredients' weights"}[result.method],
         "temperature": _number(result.temperature),
         "weight_fit": result.weight_fit.name,
         "candidates": list(result.candidates),
@@ -573,6 +608,10 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
                     for r in result.rows],
         "notes": list(result.notes),
         "skipped": list(skipped),
+        "soup": None if result.soup is None else {
+            "ingredients": list(result.soup.ingredients), "kept": result.soup.kept, "reason": result.soup.reason,
+            "steps": [{"trial": s.trial, "val_accuracy": s.val_accuracy, "val_nll": _number(s.val_nll),
+                       "added": s.added} for s in result.soup.steps]},
     }
 
 

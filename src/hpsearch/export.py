@@ -7,10 +7,13 @@
 - `manifest.json`: format_version, classes, the full preprocessing, the members (arch, trial, hyperparameters,
   weight, file, sha256), how they combine (method, temperature), the metrics table, the study and its storage
   (password redacted);
-- `SHA256SUMS`: the sha256 of manifest.json and of every member file, in `sha256sum -c` format.
+- `SHA256SUMS`: the sha256 of manifest.json and of every member file, in `sha256sum -c` format;
+- with `--onnx`, `ensemble.onnx` (and its external data file, if any): the whole ensemble as one ONNX graph,
+  listed with its sha256 in the manifest (`onnx`) and in SHA256SUMS (see hpsearch.onnx_export).
 
 `load_ensemble(DIR)` checks every checksum before reading anything (a flipped byte anywhere is refused), builds
-the members with plain torchvision and returns a module from preprocessed images to class probabilities.
+the members with plain torchvision and returns a module from preprocessed images to class probabilities; its
+members run one by one or, per architecture, as one vmapped forward (`strategy`, see hpsearch.infer).
 Nothing here unpickles: safetensors and JSON only. The checksums detect corruption, not tampering: whoever
 can rewrite the folder can rewrite SHA256SUMS too.
 """
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from hpsearch.data import IMAGE_SUFFIXES, DataError, Preprocess, decode_image
+from hpsearch.infer import STRATEGIES, MemberRunner
 
 if TYPE_CHECKING:
     import optuna
@@ -75,7 +79,8 @@ def _triple(values: Sequence[float]) -> tuple[float, float, float]:
     return (a, b, c)
 
 
-def preprocessing_json(pre: Preprocess) -> dict[str, Any]:
+def preprocessing_json(pre: Preprocess, augment: Sequence[str] | None = None) -> dict[str, Any]:
+    """The manifest's preprocessing; `augment`: the study's training augmentations (what `--tta` may use)."""
     return {
         "image_size": pre.image_size,
         "channels": "RGB",
@@ -88,6 +93,7 @@ def preprocessing_json(pre: Preprocess) -> dict[str, Any]:
         "std": list(pre.std),
         "normalize": "(x - mean) / std per channel",
         "layout": "NCHW float32",
+        **({} if augment is None else {"augment": list(augment)}),
     }
 
 
@@ -116,8 +122,6 @@ def builder_kwargs(arch: str, image_size: int) -> dict[str, Any]:
 
 def _write_member(folder: Path, store: FileSystemArtifactStore, trial: optuna.trial.FrozenTrial, arch: str,
                   n_classes: int, kwargs: Mapping[str, Any]) -> str:
-    from safetensors.torch import save_file
-
     from hpsearch.artifacts import load_trial_weights
 
     state = load_trial_weights(store, trial)
@@ -127,8 +131,13 @@ def _write_member(folder: Path, store: FileSystemArtifactStore, trial: optuna.tr
         raise ExportError(f"trial {trial.number}'s weights do not load into torchvision {arch} "
                           f"({str(err).splitlines()[0]})") from None
     name = f"member-{trial.number}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name),
-              metadata={"arch": arch, "trial": str(trial.number), "num_classes": str(n_classes)})
+    return _save_member(folder, name, state, {"arch": arch, "trial": str(trial.number), "num_classes": str(n_classes)})
+
+
+def _save_member(folder: Path, name: str, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
     (folder / name).chmod(0o666 & ~umask)  # safetensors writes 0600; the folder's other files follow the umask
@@ -136,8 +145,11 @@ def _write_member(folder: Path, store: FileSystemArtifactStore, trial: optuna.tr
 
 
 def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, store: FileSystemArtifactStore,
-                 storage_url: str, metrics: Sequence[Mapping[str, Any]]) -> None:
-    """Write the member files, manifest.json and SHA256SUMS into `folder` (the staged ensemble folder)."""
+                 storage_url: str, metrics: Sequence[Mapping[str, Any]], onnx: bool = False,
+                 soup_state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write the member files, manifest.json and SHA256SUMS into `folder` (the staged ensemble folder);
+    with `onnx`, ensemble.onnx too (the optional ONNX packages must be installed). A kept greedy soup
+    (result.method == "soup") is one member, `soup_state`: the averaged weights of result.soup.ingredients."""
     from hpsearch import __version__
     from hpsearch.storage import redact
 
@@ -147,21 +159,35 @@ def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, stor
     members = []
     for m in result.members:
         kwargs = builder_kwargs(m.arch, pre.image_size)
-        name = _write_member(folder, store, trials[m.trial], m.arch, len(classes), kwargs)
+        soup: dict[str, Any] = {}
+        if result.method == "soup" and result.soup is not None and soup_state is not None:
+            ingredients = list(result.soup.ingredients)
+            name = _save_member(folder, "soup.safetensors", soup_state,
+                                {"arch": m.arch, "soup_of": ",".join(map(str, ingredients)),
+                                 "num_classes": str(len(classes))})
+            soup = {"soup": {"ingredients": ingredients,
+                             "rule": "uniform average of the ingredients' weights (greedy soup, Wortsman et al. "
+                                     "2022); trial and hyperparameters are the best ingredient's"}}
+        else:
+            name = _write_member(folder, store, trials[m.trial], m.arch, len(classes), kwargs)
         members.append({"trial": m.trial, "arch": m.arch, "num_classes": len(classes), "builder_kwargs": kwargs,
                         "hyperparameters": dict(m.params), "weight": m.weight, "val_accuracy": m.val_accuracy,
-                        "file": name, "sha256": sha256_file(folder / name)})
+                        "file": name, "sha256": sha256_file(folder / name), **soup})
     manifest = {
         "format_version": FORMAT_VERSION, "hpsearch_version": __version__,
         "study": study.study_name, "storage": redact(storage_url),
         "split_sha256": result.split_sha256, "classes": classes,
-        "preprocessing": preprocessing_json(pre),
+        "preprocessing": preprocessing_json(pre, study.user_attrs.get("config", {}).get("data", {}).get("augment")),
         "combine": {"method": result.method, "temperature": result.temperature,
                     "rule": COMBINE_RULES[result.method]},
         "temperature": result.temperature, "members": members, "metrics": list(metrics),
     }
+    if onnx:
+        from hpsearch.onnx_export import write_onnx
+
+        manifest["onnx"] = write_onnx(folder, ensemble_from_manifest(folder, manifest, "loop"))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    files = [MANIFEST, *(m["file"] for m in members)]
+    files = [MANIFEST, *(m["file"] for m in members), *(name for name, _ in onnx_files(manifest))]
     (folder / SUMS).write_text("".join(f"{sha256_file(folder / f)}  {f}\n" for f in files), encoding="utf-8")
 
 
@@ -169,6 +195,7 @@ COMBINE_RULES = {
     "weighted": "p = softmax(log(sum_m w_m softmax(z_m)) / T): weighted average of member softmaxes, then T",
     "soft": "p = softmax(log(mean_m softmax(z_m)) / T): uniform average of member softmaxes, then T",
     "hard": "p = share of members whose argmax is each class (votes)",
+    "soup": "p = softmax(z / T) of the one member, whose weights are the greedy soup's average",
 }
 
 
@@ -202,7 +229,17 @@ def verify(folder: Path) -> dict[str, Any]:
                           f"reads {FORMAT_VERSION}")
     for member in manifest["members"]:
         _check(folder / member["file"], member["sha256"])
+    for name, digest in onnx_files(manifest):
+        _check(folder / name, digest)
     return manifest
+
+
+def onnx_files(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(file, sha256) of ensemble.onnx and its external data files, when the manifest has an `onnx` entry."""
+    entry = manifest.get("onnx")
+    if not entry:
+        return []
+    return [(entry["file"], entry["sha256"]), *((f["file"], f["sha256"]) for f in entry.get("external_data", []))]
 
 
 def _read_sums(path: Path) -> dict[str, str]:
@@ -229,7 +266,7 @@ class Ensemble(nn.Module):
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], method: str,
                  temperature: float | None, classes: Sequence[str], preprocess: Preprocess,
-                 manifest: Mapping[str, Any]) -> None:
+                 manifest: Mapping[str, Any], strategy: str = "loop") -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float64))
@@ -238,10 +275,17 @@ class Ensemble(nn.Module):
         self.classes = list(classes)
         self.preprocess = preprocess
         self.manifest = dict(manifest)
+        self.strategy = strategy  # auto | loop | vmap: how the members run (hpsearch.infer)
+        self._runner = MemberRunner(self.members, strategy)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Ensemble:
+        super()._apply(fn, recurse)  # .to(), .cuda(), .float(), ...: members moved, so restack for that device
+        self._runner = MemberRunner(self.members, self.strategy)
+        return self
 
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
         """[M, N, C] float64: each member's softmax (no temperature)."""
-        return torch.stack([m(x).double().softmax(dim=-1) for m in self.members])
+        return self._runner(x).double().softmax(dim=-1)
 
     def combine(self, member_probs: torch.Tensor) -> torch.Tensor:
         w = self.weights.to(member_probs.device)[:, None, None]
@@ -255,13 +299,24 @@ class Ensemble(nn.Module):
         return self.combine(self.member_probs(x)).float()
 
 
-def load_ensemble(folder: str | Path, device: str | torch.device = "cpu") -> Ensemble:
+def load_ensemble(folder: str | Path, device: str | torch.device = "cpu", strategy: str = "auto") -> Ensemble:
     """Verify every checksum, build each member with plain torchvision (strict load), return the ensemble
-    in eval mode. Its input is what `ensemble.preprocess` makes of uint8 images; its output probabilities."""
+    in eval mode. Its input is what `ensemble.preprocess` makes of uint8 images; its output probabilities.
+
+    `strategy`: `loop` runs the members one by one, `vmap` the members of each architecture as one batched
+    forward, `auto` (default) whichever measured faster on the device: the loop on the CPU, vmap on CUDA.
+    All three give the same probabilities (up to float rounding)."""
+    if strategy not in STRATEGIES:
+        raise ExportError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    folder = Path(folder)
+    return ensemble_from_manifest(folder, verify(folder), strategy).to(device).eval()
+
+
+def ensemble_from_manifest(folder: Path, manifest: Mapping[str, Any], strategy: str = "loop") -> Ensemble:
+    """The ensemble module of a manifest and the member files next to it, on the CPU (checksums not checked:
+    `load_ensemble` verifies first; `write_export` builds from the files it just wrote)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    manifest = verify(folder)
     classes = manifest["classes"]
     members = []
     for spec in manifest["members"]:
@@ -269,9 +324,8 @@ def load_ensemble(folder: str | Path, device: str | torch.device = "cpu") -> Ens
         model.load_state_dict(load_file(str(folder / spec["file"])), strict=True)
         members.append(model)
     total = sum(m["weight"] for m in manifest["members"])
-    ensemble = Ensemble(members, [m["weight"] / total for m in manifest["members"]], manifest["combine"]["method"],
-                        manifest.get("temperature"), classes, manifest_preprocess(manifest), manifest)
-    return ensemble.to(device).eval()
+    return Ensemble(members, [m["weight"] / total for m in manifest["members"]], manifest["combine"]["method"],
+                    manifest.get("temperature"), classes, manifest_preprocess(manifest), manifest, strategy).eval()
 
 
 # ----------------------------------------------------------------------------------------- prediction
@@ -328,12 +382,18 @@ def uncertainty(ensemble: Ensemble, member_probs: torch.Tensor) -> dict[str, tor
 
 
 def score_images(ensemble: Ensemble, paths: Sequence[Path], batch_size: int, device: torch.device,
-                 warn: Callable[[str], None]) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """Per readable image: its probabilities and uncertainties, decoded and preprocessed as the manifest says."""
+                 warn: Callable[[str], None], tta: bool = False) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """Per readable image: its probabilities and uncertainties, decoded and preprocessed as the manifest says;
+    with `tta`, each member's softmax averaged over the views of the study's own augmentations (hpsearch.tta)."""
+    from hpsearch.tta import manifest_augment, tta_member_probs
+
     pre = ensemble.preprocess
+    augment = manifest_augment(ensemble.manifest) if tta else ()
     with torch.inference_mode():
         for batch, images in decode_batches(paths, pre.image_size, batch_size, warn):
-            stats = uncertainty(ensemble, ensemble.member_probs(pre(images.to(device))))
+            x = pre(images.to(device))
+            member = tta_member_probs(ensemble.member_probs, x, augment) if tta else ensemble.member_probs(x)
+            stats = uncertainty(ensemble, member)
             cpu = {k: v.cpu() for k, v in stats.items()}
             for i, path in enumerate(batch):
                 yield path, {k: v[i] for k, v in cpu.items()}
@@ -347,21 +407,21 @@ def _row(path: Path, stats: Mapping[str, torch.Tensor], classes: Sequence[str]) 
 
 
 def predict_csv(ensemble: Ensemble, paths: Sequence[Path], sink: IO[str], batch_size: int, device: torch.device,
-                warn: Callable[[str], None]) -> int:
+                warn: Callable[[str], None], tta: bool = False) -> int:
     """Write path, predicted, probability, entropy, p_<class>... per readable image; return the rows written."""
     writer = csv.writer(sink, lineterminator="\n")
     writer.writerow(["path", "predicted", "probability", "entropy", *(f"p_{c}" for c in ensemble.classes)])
     n = 0
-    for path, stats in score_images(ensemble, paths, batch_size, device, warn):
+    for path, stats in score_images(ensemble, paths, batch_size, device, warn, tta):
         writer.writerow(_row(path, stats, ensemble.classes))
         n += 1
     return n
 
 
 def select_csv(ensemble: Ensemble, paths: Sequence[Path], sink: IO[str], n: int, by: Uncertainty,
-               batch_size: int, device: torch.device, warn: Callable[[str], None]) -> int:
+               batch_size: int, device: torch.device, warn: Callable[[str], None], tta: bool = False) -> int:
     """Rank by uncertainty (high entropy / disagreement, low margin first; ties keep input order), write top n."""
-    scored = list(score_images(ensemble, paths, batch_size, device, warn))
+    scored = list(score_images(ensemble, paths, batch_size, device, warn, tta))
     sign = 1.0 if by == "margin" else -1.0
     ranked = sorted(scored, key=lambda item: sign * float(item[1][by]))[:n]
     writer = csv.writer(sink, lineterminator="\n")

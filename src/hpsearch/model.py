@@ -149,6 +149,23 @@ def _pretrained_state(cfg: ModelSection) -> dict[str, torch.Tensor] | None:
                           f"place {Path(weights.url).name} at {cache}, or give a local file") from None
 
 
+def init_weights_tag(cfg: ModelSection) -> str:
+    """What a trial's weights start from, recorded per trial: "none" (its own random init), the resolved
+    torchvision weights (DEFAULT becomes the enum it means), or "file sha256:<hex>" of a local file."""
+    if cfg.weights_kind == "none":
+        return "none"
+    if cfg.weights_kind == "file":
+        import hashlib
+
+        digest = hashlib.sha256()
+        with resolve_path(cfg.weights, None).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"file sha256:{digest.hexdigest()}"
+    weights = _weights_enum(cfg.arch, cfg.weights)
+    return f"{type(weights).__name__}.{weights.name}"
+
+
 def build_model(cfg: ModelSection, num_classes: int, image_size: int, dropout: float = 0.0) -> nn.Module:
     """The architecture with its weights loaded, a fresh head for `num_classes`, dropout before the head."""
     kwargs = _arch_kwargs(cfg, image_size)

@@ -38,7 +38,7 @@ from hpsearch.artifacts import (
 )
 from hpsearch.config import ConfigError, SpaceSection, StudyConfig, StudySection
 from hpsearch.data import ImagePool, Split, load_pool, make_split, preprocess_for, trial_data
-from hpsearch.model import build_model
+from hpsearch.model import build_model, init_weights_tag
 from hpsearch.train import Checkpoint, EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
 from hpsearch.workers import ATTR_WORKER, worker_tag
 
@@ -46,6 +46,7 @@ _log = logging.getLogger(__name__)
 
 METRIC_NAME = "val_accuracy"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+ATTR_INIT_WEIGHTS = "init_weights"
 
 
 # ------------------------------------------------------------------------------------- sampler, pruner
@@ -199,15 +200,19 @@ class Objective:
         self.store = open_artifact_store(artifacts_dir)
         self.on_epoch = on_epoch
         pretrained = cfg.model.pretrained
+        # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
+        self.init_weights = init_weights_tag(cfg.model)
         # The splits move to the device once per process, not once per trial.
         self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        # First: a supervisor finds a dead worker's trial by this tag.
+        trial.set_user_attr(ATTR_WORKER, worker_tag())
         hp = suggest(trial, self.cfg.space)
         seed = self.cfg.study.seed + trial.number
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("device", str(self.device))
-        trial.set_user_attr(ATTR_WORKER, worker_tag())
+        trial.set_user_attr(ATTR_INIT_WEIGHTS, self.init_weights)
         resume, resumed_from = self._resume_point(trial)
         if resume is not None:
             # A retry trains with its original's seed, so continuing its checkpoint reproduces it exactly.
