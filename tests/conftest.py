@@ -10,6 +10,11 @@ from typing import Any
 
 import pytest
 
+# Two cores, and worker subprocesses beside the test process: one torch thread each keeps timings steady
+# (with two threads per process they spin-wait on each other under load).
+os.environ.setdefault("HPSEARCH_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 PG_ADMIN_URL = os.environ.get("HPSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 # Every storage backend tests run against; PostgreSQL is the real server on 127.0.0.1:5432.
@@ -58,6 +63,13 @@ def tiny_tables(name: str = "tiny", **overrides: dict[str, Any]) -> dict[str, di
     for table, values in overrides.items():
         tables.setdefault(table, {}).update(values)
     return tables
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["HPSEARCH_THREADS"]))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from collections import Counter
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
+from rich.markup import escape
 from rich.table import Table
 
 HEADERS = {"val_accuracy": "val_acc", "optimizer": "optim", "seconds": "sec"}
@@ -101,5 +102,10 @@ def describe_trial(trial: FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}  ({what})"
     if trial.state == TrialState.PRUNED:
-        return f"trial {trial.number} [yellow]PRUNED[/] {trial.user_attrs.get('pruned_reason', '')}  ({what})"
-    return f"trial {trial.number} [red]{trial.state.name}[/] {trial.user_attrs.get('fail_reason', '')}  ({what})"
+        return f"trial {trial.number} [yellow]PRUNED[/] {_reason(trial, 'pruned_reason')}  ({what})"
+    return f"trial {trial.number} [red]{trial.state.name}[/] {_reason(trial, 'fail_reason')}  ({what})"
+
+
+def _reason(trial: FrozenTrial, key: str) -> str:
+    # Free text (paths, "[study]"): escaped, or rich would drop its brackets or raise MarkupError on "[/x]".
+    return escape(str(trial.user_attrs.get(key, '')))

@@ -1,0 +1,248 @@
+"""The `hpsearch` command as a user runs it: real processes, real storages, Optuna's own CLI and the dashboard
+reading what `hpsearch run` wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from rich.console import Console
+
+from conftest import STORAGES, _postgres_database, tiny_tables, write_study
+from hpsearch import __version__
+from hpsearch.report import describe_trial
+from hpsearch.storage import open_storage
+
+BIN = Path(sys.executable).parent
+STUDY = "clitiny"
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The user's environment without a storage of its own, a wide terminal so tables are not cut, and one
+    CPU thread for torch (tiny models; two threads spin-wait when the CPU is shared)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("HPSEARCH_STORAGE", "OPTUNA_STORAGE")}
+    return {**base, "COLUMNS": "200", "PYTHONUNBUFFERED": "1", "HPSEARCH_THREADS": "1", **extra}
+
+
+def hpsearch(*args: str, cwd: Path, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hpsearch.cli", *args], cwd=cwd, env=env(**extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ no study needed
+
+
+def test_version_from_the_installed_script(tmp_path):
+    script = BIN / "hpsearch"
+    assert script.is_file(), f"{script} is missing: is the package installed (pip install -e .)?"
+    done = subprocess.run([str(script), "--version"], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"hpsearch {__version__}"
+
+
+@pytest.mark.parametrize("command, options", [
+    ([], ["run", "check", "status", "dashboard"]),
+    (["run"], ["STUDY.toml", "--storage", "--n-trials", "--timeout", "--workers", "--device", "--artifacts"]),
+    (["check"], ["STUDY.toml", "--storage"]),
+    (["status"], ["STUDY.toml", "--storage", "--artifacts", "--top-k"]),
+    (["dashboard"], ["--storage", "--artifacts", "--host", "--port", "--allow-remote"]),
+])
+def test_help(command, options, tmp_path):
+    done = hpsearch(*command, "--help", cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: hpsearch {' '.join(command)}".rstrip())
+    for option in options:
+        assert option in done.stdout, f"{option} missing from `hpsearch {' '.join(command)} --help`"
+    assert done.stderr == ""
+
+
+def test_dashboard_refuses_a_remote_host_without_allow_remote(tmp_path):
+    done = hpsearch("dashboard", "--host", "0.0.0.0", "--port", str(free_port()), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "--host 0.0.0.0" in lines[0] and "--allow-remote" in lines[0] and "authentication" in lines[0]
+    assert done.stdout == ""
+
+
+def test_status_of_a_study_that_does_not_exist_exits_2(tmp_path):
+    study = write_study(tmp_path / "ghost.toml", tiny_tables("ghost"))
+    done = hpsearch("status", str(study), "--storage", f"sqlite:///{tmp_path / 'empty.db'}", cwd=tmp_path,
+                    timeout=60)
+    assert done.returncode == 2
+    assert "study 'ghost' does not exist" in done.stderr and "hpsearch run" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_run_with_an_unusable_storage_exits_2_before_training(tmp_path):
+    study = write_study(tmp_path / "t.toml", tiny_tables("t"))
+    done = hpsearch("run", str(study), "--storage", f"sqlite:///{tmp_path / 'missing' / 'x.db'}", cwd=tmp_path,
+                    timeout=120)
+    assert done.returncode == 2
+    assert "does not exist; create it first" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_a_failure_reason_with_brackets_prints_as_written():
+    # Reasons are free text; rich markup must neither eat "[study]" nor choke on "[/mnt/x]".
+    trial = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL,
+        params={"lr": 1e-3, "optimizer": "adam", "scheduler": "none", "dropout": 0.1},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+                       "optimizer": optuna.distributions.CategoricalDistribution(["adam"]),
+                       "scheduler": optuna.distributions.CategoricalDistribution(["none"]),
+                       "dropout": optuna.distributions.FloatDistribution(0.0, 0.5)},
+        user_attrs={"fail_reason": "OSError: store [/mnt/artifacts] gone; see [study] artifacts"},
+    )
+    console = Console(record=True, width=300)
+    console.print(describe_trial(trial))
+    assert "OSError: store [/mnt/artifacts] gone; see [study] artifacts" in console.export_text()
+
+
+# ------------------------------------------------------------------------------- one run per storage
+
+
+@dataclass(frozen=True)
+class Ran:
+    folder: Path
+    study: Path
+    url: str
+    artifacts: Path
+    run: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module", params=STORAGES)
+def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ran]:
+    """`hpsearch run` on a tiny two-trial study, once per storage kind; the tests below read what it left."""
+    folder = tmp_path_factory.mktemp(f"cli-{request.param}")
+    study = write_study(folder / f"{STUDY}.toml", tiny_tables(STUDY, ensemble={"top_k": 3}))
+    urls = iter([f"sqlite:///{folder / 'study.db'}"]) if request.param == "sqlite" else _postgres_database()
+    url = next(urls)
+    artifacts = folder / "store"
+    try:
+        run = hpsearch("run", str(study), "--storage", url, "--artifacts", str(artifacts), cwd=folder)
+        yield Ran(folder, study, url, artifacts, run)
+    finally:
+        for _ in urls:  # drops the PostgreSQL database
+            pass
+
+
+@pytest.mark.slow
+def test_run_finishes_the_study_and_prints_each_trial(ran):
+    assert ran.run.returncode == 0, ran.run.stderr
+    assert f"study {STUDY} on" in ran.run.stderr and "0/2 finished" in ran.run.stderr
+    assert "trial 0 COMPLETE" in ran.run.stderr and "trial 1 COMPLETE" in ran.run.stderr
+    assert "Traceback" not in ran.run.stderr
+    assert f"top 2 trials of '{STUDY}'" in ran.run.stdout
+    # Nothing lands in the working directory: the storage and the store are where they were told to be.
+    assert not (ran.folder / "hpsearch.db").exists() and not (ran.folder / "artifacts").exists()
+    assert len([p for p in ran.artifacts.iterdir() if p.is_file()]) == 4
+
+
+@pytest.mark.slow
+def test_status_prints_counts_best_and_the_top_table(ran):
+    # The storage comes from HPSEARCH_STORAGE here, as in a shell that exported it.
+    done = hpsearch("status", str(ran.study), cwd=ran.folder, timeout=120, HPSEARCH_STORAGE=ran.url)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    header = next(line for line in text.splitlines() if "COMPLETE" in line and "PRUNED" in line)
+    assert [h.strip() for h in header.strip("┃│ ").split("┃")][:3] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert re.search(r"│\s*2\s*│\s*0\s*│\s*0\s*│", text), text
+    study = optuna.load_study(study_name=STUDY, storage=open_storage(ran.url))
+    best = study.best_trial
+    assert f"best: trial {best.number} val_accuracy={best.value:.4f}" in text
+    assert f"artifacts: {ran.artifacts}" in text  # the store the study recorded, not ./artifacts
+    assert f"top 2 trials of '{STUDY}'" in text
+    rows = [line for line in text.splitlines() if re.match(r"^│\s*[01]\s*│", line)]
+    assert sorted(int(r.split("│")[1]) for r in rows) == [0, 1]
+
+
+@pytest.mark.slow
+def test_optuna_cli_lists_the_trials_with_their_params(ran):
+    done = subprocess.run([str(BIN / "optuna"), "trials", "--study-name", STUDY, "--storage", ran.url, "-f", "json"],
+                          cwd=ran.folder, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    trials = json.loads(done.stdout)
+    assert [t["number"] for t in trials] == [0, 1]
+    for t in trials:
+        assert t["state"] == "COMPLETE"
+        assert {"lr", "optimizer", "scheduler", "dropout"} <= set(t["params"])
+        assert set(t["value"]) == {"val_accuracy"}
+        assert {"weights_artifact", "outputs_artifact", "seed", "best_epoch"} <= set(t["user_attrs"])
+
+
+@pytest.mark.slow
+def test_dashboard_serves_the_study_and_its_artifacts(ran):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "dashboard", str(ran.study), "--storage", ran.url,
+                             "--port", str(port)], cwd=ran.folder, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        listed = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"dashboard exited {proc.returncode}: {proc.communicate()[1]}"
+            try:
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=5) as response:
+                    listed = json.load(response)
+                break
+            except OSError:
+                time.sleep(0.25)
+        assert listed is not None, "dashboard did not answer within 90 s"
+        assert [s["study_name"] for s in listed["study_summaries"]] == [STUDY]
+
+        storage = open_storage(ran.url)
+        study_id = storage.get_study_id_from_name(STUDY)
+        trial = optuna.load_study(study_name=STUDY, storage=storage).trials[1]
+        for key in ("outputs_artifact", "weights_artifact"):
+            artifact_id = trial.user_attrs[key]
+            url = f"{base}/artifacts/{study_id}/{trial._trial_id}/{artifact_id}"
+            with urllib.request.urlopen(url, timeout=60) as response:
+                assert response.status == 200
+                body = response.read()
+            assert body == (ran.artifacts / artifact_id).read_bytes()
+
+        # An id the trial does not own is not served, even though the file exists in the store.
+        other = optuna.load_study(study_name=STUDY, storage=storage).trials[0].user_attrs["outputs_artifact"]
+        for artifact_id in (str(uuid.uuid4()), other):
+            with pytest.raises(urllib.error.HTTPError) as raised:
+                urllib.request.urlopen(f"{base}/artifacts/{study_id}/{trial._trial_id}/{artifact_id}", timeout=30)
+            assert raised.value.code == 404
+            assert raised.value.read() == b"Not Found"
+            raised.value.close()
+    finally:
+        # wsgiref swallows a Ctrl-C that lands while it is still answering a request (a user presses it
+        # again); let the last answer finish so that one Ctrl-C must be enough.
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("dashboard did not stop on Ctrl-C within 30 s")
+    assert proc.returncode == 0, err
+    assert f"optuna-dashboard on http://127.0.0.1:{port}/" in err and f"artifacts: {ran.artifacts}" in err
+    assert "Traceback" not in err
