@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hpsearch
-from conftest import tiny_tables, write_study
+from conftest import fit_head, tiny_tables, write_study
 from hpsearch.artifacts import TrialOutputs, load_trial_weights, open_artifact_store, upload_trial_artifacts
 from hpsearch.cli import main
 from hpsearch.config import load_study
@@ -42,20 +42,6 @@ class Exported:
     test_labels: torch.Tensor
     pre: Preprocess
     tmp: Path
-
-
-def _fit_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> None:
-    """Closed-form ridge regression of one-hot labels on the (random) backbone's features."""
-    fc = model.fc
-    model.fc = nn.Identity()
-    with torch.no_grad():
-        f = model(x).double()
-        f1 = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], dim=1)
-        target = nn.functional.one_hot(y, classes).double() * 10 - 5
-        w = torch.linalg.solve(f1.T @ f1 + 1e-2 * torch.eye(f1.shape[1], dtype=f.dtype), f1.T @ target)
-        fc.weight.copy_(w[:-1].T.float())
-        fc.bias.copy_(w[-1].float())
-    model.fc = fc
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +65,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
         suggest(trial, cfg.space)
         torch.manual_seed(seed)
         model = models.get_model("resnet18", num_classes=10).eval()
-        _fit_head(model, images["train"], labels["train"], 10)
+        fit_head(model, images["train"], labels["train"], 10)
         with torch.no_grad():
             val, test = model(images["val"]), model(images["test"])
         outputs = TrialOutputs(val, test, split.sha256(), labels["val"], labels["test"])

@@ -27,9 +27,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from torch import nn
 
-from conftest import tiny_tables, write_study
+from conftest import fit_head, tiny_tables, write_study
 from hpsearch.artifacts import TrialOutputs, open_artifact_store, upload_trial_artifacts
 from hpsearch.cli import main
 from hpsearch.config import load_study
@@ -55,20 +54,6 @@ class Lab:
     pre: Preprocess
     test_images: torch.Tensor  # uint8, split order
     test_x: torch.Tensor  # preprocessed
-
-
-def _fit_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> None:
-    """Closed-form ridge regression of one-hot labels on the backbone's features."""
-    fc = model.fc
-    model.fc = nn.Identity()
-    with torch.no_grad():
-        f = model(x).double()
-        f1 = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], dim=1)
-        target = nn.functional.one_hot(y, classes).double() * 10 - 5
-        w = torch.linalg.solve(f1.T @ f1 + 1e-2 * torch.eye(f1.shape[1], dtype=f.dtype), f1.T @ target)
-        fc.weight.copy_(w[:-1].T.float())
-        fc.bias.copy_(w[-1].float())
-    model.fc = fc
 
 
 def _perturbed(base: State, sigma: float, seed: int, sign: float = 1.0) -> State:
@@ -125,7 +110,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     pool, split = prepared.pool, prepared.split
     model = build_model(cfg.model, 10, 32).eval()  # backbone from the file, new head
     train = torch.from_numpy(split.train)
-    _fit_head(model, pre(pool.images[train]), pool.labels[train], 10)
+    fit_head(model, pre(pool.images[train]), pool.labels[train], 10)
     base = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     test_images = pool.images[torch.from_numpy(split.test)]
     return Lab(tmp, init, f"sqlite:///{tmp / 'study.db'}", tmp / "artifacts", base, pre, test_images,
