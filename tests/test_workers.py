@@ -378,3 +378,94 @@ def test_signal_stops_run_and_its_workers(signum: signal.Signals, to_group: bool
     ended = {t.number: t.state for t in trials if t.number in running}
     assert set(ended.values()) <= {TrialState.FAIL, TrialState.COMPLETE}, ended
     assert TrialState.FAIL in ended.values(), ended
+
+
+# ------------------------------------------- 5. a lone `hpsearch worker` killed: heartbeat, retry, resume
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpoint(
+        storage_url: str, study_file: Callable[..., Path], tmp_path: Path, procs: Procs) -> None:
+    # No supervisor here (another machine's worker): only the heartbeat can tell that the trial's worker died.
+    path = study_file("lone", study={"n_trials": 1, "heartbeat_interval": 1, "heartbeat_grace": 3},
+                      train={"epochs": 3, "checkpoint_every": 1})
+    args = [str(path), "--storage", storage_url, "--artifacts", str(tmp_path / "artifacts")]
+    first = procs.start(_hpsearch("worker", *args), "first")
+
+    def checkpointed() -> FrozenTrial | None:
+        if first.poll() is not None:
+            pytest.fail(f"worker exited early ({first.returncode}):\n{procs.output(first)}")
+        running = [t for t in _trials(storage_url, "lone")
+                   if t.state == TrialState.RUNNING and t.user_attrs.get("checkpoint_epoch") == 1]
+        return running[0] if running else None
+
+    victim = _wait_until("a checkpoint after epoch 1", checkpointed, timeout=240, every=0.2)
+    os.kill(_pid_of(victim.user_attrs["worker"]), signal.SIGKILL)
+    procs.wait(first, timeout=30)
+    assert {t.number: t.state for t in _trials(storage_url, "lone")}[victim.number] == TrialState.RUNNING
+
+    time.sleep(4)  # past the grace period: the trial's heartbeat is stale now
+    second = procs.start(_hpsearch("worker", *args, "--worker-index", "1"), "second")
+    code = procs.wait(second, timeout=300)
+    assert code == 0, procs.output(second)
+
+    trials = _trials(storage_url, "lone")
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], _states(trials)
+    assert {t.number: t.state for t in trials}[victim.number] == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1, _states(trials)
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == victim.params
+    # It continued after the dead trial's last checkpoint (epoch 1 done), with the original's seed.
+    assert retry.user_attrs["resumed_from"] == {"trial": victim.number, "epochs_done": 1}
+    assert retry.user_attrs["seed"] == victim.user_attrs["seed"]
+    assert sorted(retry.intermediate_values) == [0, 1, 2]
+
+
+# -------------------------------------------- 6. a dropped PostgreSQL connection does not fail a trial
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(300)
+def test_dropped_postgres_connections_do_not_fail_a_running_trial(study_file: Callable[..., Path], tmp_path: Path,
+                                                                   procs: Procs) -> None:
+    import sqlalchemy as sa
+
+    from conftest import PG_ADMIN_URL, _postgres_database
+
+    databases = _postgres_database()
+    url = next(databases)
+    try:
+        path = study_file("drop", study={"n_trials": 1, "heartbeat_interval": 1, "heartbeat_grace": 5},
+                          train={"epochs": 4})
+        argv = _hpsearch("worker", str(path), "--storage", url, "--artifacts", str(tmp_path / "artifacts"))
+        app = f"hpsearch-drop-{os.getpid()}"
+        with open(tmp_path / "drop.out", "wb") as out:
+            worker = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                      env={**_env(), "HPSEARCH_APP_NAME": app}, start_new_session=True)
+        worker.name = "drop"  # type: ignore[attr-defined]
+        procs.started.append(worker)
+
+        def first_epoch() -> FrozenTrial | None:
+            if worker.poll() is not None:
+                pytest.fail(f"worker exited early:\n{procs.output(worker)}")
+            running = [t for t in _trials(url, "drop") if t.state == TrialState.RUNNING and t.intermediate_values]
+            return running[0] if running else None
+
+        victim = _wait_until("the trial's first epoch", first_epoch, timeout=240)
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            dropped = conn.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                           "WHERE application_name = :app"), {"app": app}).scalar()
+        admin.dispose()
+        assert dropped >= 1, "the worker's connections carry its application_name"
+
+        assert procs.wait(worker, timeout=240) == 0, procs.output(worker)
+        trial = {t.number: t for t in _trials(url, "drop")}[victim.number]
+        assert trial.state == TrialState.COMPLETE, (trial.state, procs.output(worker))
+        assert len(trial.intermediate_values) == 4
+    finally:
+        databases.close()

@@ -219,7 +219,7 @@ class Objective:
             seed = int(resumed_from.user_attrs.get("seed", seed)) if resumed_from is not None else seed
             trial.set_user_attr("seed", seed)
             trial.set_user_attr("resumed_from", {"trial": resumed_from.number if resumed_from else None,
-                                                 "epoch": resume.epoch + 1})
+                                                 "epochs_done": resume.epoch + 1})
 
         def report(metrics: EpochMetrics) -> None:
             trial.report(metrics.val_accuracy, metrics.epoch)
