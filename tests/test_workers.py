@@ -2,7 +2,7 @@
 
 - exactly-once: 8 processes pop 40 enqueued trials; each is evaluated once (and stock SQLite, the control,
   shows what the hardening in `open_storage` prevents);
-- `hpsearch run --workers 2` reaches n_trials with unique trial numbers;
+- `hpsearch run --workers 4` reaches its 20 trials with unique trial numbers and no crashed worker;
 - kill -9 of a worker mid-trial: its trial ends FAIL and a retry with the same params completes;
 - SIGINT/SIGTERM to `hpsearch run --workers 2`: it exits, its workers are gone, no trial stays RUNNING.
 
@@ -265,20 +265,26 @@ def test_control_stock_sqlite_without_hardening(tmp_path: Path, procs: Procs) ->
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_run_two_workers_reaches_n_trials(study_file: Callable[..., Path], tmp_path: Path, procs: Procs) -> None:
-    n_trials = 4
-    path = study_file("tiny", study={"n_trials": n_trials})
-    url = f"sqlite:///{tmp_path / 'two.db'}"
-    run = procs.start(_hpsearch("run", str(path), "--workers", "2", "--storage", url,
+def test_run_four_workers_reaches_n_trials(study_file: Callable[..., Path], tmp_path: Path, procs: Procs) -> None:
+    n_workers, n_trials = 4, 20
+    # Small, fast trials: the point is many workers sharing one SQLite file.
+    path = study_file("tiny", study={"n_trials": n_trials}, data={"subset": 120, "image_size": 16},
+                      model={"arch": "resnet18"})
+    url = f"sqlite:///{tmp_path / 'four.db'}"
+    run = procs.start(_hpsearch("run", str(path), "--workers", str(n_workers), "--storage", url,
                                 "--artifacts", str(tmp_path / "artifacts")), "run")
-    code = procs.wait(run, timeout=240)
-    assert code == 0, procs.output(run)
+    code = procs.wait(run, timeout=400)
+    output = procs.output(run, tail=20000)
+    assert code == 0, output
+    assert "restarting" not in output, "no worker may crash"
     trials = _trials(url, "tiny")
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    # Each worker stops after the trial that brings the study to n_trials; the other may finish one more.
-    assert n_trials <= len(finished) <= n_trials + 1, _states(trials)
+    # Each worker stops after the trial that brings the study to n_trials; the others may finish one more each.
+    assert n_trials <= len(finished) <= n_trials + n_workers - 1, _states(trials)
+    assert not [t for t in trials if t.state == TrialState.FAIL], _states(trials)
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
+    assert len({t.user_attrs["worker"] for t in finished}) == n_workers, "every worker ran trials"
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], _states(trials)
     assert not any(_alive(_pid_of(t.user_attrs["worker"])) for t in finished)
 
