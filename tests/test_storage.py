@@ -235,3 +235,30 @@ def test_relative_sqlite_path_is_taken_from_the_working_directory(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     one_trial(open_storage("sqlite:///relative.db"))
     assert Path("relative.db").is_file()
+
+
+def test_sqlite_reader_reads_while_a_worker_holds_the_write_lock(tmp_path: Path) -> None:
+    """The dashboard's storage (reader=True) must not queue behind a worker's BEGIN IMMEDIATE (WAL readers)."""
+    import sqlite3
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    optuna.create_study(study_name="watched", storage=open_storage(url))
+    writer = sqlite3.connect(tmp_path / "wal.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # what a worker's transaction holds while it writes
+    try:
+        result: list[object] = []
+        reader = threading.Thread(
+            target=lambda: result.append(open_storage(url, reader=True).get_all_studies()), daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+        assert result and [s.study_name for s in result[0]] == ["watched"], "the reader waited for the writer"
+        # A worker's storage, by contrast, queues for the lock (that is what makes trial pops exactly-once).
+        blocked: list[object] = []
+        worker = threading.Thread(target=lambda: blocked.append(open_storage(url).get_all_studies()), daemon=True)
+        worker.start()
+        worker.join(timeout=2)
+        assert not blocked, "a worker's transaction should wait for the write lock"
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

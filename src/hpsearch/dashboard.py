@@ -33,7 +33,7 @@ def serve(study_path: str | None, *, storage: str | None, artifacts: str | None,
 
     cfg = load_study(study_path) if study_path else None
     url = resolve_storage_url(storage, cfg.study.storage if cfg else None)
-    opened = open_storage(url)
+    opened = open_storage(url, reader=True)
     folder = artifacts_for(opened, cfg.study.name if cfg else None, artifacts,
                            cfg.study.artifacts if cfg else None)
     store = FileSystemArtifactStore(str(folder)) if folder.is_dir() else None

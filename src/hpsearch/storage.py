@@ -70,9 +70,13 @@ def _heartbeat_kwargs(interval: int | None, grace: int | None) -> dict[str, Any]
     }
 
 
-def open_storage(url: str, *, heartbeat_interval: int | None = None,
-                 heartbeat_grace: int | None = None) -> optuna.storages.BaseStorage:
-    """The storage behind `url`; with `heartbeat_interval` (seconds) RDB trials beat and stale ones retry."""
+def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_grace: int | None = None,
+                 reader: bool = False) -> optuna.storages.BaseStorage:
+    """The storage behind `url`; with `heartbeat_interval` (seconds) RDB trials beat and stale ones retry.
+
+    `reader=True` (the dashboard) keeps SQLite's deferred transactions: its reads then run beside a writer
+    in WAL mode instead of queueing for the write lock the workers take with BEGIN IMMEDIATE.
+    """
     beat = _heartbeat_kwargs(heartbeat_interval, heartbeat_grace)
     if url.startswith("journal:"):
         return _journal(url)
@@ -84,7 +88,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
     backend = parsed.get_backend_name()
     try:
         if backend == "sqlite":
-            return _sqlite(url, parsed.database, beat)
+            return _sqlite(url, parsed.database, beat, immediate=not reader)
         if backend == "postgresql":
             return _postgresql(url, beat)
         return _RDBStorage(url, **beat)
@@ -95,7 +99,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None,
         raise StorageError(f"storage: cannot open {redact(url)} ({first})") from None
 
 
-def _sqlite(url: str, database: str | None, beat: dict[str, Any]) -> optuna.storages.RDBStorage:
+def _sqlite(url: str, database: str | None, beat: dict[str, Any], *,
+            immediate: bool = True) -> optuna.storages.RDBStorage:
     if database and database != ":memory:":
         folder = Path(database).expanduser().resolve().parent
         if not folder.is_dir():
@@ -107,16 +112,19 @@ def _sqlite(url: str, database: str | None, beat: dict[str, Any]) -> optuna.stor
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         # The driver's own deferred BEGIN lets two writers both read, then one fails to upgrade its lock
         # ("database is locked", or two workers popping one enqueued trial). Turn it off; see _begin.
-        dbapi_connection.isolation_level = None
+        if immediate:
+            dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        # Take the write lock up front: transactions queue on the busy timeout instead of failing midway.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    if immediate:
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            # Take the write lock up front: transactions queue on the busy timeout instead of failing midway.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     # Connections pooled before the listener existed would miss the pragmas.
     engine.dispose()
