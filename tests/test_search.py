@@ -305,3 +305,25 @@ def test_a_study_with_no_finished_trials_has_no_best(study_file, tmp_path):
     study = open_study(cfg, open_storage(f"sqlite:///{tmp_path / 'study.db'}"), prepared, tmp_path / "artifacts")
     assert best_trial(study) is None
     assert finished_trials(study) == 0
+
+
+@pytest.mark.slow
+def test_keep_weights_bounds_the_artifact_store(study_file, tmp_path):
+    """Weights outside the best K are deleted as the study runs; outputs stay; no checkpoint outlives its trial."""
+    path = study_file("keep", study={"n_trials": 3, "keep_weights": 1}, train={"epochs": 2, "checkpoint_every": 1},
+                      space={"lr": [1e-4, 1e-2]})
+    url = f"sqlite:///{tmp_path / 'keep.db'}"
+    artifacts = tmp_path / "artifacts"
+    assert main(["run", str(path), "--storage", url, "--artifacts", str(artifacts)]) == 0
+    study = optuna.load_study(study_name="keep", storage=url)
+    complete = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (-t.value, t.number))
+    assert len(complete) == 3
+    on_disk = {p.name for p in artifacts.iterdir()}
+    assert complete[0].user_attrs["weights_artifact"] in on_disk, "the best trial keeps its weights"
+    for loser in complete[1:]:
+        assert loser.user_attrs["weights_artifact"] not in on_disk
+    for trial in complete:
+        assert trial.user_attrs["outputs_artifact"] in on_disk, "outputs are small and always kept"
+        assert trial.user_attrs.get("checkpoint_artifact") not in on_disk, "checkpoints go with their trial"
+        assert trial.user_attrs["checkpoint_epoch"] == 1, "a 2-epoch trial checkpoints after epoch 1"
+    assert len(on_disk) == 1 + 3

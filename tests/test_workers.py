@@ -475,3 +475,23 @@ def test_dropped_postgres_connections_do_not_fail_a_running_trial(study_file: Ca
         assert len(trial.intermediate_values) == 4
     finally:
         databases.close()
+
+
+# ------------------------------------------------------------------------------------- 7. pinning
+
+
+def test_workers_are_pinned_round_robin_to_gpus_or_share_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpsearch.workers import worker_env
+
+    gpus = [0, 1, 2]
+    # One worker per GPU, round-robin past the last one.
+    assert [worker_env(i, 4, gpus, 1)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "1", "2", "0"]
+    # --workers-per-gpu 2 packs two neighbours on each GPU.
+    assert [worker_env(i, 6, gpus, 2)["CUDA_VISIBLE_DEVICES"] for i in range(6)] == ["0", "0", "1", "1", "2", "2"]
+    # CPU only: no GPU is pinned, the cores are split among the workers.
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cpu = [worker_env(i, 4, [], 1) for i in range(4)]
+    assert all("CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] == os.environ.get(
+        "CUDA_VISIBLE_DEVICES") for env in cpu)
+    assert {env["HPSEARCH_THREADS"] for env in cpu} == {"2"}
+    assert [env["HPSEARCH_APP_NAME"] for env in cpu] == [f"hpsearch-worker-{i}" for i in range(4)]
