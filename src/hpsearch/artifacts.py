@@ -7,6 +7,7 @@ split's sha256). Their artifact ids sit in the trial's user attrs. Nothing here 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -66,6 +67,9 @@ def remove_artifact(store: FileSystemArtifactStore, artifact_id: str) -> bool:
     try:
         store.remove(artifact_id)
     except ArtifactNotFound:
+        return False
+    except OSError as err:  # clean-up must never replace the error or result the caller is handling
+        logging.getLogger(__name__).warning("could not delete artifact %s: %s", artifact_id, err)
         return False
     return True
 

@@ -251,6 +251,7 @@ class Objective:
         except Exception as err:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:1000])
             trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+            self._drop_checkpoint(trial)  # nothing retries a crashed trial: its checkpoint would only take space
             raise
         if out_of_memory is not None:
             # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
