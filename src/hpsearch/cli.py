@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -551,6 +552,8 @@ def _positive(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # We use Optuna's heartbeat and retry callbacks on purpose; their ExperimentalWarnings are noise to users.
+    warnings.filterwarnings("ignore", message=r".*(is experimental|experimental feature).*")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -86,6 +86,9 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_g
         raise StorageError(f"storage: {url!r} is not a database URL; use e.g. sqlite:///hpsearch.db or "
                            "postgresql+psycopg://user@host:5432/db") from None
     backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql", "mysql"):
+        raise StorageError(f"storage: {backend!r} databases are not supported ({redact(url)}); use "
+                           "sqlite:///file.db, postgresql+psycopg://user@host:5432/db or journal:///path/file.log")
     try:
         if backend == "sqlite":
             return _sqlite(url, parsed.database, beat, immediate=not reader)
