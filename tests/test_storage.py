@@ -155,7 +155,7 @@ def test_journal_file_storage_round_trips(tmp_path):
 @pytest.mark.parametrize("url, words", [
     ("hpsearch.db", ["'hpsearch.db' is not a database URL", "sqlite:///hpsearch.db"]),
     ("", ["is not a database URL"]),
-    ("redis://localhost:6379/0", ["cannot open redis://localhost:6379/0"]),
+    ("redis://localhost:6379/0", ["'redis' databases are not supported", "postgresql+psycopg://"]),
 ])
 def test_bad_url_is_one_clear_line(url, words):
     with pytest.raises(StorageError) as raised:
