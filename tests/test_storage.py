@@ -12,7 +12,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 
-from conftest import PG_ADMIN_URL
+from conftest import PG_ADMIN_URL, require_postgres
 from hpsearch.storage import DEFAULT_STORAGE, StorageError, open_storage, redact, resolve_storage_url
 
 POSTGRES_ONLY = pytest.mark.parametrize("storage_url", [pytest.param("postgresql", marks=pytest.mark.postgres)],
@@ -194,6 +194,7 @@ def test_unreachable_postgresql_is_one_line_without_the_password():
 
 @pytest.mark.postgres
 def test_missing_postgresql_database_is_named():
+    require_postgres()
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/hpsearch_absent_{uuid.uuid4().hex[:8]}"
     with pytest.raises(StorageError) as raised:
         open_storage(url)

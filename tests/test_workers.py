@@ -202,6 +202,29 @@ def _session_members(sid: int) -> list[int]:
 # ------------------------------------------------------------------------------- 1. exactly-once pops
 
 
+def _seconds_until_fail(url: str, name: str, number: int, killed_at: float) -> float:
+    """Seconds from the kill until the storage shows the killed trial FAIL."""
+
+    def failed() -> bool:
+        return {t.number: t.state for t in _trials(url, name)}[number] == TrialState.FAIL
+
+    _wait_until(f"trial {number} FAIL", failed, timeout=120, every=0.1)
+    return time.monotonic() - killed_at
+
+
+def _report_kill(kind: str, url: str, trials: list[FrozenTrial], n_trials: int, kill_to_fail: float) -> None:
+    """The figures a kill test is judged by, printed for the record (pytest -s shows them)."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    # A duplicate: the same parameters evaluated to the end twice, other than a failed trial and its retry.
+    keys = Counter(tuple(sorted(t.params.items())) for t in finished)
+    duplicates = sum(n - 1 for n in keys.values() if n > 1)
+    lost = len([t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)])
+    backend = url.split(":", 1)[0]
+    print(f"\nKILL FIGURES [{kind}, {backend}]: trials run {len(trials)} ({_states(trials)}), finished "
+          f"{len(finished)}/{n_trials}, duplicates {duplicates}, lost {lost}, kill to FAIL {kill_to_fail:.1f} s")
+    assert duplicates == 0 and lost == 0
+
+
 def _pop_enqueued(url: str, folder: Path, procs: Procs, *, hardened: bool) -> None:
     """8 processes pop 40 enqueued trials; assert each was evaluated exactly once and nobody crashed."""
     setup = hpsearch.open_storage(url) if hardened else optuna.storages.RDBStorage(url)
@@ -318,6 +341,8 @@ def test_kill_9_worker_mid_trial_fails_and_retries_its_trial(storage_url: str, s
     pid = _pid_of(victim.user_attrs["worker"])
     assert _parent_of(pid) == run.pid, "the trial's worker tag should name a child of `hpsearch run`"
     os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    kill_to_fail = _seconds_until_fail(storage_url, "kill", victim.number, killed_at)
 
     code = procs.wait(run, timeout=300)
     output = procs.output(run)
@@ -339,6 +364,7 @@ def test_kill_9_worker_mid_trial_fails_and_retries_its_trial(storage_url: str, s
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) >= n_trials, _states(trials)
     assert not _session_members(run.pid), "workers outlived `hpsearch run`"
+    _report_kill("supervised", storage_url, trials, n_trials, kill_to_fail)
 
 
 # ----------------------------------------------------------------------------- 4. SIGINT and SIGTERM
@@ -408,11 +434,13 @@ def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpo
 
     victim = _wait_until("a checkpoint after epoch 1", checkpointed, timeout=240, every=0.2)
     os.kill(_pid_of(victim.user_attrs["worker"]), signal.SIGKILL)
+    killed_at = time.monotonic()
     procs.wait(first, timeout=30)
     assert {t.number: t.state for t in _trials(storage_url, "lone")}[victim.number] == TrialState.RUNNING
 
     time.sleep(4)  # past the grace period: the trial's heartbeat is stale now
     second = procs.start(_hpsearch("worker", *args, "--worker-index", "1"), "second")
+    kill_to_fail = _seconds_until_fail(storage_url, "lone", victim.number, killed_at)
     code = procs.wait(second, timeout=300)
     assert code == 0, procs.output(second)
 
@@ -428,6 +456,7 @@ def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpo
     assert retry.user_attrs["resumed_from"] == {"trial": victim.number, "epochs_done": 1}
     assert retry.user_attrs["seed"] == victim.user_attrs["seed"]
     assert sorted(retry.intermediate_values) == [0, 1, 2]
+    _report_kill("lone worker (heartbeat)", storage_url, trials, 1, kill_to_fail)
 
 
 # -------------------------------------------- 6. a dropped PostgreSQL connection does not fail a trial
