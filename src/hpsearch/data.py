@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpsearch.config import ConfigError, DataSection
+from hpsearch.config import DataSection
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -399,9 +399,3 @@ def trial_data(pool: ImagePool, split: Split, cfg: DataSection, pretrained: bool
         augment=tuple(cfg.augment),
         num_classes=pool.num_classes,
     )
-
-
-def check_pool_matches(pool: ImagePool, cfg: DataSection) -> None:
-    if cfg.subset and cfg.subset < 3 * pool.num_classes:
-        raise ConfigError("data.subset", f"{cfg.subset} is too small for {pool.num_classes} classes; "
-                          f"use at least {3 * pool.num_classes} or 0 for all")

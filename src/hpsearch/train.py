@@ -254,7 +254,3 @@ def train_trial(
     val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
     test_logits = predict_logits(model, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
     return TrainResult(best, history, best_state, val_logits, test_logits)
-
-
-def metrics_dict(metrics: EpochMetrics) -> dict[str, float | int]:
-    return asdict(metrics)
