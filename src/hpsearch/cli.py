@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 the run stopped on failing trials; 2 bad input (one line, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
@@ -352,59 +353,46 @@ def _open_export(args: argparse.Namespace) -> tuple[Any, Any, list[Path], list[s
     return ensemble, device, paths, warnings
 
 
-def _warn(warnings: list[str]) -> Callable[[str], None]:
+def _print_skipped(line: str) -> None:
     from rich.markup import escape
+
+    console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _scored_csv(args: argparse.Namespace, write: Callable[..., int], what: str) -> int:
+    """predict and select alike: open the export, write the CSV, name every skipped input.
+
+    Exit 0 when every input was read, 3 when some were skipped (each named on stderr), 2 bad DIR.
+    """
+    ensemble, device, paths, warnings = _open_export(args)
+    for line in warnings:
+        _print_skipped(line)
 
     def warn(line: str) -> None:
         warnings.append(line)
-        console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
+        _print_skipped(line)
 
-    return warn
-
-
-def _csv_sink(path: str | None) -> Any:
-    return open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Exit 0 when every input was predicted, 3 when some were skipped (named on stderr), 2 bad DIR."""
-    from rich.markup import escape
-
-    from hpsearch.export import predict_csv
-
-    ensemble, device, paths, warnings = _open_export(args)
-    for line in warnings:
-        console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
-    sink = _csv_sink(args.out)
-    try:
-        n = predict_csv(ensemble, paths, sink, args.batch_size, device, _warn(warnings), tta=args.tta)
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
-    console.print(f"predicted {n} image(s){f' into {args.out}' if args.out else ''}; {len(warnings)} skipped",
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(args.out, "w", newline="", encoding="utf-8")) if args.out else sys.stdout
+        n = write(ensemble, paths, sink, device, warn)
+    console.print(f"{what} {n} image(s){f' into {args.out}' if args.out else ''}; {len(warnings)} skipped",
                   highlight=False)
     return 3 if warnings else 0
 
 
-def cmd_select(args: argparse.Namespace) -> int:
-    """The N most uncertain images of a pool; exit codes as predict."""
-    from rich.markup import escape
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hpsearch.export import predict_csv
 
+    return _scored_csv(args, lambda ensemble, paths, sink, device, warn: predict_csv(
+        ensemble, paths, sink, args.batch_size, device, warn, tta=args.tta), "predicted")
+
+
+def cmd_select(args: argparse.Namespace) -> int:
     from hpsearch.export import select_csv
 
-    ensemble, device, paths, warnings = _open_export(args)
-    for line in warnings:
-        console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)
-    sink = _csv_sink(args.out)
-    try:
-        n = select_csv(ensemble, paths, sink, args.n, args.by, args.batch_size, device, _warn(warnings),
-                       tta=args.tta)
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
-    console.print(f"selected {n} image(s) by {args.by}{f' into {args.out}' if args.out else ''}; "
-                  f"{len(warnings)} skipped", highlight=False)
-    return 3 if warnings else 0
+    return _scored_csv(args, lambda ensemble, paths, sink, device, warn: select_csv(
+        ensemble, paths, sink, args.n, args.by, args.batch_size, device, warn, tta=args.tta),
+        f"selected by {args.by}:")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
