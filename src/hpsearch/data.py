@@ -15,7 +15,7 @@ import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -272,14 +272,19 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    # mean/std as tensors per device, made once: a fresh host-to-GPU copy per batch would sync every step.
+    _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.interpolation,
                               align_corners=False, antialias=x.shape[-1] > self.image_size)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        if x.device not in self._stats:
+            self._stats[x.device] = (torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1),
+                                     torch.tensor(self.std, device=x.device).view(1, 3, 1, 1))
+        mean, std = self._stats[x.device]
         return (x - mean) / std
 
 

@@ -365,6 +365,7 @@ class KeepBestWeights:
     def __init__(self, store: FileSystemArtifactStore, keep: int) -> None:
         self.store = store
         self.keep = keep
+        self.removed: set[str] = set()  # not asked of the store again at every later trial
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not self.keep:
@@ -374,8 +375,9 @@ class KeepBestWeights:
         complete.sort(key=lambda t: (-t.value, t.number))
         for loser in complete[self.keep:]:
             artifact = loser.user_attrs.get(ATTR_WEIGHTS)
-            if artifact:
+            if artifact and artifact not in self.removed:
                 remove_artifact(self.store, artifact)
+                self.removed.add(artifact)
 
 
 def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, timeout: float | None = None,
