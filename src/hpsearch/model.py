@@ -7,6 +7,7 @@ torchvision keys and load into `torchvision.models.get_model(arch, num_classes=n
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,12 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+@functools.lru_cache(maxsize=2)
 def _pretrained_state(cfg: ModelSection) -> dict[str, torch.Tensor] | None:
+    """The starting weights, read (and hash-checked) once per process, not once per trial.
+
+    Callers only read the tensors: load_state_dict copies them into each trial's model.
+    """
     if cfg.weights_kind == "none":
         return None
     if cfg.weights_kind == "file":
