@@ -133,6 +133,57 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         yield from _postgres_database()
 
 
+# Every kind of artifact store: a folder, and S3 (moto's S3 server over HTTP, reached through boto3 exactly as
+# a worker reaches AWS or MinIO: credentials and endpoint from the environment).
+ARTIFACT_STORES = ["folder", "s3"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 API server on 127.0.0.1 for the session; this process and the workers it starts use it."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "hpsearch-test", "AWS_SECRET_ACCESS_KEY": "hpsearch-test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # inherited by every `hpsearch` process a test starts
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on the test S3 server."""
+    import boto3
+
+    name = f"hpsearch-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=ARTIFACT_STORES)
+def artifacts_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh artifact store of each supported kind: a folder, an S3 prefix in a fresh bucket."""
+    if request.param == "folder":
+        return str(tmp_path / "artifacts")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/studies/{uuid.uuid4().hex[:8]}"
+
+
 def fit_head(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int) -> None:
     """Fit a ResNet's head in closed form (ridge regression of one-hot labels on its features): trained-
     enough members for ensemble tests, without training."""

@@ -418,11 +418,12 @@ def test_signal_stops_run_and_its_workers(signum: signal.Signals, to_group: bool
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpoint(
-        storage_url: str, study_file: Callable[..., Path], tmp_path: Path, procs: Procs) -> None:
+        storage_url: str, artifacts_location: str, study_file: Callable[..., Path], procs: Procs) -> None:
     # No supervisor here (another machine's worker): only the heartbeat can tell that the trial's worker died.
+    # The checkpoint the retry resumes from is in the shared store: a folder, or S3 for workers on many machines.
     path = study_file("lone", study={"n_trials": 1, "heartbeat_interval": 1, "heartbeat_grace": 3},
                       train={"epochs": 3, "checkpoint_every": 1})
-    args = [str(path), "--storage", storage_url, "--artifacts", str(tmp_path / "artifacts")]
+    args = [str(path), "--storage", storage_url, "--artifacts", artifacts_location]
     first = procs.start(_hpsearch("worker", *args), "first")
 
     def checkpointed() -> FrozenTrial | None:
@@ -456,7 +457,8 @@ def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpo
     assert retry.user_attrs["resumed_from"] == {"trial": victim.number, "epochs_done": 1}
     assert retry.user_attrs["seed"] == victim.user_attrs["seed"]
     assert sorted(retry.intermediate_values) == [0, 1, 2]
-    _report_kill("lone worker (heartbeat)", storage_url, trials, 1, kill_to_fail)
+    store = "s3" if artifacts_location.startswith("s3://") else "folder"
+    _report_kill(f"lone worker (heartbeat), artifacts in {store}", storage_url, trials, 1, kill_to_fail)
 
 
 # -------------------------------------------- 6. a dropped PostgreSQL connection does not fail a trial

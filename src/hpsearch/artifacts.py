@@ -3,6 +3,9 @@
 Every COMPLETE trial uploads, through Optuna's artifact store, `weights.safetensors` (best epoch, plain
 torchvision keys) and `outputs.safetensors` (validation and test logits in split order, tagged with the
 split's sha256). Their artifact ids sit in the trial's user attrs. Nothing here unpickles anything.
+
+A store is a local (or shared) folder, or `s3://bucket/prefix` through Optuna's Boto3 store, with the
+credentials and endpoint boto3 reads from the environment (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, ...).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 from safetensors.torch import load_file, save_file
 
 DEFAULT_ARTIFACTS = "artifacts"
@@ -25,13 +29,47 @@ ATTR_ARTIFACTS = "artifacts_dir"
 ATTR_WEIGHTS = "weights_artifact"
 ATTR_OUTPUTS = "outputs_artifact"
 ATTR_CHECKPOINT = "checkpoint_artifact"
+S3_SCHEME = "s3://"
 
 
-def resolve_artifacts_dir(cli: str | None, study: optuna.Study | None, study_file: str | None) -> Path:
-    """--artifacts > the location recorded in the study > [study] artifacts > ./artifacts."""
+class ArtifactStore(Protocol):
+    """What hpsearch asks of a store: Optuna's artifact-store protocol."""
+
+    def open_reader(self, artifact_id: str) -> BinaryIO: ...
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None: ...
+
+    def remove(self, artifact_id: str) -> None: ...
+
+
+class ArtifactStoreError(ValueError):
+    """The artifact store named by the user cannot be used; one line naming it and the fix."""
+
+
+def is_s3(location: str | Path) -> bool:
+    return str(location).startswith(S3_SCHEME)
+
+
+def split_s3(location: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix/` -> ("bucket", "some/prefix"); a bad name is an ArtifactStoreError."""
+    bucket, _, prefix = location.removeprefix(S3_SCHEME).partition("/")
+    if not bucket or "/" in bucket or " " in location:
+        raise ArtifactStoreError(f"artifacts: {location!r} is not an S3 location; write s3://BUCKET or "
+                                 "s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+def resolve_artifacts(cli: str | None, study: optuna.Study | None, study_file: str | None) -> str:
+    """--artifacts > the location recorded in the study > [study] artifacts > ./artifacts.
+
+    A folder comes back absolute (workers in other directories must agree on it); S3 as s3://bucket/prefix.
+    """
     recorded = study.user_attrs.get(ATTR_ARTIFACTS) if study is not None else None
     chosen = cli or recorded or study_file or DEFAULT_ARTIFACTS
-    return Path(chosen).expanduser().resolve()
+    if is_s3(chosen):
+        bucket, prefix = split_s3(chosen)
+        return f"{S3_SCHEME}{bucket}/{prefix}" if prefix else f"{S3_SCHEME}{bucket}"
+    return str(Path(chosen).expanduser().resolve())
 
 
 class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
@@ -55,20 +93,83 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
         os.replace(tmp.name, final)
 
 
-def open_artifact_store(path: Path) -> FileSystemArtifactStore:
+class S3ArtifactStore(Boto3ArtifactStore):
+    """Optuna's Boto3 store with every key under a prefix, so one bucket holds many studies.
+
+    No temporary name is needed here: an S3 object appears whole or not at all.
+    """
+
+    def __init__(self, bucket: str, prefix: str, client: Any) -> None:
+        # avoid_buf_copy: stream files to S3 rather than holding a whole checkpoint in memory first.
+        super().__init__(bucket, client, avoid_buf_copy=True)
+        self.prefix = prefix
+
+    def key(self, artifact_id: str) -> str:
+        return f"{self.prefix}/{artifact_id}" if self.prefix else artifact_id
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return super().open_reader(self.key(artifact_id))
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        super().write(self.key(artifact_id), content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        super().remove(self.key(artifact_id))
+
+    def size_bytes(self) -> int:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "")
+        return sum(obj["Size"] for page in pages for obj in page.get("Contents", []))
+
+
+def open_artifact_store(location: str | Path, *, create: bool = True) -> ArtifactStore:
+    """The store at a folder (made if `create`) or an S3 location (its bucket must exist and be readable)."""
+    if is_s3(location):
+        return _open_s3(str(location))
+    path = Path(location)
+    if not create and not path.is_dir():
+        raise ArtifactStoreError(f"artifacts: {path} is not a folder; pass the study's artifact store "
+                                 "with --artifacts")
     path.mkdir(parents=True, exist_ok=True)
     return AtomicFileSystemArtifactStore(str(path))
 
 
-def remove_artifact(store: FileSystemArtifactStore, artifact_id: str) -> bool:
-    """Delete one artifact's file; False if it was already gone."""
-    from optuna.artifacts.exceptions import ArtifactNotFound
+def _open_s3(location: str) -> S3ArtifactStore:
+    bucket, prefix = split_s3(location)
+    try:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    except ImportError:
+        raise ArtifactStoreError(f"artifacts: {location} needs boto3; install it with "
+                                 "pip install 'hpsearch[s3]'") from None
+    client = boto3.client("s3")
+    where = f"{location} (endpoint {client.meta.endpoint_url})"
+    try:
+        client.head_bucket(Bucket=bucket)  # once per process: a wrong name or key fails here, not mid-trial
+    except NoCredentialsError:
+        raise ArtifactStoreError(f"artifacts: no AWS credentials for {where}; set AWS_ACCESS_KEY_ID and "
+                                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment") from None
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket"):
+            raise ArtifactStoreError(f"artifacts: bucket {bucket!r} does not exist at {where}; create it or "
+                                     "fix --artifacts / [study] artifacts") from None
+        if code in ("403", "AccessDenied"):
+            raise ArtifactStoreError(f"artifacts: access to bucket {bucket!r} denied at {where}; check the AWS "
+                                     "credentials in the environment") from None
+        raise ArtifactStoreError(f"artifacts: {where}: {err}") from None
+    except BotoCoreError as err:
+        raise ArtifactStoreError(f"artifacts: cannot reach {where}: {err}; check AWS_ENDPOINT_URL") from None
+    return S3ArtifactStore(bucket, prefix, client)
 
+
+def remove_artifact(store: ArtifactStore, artifact_id: str) -> bool:
+    """Delete one artifact; False if it was already gone or could not be deleted (never raises)."""
     try:
         store.remove(artifact_id)
     except ArtifactNotFound:
         return False
-    except OSError as err:  # clean-up must never replace the error or result the caller is handling
+    except Exception as err:  # clean-up must never replace the error or result the caller is handling
         logging.getLogger(__name__).warning("could not delete artifact %s: %s", artifact_id, err)
         return False
     return True
@@ -84,7 +185,7 @@ class TrialOutputs:
 
 
 def upload_trial_artifacts(
-    store: FileSystemArtifactStore,
+    store: ArtifactStore,
     trial: optuna.Trial,
     state_dict: dict[str, torch.Tensor],
     outputs: TrialOutputs,
@@ -112,19 +213,19 @@ def upload_trial_artifacts(
     return ids
 
 
-def download_to(store: FileSystemArtifactStore, artifact_id: str, folder: Path, name: str) -> Path:
+def download_to(store: ArtifactStore, artifact_id: str, folder: Path, name: str) -> Path:
     path = folder / name
     download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=str(path))
     return path
 
 
-def load_trial_weights(store: FileSystemArtifactStore, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
+def load_trial_weights(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
         path = download_to(store, trial.user_attrs[ATTR_WEIGHTS], Path(tmp), "weights.safetensors")
         return load_file(str(path))
 
 
-def load_trial_outputs(store: FileSystemArtifactStore, trial: optuna.trial.FrozenTrial) -> TrialOutputs:
+def load_trial_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> TrialOutputs:
     from safetensors import safe_open
 
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
@@ -135,5 +236,9 @@ def load_trial_outputs(store: FileSystemArtifactStore, trial: optuna.trial.Froze
                                 f.get_tensor("val_labels"), f.get_tensor("test_labels"))
 
 
-def store_size_bytes(path: Path) -> int:
+def store_size_bytes(location: str) -> int:
+    """Bytes held by the store (0 for a folder that does not exist yet)."""
+    if is_s3(location):
+        return _open_s3(location).size_bytes()
+    path = Path(location)
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

@@ -37,6 +37,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, StorageError, UsageError]
     if "hpsearch.data" in sys.modules:
         errors.append(sys.modules["hpsearch.data"].DataError)
+    if "hpsearch.artifacts" in sys.modules:
+        errors.append(sys.modules["hpsearch.artifacts"].ArtifactStoreError)
     return tuple(errors)
 
 
@@ -76,7 +78,7 @@ class _Run:
     storage: Any
     study: Any
     prepared: Any
-    artifacts: Path
+    artifacts: str  # a folder or s3://bucket/prefix
     device: Any
     n_trials: int
 
@@ -86,7 +88,7 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> _Run:
     import optuna
     import torch
 
-    from hpsearch.artifacts import resolve_artifacts_dir
+    from hpsearch.artifacts import open_artifact_store, resolve_artifacts
     from hpsearch.config import load_study
     from hpsearch.search import open_study, prepare
     from hpsearch.storage import open_storage, resolve_storage_url
@@ -105,7 +107,8 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> _Run:
     storage = open_storage(url, heartbeat_interval=cfg.study.heartbeat_interval,
                            heartbeat_grace=cfg.study.heartbeat_grace)
     prepared = prepare(cfg)
-    artifacts = resolve_artifacts_dir(args.artifacts, _load_existing(storage, cfg.study.name), cfg.study.artifacts)
+    artifacts = resolve_artifacts(args.artifacts, _load_existing(storage, cfg.study.name), cfg.study.artifacts)
+    open_artifact_store(artifacts)  # a store that cannot be written stops here, before any study or trial
     study = open_study(cfg, storage, prepared, artifacts, worker=worker)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     return _Run(cfg, url, storage, study, prepared, artifacts, device, args.n_trials or cfg.study.n_trials)
@@ -227,7 +230,7 @@ def _study_for(args: argparse.Namespace) -> tuple[Any, Any, str]:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from hpsearch.artifacts import resolve_artifacts_dir, store_size_bytes
+    from hpsearch.artifacts import resolve_artifacts, store_size_bytes
     from hpsearch.report import state_counts, top_trials_table
     from hpsearch.search import best_trial
     from hpsearch.storage import redact
@@ -242,7 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     best = best_trial(study)
     if best is not None:
         out.print(f"best: trial {best.number} val_accuracy={best.value:.4f} params={best.params}")
-    artifacts = resolve_artifacts_dir(args.artifacts, study, cfg.study.artifacts)
+    artifacts = resolve_artifacts(args.artifacts, study, cfg.study.artifacts)
     out.print(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
     out.print(top_trials_table(study, args.top_k or cfg.ensemble.top_k))
     return 0
@@ -253,7 +256,7 @@ def counts_keys(counts: dict[str, int]) -> list[str]:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from hpsearch.artifacts import open_artifact_store, resolve_artifacts_dir
+    from hpsearch.artifacts import open_artifact_store, resolve_artifacts
     from hpsearch.ensemble import EnsembleError, build_ensemble, result_table, select_candidates, write_ensemble_dir
     from hpsearch.export import ExportError, write_export
 
@@ -270,11 +273,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     top_k = args.top_k or cfg.ensemble.top_k
     if top_k < 2:
         raise UsageError(f"top_k {top_k}: an ensemble needs at least 2 members; set --top-k or [ensemble] top_k")
-    artifacts = resolve_artifacts_dir(args.artifacts, study, cfg.study.artifacts)
-    if not artifacts.is_dir():
-        raise UsageError(f"--artifacts: {artifacts} is not a folder; pass the study's artifact store")
+    store = open_artifact_store(resolve_artifacts(args.artifacts, study, cfg.study.artifacts), create=False)
     try:
-        store = open_artifact_store(artifacts)
         selection = select_candidates(study, store, top_k)
         for line in selection.skipped:
             console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
@@ -428,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "sqlite:///hpsearch.db)")
 
     def artifacts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--artifacts", metavar="DIR", help="artifact store folder (default: the one the study "
-                       "recorded, else [study] artifacts, else ./artifacts)")
+        p.add_argument("--artifacts", metavar="DIR|s3://BUCKET/PREFIX",
+                       help="artifact store: a folder, or S3 with credentials and endpoint from the environment "
+                       "(default: the one the study recorded, else [study] artifacts, else ./artifacts)")
 
     run = sub.add_parser("run", help="run (or resume) a study until it holds n_trials finished trials")
     run.add_argument("study", metavar="STUDY.toml")

@@ -110,6 +110,15 @@ class StudySection(_Strict):
     # Default: [ensemble] top_k + 3. 0 keeps every trial's weights.
     keep_weights: int | None = Field(None, ge=0)
 
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_location(cls, artifacts: str | None) -> str | None:
+        if artifacts is not None and artifacts.startswith("s3://"):
+            bucket = artifacts.removeprefix("s3://").partition("/")[0]
+            if not bucket or " " in artifacts:
+                raise ValueError(f"{artifacts!r} is not an S3 location; write s3://BUCKET or s3://BUCKET/PREFIX")
+        return artifacts
+
 
 class DataSection(_Strict):
     dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"

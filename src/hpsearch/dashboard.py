@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import optuna
 
-from hpsearch.artifacts import ATTR_ARTIFACTS, resolve_artifacts_dir
+from hpsearch.artifacts import ATTR_ARTIFACTS, ArtifactStoreError, is_s3, open_artifact_store, resolve_artifacts
 from hpsearch.storage import open_storage, redact, resolve_storage_url
 
 
 def artifacts_for(storage: optuna.storages.BaseStorage, study_name: str | None, cli: str | None,
-                  study_file: str | None) -> Path:
+                  study_file: str | None) -> str:
     """The study's recorded artifact store; without a study, the one all recorded studies share."""
     if study_name is not None:
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
         except KeyError:
             study = None
-        return resolve_artifacts_dir(cli, study, study_file)
+        return resolve_artifacts(cli, study, study_file)
     recorded = {s.user_attrs.get(ATTR_ARTIFACTS) for s in storage.get_all_studies()} - {None}
-    return resolve_artifacts_dir(cli or (recorded.pop() if len(recorded) == 1 else None), None, study_file)
+    return resolve_artifacts(cli or (recorded.pop() if len(recorded) == 1 else None), None, study_file)
 
 
 def serve(study_path: str | None, *, storage: str | None, artifacts: str | None, host: str, port: int,
           echo: Callable[[str], None] = print) -> None:
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
     from hpsearch.config import load_study
@@ -34,9 +32,14 @@ def serve(study_path: str | None, *, storage: str | None, artifacts: str | None,
     cfg = load_study(study_path) if study_path else None
     url = resolve_storage_url(storage, cfg.study.storage if cfg else None)
     opened = open_storage(url, reader=True)
-    folder = artifacts_for(opened, cfg.study.name if cfg else None, artifacts,
-                           cfg.study.artifacts if cfg else None)
-    store = FileSystemArtifactStore(str(folder)) if folder.is_dir() else None
+    location = artifacts_for(opened, cfg.study.name if cfg else None, artifacts,
+                             cfg.study.artifacts if cfg else None)
+    try:
+        store = open_artifact_store(location, create=False)
+    except ArtifactStoreError:
+        if is_s3(location):  # a named bucket that cannot be read is the user's to fix
+            raise
+        store = None  # no folder yet: the dashboard still shows the studies, without artifacts
     echo(f"optuna-dashboard on http://{host}:{port}/ for {redact(url)}"
-         f" (artifacts: {folder if store else 'none found'}); Ctrl-C stops it")
+         f" (artifacts: {location if store else 'none found'}); Ctrl-C stops it")
     run_server(opened, host=host, port=port, artifact_store=store)

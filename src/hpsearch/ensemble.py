@@ -48,8 +48,9 @@ from hpsearch.artifacts import ATTR_OUTPUTS, ATTR_WEIGHTS, TrialOutputs, load_tr
 
 if TYPE_CHECKING:
     import optuna
-    from optuna.artifacts import FileSystemArtifactStore as ArtifactStore
     from rich.table import Table
+
+    from hpsearch.artifacts import ArtifactStore
 
 Method = Literal["weighted", "soft", "hard", "soup"]
 # What build_ensemble combines from stored outputs; "soup" (hpsearch.soup) re-runs an averaged model instead.

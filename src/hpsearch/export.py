@@ -37,8 +37,8 @@ from hpsearch.infer import STRATEGIES, MemberRunner
 
 if TYPE_CHECKING:
     import optuna
-    from optuna.artifacts import FileSystemArtifactStore
 
+    from hpsearch.artifacts import ArtifactStore
     from hpsearch.ensemble import EnsembleResult
 
 FORMAT_VERSION = 1
@@ -120,7 +120,7 @@ def builder_kwargs(arch: str, image_size: int) -> dict[str, Any]:
     return {"image_size": image_size} if family_of(arch) == "vit" else {}
 
 
-def _write_member(folder: Path, store: FileSystemArtifactStore, trial: optuna.trial.FrozenTrial, arch: str,
+def _write_member(folder: Path, store: ArtifactStore, trial: optuna.trial.FrozenTrial, arch: str,
                   n_classes: int, kwargs: Mapping[str, Any]) -> str:
     from hpsearch.artifacts import load_trial_weights
 
@@ -144,7 +144,7 @@ def _save_member(folder: Path, name: str, state: Mapping[str, torch.Tensor], met
     return name
 
 
-def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, store: FileSystemArtifactStore,
+def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, store: ArtifactStore,
                  storage_url: str, metrics: Sequence[Mapping[str, Any]], onnx: bool = False,
                  soup_state: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write the member files, manifest.json and SHA256SUMS into `folder` (the staged ensemble folder);

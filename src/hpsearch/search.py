@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import __version__
@@ -30,6 +30,7 @@ from hpsearch.artifacts import (
     ATTR_ARTIFACTS,
     ATTR_CHECKPOINT,
     ATTR_WEIGHTS,
+    ArtifactStore,
     TrialOutputs,
     download_to,
     open_artifact_store,
@@ -133,7 +134,7 @@ def _space_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "space")
 
 
 def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared: Prepared,
-               artifacts_dir: Path, worker: int = 0) -> optuna.Study:
+               artifacts: str | Path, worker: int = 0) -> optuna.Study:
     """Create the study, or resume it if its search space and split are unchanged."""
     study = optuna.create_study(
         study_name=cfg.study.name, storage=storage, direction=cfg.study.direction,
@@ -166,7 +167,7 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
                                            "interpolation": pre.interpolation})
         study.set_user_attr("hpsearch_version", __version__)
     if ATTR_ARTIFACTS not in attrs:
-        study.set_user_attr(ATTR_ARTIFACTS, str(artifacts_dir))
+        study.set_user_attr(ATTR_ARTIFACTS, str(artifacts))
     study.set_metric_names([METRIC_NAME])
     existing = len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(cfg.study, sampler_seed(cfg.study.seed, worker, existing))
@@ -192,12 +193,12 @@ def finished_trials(study: optuna.Study) -> int:
 class Objective:
     """suggest → train → report every epoch (the pruner may stop it) → store artifacts → value."""
 
-    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, artifacts_dir: Path,
+    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, artifacts: str | Path,
                  on_epoch: Callable[[FrozenTrial | optuna.Trial, EpochMetrics], None] | None = None) -> None:
         self.cfg = cfg
         self.prepared = prepared
         self.device = device
-        self.store = open_artifact_store(artifacts_dir)
+        self.store = open_artifact_store(artifacts)
         self.on_epoch = on_epoch
         pretrained = cfg.model.pretrained
         # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
@@ -362,7 +363,7 @@ class KeepBestWeights:
     """Disk stays bounded: weights of COMPLETE trials outside the best `keep` are deleted as the study runs.
     Outputs (small) stay, so the study's record is whole; a deleted trial is simply no ensemble candidate."""
 
-    def __init__(self, store: FileSystemArtifactStore, keep: int) -> None:
+    def __init__(self, store: ArtifactStore, keep: int) -> None:
         self.store = store
         self.keep = keep
         self.removed: set[str] = set()  # not asked of the store again at every later trial

@@ -47,8 +47,8 @@ from hpsearch.ensemble import (
 
 if TYPE_CHECKING:
     import optuna
-    from optuna.artifacts import FileSystemArtifactStore
 
+    from hpsearch.artifacts import ArtifactStore
     from hpsearch.config import StudyConfig
 
 State = dict[str, torch.Tensor]
@@ -181,7 +181,7 @@ def soup_decision(ingredients: Sequence[int], steps: Sequence[SoupStep]) -> tupl
 # ------------------------------------------------------------------------------------------ the study
 
 
-def load_state(store: FileSystemArtifactStore, artifact_id: str) -> State:
+def load_state(store: ArtifactStore, artifact_id: str) -> State:
     from safetensors.torch import load_file
 
     from hpsearch.artifacts import download_to
@@ -190,7 +190,7 @@ def load_state(store: FileSystemArtifactStore, artifact_id: str) -> State:
         return load_file(str(download_to(store, artifact_id, Path(tmp), "weights.safetensors")))
 
 
-def make_soup(study: optuna.Study, store: FileSystemArtifactStore, candidates: Sequence[Candidate],
+def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Candidate],
               device: torch.device, on_start: Callable[[str], None] | None = None) -> Soup:
     """The greedy soup of `candidates` (rank order), re-run on the study's own validation and test splits.
 
