@@ -70,3 +70,43 @@ def test_gpu_workers_are_pinned_to_distinct_gpus() -> None:
         pinned += [tuple(d["device_ids"]) for d in devices]
         assert services[name]["restart"] == "on-failure"
     assert sorted(pinned) == [("0",), ("1",)]
+
+
+S3_ENV = {"HPSEARCH_ARTIFACTS": "s3://team-bucket/hpsearch", "AWS_ENDPOINT_URL": "http://minio:9000",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "key-for-test",
+          "AWS_SECRET_ACCESS_KEY": "secret-for-test"}
+
+
+def _config_s3(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    args = [*_compose(), "-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker-compose.s3.yml"),
+            "--profile", "cpu", "--profile", "gpu", "--profile", "tools", "config"]
+    clean = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_PASSWORD", "STUDY", *S3_ENV)}
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**clean, **env}, timeout=120)
+
+
+def test_every_hpsearch_service_uses_one_artifact_store() -> None:
+    for name, service in _services("cpu", "gpu", "tools").items():
+        if name != "postgres":
+            assert service["environment"]["HPSEARCH_ARTIFACTS"] == "/artifacts", name
+            assert "--artifacts" not in str(service.get("command")) + str(service.get("entrypoint")), name
+
+
+def test_s3_override_puts_every_hpsearch_service_on_s3_with_secrets_from_the_environment() -> None:
+    result = _config_s3({"POSTGRES_PASSWORD": "x", **S3_ENV})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name, service in services.items():
+        if name == "postgres":
+            assert "AWS_SECRET_ACCESS_KEY" not in service["environment"]
+            continue
+        for key, value in S3_ENV.items():
+            assert service["environment"][key] == value, (name, key)
+    committed = (ROOT / "docker-compose.s3.yml").read_text() + (ROOT / ".env.example").read_text()
+    assert "secret-for-test" not in committed and "key-for-test" not in committed
+
+
+@pytest.mark.parametrize("missing", sorted(S3_ENV))
+def test_s3_override_refuses_to_start_without_each_setting(missing: str) -> None:
+    result = _config_s3({"POSTGRES_PASSWORD": "x", **{k: v for k, v in S3_ENV.items() if k != missing}})
+    assert result.returncode != 0
+    assert missing in result.stderr

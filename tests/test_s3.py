@@ -83,12 +83,17 @@ def test_s3_store_keeps_every_key_under_its_prefix(s3_bucket: str, tmp_path: Pat
         store.open_reader(artifact_id)
 
 
-def test_s3_location_is_normalised_and_recorded_as_given(tmp_path: Path) -> None:
+def test_s3_location_is_normalised_and_chosen_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HPSEARCH_ARTIFACTS", raising=False)
     assert resolve_artifacts("s3://bucket/a/b/", None, None) == "s3://bucket/a/b"
     assert resolve_artifacts(None, None, "s3://bucket") == "s3://bucket"
     assert resolve_artifacts("store", None, "s3://bucket") == str(Path("store").resolve())
     with pytest.raises(ArtifactStoreError, match="is not an S3 location"):
         resolve_artifacts("s3:///prefix", None, None)
+    # The environment (docker-compose sets it) comes after --artifacts and before the study file.
+    monkeypatch.setenv("HPSEARCH_ARTIFACTS", "s3://env-bucket/p/")
+    assert resolve_artifacts(None, None, "s3://bucket") == "s3://env-bucket/p"
+    assert resolve_artifacts("s3://cli-bucket", None, "s3://bucket") == "s3://cli-bucket"
 
 
 def test_a_missing_bucket_is_one_line_naming_it(s3_endpoint: str) -> None:

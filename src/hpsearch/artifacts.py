@@ -60,12 +60,12 @@ def split_s3(location: str) -> tuple[str, str]:
 
 
 def resolve_artifacts(cli: str | None, study: optuna.Study | None, study_file: str | None) -> str:
-    """--artifacts > the location recorded in the study > [study] artifacts > ./artifacts.
+    """--artifacts > HPSEARCH_ARTIFACTS > the location recorded in the study > [study] artifacts > ./artifacts.
 
     A folder comes back absolute (workers in other directories must agree on it); S3 as s3://bucket/prefix.
     """
     recorded = study.user_attrs.get(ATTR_ARTIFACTS) if study is not None else None
-    chosen = cli or recorded or study_file or DEFAULT_ARTIFACTS
+    chosen = cli or os.environ.get("HPSEARCH_ARTIFACTS") or recorded or study_file or DEFAULT_ARTIFACTS
     if is_s3(chosen):
         bucket, prefix = split_s3(chosen)
         return f"{S3_SCHEME}{bucket}/{prefix}" if prefix else f"{S3_SCHEME}{bucket}"
@@ -142,7 +142,11 @@ def _open_s3(location: str) -> S3ArtifactStore:
     except ImportError:
         raise ArtifactStoreError(f"artifacts: {location} needs boto3; install it with "
                                  "pip install 'hpsearch[s3]'") from None
-    client = boto3.client("s3")
+    try:
+        client = boto3.client("s3")
+    except (BotoCoreError, ValueError) as err:  # e.g. an empty AWS_DEFAULT_REGION or a malformed endpoint
+        raise ArtifactStoreError(f"artifacts: no S3 client for {location} ({err}); check AWS_ENDPOINT_URL and "
+                                 "AWS_DEFAULT_REGION in the environment") from None
     where = f"{location} (endpoint {client.meta.endpoint_url})"
     try:
         client.head_bucket(Bucket=bucket)  # once per process: a wrong name or key fails here, not mid-trial
