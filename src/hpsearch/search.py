@@ -210,15 +210,14 @@ class Objective:
         # First: a supervisor finds a dead worker's trial by this tag.
         trial.set_user_attr(ATTR_WORKER, worker_tag())
         hp = suggest(trial, self.cfg.space)
-        seed = self.cfg.study.seed + trial.number
+        # A retry trains with its original's seed: the same configuration, and a checkpoint it continues
+        # reproduces the original exactly.
+        seed = self._original_seed(trial)
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr(ATTR_INIT_WEIGHTS, self.init_weights)
         resume, resumed_from = self._resume_point(trial)
         if resume is not None:
-            # A retry trains with its original's seed, so continuing its checkpoint reproduces it exactly.
-            seed = int(resumed_from.user_attrs.get("seed", seed)) if resumed_from is not None else seed
-            trial.set_user_attr("seed", seed)
             trial.set_user_attr("resumed_from", {"trial": resumed_from.number if resumed_from else None,
                                                  "epochs_done": resume.epoch + 1})
 
@@ -247,23 +246,36 @@ class Objective:
         except optuna.TrialPruned:
             self._drop_checkpoint(trial)
             raise
-        except torch.cuda.OutOfMemoryError as err:
-            out_of_memory = str(err).splitlines()[0][:500]
         except Exception as err:
-            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:1000])
-            trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
-            self._drop_checkpoint(trial)  # nothing retries a crashed trial: its checkpoint would only take space
-            raise
+            if _out_of_memory(err):
+                # Only a string leaves this block: the exception would keep the trial's tensors alive.
+                where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                out_of_memory = f"out of memory on {where}: {first[:500]}"
+            else:
+                trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:1000])
+                trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
+                self._drop_checkpoint(trial)  # nothing retries a crashed trial: its checkpoint would only take space
+                raise
         if out_of_memory is not None:
             # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
             free_device_memory()
-            trial.set_user_attr("fail_reason", f"CUDA out of memory: {out_of_memory}")
+            trial.set_user_attr("fail_reason", out_of_memory)
             trial.set_user_attr("out_of_memory", True)
             raise TrialOutOfMemory(out_of_memory)
         self._drop_checkpoint(trial)
         if resumed_from is not None:
             self._drop_checkpoint(resumed_from)
         return result.best.val_accuracy
+
+    def _original_seed(self, trial: optuna.Trial) -> int:
+        """study seed + trial number; for a retry, the seed of the first trial it retries."""
+        frozen = trial.study._storage.get_trial(trial._trial_id)
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+        if not history:
+            return self.cfg.study.seed + trial.number
+        original = trial.study.get_trials(deepcopy=False)[history[0]]
+        return int(original.user_attrs.get("seed", self.cfg.study.seed + original.number))
 
     def _resume_point(self, trial: optuna.Trial) -> tuple[Checkpoint | None, FrozenTrial | None]:
         """The last checkpoint of the trial this one retries (same parameters), if any survived."""
@@ -330,7 +342,19 @@ class StopAfterFailures:
 
 
 class TrialOutOfMemory(RuntimeError):
-    """CUDA ran out of memory in a trial; the worker lives on and the trial is retried once."""
+    """A trial ran out of memory, on its GPU or on the host (see `_out_of_memory`); the worker lives on and the
+    trial is retried once."""
+
+
+# On the host, PyTorch's allocator failure is no torch.OutOfMemoryError but a plain RuntimeError with this text.
+_CPU_ALLOCATOR_OOM = "DefaultCPUAllocator: can't allocate memory"
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocator refused: torch.OutOfMemoryError (CUDA and other accelerators), or the CPU allocator's
+    RuntimeError. Any other error is a crash, not out of memory."""
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                        and _CPU_ALLOCATOR_OOM in str(err))
 
 
 def free_device_memory() -> None:
@@ -344,7 +368,7 @@ _FAILURE_ATTRS = ("fail_reason", "fail_traceback", "out_of_memory", ATTR_WORKER)
 
 
 class RetryOutOfMemory:
-    """A trial that ran out of GPU memory is retried once with the same parameters (no searched parameter
+    """A trial that ran out of memory (GPU or host) is retried once with the same parameters (no searched parameter
     changes memory, so PRUNED would teach the sampler the wrong lesson); a second OOM stays FAIL."""
 
     def __init__(self) -> None:
