@@ -95,6 +95,37 @@ def test_status_of_a_study_that_does_not_exist_exits_2(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_status_shows_who_runs_what_and_why_trials_failed(tmp_path):
+    """What a user with workers on several machines asks `status`: which trial runs where, how far it got,
+    and which trials failed, why, and whether a retry took over."""
+    url = f"sqlite:///{tmp_path / 'watch.db'}"
+    study_path = write_study(tmp_path / "watch.toml", tiny_tables("watch", train={"epochs": 5}))
+    study = optuna.create_study(study_name="watch", storage=open_storage(url), direction="maximize")
+    dead = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    dead.set_user_attr("fail_reason", "its worker gpu-box-2:4242 died (signal 9) [supervisor]")
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, study.trials[0])
+    retry = study.ask()  # the queued retry, now running on another machine
+    retry.set_user_attr("worker", "gpu-box-3:777")
+    retry.set_user_attr("device", "cuda:1")
+    retry.set_user_attr("resumed_from", {"trial": 0, "epochs_done": 1})
+    retry.report(0.5, 1)
+    retry.report(0.625, 2)
+    crashed = study.ask()
+    crashed.set_user_attr("fail_reason", "ValueError: broken batch")
+    study.tell(crashed, state=optuna.trial.TrialState.FAIL)
+
+    done = hpsearch("status", str(study_path), "--storage", url, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in done.stdout.splitlines() if re.match(r"^│\s*\d+\s*│", line)}
+    running = rows["1"]
+    assert running[:4] == ["gpu-box-3:777", "cuda:1", "3/5", "0.6250"], done.stdout
+    assert re.fullmatch(r"\d+m\d\ds", running[4]) and running[5] == "trial 0, epoch 1", done.stdout
+    assert rows["0"] == ["trial 1", "its worker gpu-box-2:4242 died (signal 9) [supervisor]"], done.stdout
+    assert rows["2"] == ["", "ValueError: broken batch"], done.stdout
+
+
 def test_run_with_an_unusable_storage_exits_2_before_training(tmp_path):
     study = write_study(tmp_path / "t.toml", tiny_tables("t"))
     done = hpsearch("run", str(study), "--storage", f"sqlite:///{tmp_path / 'missing' / 'x.db'}", cwd=tmp_path,

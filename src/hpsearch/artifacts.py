@@ -159,8 +159,9 @@ def _open_s3(location: str) -> S3ArtifactStore:
             raise ArtifactStoreError(f"artifacts: bucket {bucket!r} does not exist at {where}; create it or "
                                      "fix --artifacts / [study] artifacts") from None
         if code in ("403", "AccessDenied"):
-            raise ArtifactStoreError(f"artifacts: access to bucket {bucket!r} denied at {where}; check the AWS "
-                                     "credentials in the environment") from None
+            raise ArtifactStoreError(f"artifacts: access to bucket {bucket!r} denied at {where}; the credentials "
+                                     "in the environment need s3:ListBucket, and s3:GetObject, s3:PutObject and "
+                                     "s3:DeleteObject under the prefix") from None
         raise ArtifactStoreError(f"artifacts: {where}: {err}") from None
     except BotoCoreError as err:
         raise ArtifactStoreError(f"artifacts: cannot reach {where}: {err}; check AWS_ENDPOINT_URL") from None

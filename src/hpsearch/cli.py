@@ -231,7 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from hpsearch.artifacts import resolve_artifacts, store_size_bytes
-    from hpsearch.report import state_counts, top_trials_table
+    from hpsearch.report import failed_trials_table, running_trials_table, state_counts, top_trials_table
     from hpsearch.search import best_trial
     from hpsearch.storage import redact
 
@@ -248,6 +248,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     artifacts = resolve_artifacts(args.artifacts, study, cfg.study.artifacts)
     out.print(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
     out.print(top_trials_table(study, args.top_k or cfg.ensemble.top_k))
+    epochs = int(study.user_attrs.get("config", {}).get("train", {}).get("epochs", cfg.train.epochs))
+    for table in (running_trials_table(study, epochs), failed_trials_table(study)):
+        if table is not None:
+            out.print(table)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from datetime import datetime
 
 import optuna
 import pandas as pd
@@ -92,6 +93,53 @@ def top_trials_table(study: optuna.Study, k: int) -> Table:
     top = ranked_trials(study)[:k]
     frame = trials_frame(top).drop(columns=["state"], errors="ignore")
     return frame_table(frame, f"top {len(top)} trials of {study.study_name!r} (COMPLETE)")
+
+
+def running_trials_table(study: optuna.Study, epochs: int, now: datetime | None = None) -> Table | None:
+    """Who runs what now, across machines: each RUNNING trial's worker, last reported epoch and age."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return None
+    now = now or datetime.now()
+    table = Table(title=f"running trials of {study.study_name!r}", header_style="bold")
+    for column in ("trial", "worker", "device", "epoch", "val_acc", "running for", "resumed from"):
+        table.add_column(column, justify="right" if column in ("trial", "epoch", "val_acc") else "left")
+    for t in sorted(running, key=lambda t: t.number):
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        resumed = t.user_attrs.get("resumed_from") or {}
+        table.add_row(
+            str(t.number), str(t.user_attrs.get("worker", "")), str(t.user_attrs.get("device", "")),
+            f"{last + 1}/{epochs}" if last is not None else f"0/{epochs}",
+            _format("val_accuracy", t.intermediate_values[last]) if last is not None else "",
+            _duration((now - t.datetime_start).total_seconds()) if t.datetime_start else "",
+            f"trial {resumed['trial']}, epoch {resumed['epochs_done']}" if resumed else "",
+        )
+    return table
+
+
+def failed_trials_table(study: optuna.Study, last: int = 5) -> Table | None:
+    """The most recent FAIL trials and why, and what became of each (retried by a later trial, or not)."""
+    trials = study.get_trials(deepcopy=False)
+    every = [t for t in trials if t.state == TrialState.FAIL]
+    if not every:
+        return None
+    failed = every[-last:]
+    retried_by = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
+    shown = f" (the last {len(failed)} of {len(every)})" if len(every) > len(failed) else ""
+    table = Table(title=f"failed trials of {study.study_name!r}{shown}", header_style="bold")
+    table.add_column("trial", justify="right")
+    table.add_column("retried by", justify="right")
+    table.add_column("reason", overflow="fold")
+    for t in failed:
+        retry = retried_by.get(t.number)
+        table.add_row(str(t.number), "" if retry is None else f"trial {retry}", _reason(t, "fail_reason"))
+    return table
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def describe_trial(trial: FrozenTrial) -> str:
