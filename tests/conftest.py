@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -84,6 +87,31 @@ def study_file(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+def cli_env(**extra: str | None) -> dict[str, str]:
+    """The user's environment without hpsearch settings of its own (HPSEARCH_STORAGE, HPSEARCH_ARTIFACTS, ...),
+    a wide terminal so tables are not cut, and one CPU thread for torch; a None value removes that variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_") and k != "OPTUNA_STORAGE"}
+    env.update(COLUMNS="200", PYTHONUNBUFFERED="1", HPSEARCH_THREADS="1")
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, **extra: str | None) -> subprocess.CompletedProcess[str]:
+    """`hpsearch ARGS` in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "hpsearch.cli", *args], cwd=cwd, env=cli_env(**extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def require_postgres() -> None:
     """Skip (fail under CI) when the PostgreSQL server is not reachable."""
     import sqlalchemy as sa
@@ -141,13 +169,9 @@ ARTIFACT_STORES = ["folder", "s3"]
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """An S3 API server on 127.0.0.1 for the session; this process and the workers it starts use it."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

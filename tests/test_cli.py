@@ -4,10 +4,8 @@ reading what `hpsearch run` wrote."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ import optuna
 import pytest
 from rich.console import Console
 
-from conftest import STORAGES, _postgres_database, tiny_tables, write_study
+from conftest import STORAGES, _postgres_database, cli_env, free_port, run_cli, tiny_tables, write_study
 from hpsearch import __version__
 from hpsearch.report import describe_trial
 from hpsearch.storage import open_storage
@@ -31,31 +29,13 @@ BIN = Path(sys.executable).parent
 STUDY = "clitiny"
 
 
-def env(**extra: str) -> dict[str, str]:
-    """The user's environment without a storage of its own, a wide terminal so tables are not cut, and one
-    CPU thread for torch (tiny models; two threads spin-wait when the CPU is shared)."""
-    base = {k: v for k, v in os.environ.items() if k not in ("HPSEARCH_STORAGE", "OPTUNA_STORAGE")}
-    return {**base, "COLUMNS": "200", "PYTHONUNBUFFERED": "1", "HPSEARCH_THREADS": "1", **extra}
-
-
-def hpsearch(*args: str, cwd: Path, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpsearch.cli", *args], cwd=cwd, env=env(**extra),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------ no study needed
 
 
 def test_version_from_the_installed_script(tmp_path):
     script = BIN / "hpsearch"
     assert script.is_file(), f"{script} is missing: is the package installed (pip install -e .)?"
-    done = subprocess.run([str(script), "--version"], cwd=tmp_path, env=env(), capture_output=True, text=True,
+    done = subprocess.run([str(script), "--version"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"hpsearch {__version__}"
@@ -69,7 +49,7 @@ def test_version_from_the_installed_script(tmp_path):
     (["dashboard"], ["--storage", "--artifacts", "--host", "--port", "--allow-remote"]),
 ])
 def test_help(command, options, tmp_path):
-    done = hpsearch(*command, "--help", cwd=tmp_path, timeout=60)
+    done = run_cli(*command, "--help", cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: hpsearch {' '.join(command)}".rstrip())
     for option in options:
@@ -78,7 +58,7 @@ def test_help(command, options, tmp_path):
 
 
 def test_dashboard_refuses_a_remote_host_without_allow_remote(tmp_path):
-    done = hpsearch("dashboard", "--host", "0.0.0.0", "--port", str(free_port()), cwd=tmp_path, timeout=60)
+    done = run_cli("dashboard", "--host", "0.0.0.0", "--port", str(free_port()), cwd=tmp_path, timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -88,7 +68,7 @@ def test_dashboard_refuses_a_remote_host_without_allow_remote(tmp_path):
 
 def test_status_of_a_study_that_does_not_exist_exits_2(tmp_path):
     study = write_study(tmp_path / "ghost.toml", tiny_tables("ghost"))
-    done = hpsearch("status", str(study), "--storage", f"sqlite:///{tmp_path / 'empty.db'}", cwd=tmp_path,
+    done = run_cli("status", str(study), "--storage", f"sqlite:///{tmp_path / 'empty.db'}", cwd=tmp_path,
                     timeout=60)
     assert done.returncode == 2
     assert "study 'ghost' does not exist" in done.stderr and "hpsearch run" in done.stderr
@@ -115,7 +95,7 @@ def test_status_shows_who_runs_what_and_why_trials_failed(tmp_path):
     crashed.set_user_attr("fail_reason", "ValueError: broken batch")
     study.tell(crashed, state=optuna.trial.TrialState.FAIL)
 
-    done = hpsearch("status", str(study_path), "--storage", url, cwd=tmp_path, timeout=120)
+    done = run_cli("status", str(study_path), "--storage", url, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in done.stdout.splitlines() if re.match(r"^│\s*\d+\s*│", line)}
@@ -128,7 +108,7 @@ def test_status_shows_who_runs_what_and_why_trials_failed(tmp_path):
 
 def test_run_with_an_unusable_storage_exits_2_before_training(tmp_path):
     study = write_study(tmp_path / "t.toml", tiny_tables("t"))
-    done = hpsearch("run", str(study), "--storage", f"sqlite:///{tmp_path / 'missing' / 'x.db'}", cwd=tmp_path,
+    done = run_cli("run", str(study), "--storage", f"sqlite:///{tmp_path / 'missing' / 'x.db'}", cwd=tmp_path,
                     timeout=120)
     assert done.returncode == 2
     assert "does not exist; create it first" in done.stderr and "Traceback" not in done.stderr
@@ -172,7 +152,7 @@ def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     url = next(urls)
     artifacts = folder / "store"
     try:
-        run = hpsearch("run", str(study), "--storage", url, "--artifacts", str(artifacts), cwd=folder)
+        run = run_cli("run", str(study), "--storage", url, "--artifacts", str(artifacts), cwd=folder)
         yield Ran(folder, study, url, artifacts, run)
     finally:
         for _ in urls:  # drops the PostgreSQL database
@@ -194,7 +174,7 @@ def test_run_finishes_the_study_and_prints_each_trial(ran):
 @pytest.mark.slow
 def test_status_prints_counts_best_and_the_top_table(ran):
     # The storage comes from HPSEARCH_STORAGE here, as in a shell that exported it.
-    done = hpsearch("status", str(ran.study), cwd=ran.folder, timeout=120, HPSEARCH_STORAGE=ran.url)
+    done = run_cli("status", str(ran.study), cwd=ran.folder, timeout=120, HPSEARCH_STORAGE=ran.url)
     assert done.returncode == 0, done.stderr
     text = done.stdout
     header = next(line for line in text.splitlines() if "COMPLETE" in line and "PRUNED" in line)
@@ -212,7 +192,7 @@ def test_status_prints_counts_best_and_the_top_table(ran):
 @pytest.mark.slow
 def test_optuna_cli_lists_the_trials_with_their_params(ran):
     done = subprocess.run([str(BIN / "optuna"), "trials", "--study-name", STUDY, "--storage", ran.url, "-f", "json"],
-                          cwd=ran.folder, env=env(), capture_output=True, text=True, timeout=120)
+                          cwd=ran.folder, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     trials = json.loads(done.stdout)
     assert [t["number"] for t in trials] == [0, 1]
@@ -227,7 +207,7 @@ def test_optuna_cli_lists_the_trials_with_their_params(ran):
 def test_dashboard_serves_the_study_and_its_artifacts(ran):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "dashboard", str(ran.study), "--storage", ran.url,
-                             "--port", str(port)], cwd=ran.folder, env=env(), stdout=subprocess.PIPE,
+                             "--port", str(port)], cwd=ran.folder, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import tiny_tables, write_study
+from conftest import cli_env, tiny_tables, write_study
 from hpsearch.search import _out_of_memory
 from hpsearch.workers import ATTR_WORKER
 
@@ -72,8 +72,7 @@ def _cap_address_space() -> None:  # runs in the child, before exec
 
 def _run_capped(argv: list[str], cwd: Path, timeout: float) -> tuple[int, int, str, str, int]:
     """(exit code, pid, stdout, stderr, peak RSS in bytes) of a process run under the address-space cap."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HPSEARCH_STORAGE", "OPTUNA_STORAGE")}
-    env.update(COLUMNS="200", PYTHONUNBUFFERED="1", HPSEARCH_THREADS="1", OMP_NUM_THREADS="1")
+    env = cli_env(OMP_NUM_THREADS="1")
     with open(cwd / "stdout", "wb") as out, open(cwd / "stderr", "wb") as err:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, preexec_fn=_cap_address_space,
                                 start_new_session=True)

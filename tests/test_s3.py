@@ -26,7 +26,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-from conftest import tiny_tables, write_study
+from conftest import cli_env, free_port, run_cli, tiny_tables, write_study
 from hpsearch.artifacts import (
     ATTR_OUTPUTS,
     ATTR_WEIGHTS,
@@ -42,19 +42,6 @@ from hpsearch.storage import open_storage
 def _keys(bucket: str, prefix: str = "") -> dict[str, int]:
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {obj["Key"]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
-
-
-def _hpsearch(*args: str, cwd: Path, timeout: float = 300, **env: str | None) -> subprocess.CompletedProcess[str]:
-    """`hpsearch ARGS` in a fresh process; an env value of None removes that variable."""
-    import os
-
-    full = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_")}
-    full.update({"COLUMNS": "200", "PYTHONUNBUFFERED": "1", "HPSEARCH_THREADS": "1"})
-    full.update({k: v for k, v in env.items() if v is not None})
-    for key in [k for k, v in env.items() if v is None]:
-        full.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "hpsearch.cli", *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------------------- the store
@@ -119,7 +106,7 @@ def test_run_with_an_unusable_s3_store_exits_2_before_training(case: str, env: d
                                                                expected: str,
                                                                s3_endpoint: str, tmp_path: Path) -> None:
     study = write_study(tmp_path / "s3bad.toml", tiny_tables("s3bad"))
-    done = _hpsearch("run", str(study), "--storage", f"sqlite:///{tmp_path / 'study.db'}",
+    done = run_cli("run", str(study), "--storage", f"sqlite:///{tmp_path / 'study.db'}",
                      "--artifacts", "s3://no-such-bucket/x", cwd=tmp_path, timeout=120, **env)
     assert done.returncode == 2, (case, done.stderr)
     assert expected in done.stderr, (case, done.stderr)
@@ -131,7 +118,7 @@ def test_run_with_an_unusable_s3_store_exits_2_before_training(case: str, env: d
 
 def test_a_malformed_s3_location_in_the_study_file_names_the_field(tmp_path: Path) -> None:
     study = write_study(tmp_path / "s3cfg.toml", tiny_tables("s3cfg", study={"artifacts": "s3:///prefix-only"}))
-    done = _hpsearch("check", str(study), cwd=tmp_path, timeout=120)
+    done = run_cli("check", str(study), cwd=tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "study.artifacts" in done.stderr and "s3://BUCKET/PREFIX" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
@@ -148,7 +135,7 @@ def test_parallel_workers_status_ensemble_and_dashboard_on_s3(s3_bucket: str, tm
     study_path = write_study(tmp_path / "s3run.toml", tiny_tables(
         "s3run", study={"n_trials": 3, "keep_weights": 2}, ensemble={"top_k": 2}))
 
-    run = _hpsearch("run", str(study_path), "--storage", url, "--artifacts", location, "--workers", "2",
+    run = run_cli("run", str(study_path), "--storage", url, "--artifacts", location, "--workers", "2",
                     cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "Traceback" not in run.stderr
@@ -166,13 +153,13 @@ def test_parallel_workers_status_ensemble_and_dashboard_on_s3(s3_bucket: str, tm
     assert stored == {t.user_attrs[ATTR_OUTPUTS] for t in complete} | {t.user_attrs[ATTR_WEIGHTS] for t in best}
 
     # status reads the store the study recorded (no --artifacts) and sizes it from S3.
-    status = _hpsearch("status", str(study_path), "--storage", url, cwd=tmp_path, timeout=120)
+    status = run_cli("status", str(study_path), "--storage", url, cwd=tmp_path, timeout=120)
     assert status.returncode == 0, status.stderr
     assert f"artifacts: {location} ({sum(keys.values()) / 1e6:.1f} MB)" in status.stdout, status.stdout
 
     # The ensemble reads outputs and weights from S3 and exports exactly the members' stored weights.
     out = tmp_path / "ensemble"
-    ens = _hpsearch("ensemble", str(study_path), "--storage", url, "--method", "soft", "--out", str(out),
+    ens = run_cli("ensemble", str(study_path), "--storage", url, "--method", "soft", "--out", str(out),
                     cwd=tmp_path, timeout=300)
     assert ens.returncode == 0, ens.stderr[-4000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -190,15 +177,9 @@ def test_parallel_workers_status_ensemble_and_dashboard_on_s3(s3_bucket: str, tm
 
 def _dashboard_serves_an_artifact_from_s3(study_path: Path, url: str, study: optuna.Study,
                                           trial: optuna.trial.FrozenTrial, bucket: str, cwd: Path) -> None:
-    import os
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_")}
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "dashboard", str(study_path), "--storage", url,
-                             "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             "--port", str(port)], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     artifact_id = trial.user_attrs[ATTR_OUTPUTS]
     link = f"http://127.0.0.1:{port}/artifacts/{study._study_id}/{trial._trial_id}/{artifact_id}"

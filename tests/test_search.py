@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hpsearch.artifacts import load_trial_outputs, load_trial_weights
+from hpsearch.artifacts import load_trial_outputs, load_trial_weights, open_artifact_store
 from hpsearch.cli import main
 from hpsearch.config import ConfigError, StudyConfig, load_study
 from hpsearch.search import (
@@ -53,7 +53,7 @@ def start(path: Path, url: str, artifacts: Path) -> tuple[StudyConfig, Prepared,
     cfg = load_study(path)
     prepared = prepare(cfg)
     study = open_study(cfg, open_storage(url), prepared, artifacts)
-    return cfg, prepared, study, Objective(cfg, prepared, CPU, artifacts)
+    return cfg, prepared, study, Objective(cfg, prepared, CPU, open_artifact_store(artifacts))
 
 
 def states(study: optuna.Study) -> list[TrialState]:

@@ -79,6 +79,7 @@ class _Run:
     study: Any
     prepared: Any
     artifacts: str  # a folder or s3://bucket/prefix
+    store: Any  # opened once per process: for S3 that is one client and one bucket check
     device: Any
     n_trials: int
 
@@ -108,10 +109,10 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> _Run:
                            heartbeat_grace=cfg.study.heartbeat_grace)
     prepared = prepare(cfg)
     artifacts = resolve_artifacts(args.artifacts, _load_existing(storage, cfg.study.name), cfg.study.artifacts)
-    open_artifact_store(artifacts)  # a store that cannot be written stops here, before any study or trial
+    store = open_artifact_store(artifacts)  # a store that cannot be used stops here, before any study or trial
     study = open_study(cfg, storage, prepared, artifacts, worker=worker)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return _Run(cfg, url, storage, study, prepared, artifacts, device, args.n_trials or cfg.study.n_trials)
+    return _Run(cfg, url, storage, study, prepared, artifacts, store, device, args.n_trials or cfg.study.n_trials)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -149,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             description=f"trials (best {best})")
             progress.reset(epoch_task)
 
-        objective = Objective(cfg, run.prepared, run.device, run.artifacts, on_epoch=on_epoch)
+        objective = Objective(cfg, run.prepared, run.device, run.store, on_epoch=on_epoch)
         guard = run_trials(study, objective, n_trials, timeout=args.timeout, callbacks=[on_trial])
     out.print(top_trials_table(study, cfg.ensemble.top_k))
     if guard.tripped:
@@ -192,7 +193,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         console.print(f"[dim]worker {args.worker_index}[/] " + describe_trial(trial), highlight=False)
 
-    objective = Objective(run.cfg, run.prepared, run.device, run.artifacts)
+    objective = Objective(run.cfg, run.prepared, run.device, run.store)
     guard = run_trials(run.study, objective, run.n_trials, timeout=args.timeout, callbacks=[on_trial])
     return EXIT_FAILURE_STREAK if guard.tripped else 0
 

@@ -34,7 +34,6 @@ from hpsearch.artifacts import (
     ArtifactStore,
     TrialOutputs,
     download_to,
-    open_artifact_store,
     remove_artifact,
     upload_trial_artifacts,
 )
@@ -194,12 +193,12 @@ def finished_trials(study: optuna.Study) -> int:
 class Objective:
     """suggest → train → report every epoch (the pruner may stop it) → store artifacts → value."""
 
-    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, artifacts: str | Path,
+    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, store: ArtifactStore,
                  on_epoch: Callable[[FrozenTrial | optuna.Trial, EpochMetrics], None] | None = None) -> None:
         self.cfg = cfg
         self.prepared = prepared
         self.device = device
-        self.store = open_artifact_store(artifacts)
+        self.store = store
         self.on_epoch = on_epoch
         pretrained = cfg.model.pretrained
         # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
@@ -213,12 +212,14 @@ class Objective:
         hp = suggest(trial, self.cfg.space)
         # A retry trains with its original's seed: the same configuration, and a checkpoint it continues
         # reproduces the original exactly.
-        seed = self._original_seed(trial)
+        retried = self._retried_trials(trial)
+        seed = (int(retried[0].user_attrs.get("seed", self.cfg.study.seed + retried[0].number)) if retried
+                else self.cfg.study.seed + trial.number)
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("memory_at_start", memory_in_use(self.device))
         trial.set_user_attr(ATTR_INIT_WEIGHTS, self.init_weights)
-        resume, resumed_from = self._resume_point(trial)
+        resume, resumed_from = self._resume_point(trial, retried)
         if resume is not None:
             trial.set_user_attr("resumed_from", {"trial": resumed_from.number if resumed_from else None,
                                                  "epochs_done": resume.epoch + 1})
@@ -270,21 +271,20 @@ class Objective:
             self._drop_checkpoint(resumed_from)
         return result.best.val_accuracy
 
-    def _original_seed(self, trial: optuna.Trial) -> int:
-        """study seed + trial number; for a retry, the seed of the first trial it retries."""
+    @staticmethod
+    def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:
+        """The trials this one retries (same parameters), the first original first; [] for a new trial."""
         frozen = trial.study._storage.get_trial(trial._trial_id)
         history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
         if not history:
-            return self.cfg.study.seed + trial.number
-        original = trial.study.get_trials(deepcopy=False)[history[0]]
-        return int(original.user_attrs.get("seed", self.cfg.study.seed + original.number))
+            return []
+        trials = trial.study.get_trials(deepcopy=False)
+        return [trials[number] for number in history]
 
-    def _resume_point(self, trial: optuna.Trial) -> tuple[Checkpoint | None, FrozenTrial | None]:
-        """The last checkpoint of the trial this one retries (same parameters), if any survived."""
-        frozen = trial.study._storage.get_trial(trial._trial_id)
-        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
-        for number in reversed(history):
-            original = trial.study.get_trials(deepcopy=False)[number]
+    def _resume_point(self, trial: optuna.Trial,
+                      retried: list[FrozenTrial]) -> tuple[Checkpoint | None, FrozenTrial | None]:
+        """The last checkpoint among the trials this one retries, if any survived."""
+        for original in reversed(retried):
             artifact = original.user_attrs.get(ATTR_CHECKPOINT)
             if not artifact:
                 continue
@@ -294,7 +294,7 @@ class Objective:
                     return Checkpoint.load(str(path)), original
                 except Exception as err:  # a lost or unreadable checkpoint means starting over, not failing
                     _log.warning("trial %s: checkpoint of trial %s unusable (%s); starting from epoch 1",
-                                 trial.number, number, err)
+                                 trial.number, original.number, err)
         return None, None
 
     def _checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint) -> None:
