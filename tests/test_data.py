@@ -15,9 +15,7 @@ from hpsearch.config import DataSection
 from hpsearch.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    DataError,
     ImagePool,
-    Preprocess,
     Split,
     augment,
     cutout,
@@ -27,6 +25,8 @@ from hpsearch.data import (
     random_crop,
     random_flip,
 )
+from hpsearch.errors import DataError
+from hpsearch.preprocess import Preprocess
 
 # ------------------------------------------------------------------------------------------- digits
 

@@ -18,14 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from hpsearch.artifacts import ATTR_OUTPUTS, ATTR_WEIGHTS, TrialOutputs, open_artifact_store, upload_trial_artifacts
+from hpsearch.artifacts import TrialOutputs, open_artifact_store, upload_trial_artifacts
+from hpsearch.candidates import Candidate, select_candidates
 from hpsearch.cli import main
-from hpsearch.config import load_study
-from hpsearch.ensemble import (
-    RESULT_FILE,
-    Candidate,
-    EnsembleError,
-    build_ensemble,
+from hpsearch.combine import (
     ece_from,
     expected_calibration_error,
     fit_nll_weights,
@@ -35,13 +31,16 @@ from hpsearch.ensemble import (
     member_log_probs,
     mixture_log_probs,
     nll,
-    report_markdown,
     scale,
-    select_candidates,
-    staged_dir,
-    table_cells,
     true_class_log_probs,
 )
+from hpsearch.config import load_study
+from hpsearch.ensemble import build_ensemble
+from hpsearch.errors import EnsembleError
+from hpsearch.export import RESULT_FILE, staged_dir
+from hpsearch.keys import OUTPUTS as ATTR_OUTPUTS
+from hpsearch.keys import WEIGHTS as ATTR_WEIGHTS
+from hpsearch.report import report_markdown, table_cells
 from hpsearch.storage import open_storage
 
 SHA = "a" * 64

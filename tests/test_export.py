@@ -25,9 +25,12 @@ from conftest import fit_head, tiny_tables, write_study
 from hpsearch.artifacts import TrialOutputs, load_trial_weights, open_artifact_store, upload_trial_artifacts
 from hpsearch.cli import main
 from hpsearch.config import load_study
-from hpsearch.data import Preprocess
-from hpsearch.export import BY, MANIFEST, SUMS, Ensemble, ExportError, entropy, load_ensemble, select_csv, uncertainty
-from hpsearch.search import open_study, prepare, suggest
+from hpsearch.errors import ExportError
+from hpsearch.loading import MANIFEST, SUMS, Ensemble, load_ensemble
+from hpsearch.objective import suggest
+from hpsearch.predict import BY, entropy, select_csv, uncertainty
+from hpsearch.preprocess import Preprocess
+from hpsearch.search import open_study, prepare
 from hpsearch.storage import open_storage
 
 N_MEMBERS = 2

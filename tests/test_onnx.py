@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from hpsearch.cli import main
-from hpsearch.data import Preprocess
-from hpsearch.export import MANIFEST, SUMS, Ensemble, ExportError, load_ensemble, sha256_file
+from hpsearch.errors import ExportError
+from hpsearch.loading import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
+from hpsearch.preprocess import Preprocess
 from test_export import Exported
 from test_export import exported as exported  # the module fixture (re-exported: built once for this module)
 
@@ -121,7 +122,7 @@ def test_hard_voting_exports_too(tmp_path: Path) -> None:
 
 def test_weights_past_the_size_limit_go_to_listed_external_data(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpsearch.export import onnx_files
+    from hpsearch.loading import onnx_files
     from hpsearch.onnx_export import write_onnx
 
     _ort()

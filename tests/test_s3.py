@@ -28,14 +28,14 @@ from safetensors.torch import load_file
 
 from conftest import cli_env, free_port, run_cli, tiny_tables, write_study
 from hpsearch.artifacts import (
-    ATTR_OUTPUTS,
-    ATTR_WEIGHTS,
-    ArtifactStoreError,
     open_artifact_store,
     remove_artifact,
     resolve_artifacts,
     store_size_bytes,
 )
+from hpsearch.errors import ArtifactStoreError
+from hpsearch.keys import OUTPUTS as ATTR_OUTPUTS
+from hpsearch.keys import WEIGHTS as ATTR_WEIGHTS
 from hpsearch.storage import open_storage
 
 

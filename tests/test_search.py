@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 from hpsearch.artifacts import load_trial_outputs, load_trial_weights, open_artifact_store
 from hpsearch.cli import main
 from hpsearch.config import ConfigError, StudyConfig, load_study
+from hpsearch.objective import Objective, Prepared
 from hpsearch.search import (
-    Objective,
-    Prepared,
     StopAfterFailures,
     best_trial,
     finished_trials,

@@ -32,14 +32,16 @@ from conftest import fit_head, tiny_tables, write_study
 from hpsearch.artifacts import TrialOutputs, open_artifact_store, upload_trial_artifacts
 from hpsearch.cli import main
 from hpsearch.config import load_study
-from hpsearch.data import Preprocess, decode_image
-from hpsearch.ensemble import SoupStep
-from hpsearch.export import MANIFEST, SUMS, load_ensemble, sha256_file
+from hpsearch.errors import TTAError
+from hpsearch.keys import INIT_WEIGHTS as ATTR_INIT_WEIGHTS
+from hpsearch.loading import MANIFEST, SUMS, load_ensemble, sha256_file
 from hpsearch.model import build_model, init_weights_tag
-from hpsearch.search import ATTR_INIT_WEIGHTS, open_study, prepare, suggest
-from hpsearch.soup import SoupError, average_states, check_same_start, greedy_soup, soup_decision
+from hpsearch.objective import suggest
+from hpsearch.preprocess import Preprocess, decode_image
+from hpsearch.search import open_study, prepare
+from hpsearch.soup import SoupError, SoupStep, average_states, check_same_start, greedy_soup, soup_decision
 from hpsearch.storage import open_storage
-from hpsearch.tta import TTAError, crop_shifts, manifest_augment, shift, tta_views
+from hpsearch.tta import crop_shifts, manifest_augment, shift, tta_views
 
 State = dict[str, torch.Tensor]
 

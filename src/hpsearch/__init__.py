@@ -13,7 +13,7 @@ __all__ = ["__version__", "load_ensemble", "load_study", "open_storage"]
 
 if TYPE_CHECKING:
     from hpsearch.config import load_study
-    from hpsearch.export import load_ensemble
+    from hpsearch.loading import load_ensemble
     from hpsearch.storage import open_storage
 
 
@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return open_storage
     if name == "load_ensemble":
-        from hpsearch.export import load_ensemble
+        from hpsearch.loading import load_ensemble
 
         return load_ensemble
     if name == "load_study":

@@ -24,11 +24,10 @@ from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, downlo
 from optuna.artifacts.exceptions import ArtifactNotFound
 from safetensors.torch import load_file, save_file
 
+from hpsearch import keys
+from hpsearch.errors import ArtifactStoreError
+
 DEFAULT_ARTIFACTS = "artifacts"
-ATTR_ARTIFACTS = "artifacts_dir"
-ATTR_WEIGHTS = "weights_artifact"
-ATTR_OUTPUTS = "outputs_artifact"
-ATTR_CHECKPOINT = "checkpoint_artifact"
 S3_SCHEME = "s3://"
 
 
@@ -40,10 +39,6 @@ class ArtifactStore(Protocol):
     def write(self, artifact_id: str, content_body: BinaryIO) -> None: ...
 
     def remove(self, artifact_id: str) -> None: ...
-
-
-class ArtifactStoreError(ValueError):
-    """The artifact store named by the user cannot be used; one line naming it and the fix."""
 
 
 def is_s3(location: str | Path) -> bool:
@@ -64,7 +59,7 @@ def resolve_artifacts(cli: str | None, study: optuna.Study | None, study_file: s
 
     A folder comes back absolute (workers in other directories must agree on it); S3 as s3://bucket/prefix.
     """
-    recorded = study.user_attrs.get(ATTR_ARTIFACTS) if study is not None else None
+    recorded = study.user_attrs.get(keys.ARTIFACTS) if study is not None else None
     chosen = cli or os.environ.get("HPSEARCH_ARTIFACTS") or recorded or study_file or DEFAULT_ARTIFACTS
     if is_s3(chosen):
         bucket, prefix = split_s3(chosen)
@@ -208,9 +203,9 @@ def upload_trial_artifacts(
             metadata={"split_sha256": outputs.split_sha256},
         )
         ids = {
-            ATTR_WEIGHTS: upload_artifact(artifact_store=store, file_path=str(weights), study_or_trial=trial,
+            keys.WEIGHTS: upload_artifact(artifact_store=store, file_path=str(weights), study_or_trial=trial,
                                           mimetype="application/octet-stream"),
-            ATTR_OUTPUTS: upload_artifact(artifact_store=store, file_path=str(out), study_or_trial=trial,
+            keys.OUTPUTS: upload_artifact(artifact_store=store, file_path=str(out), study_or_trial=trial,
                                           mimetype="application/octet-stream"),
         }
     for key, value in ids.items():
@@ -226,7 +221,7 @@ def download_to(store: ArtifactStore, artifact_id: str, folder: Path, name: str)
 
 def load_trial_weights(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-        path = download_to(store, trial.user_attrs[ATTR_WEIGHTS], Path(tmp), "weights.safetensors")
+        path = download_to(store, trial.user_attrs[keys.WEIGHTS], Path(tmp), "weights.safetensors")
         return load_file(str(path))
 
 
@@ -234,7 +229,7 @@ def load_trial_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial) ->
     from safetensors import safe_open
 
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-        path = download_to(store, trial.user_attrs[ATTR_OUTPUTS], Path(tmp), "outputs.safetensors")
+        path = download_to(store, trial.user_attrs[keys.OUTPUTS], Path(tmp), "outputs.safetensors")
         with safe_open(str(path), framework="pt") as f:
             sha = (f.metadata() or {}).get("split_sha256", "")
             return TrialOutputs(f.get_tensor("val_logits"), f.get_tensor("test_logits"), sha,

@@ -10,60 +10,30 @@ import argparse
 import contextlib
 import ipaddress
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from hpsearch import __version__
+from hpsearch.errors import HpsearchError, UsageError
 
 console = Console(stderr=True)
 out = Console()
 
 
-class UsageError(ValueError):
-    """Bad input found by the CLI itself; printed as one line, exit code 2."""
-
-
-def _input_errors() -> tuple[type[BaseException], ...]:
-    from hpsearch.config import ConfigError
-    from hpsearch.storage import StorageError
-
-    errors: list[type[BaseException]] = [ConfigError, StorageError, UsageError]
-    if "hpsearch.data" in sys.modules:
-        errors.append(sys.modules["hpsearch.data"].DataError)
-    if "hpsearch.artifacts" in sys.modules:
-        errors.append(sys.modules["hpsearch.artifacts"].ArtifactStoreError)
-    return tuple(errors)
-
-
 # ------------------------------------------------------------------------------------------- commands
-
-
-def _check_model(cfg: Any, path: str) -> None:
-    """The model-level checks of a study file, their errors naming the file like the parse errors do."""
-    from hpsearch.config import ConfigError
-    from hpsearch.model import check_model_config
-
-    try:
-        check_model_config(cfg.model, cfg.data.image_size)
-    except ConfigError as err:
-        if err.source is not None:
-            raise
-        raise ConfigError(err.field, str(err).removeprefix(f"{err.field}: "), path) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from hpsearch.config import load_study
+    from hpsearch.model import check_study_model
     from hpsearch.storage import redact, resolve_storage_url
 
     cfg = load_study(args.study)
-    _check_model(cfg, args.study)
+    check_study_model(cfg)
     url = resolve_storage_url(args.storage, cfg.study.storage)
     out.print(f"[bold]{args.study}[/] is valid")
     out.print(f"storage: {redact(url)}")
@@ -71,48 +41,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass
-class _Run:
-    cfg: Any
-    url: str
-    storage: Any
-    study: Any
-    prepared: Any
-    artifacts: str  # a folder or s3://bucket/prefix
-    store: Any  # opened once per process: for S3 that is one client and one bucket check
-    device: Any
-    n_trials: int
-
-
-def _open_run(args: argparse.Namespace, worker: int = 0) -> _Run:
-    """Everything `run` and `worker` share: validated config, storage, data, the study (created or resumed)."""
+def _open_run(args: argparse.Namespace, worker: int = 0) -> Any:
     import optuna
-    import torch
 
-    from hpsearch.artifacts import open_artifact_store, resolve_artifacts
-    from hpsearch.config import load_study
-    from hpsearch.search import open_study, prepare
-    from hpsearch.storage import open_storage, resolve_storage_url
-    from hpsearch.train import resolve_device
+    from hpsearch.search import open_run
 
-    cfg = load_study(args.study)
-    _check_model(cfg, args.study)
-    try:
-        device = resolve_device(args.device or cfg.train.device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    threads = os.environ.get("HPSEARCH_THREADS")
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(int(threads))
-    url = resolve_storage_url(args.storage, cfg.study.storage)
-    storage = open_storage(url, heartbeat_interval=cfg.study.heartbeat_interval,
-                           heartbeat_grace=cfg.study.heartbeat_grace)
-    prepared = prepare(cfg)
-    artifacts = resolve_artifacts(args.artifacts, _load_existing(storage, cfg.study.name), cfg.study.artifacts)
-    store = open_artifact_store(artifacts)  # a store that cannot be used stops here, before any study or trial
-    study = open_study(cfg, storage, prepared, artifacts, worker=worker)
+    run = open_run(args.study, storage=args.storage, artifacts=args.artifacts, device=args.device,
+                   n_trials=args.n_trials, worker=worker)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return _Run(cfg, url, storage, study, prepared, artifacts, store, device, args.n_trials or cfg.study.n_trials)
+    return run
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -120,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hpsearch.report import describe_trial, top_trials_table
-    from hpsearch.search import Objective, finished_trials, run_trials
+    from hpsearch.search import best_trial, finished_trials, run_trials
     from hpsearch.storage import redact
     from hpsearch.train import EpochMetrics
 
@@ -130,7 +67,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}, "
                   f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}")
     if args.workers > 1:
-        code = _run_workers(args, run)
+        from hpsearch.workers import run_workers
+
+        code = run_workers(run, args.workers, gpus=args.gpus, per_gpu=args.workers_per_gpu, timeout=args.timeout,
+                           on_event=lambda line: console.print(line, highlight=False))
+        console.print(f"{finished_trials(study)}/{n_trials} finished trials")
         out.print(top_trials_table(study, cfg.ensemble.top_k))
         return code
 
@@ -145,13 +86,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             progress.console.print(describe_trial(trial))
-            best = _best_value(study)
+            best = best_trial(study)
             progress.update(trials_task, completed=min(n_trials, finished_trials(study)),
-                            description=f"trials (best {best})")
+                            description=f"trials (best {f'{best.value:.4f}' if best is not None else '-'})")
             progress.reset(epoch_task)
 
-        objective = Objective(cfg, run.prepared, run.device, run.store, on_epoch=on_epoch)
-        guard = run_trials(study, objective, n_trials, timeout=args.timeout, callbacks=[on_trial])
+        guard = run_trials(study, run.objective(on_epoch=on_epoch), n_trials, timeout=args.timeout,
+                           callbacks=[on_trial])
     out.print(top_trials_table(study, cfg.ensemble.top_k))
     if guard.tripped:
         console.print(f"[red]stopped[/]: {guard.limit} trials failed in a row; see `hpsearch status "
@@ -160,31 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_workers(args: argparse.Namespace, run: _Run) -> int:
-    from hpsearch.search import finished_trials
-    from hpsearch.workers import Supervisor, Worker, visible_gpus, worker_command, worker_env
-
-    gpus = [] if run.device.type == "cpu" else (args.gpus or visible_gpus())
-    passed = [args.study, "--storage", run.url, "--artifacts", str(run.artifacts), "--n-trials",
-              str(run.n_trials), "--device", "cuda" if gpus else "cpu"]
-    if args.timeout:
-        passed += ["--timeout", str(args.timeout)]
-    per_gpu = args.workers_per_gpu
-    workers = [Worker(i, worker_command([*passed, "--worker-index", str(i)]),
-                      worker_env(i, args.workers, gpus, per_gpu)) for i in range(args.workers)]
-    supervisor = Supervisor(run.study, run.storage, workers, done=lambda: finished_trials(run.study) >= run.n_trials,
-                            on_event=lambda line: console.print(line, highlight=False))
-    code = supervisor.run()
-    console.print(f"{finished_trials(run.study)}/{run.n_trials} finished trials")
-    return code
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker: what `run --workers N` starts, and what other machines run against one storage."""
     import optuna
 
     from hpsearch.report import describe_trial
-    from hpsearch.search import Objective, run_trials
+    from hpsearch.search import run_trials
     from hpsearch.workers import EXIT_FAILURE_STREAK, install_stop_handler
 
     install_stop_handler()
@@ -193,136 +115,42 @@ def cmd_worker(args: argparse.Namespace) -> int:
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         console.print(f"[dim]worker {args.worker_index}[/] " + describe_trial(trial), highlight=False)
 
-    objective = Objective(run.cfg, run.prepared, run.device, run.store)
-    guard = run_trials(run.study, objective, run.n_trials, timeout=args.timeout, callbacks=[on_trial])
+    guard = run_trials(run.study, run.objective(), run.n_trials, timeout=args.timeout, callbacks=[on_trial])
     return EXIT_FAILURE_STREAK if guard.tripped else 0
 
 
-def _best_value(study: Any) -> str:
-    from hpsearch.search import best_trial
-
-    best = best_trial(study)
-    return f"{best.value:.4f}" if best is not None else "-"
-
-
-def _load_existing(storage: Any, name: str) -> Any:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-
-
-def _study_for(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(config or None, study, storage url) for commands that read an existing study."""
-    from hpsearch.config import load_study
-    from hpsearch.storage import open_storage, redact, resolve_storage_url
-
-    cfg = load_study(args.study)
-    url = resolve_storage_url(args.storage, cfg.study.storage)
-    study = _load_existing(open_storage(url), cfg.study.name)
-    if study is None:
-        raise UsageError(f"study {cfg.study.name!r} does not exist in {redact(url)}; start it with "
-                         f"`hpsearch run {args.study}` or pass the right --storage")
-    return cfg, study, url
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    from hpsearch.artifacts import resolve_artifacts
+    from hpsearch.report import status_renderables
+    from hpsearch.search import open_existing
 
-    from hpsearch.artifacts import resolve_artifacts, store_size_bytes
-    from hpsearch.report import failed_trials_table, running_trials_table, state_counts, top_trials_table
-    from hpsearch.search import best_trial
-    from hpsearch.storage import redact
-
-    cfg, study, url = _study_for(args)
-    counts = Table(title=f"study {study.study_name!r} in {redact(url)}", header_style="bold")
-    for state in counts_keys(state_counts(study)):
-        counts.add_column(state, justify="right")
-    values = state_counts(study)
-    counts.add_row(*(str(values[s]) for s in counts_keys(values)))
-    out.print(counts)
-    best = best_trial(study)
-    if best is not None:
-        out.print(f"best: trial {best.number} val_accuracy={best.value:.4f} params={best.params}")
+    cfg, study, url = open_existing(args.study, args.storage)
     artifacts = resolve_artifacts(args.artifacts, study, cfg.study.artifacts)
-    out.print(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
-    out.print(top_trials_table(study, args.top_k or cfg.ensemble.top_k))
-    epochs = int(study.user_attrs.get("config", {}).get("train", {}).get("epochs", cfg.train.epochs))
-    for table in (running_trials_table(study, epochs), failed_trials_table(study)):
-        if table is not None:
-            out.print(table)
+    for part in status_renderables(study, url, artifacts, args.top_k or cfg.ensemble.top_k, cfg.train.epochs):
+        out.print(part)
     return 0
-
-
-def counts_keys(counts: dict[str, int]) -> list[str]:
-    return [k for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if k in counts]
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from hpsearch.artifacts import open_artifact_store, resolve_artifacts
-    from hpsearch.ensemble import EnsembleError, build_ensemble, result_table, select_candidates, write_ensemble_dir
-    from hpsearch.export import ExportError, write_export
+    from hpsearch.export import export_ensemble
+    from hpsearch.report import result_table
 
-    if args.onnx:
-        if args.no_export:
-            raise UsageError("--onnx exports the ensemble as a graph; it cannot go with --no-export")
-        from hpsearch.onnx_export import require_onnx
-
-        try:
-            require_onnx()  # before any work: a missing optional package is bad input, not a late crash
-        except ExportError as err:
-            raise UsageError(str(err)) from None
-    cfg, study, url = _study_for(args)
-    top_k = args.top_k or cfg.ensemble.top_k
-    if top_k < 2:
-        raise UsageError(f"top_k {top_k}: an ensemble needs at least 2 members; set --top-k or [ensemble] top_k")
-    store = open_artifact_store(resolve_artifacts(args.artifacts, study, cfg.study.artifacts), create=False)
-    try:
-        selection = select_candidates(study, store, top_k)
-        for line in selection.skipped:
-            console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
-        if len(selection.candidates) < 2:
-            raise UsageError(f"study {study.study_name!r} has {len(selection.candidates)} usable trial(s) "
-                             f"({len(selection.skipped)} skipped, see the warnings); an ensemble needs at least 2 "
-                             "COMPLETE trials whose outputs are in the artifact store")
-        arch = study.user_attrs.get("config", {}).get("model", {}).get("arch", cfg.model.arch)
-        result = build_ensemble(selection.candidates, arch, "weighted" if args.method == "soup" else args.method)
-        soup = None
-        if args.method == "soup":
-            result, soup = _with_soup(args, cfg, study, store, selection.candidates, result)
-        folder = write_ensemble_dir(Path(args.out), result, study.study_name, study.user_attrs.get("classes", []),
-                                    selection.candidates, selection.skipped,
-                                    export=None if args.no_export else
-                                    lambda d, payload: write_export(d, result, study, store, url, payload["metrics"],
-                                                                    onnx=args.onnx,
-                                                                    soup_state=soup.state_dict if soup else None))
-    except (EnsembleError, ExportError) as err:
-        raise UsageError(str(err)) from None
-    _print_unwrapped(result_table(result, f"top {len(selection.candidates)} trials of {study.study_name!r}: "
-                                          "val NLL on validation, the rest on test; (T) after temperature scaling"))
+    exported = export_ensemble(
+        args.study, storage=args.storage, artifacts=args.artifacts, top_k=args.top_k, method=args.method,
+        out=args.out, export=not args.no_export, onnx=args.onnx, device=args.device,
+        on_warning=lambda line: console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True),
+        on_start=lambda line: console.print(line, highlight=False))
+    result, folder = exported.result, exported.folder
+    _print_unwrapped(result_table(result, f"top {len(exported.selection.candidates)} trials of "
+                                          f"{exported.study_name!r}: val NLL on validation, the rest on test; "
+                                          "(T) after temperature scaling"))
     for note in result.notes:
         out.print(f"- {note}", highlight=False, soft_wrap=True)
-    exported = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
-                                          f"{len(result.members)} member files"
-                                          + (", ensemble.onnx" if args.onnx else "") + ")")
-    console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{exported}", highlight=False)
+    written = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
+                                         f"{len(result.members)} member files"
+                                         + (", ensemble.onnx" if args.onnx else "") + ")")
+    console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
     return 0
-
-
-def _with_soup(args: argparse.Namespace, cfg: Any, study: Any, store: Any, candidates: Any, result: Any
-               ) -> tuple[Any, Any]:
-    """`--method soup`: the greedy soup of the candidates, re-run on the study's validation (and test) split."""
-    from hpsearch.soup import make_soup, with_soup
-    from hpsearch.train import resolve_device
-
-    try:
-        device = resolve_device(args.device or cfg.train.device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    soup = make_soup(study, store, candidates, device, on_start=lambda line: console.print(line, highlight=False))
-    return with_soup(result, soup, candidates), soup
 
 
 def _print_unwrapped(renderable: Any) -> None:
@@ -336,28 +164,6 @@ def _print_unwrapped(renderable: Any) -> None:
     Console(width=max(out.width, width), file=out.file).print(renderable)
 
 
-def _open_export(args: argparse.Namespace) -> tuple[Any, Any, list[Path], list[str]]:
-    """(ensemble, device, image paths, warnings so far) for predict and select; bad DIR/device -> UsageError."""
-    from hpsearch.export import ExportError, find_images, load_ensemble
-    from hpsearch.train import resolve_device
-
-    try:
-        device = resolve_device(args.device)
-        ensemble = load_ensemble(args.dir, device)
-    except (ExportError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    if args.tta:
-        from hpsearch.tta import TTAError, manifest_augment
-
-        try:
-            manifest_augment(ensemble.manifest)
-        except TTAError as err:
-            raise UsageError(str(err)) from None
-    warnings: list[str] = []
-    paths = find_images(args.inputs, warnings.append)
-    return ensemble, device, paths, warnings
-
-
 def _print_skipped(line: str) -> None:
     from rich.markup import escape
 
@@ -369,7 +175,11 @@ def _scored_csv(args: argparse.Namespace, write: Callable[..., int], what: str) 
 
     Exit 0 when every input was read, 3 when some were skipped (each named on stderr), 2 bad DIR.
     """
-    ensemble, device, paths, warnings = _open_export(args)
+    from hpsearch.predict import open_for_scoring
+    from hpsearch.train import resolve_device
+
+    device = resolve_device(args.device)
+    ensemble, paths, warnings = open_for_scoring(args.dir, args.inputs, device, tta=args.tta)
     for line in warnings:
         _print_skipped(line)
 
@@ -386,14 +196,14 @@ def _scored_csv(args: argparse.Namespace, write: Callable[..., int], what: str) 
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from hpsearch.export import predict_csv
+    from hpsearch.predict import predict_csv
 
     return _scored_csv(args, lambda ensemble, paths, sink, device, warn: predict_csv(
         ensemble, paths, sink, args.batch_size, device, warn, tta=args.tta), "predicted")
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from hpsearch.export import select_csv
+    from hpsearch.predict import select_csv
 
     return _scored_csv(args, lambda ensemble, paths, sink, device, warn: select_csv(
         ensemble, paths, sink, args.n, args.by, args.batch_size, device, warn, tta=args.tta),
@@ -554,14 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: running trials were marked FAIL; `hpsearch run` resumes the study")
         return 130
-    except Exception as err:
-        if isinstance(err, _input_errors()):
-            from rich.markup import escape
+    except HpsearchError as err:
+        from rich.markup import escape
 
-            # escape: a message naming "[study] name" must not be eaten as rich markup
-            console.print(f"[red]error[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
-            return 2
-        raise
+        # escape: a message naming "[study] name" must not be eaten as rich markup
+        console.print(f"[red]error[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from hpsearch.errors import HpsearchError
+
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adamw")
 SCHEDULERS = ("step", "exponential", "plateau", "none")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
@@ -55,7 +57,7 @@ def family_of(arch: str) -> str | None:
     return None
 
 
-class ConfigError(ValueError):
+class ConfigError(HpsearchError):
     """A study file that cannot be run. `str(err)` is one line naming the field and the fix."""
 
     def __init__(self, field: str, message: str, source: str | Path | None = None) -> None:

@@ -6,7 +6,11 @@ from collections.abc import Callable
 
 import optuna
 
-from hpsearch.artifacts import ATTR_ARTIFACTS, ArtifactStoreError, is_s3, open_artifact_store, resolve_artifacts
+from hpsearch import keys
+from hpsearch.artifacts import is_s3, open_artifact_store, resolve_artifacts
+from hpsearch.config import load_study
+from hpsearch.errors import ArtifactStoreError
+from hpsearch.search import load_existing
 from hpsearch.storage import open_storage, redact, resolve_storage_url
 
 
@@ -14,20 +18,14 @@ def artifacts_for(storage: optuna.storages.BaseStorage, study_name: str | None, 
                   study_file: str | None) -> str:
     """The study's recorded artifact store; without a study, the one all recorded studies share."""
     if study_name is not None:
-        try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
-        except KeyError:
-            study = None
-        return resolve_artifacts(cli, study, study_file)
-    recorded = {s.user_attrs.get(ATTR_ARTIFACTS) for s in storage.get_all_studies()} - {None}
+        return resolve_artifacts(cli, load_existing(storage, study_name), study_file)
+    recorded = {s.user_attrs.get(keys.ARTIFACTS) for s in storage.get_all_studies()} - {None}
     return resolve_artifacts(cli or (recorded.pop() if len(recorded) == 1 else None), None, study_file)
 
 
 def serve(study_path: str | None, *, storage: str | None, artifacts: str | None, host: str, port: int,
           echo: Callable[[str], None] = print) -> None:
     from optuna_dashboard import run_server
-
-    from hpsearch.config import load_study
 
     cfg = load_study(study_path) if study_path else None
     url = resolve_storage_url(storage, cfg.study.storage if cfg else None)

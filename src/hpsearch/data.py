@@ -15,7 +15,7 @@ import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from hpsearch.config import DataSection
+from hpsearch.errors import DataError
+from hpsearch.preprocess import IMAGE_SUFFIXES, Preprocess, decode_image, triple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                                         "data_batch_5", "test_batch", "batches.meta"]),
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
 }
-
-
-class DataError(ValueError):
-    """Data that cannot be loaded; the message names the file or folder and the fix."""
 
 
 @dataclass(frozen=True)
@@ -191,24 +188,6 @@ def _decode_all(files: Sequence[Path], size: int) -> torch.Tensor:
     return out
 
 
-def decode_image(path: Path, size: int) -> torch.Tensor:
-    """One image file as uint8 [3, size, size]; an unreadable file raises DataError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            scale = size / min(img.size)
-            new = (max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale)))
-            img = img.resize(new, Image.Resampling.BILINEAR)
-            left, top = (new[0] - size) // 2, (new[1] - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable image ({err.__class__.__name__}); fix or remove the file") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
 # ------------------------------------------------------------------------------------------------ split
 
 
@@ -264,30 +243,6 @@ def _stratified_take(idx: np.ndarray, labels: np.ndarray, n: int, rng: np.random
 # -------------------------------------------------------------------------------------- device batches
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """How uint8 images become model input; recorded so an export can reproduce it."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    # mean/std as tensors per device, made once: a fresh host-to-GPU copy per batch would sync every step.
-    _stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, init=False, repr=False, compare=False)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.interpolation,
-                              align_corners=False, antialias=x.shape[-1] > self.image_size)
-        if x.device not in self._stats:
-            self._stats[x.device] = (torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1),
-                                     torch.tensor(self.std, device=x.device).view(1, 3, 1, 1))
-        mean, std = self._stats[x.device]
-        return (x - mean) / std
-
-
 def preprocess_for(pool: ImagePool, split: Split, cfg: DataSection, pretrained: bool) -> Preprocess:
     """ImageNet statistics for pretrained weights; otherwise the training split's own channel stats."""
     if pretrained:
@@ -295,12 +250,7 @@ def preprocess_for(pool: ImagePool, split: Split, cfg: DataSection, pretrained: 
     train = pool.images[torch.from_numpy(split.train)].float().div_(255)
     mean = train.mean(dim=(0, 2, 3))
     std = train.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return Preprocess(cfg.image_size, _triple(mean), _triple(std))
-
-
-def _triple(t: torch.Tensor) -> tuple[float, float, float]:
-    a, b, c = (round(float(v), 6) for v in t)
-    return (a, b, c)
+    return Preprocess(cfg.image_size, triple(mean, digits=6), triple(std, digits=6))
 
 
 class DeviceData:

@@ -1,4 +1,5 @@
-"""How an ensemble's members run: one forward per member (loop), or one batched forward per architecture (vmap).
+"""How an ensemble's members are built and run: plain torchvision models; one forward per member (loop), or one
+batched forward per architecture (vmap).
 
 `vmap` stacks the parameters and buffers of the members that share an architecture
 (`torch.func.stack_module_state`) and runs them as one call (`torch.func.functional_call` under `torch.vmap`),
@@ -14,7 +15,7 @@ an earlier quiet two-thread run), and vmap on CUDA, where one launch per layer f
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -23,6 +24,13 @@ from torch.func import functional_call, stack_module_state
 
 Strategy = Literal["auto", "loop", "vmap"]
 STRATEGIES: tuple[Strategy, ...] = ("auto", "loop", "vmap")
+
+
+def plain_model(arch: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
+    """A member's architecture as plain torchvision builds it (its weights are loaded with strict=True)."""
+    from torchvision import models
+
+    return models.get_model(arch, num_classes=num_classes, **kwargs)
 
 
 def resolve_strategy(strategy: str, device: torch.device | str) -> Literal["loop", "vmap"]:

@@ -8,6 +8,7 @@ torchvision keys and load into `torchvision.models.get_model(arch, num_classes=n
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from hpsearch.config import ConfigError, ModelSection, family_of, resolve_path
+from hpsearch.config import ConfigError, ModelSection, StudyConfig, family_of, resolve_path
 
 
 class DropoutLinear(nn.Linear):
@@ -67,13 +68,16 @@ def _weights_enum(arch: str, name: str) -> models.WeightsEnum:
                           "none, or a local .safetensors/.pt file") from None
 
 
+def builder_kwargs(arch: str, image_size: int) -> dict[str, Any]:
+    """Extra `torchvision.models.get_model` arguments: ViT builds its position embedding for one input size."""
+    return {"image_size": image_size} if family_of(arch) == "vit" else {}
+
+
 def _arch_kwargs(cfg: ModelSection, image_size: int) -> dict[str, Any]:
-    # ViT builds its position embedding for one input size.
-    if family_of(cfg.arch) == "vit":
-        if cfg.weights_kind == "torchvision":
-            return {"image_size": _weights_enum(cfg.arch, cfg.weights).meta["min_size"][0]}
-        return {"image_size": image_size}
-    return {}
+    # Pretrained ViT weights fix the size they were trained at (check_model_config holds image_size to it).
+    if family_of(cfg.arch) == "vit" and cfg.weights_kind == "torchvision":
+        image_size = _weights_enum(cfg.arch, cfg.weights).meta["min_size"][0]
+    return builder_kwargs(cfg.arch, image_size)
 
 
 def check_model_config(cfg: ModelSection, image_size: int) -> None:
@@ -161,13 +165,8 @@ def init_weights_tag(cfg: ModelSection) -> str:
     if cfg.weights_kind == "none":
         return "none"
     if cfg.weights_kind == "file":
-        import hashlib
-
-        digest = hashlib.sha256()
         with resolve_path(cfg.weights, None).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return f"file sha256:{digest.hexdigest()}"
+            return f"file sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
     weights = _weights_enum(cfg.arch, cfg.weights)
     return f"{type(weights).__name__}.{weights.name}"
 
@@ -237,3 +236,13 @@ def set_train_mode(model: nn.Module) -> None:
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The torchvision-keyed state dict, detached, contiguous, on the CPU (what safetensors wants)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def check_study_model(cfg: StudyConfig) -> None:
+    """`check_model_config` of a study file, its errors naming the file like the parse errors do."""
+    try:
+        check_model_config(cfg.model, cfg.data.image_size)
+    except ConfigError as err:
+        if err.source is not None or cfg.source is None:
+            raise
+        raise ConfigError(err.field, str(err).removeprefix(f"{err.field}: "), cfg.source) from None

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hpsearch.export import ExportError, sha256_file
+from hpsearch.errors import ExportError
+from hpsearch.loading import sha256_file
 
 if TYPE_CHECKING:
-    from hpsearch.export import Ensemble
+    from hpsearch.loading import Ensemble
 
 ONNX_FILE = "ensemble.onnx"
 INPUT_NAME = "images"

@@ -1,10 +1,13 @@
-"""Tables of a study's trials (pandas frames, rendered with rich)."""
+"""Tables and reports: a study's trials (pandas frames, rendered with rich), its status, and the ensemble's
+comparison (the terminal table and report.md)."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
@@ -12,20 +15,24 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.markup import escape
 from rich.table import Table
 
+from hpsearch import keys
+from hpsearch.artifacts import store_size_bytes
+from hpsearch.combine import Row
+from hpsearch.search import best_trial, ranked_trials
+from hpsearch.storage import redact
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from hpsearch.candidates import Candidate
+    from hpsearch.ensemble import EnsembleResult
+
 HEADERS = {"val_accuracy": "val_acc", "optimizer": "optim", "seconds": "sec"}
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     return {state.name: counts.get(state.name, 0) for state in TrialState}
-
-
-def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """COMPLETE trials with a finite value, best first (ties: lower trial number first)."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-    return sorted(complete, key=lambda t: (sign * t.value, t.number))
 
 
 def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
@@ -37,7 +44,7 @@ def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
             "trial": t.number,
             "state": t.state.name,
             "val_accuracy": t.value if t.values else None,
-            "epoch": _epoch(t.user_attrs.get("best_epoch")),
+            "epoch": _epoch(t.user_attrs.get(keys.BEST_EPOCH)),
             "lr": p.get("lr"),
             "optimizer": p.get("optimizer"),
             "scheduler": scheduler_label(p),
@@ -106,9 +113,9 @@ def running_trials_table(study: optuna.Study, epochs: int, now: datetime | None 
         table.add_column(column, justify="right" if column in ("trial", "epoch", "val_acc") else "left")
     for t in sorted(running, key=lambda t: t.number):
         last = max(t.intermediate_values) if t.intermediate_values else None
-        resumed = t.user_attrs.get("resumed_from") or {}
+        resumed = t.user_attrs.get(keys.RESUMED_FROM) or {}
         table.add_row(
-            str(t.number), str(t.user_attrs.get("worker", "")), str(t.user_attrs.get("device", "")),
+            str(t.number), str(t.user_attrs.get(keys.WORKER, "")), str(t.user_attrs.get(keys.DEVICE, "")),
             f"{last + 1}/{epochs}" if last is not None else f"0/{epochs}",
             _format("val_accuracy", t.intermediate_values[last]) if last is not None else "",
             _duration((now - t.datetime_start).total_seconds()) if t.datetime_start else "",
@@ -124,7 +131,8 @@ def failed_trials_table(study: optuna.Study, last: int = 5) -> Table | None:
     if not every:
         return None
     failed = every[-last:]
-    retried_by = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
+    original = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    retried_by = {original(t): t.number for t in trials if original(t) is not None}
     shown = f" (the last {len(failed)} of {len(every)})" if len(every) > len(failed) else ""
     table = Table(title=f"failed trials of {study.study_name!r}{shown}", header_style="bold")
     table.add_column("trial", justify="right")
@@ -132,7 +140,7 @@ def failed_trials_table(study: optuna.Study, last: int = 5) -> Table | None:
     table.add_column("reason", overflow="fold")
     for t in failed:
         retry = retried_by.get(t.number)
-        table.add_row(str(t.number), "" if retry is None else f"trial {retry}", _reason(t, "fail_reason"))
+        table.add_row(str(t.number), "" if retry is None else f"trial {retry}", _reason(t, keys.FAIL_REASON))
     return table
 
 
@@ -150,10 +158,118 @@ def describe_trial(trial: FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}  ({what})"
     if trial.state == TrialState.PRUNED:
-        return f"trial {trial.number} [yellow]PRUNED[/] {_reason(trial, 'pruned_reason')}  ({what})"
-    return f"trial {trial.number} [red]{trial.state.name}[/] {_reason(trial, 'fail_reason')}  ({what})"
+        return f"trial {trial.number} [yellow]PRUNED[/] {_reason(trial, keys.PRUNED_REASON)}  ({what})"
+    return f"trial {trial.number} [red]{trial.state.name}[/] {_reason(trial, keys.FAIL_REASON)}  ({what})"
 
 
 def _reason(trial: FrozenTrial, key: str) -> str:
     # Free text (paths, "[study]"): escaped, or rich would drop its brackets or raise MarkupError on "[/x]".
     return escape(str(trial.user_attrs.get(key, '')))
+
+
+def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, top_k: int,
+                       default_epochs: int) -> list[RenderableType]:
+    """`hpsearch status`: counts by state, the best trial, the store's size, the top-k table, the running trials
+    and the last failures."""
+    values = state_counts(study)
+    shown = [k for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if k in values]
+    counts = Table(title=f"study {study.study_name!r} in {redact(storage_url)}", header_style="bold")
+    for state in shown:
+        counts.add_column(state, justify="right")
+    counts.add_row(*(str(values[s]) for s in shown))
+    parts: list[RenderableType] = [counts]
+    best = best_trial(study)
+    if best is not None:
+        parts.append(f"best: trial {best.number} val_accuracy={best.value:.4f} params={best.params}")
+    parts.append(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
+    parts.append(top_trials_table(study, top_k))
+    epochs = int(keys.config_value(study, "train", "epochs", default_epochs))
+    parts += [t for t in (running_trials_table(study, epochs), failed_trials_table(study)) if t is not None]
+    return parts
+
+
+# ----------------------------------------------------------------------------------- the ensemble's report
+
+# Every column but `val NLL` is measured on the test split; `(T)`: after temperature scaling.
+COMPARISON_HEADERS = ("method", "members", "weights", "val NLL", "acc", "NLL", "ECE", "T", "NLL (T)", "ECE (T)")
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _weights_cell(row: Row) -> str:
+    return " ".join(f"#{t}:{w:.2f}" for t, w in zip(row.trials, row.weights, strict=True))
+
+
+def table_cells(result: EnsembleResult) -> list[list[str]]:
+    """The comparison as text cells, shared by the terminal table and report.md."""
+    cells = []
+    for row in result.rows:
+        name = row.name + (" [chosen]" if row.key == result.method else "")
+        if row.key == "weighted" and result.collapsed:
+            name += " [collapsed to 1 member]"
+        if row.key == "soup" and result.soup is not None and not result.soup.kept:
+            name += " [not kept]"
+        t = _f(row.temperature, 3) + (" (bound)" if row.temperature_at_bound else "")
+        cells.append([name, str(len(row.trials)), _weights_cell(row), _f(row.val_nll), _f(row.accuracy),
+                      _f(row.nll), _f(row.ece), t, _f(row.nll_scaled), _f(row.ece_scaled)])
+    return cells
+
+
+def result_table(result: EnsembleResult, title: str) -> Table:
+    table = Table(title=escape(title), header_style="bold")
+    for i, header in enumerate(COMPARISON_HEADERS):
+        table.add_column(header, justify="left" if i in (0, 2) else "right")
+    for cells in table_cells(result):
+        table.add_row(*(escape(c) for c in cells))
+    return table
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    rule = "|" + "|".join(":---" if i in left else "---:" for i in range(len(headers))) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def report_markdown(result: EnsembleResult, study_name: str, candidates: Sequence[Candidate],
+                    skipped: Sequence[str]) -> str:
+    weights = dict(zip((c.trial for c in candidates), result.weight_fit.weights, strict=True))
+    cand_rows = [[f"#{c.trial}", f"{c.val_accuracy:.4f}", f"{weights[c.trial]:.3f}",
+                  ", ".join(f"{k}={_param(v)}" for k, v in c.params.items())] for c in candidates]
+    parts = [
+        f"# Ensemble of study `{study_name}`",
+        "",
+        f"Split `{result.split_sha256}`: {result.sizes['val']} validation, {result.sizes['test']} test samples. "
+        "Weights and temperatures are fitted on validation outputs only; every metric below except `val NLL` "
+        "is on the held-out test split.",
+        "",
+        f"Chosen method: **{result.method}** ({len(result.members)} members"
+        + (f", T = {result.temperature:.3f}" if result.temperature is not None else "") + ").",
+        "",
+    ]
+    if result.collapsed:
+        parts += [f"**The weighted ensemble collapsed to a single member (trial {result.row('weighted').trials[0]})"
+                  ": weighted soft voting is that one model, not an ensemble.**", ""]
+    parts += ["## Comparison", "", "`val NLL` is on validation; acc, NLL and ECE are on test, before and after "
+              "temperature scaling with the T fitted on validation.", "",
+              _markdown_table(COMPARISON_HEADERS, table_cells(result), left=(0, 2)), "",
+              "## Candidates (rank order)", "",
+              _markdown_table(["trial", "val acc", "fitted weight", "params"], cand_rows, left=(0, 3)), "",
+              "## Notes", "", *(f"- {n}" for n in result.notes)]
+    if result.soup is not None:
+        parts += ["", "## Greedy soup", "", f"{'Kept' if result.soup.kept else 'Not kept'}: {result.soup.reason}.",
+                  "", "Trials in rank order; each row is the soup's validation accuracy and NLL with that trial's "
+                  "weights averaged in (re-run on the validation split); the first row is the best trial alone.", "",
+                  _markdown_table(["trial", "val acc", "val NLL", "added"],
+                                  [[f"#{s.trial}", f"{s.val_accuracy:.4f}", f"{s.val_nll:.4f}",
+                                    "yes" if s.added else "no"] for s in result.soup.steps])]
+    if skipped:
+        parts += ["", "## Skipped trials", "", *(f"- {s}" for s in skipped)]
+    return "\n".join(parts) + "\n"
+
+
+def _param(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,20 +1,17 @@
-"""The Optuna side: study creation, samplers, pruners, the objective (suggest → train → report → store).
+"""The study: creation and resume checks, samplers, pruners, running trials and the callbacks around them.
 
-Everything about a study that later stages rely on is recorded in it as user attrs: the search-space
-fingerprint (a resumed study must keep its space), the split's sha256 and sizes, the artifact store's
-location, and the study file it was created from.
+Everything about a study that later stages rely on is recorded in it as user attrs (names in `hpsearch.keys`):
+the search-space fingerprint (a resumed study must keep its space), the split's sha256 and sizes, the classes,
+the normalization its trials train with, the artifact store's location, and the study file it was created from.
+One trial's work is `hpsearch.objective`; this module decides which trials run, retries and ranks them.
 """
 
 from __future__ import annotations
 
 import copy
-import gc
 import json
-import logging
 import math
 import os
-import tempfile
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,31 +20,21 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import __version__
-from hpsearch.artifacts import (
-    ATTR_ARTIFACTS,
-    ATTR_CHECKPOINT,
-    ATTR_WEIGHTS,
-    ArtifactStore,
-    TrialOutputs,
-    download_to,
-    remove_artifact,
-    upload_trial_artifacts,
-)
-from hpsearch.config import ConfigError, SpaceSection, StudyConfig, StudySection
-from hpsearch.data import ImagePool, Split, load_pool, make_split, preprocess_for, trial_data
-from hpsearch.model import build_model, init_weights_tag
-from hpsearch.train import Checkpoint, EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
-from hpsearch.workers import ATTR_WORKER, worker_tag
-
-_log = logging.getLogger(__name__)
+from hpsearch import __version__, keys
+from hpsearch.artifacts import ArtifactStore, open_artifact_store, remove_artifact, resolve_artifacts
+from hpsearch.config import ConfigError, StudyConfig, StudySection, load_study
+from hpsearch.data import load_pool, make_split, preprocess_for
+from hpsearch.errors import StudyRecordError, UsageError
+from hpsearch.model import build_model, check_study_model
+from hpsearch.objective import Objective, Prepared, free_device_memory
+from hpsearch.preprocess import Preprocess
+from hpsearch.storage import open_storage, redact, resolve_storage_url, retry_callback
+from hpsearch.train import resolve_device
 
 METRIC_NAME = "val_accuracy"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-ATTR_INIT_WEIGHTS = "init_weights"
 
 
 # ------------------------------------------------------------------------------------- sampler, pruner
@@ -78,39 +65,7 @@ def sampler_seed(study_seed: int, worker: int, existing_trials: int) -> int:
     return int(np.random.SeedSequence([study_seed, worker, existing_trials]).generate_state(1)[0])
 
 
-# ------------------------------------------------------------------------------------------- the space
-
-
-def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
-    """lr (log), optimizer, scheduler with its own parameters (names unique per branch), dropout."""
-    params: dict[str, Any] = {
-        "lr": trial.suggest_float("lr", *space.lr, log=True),
-        "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
-        "scheduler": trial.suggest_categorical("scheduler", space.scheduler),
-        "dropout": trial.suggest_float("dropout", *space.dropout),
-    }
-    if space.weight_decay is not None:
-        params["weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
-    if params["scheduler"] == "step":
-        params["step_size"] = trial.suggest_int("step_size", *space.step.step_size)
-        params["step_gamma"] = trial.suggest_float("step_gamma", *space.step.gamma, log=True)
-    elif params["scheduler"] == "exponential":
-        params["exp_gamma"] = trial.suggest_float("exp_gamma", *space.exponential.gamma, log=True)
-    elif params["scheduler"] == "plateau":
-        params["plateau_factor"] = trial.suggest_float("plateau_factor", *space.plateau.factor, log=True)
-        params["plateau_patience"] = trial.suggest_int("plateau_patience", *space.plateau.patience)
-    return Hyperparams(**params)
-
-
 # ------------------------------------------------------------------------------------------ the study
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What every trial of a process shares: the data pool and the study's split."""
-
-    pool: ImagePool
-    split: Split
 
 
 def prepare(cfg: StudyConfig) -> Prepared:
@@ -143,31 +98,30 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
     attrs = study.user_attrs
     space = json.loads(json.dumps(cfg.space.fingerprint_data()))
     split_sha = prepared.split.sha256()
-    if "space_fingerprint" in attrs:
-        if attrs["space_fingerprint"] != cfg.space_fingerprint():
-            changes = "; ".join(_space_diff(attrs.get("space", {}), space)) or "space changed"
+    if keys.SPACE_FINGERPRINT in attrs:
+        if attrs[keys.SPACE_FINGERPRINT] != cfg.space_fingerprint():
+            changes = "; ".join(_space_diff(attrs.get(keys.SPACE, {}), space)) or "space changed"
             raise ConfigError("space", f"differs from study {cfg.study.name!r} in {study_storage_name(storage)} "
                               f"({changes}); Optuna cannot mix the two spaces: give the study a new [study] name "
                               f"or delete it (optuna delete-study --study-name {cfg.study.name} --storage URL)",
                               cfg.source)
-        if attrs.get("split_sha256") not in (None, split_sha):
+        if keys.split_sha256(study) not in (None, split_sha):
             raise ConfigError("data", f"the split differs from the one study {cfg.study.name!r} recorded (the dataset, "
                               "subset, fractions or seed changed); trials' outputs would not line up: use a new "
                               "[study] name", cfg.source)
     else:
-        study.set_user_attr("space_fingerprint", cfg.space_fingerprint())
-        study.set_user_attr("space", space)
-        study.set_user_attr("split_sha256", split_sha)
-        study.set_user_attr("split_sizes", prepared.split.sizes())
-        study.set_user_attr("classes", prepared.pool.classes)
-        study.set_user_attr("config", cfg.model_dump(mode="json"))
-        # The normalization every trial trains with, for exports (hpsearch.export reads it back).
+        study.set_user_attr(keys.SPACE_FINGERPRINT, cfg.space_fingerprint())
+        study.set_user_attr(keys.SPACE, space)
+        study.set_user_attr(keys.SPLIT_SHA256, split_sha)
+        study.set_user_attr(keys.SPLIT_SIZES, prepared.split.sizes())
+        study.set_user_attr(keys.CLASSES, prepared.pool.classes)
+        study.set_user_attr(keys.CONFIG, cfg.model_dump(mode="json"))
+        # The normalization every trial trains with, for exports (study_preprocess reads it back).
         pre = preprocess_for(prepared.pool, prepared.split, cfg.data, cfg.model.pretrained)
-        study.set_user_attr("preprocess", {"image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
-                                           "interpolation": pre.interpolation})
-        study.set_user_attr("hpsearch_version", __version__)
-    if ATTR_ARTIFACTS not in attrs:
-        study.set_user_attr(ATTR_ARTIFACTS, str(artifacts))
+        study.set_user_attr(keys.PREPROCESS, pre.record())
+        study.set_user_attr(keys.HPSEARCH_VERSION, __version__)
+    if keys.ARTIFACTS not in attrs:
+        study.set_user_attr(keys.ARTIFACTS, str(artifacts))
     study.set_metric_names([METRIC_NAME])
     existing = len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(cfg.study, sampler_seed(cfg.study.seed, worker, existing))
@@ -176,153 +130,98 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
 
 def study_storage_name(storage: optuna.storages.BaseStorage) -> str:
     url = getattr(storage, "url", None)
-    if url:
-        from hpsearch.storage import redact
+    return redact(url) if url else type(storage).__name__
 
-        return redact(url)
-    return type(storage).__name__
+
+def load_existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def study_preprocess(study: optuna.Study) -> Preprocess:
+    """The Preprocess the study's trials trained with: recorded at creation, else recomputed from its config."""
+    recorded = study.user_attrs.get(keys.PREPROCESS)
+    if recorded:
+        return Preprocess.of(**recorded)
+    cfg = StudyConfig.model_validate(keys.recorded_config(study))
+    pool = load_pool(cfg.data, cfg.study.seed)
+    split = make_split(pool, cfg.data, cfg.study.seed)
+    if split.sha256() != keys.split_sha256(study):
+        raise StudyRecordError(f"study {study.study_name!r} records no preprocessing and its data no longer gives "
+                               "its split; cannot tell the normalization its trials used")
+    return preprocess_for(pool, split, cfg.data, cfg.model.pretrained)
 
 
 def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-# ------------------------------------------------------------------------------------------ objective
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials with a finite value, best first (ties: lower trial number first)."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    return sorted(complete, key=lambda t: (sign * t.value, t.number))
 
 
-class Objective:
-    """suggest → train → report every epoch (the pruner may stop it) → store artifacts → value."""
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    ranked = ranked_trials(study)
+    return ranked[0] if ranked else None
 
-    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, store: ArtifactStore,
-                 on_epoch: Callable[[FrozenTrial | optuna.Trial, EpochMetrics], None] | None = None) -> None:
-        self.cfg = cfg
-        self.prepared = prepared
-        self.device = device
-        self.store = store
-        self.on_epoch = on_epoch
-        pretrained = cfg.model.pretrained
-        # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
-        self.init_weights = init_weights_tag(cfg.model)
-        # The splits move to the device once per process, not once per trial.
-        self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        # First: a supervisor finds a dead worker's trial by this tag.
-        trial.set_user_attr(ATTR_WORKER, worker_tag())
-        hp = suggest(trial, self.cfg.space)
-        # A retry trains with its original's seed: the same configuration, and a checkpoint it continues
-        # reproduces the original exactly.
-        retried = self._retried_trials(trial)
-        seed = (int(retried[0].user_attrs.get("seed", self.cfg.study.seed + retried[0].number)) if retried
-                else self.cfg.study.seed + trial.number)
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("device", str(self.device))
-        trial.set_user_attr("memory_at_start", memory_in_use(self.device))
-        trial.set_user_attr(ATTR_INIT_WEIGHTS, self.init_weights)
-        resume, resumed_from = self._resume_point(trial, retried)
-        if resume is not None:
-            trial.set_user_attr("resumed_from", {"trial": resumed_from.number if resumed_from else None,
-                                                 "epochs_done": resume.epoch + 1})
+# ------------------------------------------------------------------------------- opening a command's study
 
-        def report(metrics: EpochMetrics) -> None:
-            trial.report(metrics.val_accuracy, metrics.epoch)
-            if self.on_epoch is not None:
-                self.on_epoch(trial, metrics)
-            if trial.should_prune():
-                reason = (f"pruned at epoch {metrics.epoch + 1}: val_accuracy {metrics.val_accuracy:.4f} "
-                          f"by the {self.cfg.study.pruner} pruner")
-                trial.set_user_attr("pruned_reason", reason)
-                raise optuna.TrialPruned(reason)
 
-        out_of_memory: str | None = None
-        try:
-            result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
-                                 on_epoch=report, resume=resume, on_checkpoint=lambda c: self._checkpoint(trial, c),
-                                 checkpoint_every=self.cfg.train.checkpoint_every)
-            # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
-            self._store(trial, result)
-        except NonFiniteLoss as err:
-            # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
-            trial.set_user_attr("pruned_reason", str(err))
-            self._drop_checkpoint(trial)
-            raise optuna.TrialPruned(str(err)) from None
-        except optuna.TrialPruned:
-            self._drop_checkpoint(trial)
-            raise
-        except Exception as err:
-            if _out_of_memory(err):
-                # Only a string leaves this block: the exception would keep the trial's tensors alive.
-                where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                out_of_memory = f"out of memory on {where}: {first[:500]}"
-            else:
-                trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:1000])
-                trial.set_user_attr("fail_traceback", traceback.format_exc()[-4000:])
-                self._drop_checkpoint(trial)  # nothing retries a crashed trial: its checkpoint would only take space
-                raise
-        if out_of_memory is not None:
-            # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
-            free_device_memory()
-            trial.set_user_attr("fail_reason", out_of_memory)
-            trial.set_user_attr("out_of_memory", True)
-            raise TrialOutOfMemory(out_of_memory)
-        self._drop_checkpoint(trial)
-        if resumed_from is not None:
-            self._drop_checkpoint(resumed_from)
-        return result.best.val_accuracy
+@dataclass
+class Run:
+    """Everything `run` and `worker` share: validated config, storage, data, the study (created or resumed)."""
 
-    @staticmethod
-    def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:
-        """The trials this one retries (same parameters), the first original first; [] for a new trial."""
-        frozen = trial.study._storage.get_trial(trial._trial_id)
-        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
-        if not history:
-            return []
-        trials = trial.study.get_trials(deepcopy=False)
-        return [trials[number] for number in history]
+    cfg: StudyConfig
+    url: str
+    storage: optuna.storages.BaseStorage
+    study: optuna.Study
+    prepared: Prepared
+    artifacts: str  # a folder or s3://bucket/prefix
+    store: ArtifactStore  # opened once per process: for S3 that is one client and one bucket check
+    device: torch.device
+    n_trials: int
 
-    def _resume_point(self, trial: optuna.Trial,
-                      retried: list[FrozenTrial]) -> tuple[Checkpoint | None, FrozenTrial | None]:
-        """The last checkpoint among the trials this one retries, if any survived."""
-        for original in reversed(retried):
-            artifact = original.user_attrs.get(ATTR_CHECKPOINT)
-            if not artifact:
-                continue
-            with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-                try:
-                    path = download_to(self.store, artifact, Path(tmp), "checkpoint.pt")
-                    return Checkpoint.load(str(path)), original
-                except Exception as err:  # a lost or unreadable checkpoint means starting over, not failing
-                    _log.warning("trial %s: checkpoint of trial %s unusable (%s); starting from epoch 1",
-                                 trial.number, original.number, err)
-        return None, None
+    def objective(self, **kwargs: Any) -> Objective:
+        return Objective(self.cfg, self.prepared, self.device, self.store, **kwargs)
 
-    def _checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint) -> None:
-        previous = trial.study._storage.get_trial_user_attrs(trial._trial_id).get(ATTR_CHECKPOINT)
-        with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-            path = Path(tmp) / "checkpoint.pt"
-            checkpoint.save(str(path))
-            artifact = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
-                                       mimetype="application/octet-stream")
-        trial.set_user_attr(ATTR_CHECKPOINT, artifact)
-        trial.set_user_attr("checkpoint_epoch", checkpoint.epoch + 1)
-        if previous:
-            remove_artifact(self.store, previous)
 
-    def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
-        attrs = trial.user_attrs
-        if attrs.get(ATTR_CHECKPOINT):
-            remove_artifact(self.store, attrs[ATTR_CHECKPOINT])
+def open_run(study_file: str, *, storage: str | None = None, artifacts: str | None = None,
+             device: str | None = None, n_trials: int | None = None, worker: int = 0) -> Run:
+    """Read the study file, open its storage and artifact store, load the data, create or resume the study.
 
-    def _store(self, trial: optuna.Trial, result: TrainResult) -> None:
-        # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere.
-        outputs = TrialOutputs(result.val_logits, result.test_logits, self.prepared.split.sha256(),
-                               self.data.val.labels.cpu(), self.data.test.labels.cpu())
-        metadata = {"arch": self.cfg.model.arch, "num_classes": str(self.data.num_classes),
-                    "trial": str(trial.number)}
-        upload_trial_artifacts(self.store, trial, result.state_dict, outputs, metadata)
-        for key, value in result.summary().items():
-            trial.set_user_attr(key, value)
+    Every check runs here, before any trial exists: a bad file, device, URL, store or dataset is one line."""
+    cfg = load_study(study_file)
+    check_study_model(cfg)
+    resolved = resolve_device(device or cfg.train.device)
+    threads = os.environ.get("HPSEARCH_THREADS")
+    if resolved.type == "cpu" and threads:
+        torch.set_num_threads(int(threads))
+    url = resolve_storage_url(storage, cfg.study.storage)
+    opened = open_storage(url, heartbeat_interval=cfg.study.heartbeat_interval,
+                          heartbeat_grace=cfg.study.heartbeat_grace)
+    prepared = prepare(cfg)
+    location = resolve_artifacts(artifacts, load_existing(opened, cfg.study.name), cfg.study.artifacts)
+    store = open_artifact_store(location)  # a store that cannot be used stops here, before any study or trial
+    study = open_study(cfg, opened, prepared, location, worker=worker)
+    return Run(cfg, url, opened, study, prepared, location, store, resolved, n_trials or cfg.study.n_trials)
+
+
+def open_existing(study_file: str, storage: str | None = None) -> tuple[StudyConfig, optuna.Study, str]:
+    """(config, study, storage url) for the commands that read a study `run` created; one line if it is absent."""
+    cfg = load_study(study_file)
+    url = resolve_storage_url(storage, cfg.study.storage)
+    study = load_existing(open_storage(url), cfg.study.name)
+    if study is None:
+        raise UsageError(f"study {cfg.study.name!r} does not exist in {redact(url)}; start it with "
+                         f"`hpsearch run {study_file}` or pass the right --storage")
+    return cfg, study, url
 
 
 # -------------------------------------------------------------------------------------------- running
@@ -343,63 +242,21 @@ class StopAfterFailures:
             study.stop()
 
 
-class TrialOutOfMemory(RuntimeError):
-    """A trial ran out of memory, on its GPU or on the host (see `_out_of_memory`); the worker lives on and the
-    trial is retried once."""
-
-
-# On the host, PyTorch's allocator failure is no torch.OutOfMemoryError but a plain RuntimeError with this text.
-_CPU_ALLOCATOR_OOM = "DefaultCPUAllocator: can't allocate memory"
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """An allocator refused: torch.OutOfMemoryError (CUDA and other accelerators), or the CPU allocator's
-    RuntimeError. Any other error is a crash, not out of memory."""
-    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError)
-                                                        and _CPU_ALLOCATOR_OOM in str(err))
-
-
-def free_device_memory() -> None:
-    """Between trials (and after an OOM): drop what the last trial held, host and device."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def memory_in_use(device: torch.device) -> dict[str, float]:
-    """What this process holds now, in MiB: host resident set (Linux), and tensors on its CUDA device.
-
-    Recorded when each trial starts, it is what earlier trials left behind: flat over a worker's trials
-    unless something leaks (a user sees it per trial in the dashboard; the tests check it).
-    """
-    held: dict[str, float] = {}
-    try:
-        with open("/proc/self/statm") as statm:
-            held["host_rss_mib"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):  # no procfs (not Linux): the host figure is simply absent
-        pass
-    if device.type == "cuda":
-        held["cuda_allocated_mib"] = torch.cuda.memory_allocated(device) / 2**20
-    return {k: round(v, 1) for k, v in held.items()}
-
-
-_FAILURE_ATTRS = ("fail_reason", "fail_traceback", "out_of_memory", ATTR_WORKER)
+def retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue the one retry of a FAIL trial (same parameters and seed, resuming its checkpoint); the retry
+    inherits its user attrs but not why it failed nor the worker that ran it."""
+    failed = copy.copy(trial)
+    failed.user_attrs = keys.without_failure(trial.user_attrs)
+    retry_callback()(study, failed)
 
 
 class RetryOutOfMemory:
     """A trial that ran out of memory (GPU or host) is retried once with the same parameters (no searched parameter
     changes memory, so PRUNED would teach the sampler the wrong lesson); a second OOM stays FAIL."""
 
-    def __init__(self) -> None:
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1,
-                                                                      inherit_intermediate_values=True)
-
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL and trial.user_attrs.get("out_of_memory"):
-            # The retry copies user attrs: not the failure's own.
-            failed = copy.copy(trial)
-            failed.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in _FAILURE_ATTRS}
-            self.retry(study, failed)
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(keys.OUT_OF_MEMORY):
+            retry_failed(study, trial)
 
 
 class KeepBestWeights:
@@ -414,11 +271,8 @@ class KeepBestWeights:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not self.keep:
             return
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.value is not None and math.isfinite(t.value)]
-        complete.sort(key=lambda t: (-t.value, t.number))
-        for loser in complete[self.keep:]:
-            artifact = loser.user_attrs.get(ATTR_WEIGHTS)
+        for loser in ranked_trials(study)[self.keep:]:
+            artifact = loser.user_attrs.get(keys.WEIGHTS)
             if artifact and artifact not in self.removed:
                 remove_artifact(self.store, artifact)
                 self.removed.add(artifact)
@@ -441,9 +295,3 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
 
 def _free_after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     free_device_memory()
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
-    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None

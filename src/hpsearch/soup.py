@@ -24,32 +24,27 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from hpsearch.ensemble import (
-    Candidate,
-    EnsembleError,
-    EnsembleResult,
-    Member,
-    Row,
-    SoupInfo,
-    SoupStep,
-    _Outputs,
-    _soft_row,
-    _usable_t,
-    accuracy,
-    member_log_probs,
-    nll,
-)
+from hpsearch import keys
+from hpsearch.artifacts import download_to
+from hpsearch.candidates import Candidate
+from hpsearch.combine import Outputs, Row, accuracy, member_log_probs, nll, soft_row
+from hpsearch.config import StudyConfig
+from hpsearch.data import DeviceData, load_pool, make_split
+from hpsearch.errors import EnsembleError
+from hpsearch.infer import plain_model
+from hpsearch.model import builder_kwargs
+from hpsearch.search import study_preprocess
+from hpsearch.train import predict_logits
 
 if TYPE_CHECKING:
     import optuna
 
     from hpsearch.artifacts import ArtifactStore
-    from hpsearch.config import StudyConfig
 
 State = dict[str, torch.Tensor]
 # A state dict's architecture, as far as a soup cares: every tensor's name, shape and dtype.
@@ -58,6 +53,26 @@ Signature = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 class SoupError(EnsembleError):
     """A soup that cannot be made (members from different starting weights or architectures, data gone)."""
+
+
+@dataclass(frozen=True)
+class SoupStep:
+    """One greedy-soup step: the soup's validation numbers with `trial` added (in-process re-run)."""
+
+    trial: int
+    val_accuracy: float
+    val_nll: float
+    added: bool
+
+
+@dataclass(frozen=True)
+class SoupInfo:
+    """The greedy soup tried by `--method soup`: what went in and whether it was kept."""
+
+    ingredients: tuple[int, ...]  # trials whose weights were averaged, rank order
+    steps: tuple[SoupStep, ...]  # the first is the best trial alone: the baseline the soup must beat
+    kept: bool
+    reason: str  # one line: why it was kept or not
 
 
 @dataclass(frozen=True)
@@ -73,9 +88,7 @@ class Soup:
 
 def soup_config(study: optuna.Study) -> StudyConfig:
     """The study's recorded config, when its trials can be souped; a one-line SoupError otherwise."""
-    from hpsearch.config import StudyConfig
-
-    recorded = study.user_attrs.get("config")
+    recorded = keys.recorded_config(study)
     if not recorded:
         raise SoupError(f"--method soup: study {study.study_name!r} records no config (not created by hpsearch); "
                         "cannot tell which weights its trials started from")
@@ -184,8 +197,6 @@ def soup_decision(ingredients: Sequence[int], steps: Sequence[SoupStep]) -> tupl
 def load_state(store: ArtifactStore, artifact_id: str) -> State:
     from safetensors.torch import load_file
 
-    from hpsearch.artifacts import download_to
-
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
         return load_file(str(download_to(store, artifact_id, Path(tmp), "weights.safetensors")))
 
@@ -196,15 +207,10 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
 
     The refusals (random inits, different starting weights or architectures) come first; then `on_start`
     hears one line before the data is loaded and the averaged models run."""
-    from hpsearch.data import DeviceData, load_pool, make_split
-    from hpsearch.export import builder_kwargs, plain_model, study_preprocess
-    from hpsearch.search import ATTR_INIT_WEIGHTS
-    from hpsearch.train import predict_logits
-
     cfg = soup_config(study)
     by_trial = {c.trial: c for c in candidates}
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
-    check_same_start({c.trial: frozen[c.trial].user_attrs.get(ATTR_INIT_WEIGHTS) if c.trial in frozen else None
+    check_same_start({c.trial: frozen[c.trial].user_attrs.get(keys.INIT_WEIGHTS) if c.trial in frozen else None
                       for c in candidates})
     check_same_architecture([(c.trial, signature(load_state(store, c.weights_artifact))) for c in candidates])
     if on_start is not None:
@@ -213,7 +219,7 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
 
     pool = load_pool(cfg.data, cfg.study.seed)
     split = make_split(pool, cfg.data, cfg.study.seed)
-    if split.sha256() != study.user_attrs.get("split_sha256"):
+    if split.sha256() != keys.split_sha256(study):
         raise SoupError(f"--method soup: the data study {study.study_name!r} recorded ({cfg.data.dataset} under "
                         f"{cfg.data.root!r}) no longer gives its split (sha256 differs); the soup must be "
                         "validated on the study's own validation split")
@@ -226,7 +232,7 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
     val, test = DeviceData(pool, split.val, device), DeviceData(pool, split.test, device)
     y_val, y_test = val_labels.numpy().astype(np.int64), test_labels.numpy().astype(np.int64)
     arch = cfg.model.arch
-    n_classes = len(study.user_attrs.get("classes", [])) or pool.num_classes
+    n_classes = len(keys.classes(study)) or pool.num_classes
     model = plain_model(arch, n_classes, builder_kwargs(arch, pre.image_size)).to(device).eval()
 
     def log_probs(state: State, data: DeviceData) -> np.ndarray:
@@ -241,23 +247,8 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
     ingredients, state, steps = greedy_soup([c.trial for c in candidates],
                                             lambda t: load_state(store, by_trial[t].weights_artifact), evaluate)
     kept, reason = soup_decision(ingredients, steps)
-    data = _Outputs(val=log_probs(state, val)[None], test=log_probs(state, test)[None], y_val=y_val, y_test=y_test)
+    data = Outputs(val=log_probs(state, val)[None], test=log_probs(state, test)[None], y_val=y_val, y_test=y_test)
     name = "greedy soup (" + "+".join(f"#{t}" for t in ingredients) + ")"
-    row = _soft_row("soup", name, data, np.ones(1), ingredients[:1])
+    row = soft_row("soup", name, data, np.ones(1), ingredients[:1])
     row = dataclasses.replace(row, trials=tuple(ingredients), weights=(1.0 / len(ingredients),) * len(ingredients))
     return Soup(SoupInfo(tuple(ingredients), tuple(steps), kept, reason), state, row, arch)
-
-
-def with_soup(result: EnsembleResult, soup: Soup, candidates: Sequence[Candidate]) -> EnsembleResult:
-    """`result` with the soup's row and notes added; when the soup is kept, it is the one exported member."""
-    rows = (*result.rows, soup.row)
-    info = soup.info
-    if not info.kept:
-        note = (f"greedy soup not kept: {info.reason}; the export is the {result.method} ensemble instead")
-        return dataclasses.replace(result, rows=rows, soup=info, notes=(*result.notes, note))
-    params: dict[str, Any] = dict(next(c.params for c in candidates if c.trial == info.ingredients[0]))
-    member = Member(info.ingredients[0], params, soup.arch, 1.0, "", soup.row.val_accuracy)
-    note = (f"greedy soup kept: {info.reason}; the export is one model, the average of trials "
-            + ", ".join(f"#{t}" for t in info.ingredients) + "'s weights")
-    return dataclasses.replace(result, method="soup", members=(member,), temperature=_usable_t(soup.row),
-                               rows=rows, soup=info, notes=(*result.notes, note))

@@ -19,14 +19,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from hpsearch.errors import StorageError
+
 _log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///hpsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60
-
-
-class StorageError(ValueError):
-    """A storage URL that cannot be opened; the message says which and why."""
 
 
 def resolve_storage_url(cli: str | None, study_file: str | None) -> str:
@@ -57,6 +55,12 @@ class _RDBStorage(optuna.storages.RDBStorage):
                          str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
+def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    """How every failed trial that deserves it is retried (stale heartbeat, dead worker, out of memory): once,
+    with the same parameters, inheriting the reported epochs so the retry resumes from its checkpoint."""
+    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)
+
+
 def _heartbeat_kwargs(interval: int | None, grace: int | None) -> dict[str, Any]:
     if not interval:
         return {}
@@ -64,9 +68,7 @@ def _heartbeat_kwargs(interval: int | None, grace: int | None) -> dict[str, Any]
         "heartbeat_interval": interval,
         "grace_period": grace or 10 * interval,
         # A trial whose worker died on another machine becomes FAIL and is retried once, same params.
-        "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=1, inherit_intermediate_values=True
-        ),
+        "heartbeat_stale_trial_callback": retry_callback(),
     }
 
 

@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpsearch import keys
 from hpsearch.config import ModelSection, TrainSection
-from hpsearch.data import DeviceData, Preprocess, TrialData, augment
+from hpsearch.data import DeviceData, TrialData, augment
+from hpsearch.errors import UsageError
 from hpsearch.model import build_model, plain_state_dict, set_train_mode
+from hpsearch.preprocess import Preprocess
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class TrainResult:
     extra: dict[str, object] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
-        return {"best_epoch": self.best.epoch, "val_accuracy": self.best.val_accuracy,
+        return {keys.BEST_EPOCH: self.best.epoch, "val_accuracy": self.best.val_accuracy,
                 "val_loss": self.best.val_loss, "epochs_run": len(self.history)}
 
 
@@ -118,7 +121,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA device is visible; use auto or cpu")
+        raise UsageError("device: cuda was asked for but no CUDA device is visible; use auto or cpu")
     return torch.device(name)
 
 

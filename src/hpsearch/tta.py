@@ -22,11 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hpsearch.errors import TTAError
+
 TTA_AUGMENTATIONS = ("crop", "flip")  # the recorded augmentations that give views; others are ignored
-
-
-class TTAError(ValueError):
-    """An export that cannot say which augmentations its study used."""
 
 
 def manifest_augment(manifest: Mapping[str, Any]) -> tuple[str, ...]:

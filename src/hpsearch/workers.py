@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import optuna
-from optuna.trial import TrialState
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
 
-ATTR_WORKER = "worker"
+from hpsearch import keys
+from hpsearch.objective import worker_tag
+from hpsearch.search import Run, finished_trials, retry_failed
+
 # A worker's exit code when it stopped because trials failed in a row (not a crash: not restarted).
 EXIT_FAILURE_STREAK = 4
 STOP_GRACE_S = 30.0
-
-
-def worker_tag(pid: int | None = None) -> str:
-    """Who runs a trial: host and pid, recorded on the trial so a supervisor can find a dead worker's trial."""
-    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int) -> dict[str, str]:
@@ -52,23 +50,38 @@ def visible_gpus() -> list[int]:
         return []
 
 
-def fail_trials_of(storage: optuna.storages.BaseStorage, study: optuna.Study, tag: str,
-                   reason: str) -> list[int]:
-    """Mark the RUNNING trials of one (dead) worker FAIL and queue one retry of each; returns their numbers."""
-    # The retry inherits the reported epochs; it resumes from the dead trial's last checkpoint.
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)
+def fail_trials_of(storage: optuna.storages.BaseStorage, study: optuna.Study, tag: str, reason: str, *,
+                   retry: bool = True) -> list[int]:
+    """End the RUNNING trials of one (dead or stopped) worker FAIL and queue one retry of each (with `retry`);
+    returns their numbers. A trial that finished first, by its worker or a heartbeat check, is left alone."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(ATTR_WORKER) != tag:
-            continue
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-            # The retry copies user attrs: not this trial's fail_reason, nor the dead worker's tag.
-            dead = storage.get_trial(trial._trial_id)
-            dead.user_attrs = {k: v for k, v in dead.user_attrs.items() if k not in ("fail_reason", ATTR_WORKER)}
-            retry(study, dead)
+        if trial.user_attrs.get(keys.WORKER) == tag and fail_running_trial(storage, study, trial, reason, retry=retry):
             failed.append(trial.number)
     return failed
+
+
+def fail_running_trial(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: FrozenTrial, reason: str,
+                       *, retry: bool) -> bool:
+    """End another process's RUNNING trial FAIL with `reason`, and queue its retry unless one exists; False,
+    changing nothing, when the trial finished first."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               trial.number)
+    try:
+        storage.set_trial_user_attr(trial_id, keys.FAIL_REASON, reason)  # a finished trial refuses it
+    except UpdateFinishedTrialError:
+        return False
+    told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    if told.state != TrialState.FAIL or told.user_attrs.get(keys.FAIL_REASON) != reason:
+        return False
+    if retry and not _has_retry(study, trial.number):
+        retry_failed(study, told)
+    return True
+
+
+def _has_retry(study: optuna.Study, number: int) -> bool:
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+    return any(history(t)[-1:] == [number] for t in study.get_trials(deepcopy=False))
 
 
 @dataclass
@@ -164,10 +177,7 @@ class Supervisor:
         # Whatever a stopped worker could not mark itself ends FAIL here, never RUNNING.
         for worker in self.workers:
             if worker.process is not None:
-                for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                    if trial.user_attrs.get(ATTR_WORKER) == worker.tag:
-                        self.storage.set_trial_user_attr(trial._trial_id, "fail_reason", "stopped by a signal")
-                        self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                fail_trials_of(self.storage, self.study, worker.tag, "stopped by a signal", retry=False)
 
 
 def worker_command(args: Sequence[str]) -> list[str]:
@@ -186,3 +196,19 @@ def install_stop_handler() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, per_gpu: int = 1,
+                timeout: float | None = None, on_event: Callable[[str], None] = print) -> int:
+    """`run --workers N`: N `hpsearch worker` processes on this study, pinned round-robin to `gpus` (default:
+    every visible GPU unless the run is on the CPU), supervised until the study holds its trials."""
+    pinned = [] if run.device.type == "cpu" else list(gpus or visible_gpus())
+    passed = [str(run.cfg.source), "--storage", run.url, "--artifacts", str(run.artifacts), "--n-trials",
+              str(run.n_trials), "--device", "cuda" if pinned else "cpu"]
+    if timeout:
+        passed += ["--timeout", str(timeout)]
+    workers = [Worker(i, worker_command([*passed, "--worker-index", str(i)]), worker_env(i, n_workers, pinned, per_gpu))
+               for i in range(n_workers)]
+    supervisor = Supervisor(run.study, run.storage, workers, done=lambda: finished_trials(run.study) >= run.n_trials,
+                            on_event=on_event)
+    return supervisor.run()

@@ -1,0 +1,48 @@
+"""One error base for everything a user can fix: `HpsearchError` and the exit code it maps to.
+
+Every module raises a subclass whose message is one line naming the field, file or URL and the fix; the CLI
+catches the base, prints that line and exits with `exit_code` (2: bad input), never with a traceback.
+Each subclass keeps its module's name (`hpsearch.storage.StorageError` is this module's `StorageError`).
+"""
+
+from __future__ import annotations
+
+EXIT_BAD_INPUT = 2
+
+
+class HpsearchError(ValueError):
+    """Input hpsearch cannot use; `str(err)` is one line naming what and the fix."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UsageError(HpsearchError):
+    """Bad input found by the CLI itself (flags that do not go together, a study that does not exist)."""
+
+
+class StorageError(HpsearchError):
+    """A storage URL that cannot be opened; the message says which and why."""
+
+
+class DataError(HpsearchError):
+    """Data that cannot be loaded; the message names the file or folder and the fix."""
+
+
+class ArtifactStoreError(HpsearchError):
+    """The artifact store named by the user cannot be used; one line naming it and the fix."""
+
+
+class StudyRecordError(HpsearchError):
+    """A study whose recorded attributes (config, split, preprocessing) cannot be used, or no longer match."""
+
+
+class EnsembleError(HpsearchError):
+    """An ensemble that cannot be built (too few usable candidates, outputs that do not line up)."""
+
+
+class ExportError(HpsearchError):
+    """An ensemble folder that cannot be written or loaded; the message names the file and the fix."""
+
+
+class TTAError(HpsearchError):
+    """Test-time augmentation asked of an export that cannot give it."""

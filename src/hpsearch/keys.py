@@ -1,0 +1,79 @@
+"""Every study and trial attribute name hpsearch records, and small typed readers of them.
+
+A study records, when it is created, what later stages rely on (the split every trial's outputs line up with,
+the classes, the config it was created from, the normalization its trials trained with, its artifact store);
+each trial records who ran it, from what, and where its artifacts are. Each name is written in exactly one
+place and read through this module, so a rename is one line. Imports nothing of Optuna: a study and a
+trial are read through their public `user_attrs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+# ------------------------------------------------------------------------------------------ study attrs
+SPACE_FINGERPRINT = "space_fingerprint"  # a resumed study must keep its search space
+SPACE = "space"  # the space itself, to name what changed
+SPLIT_SHA256 = "split_sha256"  # the split every trial's outputs line up with
+SPLIT_SIZES = "split_sizes"
+CLASSES = "classes"
+CONFIG = "config"  # the study file it was created from, as JSON
+PREPROCESS = "preprocess"  # image_size, mean, std, interpolation: what an export reproduces
+HPSEARCH_VERSION = "hpsearch_version"
+ARTIFACTS = "artifacts_dir"  # the artifact store: a folder or s3://bucket/prefix
+
+# ------------------------------------------------------------------------------------------ trial attrs
+WORKER = "worker"  # host:pid of the process running it (a supervisor finds a dead worker's trial by it)
+SEED = "seed"
+DEVICE = "device"
+MEMORY_AT_START = "memory_at_start"
+INIT_WEIGHTS = "init_weights"  # what its weights started from: none, a weights enum, or a file's sha256
+RESUMED_FROM = "resumed_from"  # {"trial": n, "epochs_done": k} when it continued a checkpoint
+PRUNED_REASON = "pruned_reason"
+FAIL_REASON = "fail_reason"
+FAIL_TRACEBACK = "fail_traceback"
+OUT_OF_MEMORY = "out_of_memory"
+WEIGHTS = "weights_artifact"  # best-epoch weights.safetensors
+OUTPUTS = "outputs_artifact"  # validation and test logits, outputs.safetensors
+CHECKPOINT = "checkpoint_artifact"  # the latest resumable checkpoint while it runs
+CHECKPOINT_EPOCH = "checkpoint_epoch"
+BEST_EPOCH = "best_epoch"  # 0-based; with val_accuracy, val_loss and epochs_run from the training summary
+
+# A retry copies its original's user attrs, but not why the original failed nor the worker that ran it.
+FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, WORKER)
+
+
+class HasUserAttrs(Protocol):
+    """A study or a trial (Optuna's Study, Trial and FrozenTrial all qualify)."""
+
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def classes(study: HasUserAttrs) -> list[str]:
+    return [str(c) for c in study.user_attrs.get(CLASSES, [])]
+
+
+def split_sha256(study: HasUserAttrs) -> str | None:
+    value = study.user_attrs.get(SPLIT_SHA256)
+    return str(value) if value else None
+
+
+def recorded_config(study: HasUserAttrs) -> dict[str, Any]:
+    """The study file the study was created from, as recorded ({} for a study hpsearch did not create)."""
+    config = study.user_attrs.get(CONFIG)
+    return dict(config) if isinstance(config, Mapping) else {}
+
+
+def config_value(study: HasUserAttrs, section: str, key: str, default: Any = None) -> Any:
+    """One recorded config value, e.g. config_value(study, "model", "arch"), or `default` when not recorded."""
+    return recorded_config(study).get(section, {}).get(key, default)
+
+
+def without_failure(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The user attrs a retry inherits: all but FAILURE_ATTRS."""
+    return {k: v for k, v in user_attrs.items() if k not in FAILURE_ATTRS}

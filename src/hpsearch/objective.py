@@ -1,0 +1,249 @@
+"""One trial: suggest → train → report every epoch (the pruner may stop it) → store its artifacts → value.
+
+The objective is the only place a trial's training meets Optuna: `hpsearch.train` knows nothing of trials. A
+trial records who runs it, its seed and starting weights first; a retried trial trains with its original's
+seed and continues from its last checkpoint. A diverged trial ends PRUNED, one that ran out of memory FAIL with
+`out_of_memory` (and is retried once), any other crash FAIL with its reason and traceback.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.artifacts import upload_artifact
+from optuna.trial import FrozenTrial
+
+from hpsearch import keys
+from hpsearch.artifacts import ArtifactStore, TrialOutputs, download_to, remove_artifact, upload_trial_artifacts
+from hpsearch.config import SpaceSection, StudyConfig
+from hpsearch.data import ImagePool, Split, trial_data
+from hpsearch.model import init_weights_tag
+from hpsearch.train import Checkpoint, EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
+
+_log = logging.getLogger(__name__)
+
+
+def worker_tag(pid: int | None = None) -> str:
+    """Who runs a trial: host and pid, recorded on the trial so a supervisor can find a dead worker's trial."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+# ------------------------------------------------------------------------------------------- the space
+
+
+def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
+    """lr (log), optimizer, scheduler with its own parameters (names unique per branch), dropout."""
+    params: dict[str, Any] = {
+        "lr": trial.suggest_float("lr", *space.lr, log=True),
+        "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
+        "scheduler": trial.suggest_categorical("scheduler", space.scheduler),
+        "dropout": trial.suggest_float("dropout", *space.dropout),
+    }
+    if space.weight_decay is not None:
+        params["weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
+    if params["scheduler"] == "step":
+        params["step_size"] = trial.suggest_int("step_size", *space.step.step_size)
+        params["step_gamma"] = trial.suggest_float("step_gamma", *space.step.gamma, log=True)
+    elif params["scheduler"] == "exponential":
+        params["exp_gamma"] = trial.suggest_float("exp_gamma", *space.exponential.gamma, log=True)
+    elif params["scheduler"] == "plateau":
+        params["plateau_factor"] = trial.suggest_float("plateau_factor", *space.plateau.factor, log=True)
+        params["plateau_patience"] = trial.suggest_int("plateau_patience", *space.plateau.patience)
+    return Hyperparams(**params)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every trial of a process shares: the data pool and the study's split."""
+
+    pool: ImagePool
+    split: Split
+
+
+# ------------------------------------------------------------------------------------------ objective
+
+
+class Objective:
+    """suggest → train → report every epoch (the pruner may stop it) → store artifacts → value."""
+
+    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, store: ArtifactStore,
+                 on_epoch: Callable[[FrozenTrial | optuna.Trial, EpochMetrics], None] | None = None) -> None:
+        self.cfg = cfg
+        self.prepared = prepared
+        self.device = device
+        self.store = store
+        self.on_epoch = on_epoch
+        pretrained = cfg.model.pretrained
+        # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
+        self.init_weights = init_weights_tag(cfg.model)
+        # The splits move to the device once per process, not once per trial.
+        self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        # First: a supervisor finds a dead worker's trial by this tag.
+        trial.set_user_attr(keys.WORKER, worker_tag())
+        hp = suggest(trial, self.cfg.space)
+        # A retry trains with its original's seed: the same configuration, and a checkpoint it continues
+        # reproduces the original exactly.
+        retried = self._retried_trials(trial)
+        seed = (int(retried[0].user_attrs.get(keys.SEED, self.cfg.study.seed + retried[0].number)) if retried
+                else self.cfg.study.seed + trial.number)
+        trial.set_user_attr(keys.SEED, seed)
+        trial.set_user_attr(keys.DEVICE, str(self.device))
+        trial.set_user_attr(keys.MEMORY_AT_START, memory_in_use(self.device))
+        trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights)
+        resume, resumed_from = self._resume_point(trial, retried)
+        if resume is not None:
+            trial.set_user_attr(keys.RESUMED_FROM, {"trial": resumed_from.number if resumed_from else None,
+                                                    "epochs_done": resume.epoch + 1})
+
+        def report(metrics: EpochMetrics) -> None:
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(trial, metrics)
+            if trial.should_prune():
+                reason = (f"pruned at epoch {metrics.epoch + 1}: val_accuracy {metrics.val_accuracy:.4f} "
+                          f"by the {self.cfg.study.pruner} pruner")
+                trial.set_user_attr(keys.PRUNED_REASON, reason)
+                raise optuna.TrialPruned(reason)
+
+        out_of_memory: str | None = None
+        try:
+            result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
+                                 on_epoch=report, resume=resume, on_checkpoint=lambda c: self._checkpoint(trial, c),
+                                 checkpoint_every=self.cfg.train.checkpoint_every)
+            # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
+            self._store(trial, result)
+        except NonFiniteLoss as err:
+            # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
+            trial.set_user_attr(keys.PRUNED_REASON, str(err))
+            self._drop_checkpoint(trial)
+            raise optuna.TrialPruned(str(err)) from None
+        except optuna.TrialPruned:
+            self._drop_checkpoint(trial)
+            raise
+        except Exception as err:
+            if is_out_of_memory(err):
+                # Only a string leaves this block: the exception would keep the trial's tensors alive.
+                where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                out_of_memory = f"out of memory on {where}: {first[:500]}"
+            else:
+                trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
+                trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
+                self._drop_checkpoint(trial)  # nothing retries a crashed trial: its checkpoint would only take space
+                raise
+        if out_of_memory is not None:
+            # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
+            free_device_memory()
+            trial.set_user_attr(keys.FAIL_REASON, out_of_memory)
+            trial.set_user_attr(keys.OUT_OF_MEMORY, True)
+            raise TrialOutOfMemory(out_of_memory)
+        self._drop_checkpoint(trial)
+        if resumed_from is not None:
+            self._drop_checkpoint(resumed_from)
+        return result.best.val_accuracy
+
+    @staticmethod
+    def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:
+        """The trials this one retries (same parameters), the first original first; [] for a new trial."""
+        trials = trial.study.get_trials(deepcopy=False)  # numbered 0..n-1 in order: a list index is a number
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trials[trial.number])
+        return [trials[number] for number in history]
+
+    def _resume_point(self, trial: optuna.Trial,
+                      retried: list[FrozenTrial]) -> tuple[Checkpoint | None, FrozenTrial | None]:
+        """The last checkpoint among the trials this one retries, if any survived."""
+        for original in reversed(retried):
+            artifact = original.user_attrs.get(keys.CHECKPOINT)
+            if not artifact:
+                continue
+            with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+                try:
+                    path = download_to(self.store, artifact, Path(tmp), "checkpoint.pt")
+                    return Checkpoint.load(str(path)), original
+                except Exception as err:  # a lost or unreadable checkpoint means starting over, not failing
+                    _log.warning("trial %s: checkpoint of trial %s unusable (%s); starting from epoch 1",
+                                 trial.number, original.number, err)
+        return None, None
+
+    def _checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint) -> None:
+        previous = trial.user_attrs.get(keys.CHECKPOINT)
+        with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+            path = Path(tmp) / "checkpoint.pt"
+            checkpoint.save(str(path))
+            artifact = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
+                                       mimetype="application/octet-stream")
+        trial.set_user_attr(keys.CHECKPOINT, artifact)
+        trial.set_user_attr(keys.CHECKPOINT_EPOCH, checkpoint.epoch + 1)
+        if previous:
+            remove_artifact(self.store, previous)
+
+    def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
+        artifact = trial.user_attrs.get(keys.CHECKPOINT)
+        if artifact:
+            remove_artifact(self.store, artifact)
+
+    def _store(self, trial: optuna.Trial, result: TrainResult) -> None:
+        # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere.
+        outputs = TrialOutputs(result.val_logits, result.test_logits, self.prepared.split.sha256(),
+                               self.data.val.labels.cpu(), self.data.test.labels.cpu())
+        metadata = {"arch": self.cfg.model.arch, "num_classes": str(self.data.num_classes),
+                    "trial": str(trial.number)}
+        upload_trial_artifacts(self.store, trial, result.state_dict, outputs, metadata)
+        for key, value in result.summary().items():
+            trial.set_user_attr(key, value)
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of memory, on its GPU or on the host (see `is_out_of_memory`); the worker lives on and the
+    trial is retried once."""
+
+
+# On the host, PyTorch's allocator failure is no torch.OutOfMemoryError but a plain RuntimeError with this text.
+_CPU_ALLOCATOR_OOM = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocator refused: torch.OutOfMemoryError (CUDA and other accelerators), or the CPU allocator's
+    RuntimeError. Any other error is a crash, not out of memory."""
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                        and _CPU_ALLOCATOR_OOM in str(err))
+
+
+def free_device_memory() -> None:
+    """Between trials (and after an OOM): drop what the last trial held, host and device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def memory_in_use(device: torch.device) -> dict[str, float]:
+    """What this process holds now, in MiB: host resident set (Linux), and tensors on its CUDA device.
+
+    Recorded when each trial starts, it is what earlier trials left behind: flat over a worker's trials
+    unless something leaks (a user sees it per trial in the dashboard; the tests check it).
+    """
+    held: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as statm:
+            held["host_rss_mib"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # no procfs (not Linux): the host figure is simply absent
+        pass
+    if device.type == "cuda":
+        held["cuda_allocated_mib"] = torch.cuda.memory_allocated(device) / 2**20
+    return {k: round(v, 1) for k, v in held.items()}
