@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torchvision import models
 
-from hpsearch.data import Preprocess
-from hpsearch.export import Ensemble
+from hpsearch.loading import Ensemble
+from hpsearch.preprocess import Preprocess
 
 STRATEGIES = ("loop", "vmap")
 

@@ -219,10 +219,14 @@ def download_to(store: ArtifactStore, artifact_id: str, folder: Path, name: str)
     return path
 
 
-def load_trial_weights(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
+def load_weights(store: ArtifactStore, artifact_id: str) -> dict[str, torch.Tensor]:
+    """A weights.safetensors artifact as a state dict (safetensors: nothing is unpickled)."""
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-        path = download_to(store, trial.user_attrs[keys.WEIGHTS], Path(tmp), "weights.safetensors")
-        return load_file(str(path))
+        return load_file(str(download_to(store, artifact_id, Path(tmp), "weights.safetensors")))
+
+
+def load_trial_weights(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
+    return load_weights(store, trial.user_attrs[keys.WEIGHTS])
 
 
 def load_trial_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> TrialOutputs:

@@ -20,17 +20,15 @@ Every floating tensor is averaged, BatchNorm running statistics included; intege
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from hpsearch import keys
-from hpsearch.artifacts import download_to
+from hpsearch.artifacts import load_weights
 from hpsearch.candidates import Candidate
 from hpsearch.combine import Outputs, Row, accuracy, member_log_probs, nll, soft_row
 from hpsearch.config import StudyConfig
@@ -194,13 +192,6 @@ def soup_decision(ingredients: Sequence[int], steps: Sequence[SoupStep]) -> tupl
 # ------------------------------------------------------------------------------------------ the study
 
 
-def load_state(store: ArtifactStore, artifact_id: str) -> State:
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-        return load_file(str(download_to(store, artifact_id, Path(tmp), "weights.safetensors")))
-
-
 def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Candidate],
               device: torch.device, on_start: Callable[[str], None] | None = None) -> Soup:
     """The greedy soup of `candidates` (rank order), re-run on the study's own validation and test splits.
@@ -212,7 +203,7 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
     check_same_start({c.trial: frozen[c.trial].user_attrs.get(keys.INIT_WEIGHTS) if c.trial in frozen else None
                       for c in candidates})
-    check_same_architecture([(c.trial, signature(load_state(store, c.weights_artifact))) for c in candidates])
+    check_same_architecture([(c.trial, signature(load_weights(store, c.weights_artifact))) for c in candidates])
     if on_start is not None:
         on_start(f"greedy soup of {len(candidates)} trials: re-running averaged weights on {cfg.data.dataset}'s "
                  f"validation split ({device})")
@@ -245,7 +236,7 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
         return accuracy(lp.argmax(axis=1), y_val), nll(lp, y_val)
 
     ingredients, state, steps = greedy_soup([c.trial for c in candidates],
-                                            lambda t: load_state(store, by_trial[t].weights_artifact), evaluate)
+                                            lambda t: load_weights(store, by_trial[t].weights_artifact), evaluate)
     kept, reason = soup_decision(ingredients, steps)
     data = Outputs(val=log_probs(state, val)[None], test=log_probs(state, test)[None], y_val=y_val, y_test=y_test)
     name = "greedy soup (" + "+".join(f"#{t}" for t in ingredients) + ")"
