@@ -70,6 +70,30 @@ def tiny_tables(name: str = "tiny", **overrides: dict[str, Any]) -> dict[str, di
     return tables
 
 
+# Process-level tests start workers of their own and time what those do: one at a time (one xdist group),
+# beside the fast tests, which pytest-xdist spreads over the other cores.
+PROCESS_LEVEL_GROUP = "process-level"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group(PROCESS_LEVEL_GROUP))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Under CI a skip is a failure, except a GPU test on a machine without one: every extra the tests need
+    (PostgreSQL, docker compose, moto, ONNX) is installed there, so a skip means a broken setup."""
+    report = yield
+    if (os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail")
+            and item.get_closest_marker("gpu") is None):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"unexpected skip under CI: {reason}"
+    return report
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:
     import torch

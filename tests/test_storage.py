@@ -167,6 +167,19 @@ def test_bad_url_is_one_clear_line(url, words):
         assert word in message
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://hp:s3cret-pw@db.example:notaport/hp",  # parses up to the port, then fails
+    "postgres ql://hp:s3cret-pw@db.example/hp",  # no URL at all
+    "hp:s3cret-pw@db.example/hp",  # no scheme
+])
+def test_a_url_that_does_not_parse_is_refused_without_its_password(url):
+    with pytest.raises(StorageError) as raised:
+        open_storage(url)
+    message = str(raised.value)
+    assert "s3cret-pw" not in message and "hp:***@db.example" in message, message
+    assert "is not a database URL" in message and "\n" not in message
+
+
 def test_missing_sqlite_folder_is_named_and_not_created(tmp_path):
     missing = tmp_path / "no" / "such"
     with pytest.raises(StorageError) as raised:

@@ -33,11 +33,17 @@ def resolve_storage_url(cli: str | None, study_file: str | None) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and manifests."""
+    """The URL without its password, for logs, error lines, tables and manifests; also a URL that does not parse
+    (its text between `user:` and the last `@` is masked)."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is no number
+        head, at, host = url.rpartition("@")
+        if not at:
+            return url
+        scheme, slashes, credentials = head.rpartition("//")
+        user, colon, _ = credentials.partition(":")
+        return f"{scheme}{slashes}{user}{':***' if colon else ''}@{host}"
 
 
 class _RDBStorage(optuna.storages.RDBStorage):
@@ -84,8 +90,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_g
         return _journal(url)
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise StorageError(f"storage: {url!r} is not a database URL; use e.g. sqlite:///hpsearch.db or "
+    except (ArgumentError, ValueError):
+        raise StorageError(f"storage: {redact(url)!r} is not a database URL; use e.g. sqlite:///hpsearch.db or "
                            "postgresql+psycopg://user@host:5432/db") from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql", "mysql"):

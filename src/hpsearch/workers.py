@@ -29,9 +29,14 @@ EXIT_FAILURE_STREAK = 4
 STOP_GRACE_S = 30.0
 
 
-def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int) -> dict[str, str]:
-    """Pin worker `index` to one GPU (round-robin), or give it its share of the CPU's threads."""
+def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, storage: str | None = None
+               ) -> dict[str, str]:
+    """Pin worker `index` to one GPU (round-robin), or give it its share of the CPU's threads. The storage URL
+    travels in HPSEARCH_STORAGE, never in argv: any user on the machine can read a process's argv, with the
+    password a URL may carry."""
     env = dict(os.environ)
+    if storage is not None:
+        env["HPSEARCH_STORAGE"] = storage
     env["HPSEARCH_WORKER"] = str(index)
     env["HPSEARCH_APP_NAME"] = f"hpsearch-worker-{index}"
     if gpus:
@@ -203,12 +208,12 @@ def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, 
     """`run --workers N`: N `hpsearch worker` processes on this study, pinned round-robin to `gpus` (default:
     every visible GPU unless the run is on the CPU), supervised until the study holds its trials."""
     pinned = [] if run.device.type == "cpu" else list(gpus or visible_gpus())
-    passed = [str(run.cfg.source), "--storage", run.url, "--artifacts", str(run.artifacts), "--n-trials",
-              str(run.n_trials), "--device", "cuda" if pinned else "cpu"]
+    passed = [str(run.cfg.source), "--artifacts", str(run.artifacts), "--n-trials", str(run.n_trials),
+              "--device", "cuda" if pinned else "cpu"]
     if timeout:
         passed += ["--timeout", str(timeout)]
-    workers = [Worker(i, worker_command([*passed, "--worker-index", str(i)]), worker_env(i, n_workers, pinned, per_gpu))
-               for i in range(n_workers)]
+    workers = [Worker(i, worker_command([*passed, "--worker-index", str(i)]),
+                      worker_env(i, n_workers, pinned, per_gpu, storage=run.url)) for i in range(n_workers)]
     supervisor = Supervisor(run.study, run.storage, workers, done=lambda: finished_trials(run.study) >= run.n_trials,
                             on_event=on_event)
     return supervisor.run()

@@ -1,0 +1,80 @@
+"""A storage password never leaves the environment: not in any process's argv, not in any output or file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import _postgres_database, cli_env, run_cli, tiny_tables, write_study
+
+PASSWORD = "pw-9f3e-SECRET"  # the server trusts 127.0.0.1, so any password is accepted and none is checked
+
+
+@pytest.fixture
+def secret_url() -> Iterator[str]:
+    for url in _postgres_database():
+        yield url.replace("postgres@", f"postgres:{PASSWORD}@", 1)
+
+
+def _argv_with_password() -> dict[int, str]:
+    """Every process on the machine whose command line holds the password (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if PASSWORD in argv:
+                found[int(entry.name)] = argv
+    return found
+
+
+def _worker_argvs() -> list[str]:
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"hpsearch.cli" in argv and b"worker" in argv:
+                workers.append(b" ".join(argv).decode(errors="replace"))
+    return workers
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(300)
+def test_a_storage_password_appears_in_no_argv_output_or_file(secret_url: str, tmp_path: Path) -> None:
+    study = write_study(tmp_path / "secret.toml", tiny_tables("secret", study={"n_trials": 3}))
+    env = {"HPSEARCH_STORAGE": secret_url}
+    run = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "run", str(study), "--workers", "2",
+                            "--artifacts", str(tmp_path / "artifacts")], cwd=tmp_path, env=cli_env(**env),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    leaks: dict[int, str] = {}
+    seen_workers: set[str] = set()
+    while run.poll() is None:  # read every process's argv while the workers run
+        leaks |= _argv_with_password()
+        seen_workers |= set(_worker_argvs())
+        time.sleep(0.1)
+    output = run.stdout.read().decode(errors="replace") if run.stdout else ""
+    assert run.returncode == 0, output
+    assert len(seen_workers) >= 2, f"the workers were never seen running: {seen_workers}"
+    assert not leaks, f"the password is in a process's argv: {leaks}"
+    assert not [argv for argv in seen_workers if "--storage" in argv or "postgresql" in argv], seen_workers
+
+    status = run_cli("status", str(study), cwd=tmp_path, **env)
+    ensemble = run_cli("ensemble", str(study), "--out", str(tmp_path / "ens"), cwd=tmp_path, **env)
+    assert status.returncode == 0 and ensemble.returncode == 0, status.stderr + ensemble.stderr
+    texts = {"run": output, "status": status.stdout + status.stderr, "ensemble": ensemble.stdout + ensemble.stderr}
+    assert "postgres:***@127.0.0.1" in texts["status"], "status names the storage, without its password"
+    for name, text in texts.items():
+        assert PASSWORD not in text, f"{name} printed the password:\n{text}"
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.json" for p in written)
+    assert not [p for p in written if PASSWORD.encode() in p.read_bytes()], "a file holds the password"
