@@ -421,11 +421,16 @@ def test_signal_stops_run_and_its_workers(signum: signal.Signals, to_group: bool
     assert not _session_members(run.pid), "workers outlived `hpsearch run`"
     trials = _trials(url, "stop")
     assert not [t.number for t in trials if t.state == TrialState.RUNNING], _states(trials)
-    assert not [t.number for t in trials if t.state == TrialState.WAITING], _states(trials)
-    # The trials that were running when the signal came ended FAIL (one may have just been finishing).
+    # The trials that were running when the signal came ended FAIL (one may have just been finishing), and
+    # each FAIL one has exactly one queued retry with its parameters: the next `hpsearch run` continues it.
     ended = {t.number: t.state for t in trials if t.number in running}
     assert set(ended.values()) <= {TrialState.FAIL, TrialState.COMPLETE}, ended
     assert TrialState.FAIL in ended.values(), ended
+    by_number = {t.number: t for t in trials}
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    retried = sorted(t.system_attrs["failed_trial"] for t in waiting)
+    assert retried == sorted(n for n, state in ended.items() if state == TrialState.FAIL), _states(trials)
+    assert all(t.params == by_number[t.system_attrs["failed_trial"]].params for t in waiting)
 
 
 # ------------------------------------------- 5. a lone `hpsearch worker` killed: heartbeat, retry, resume

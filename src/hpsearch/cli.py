@@ -75,6 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.print(top_trials_table(study, cfg.ensemble.top_k))
         return code
 
+    from hpsearch.workers import install_stop_handler
+
+    install_stop_handler()  # SIGTERM, like Ctrl-C, ends the running trial FAIL now and queues its retry
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         trials_task = progress.add_task("trials", total=n_trials, completed=finished_trials(study))
@@ -362,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: running trials were marked FAIL; `hpsearch run` resumes the study")
+        console.print("[yellow]interrupted[/]: running trials were marked FAIL and queued for retry from their "
+                      "checkpoints; `hpsearch run` resumes the study")
         return 130
     except HpsearchError as err:
         from rich.markup import escape

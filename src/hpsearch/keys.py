@@ -34,6 +34,7 @@ PRUNED_REASON = "pruned_reason"
 FAIL_REASON = "fail_reason"
 FAIL_TRACEBACK = "fail_traceback"
 OUT_OF_MEMORY = "out_of_memory"
+INTERRUPTED = "interrupted"  # stopped by SIGINT/SIGTERM: FAIL, retried once from its checkpoint
 WEIGHTS = "weights_artifact"  # best-epoch weights.safetensors
 OUTPUTS = "outputs_artifact"  # validation and test logits, outputs.safetensors
 CHECKPOINT = "checkpoint_artifact"  # the latest resumable checkpoint while it runs
@@ -41,7 +42,7 @@ CHECKPOINT_EPOCH = "checkpoint_epoch"
 BEST_EPOCH = "best_epoch"  # 0-based; with val_accuracy, val_loss and epochs_run from the training summary
 
 # A retry copies its original's user attrs, but not why the original failed nor the worker that ran it.
-FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, WORKER)
+FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, INTERRUPTED, WORKER)
 
 
 class HasUserAttrs(Protocol):

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from hpsearch.model import init_weights_tag
 from hpsearch.train import Checkpoint, EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
 
 _log = logging.getLogger(__name__)
+
+# Process-level tests hold a trial at a known point instead of racing it: "N:PATH" makes a trial wait, after
+# writing its checkpoint of epoch N, until PATH exists; a signal or kill then lands mid-trial every time.
+HOLD_ENV = "HPSEARCH_TEST_HOLD"
 
 
 def worker_tag(pid: int | None = None) -> str:
@@ -133,6 +138,12 @@ class Objective:
         except optuna.TrialPruned:
             self._drop_checkpoint(trial)
             raise
+        except KeyboardInterrupt as stop:
+            # Ctrl-C or SIGTERM (the CLI turns both into this): Optuna ends the trial FAIL; its checkpoint is
+            # kept for the retry run_trials queues, which continues where this one stopped.
+            trial.set_user_attr(keys.FAIL_REASON, f"interrupted ({stop or 'Ctrl-C'}); queued for retry")
+            trial.set_user_attr(keys.INTERRUPTED, True)
+            raise
         except Exception as err:
             if is_out_of_memory(err):
                 # Only a string leaves this block: the exception would keep the trial's tensors alive.
@@ -189,6 +200,7 @@ class Objective:
         trial.set_user_attr(keys.CHECKPOINT_EPOCH, checkpoint.epoch + 1)
         if previous:
             remove_artifact(self.store, previous)
+        _hold_after(checkpoint.epoch + 1)
 
     def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
         artifact = trial.user_attrs.get(keys.CHECKPOINT)
@@ -204,6 +216,15 @@ class Objective:
         upload_trial_artifacts(self.store, trial, result.state_dict, outputs, metadata)
         for key, value in result.summary().items():
             trial.set_user_attr(key, value)
+
+
+def _hold_after(epochs_done: int) -> None:
+    """The tests' hold (HOLD_ENV); a no-op unless that variable is set."""
+    spec = os.environ.get(HOLD_ENV)
+    if spec:
+        epochs, _, release = spec.partition(":")
+        while int(epochs) == epochs_done and not Path(release).exists():
+            time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------- memory

@@ -28,7 +28,7 @@ from hpsearch.config import ConfigError, StudyConfig, StudySection, load_study
 from hpsearch.data import load_pool, make_split, preprocess_for
 from hpsearch.errors import StudyRecordError, UsageError
 from hpsearch.model import build_model, check_study_model
-from hpsearch.objective import Objective, Prepared, free_device_memory
+from hpsearch.objective import Objective, Prepared, free_device_memory, worker_tag
 from hpsearch.preprocess import Preprocess
 from hpsearch.storage import open_storage, redact, resolve_storage_url, retry_callback
 from hpsearch.train import resolve_device
@@ -288,9 +288,31 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
     cfg = objective.cfg
     keep = KeepBestWeights(objective.store, cfg.study.keep_weights if cfg.study.keep_weights is not None
                            else cfg.ensemble.top_k + 3)
-    study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                   callbacks=[RetryOutOfMemory(), keep, *callbacks, stop_at_n, guard, _free_after_trial])
+    try:
+        study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
+                       callbacks=[RetryOutOfMemory(), keep, *callbacks, stop_at_n, guard, _free_after_trial])
+    except KeyboardInterrupt:
+        retry_interrupted(study)
+        raise
     return guard
+
+
+def retry_interrupted(study: optuna.Study) -> list[int]:
+    """Queue the retry of each trial this process was running when Ctrl-C or SIGTERM came (Optuna has ended it
+    FAIL); it resumes from the checkpoint the trial kept. Returns the interrupted trials' numbers."""
+    me = worker_tag()
+    interrupted = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                   if t.user_attrs.get(keys.INTERRUPTED) and t.user_attrs.get(keys.WORKER) == me]
+    for trial in interrupted:
+        if not has_retry(study, trial.number):
+            retry_failed(study, trial)
+    return [t.number for t in interrupted]
+
+
+def has_retry(study: optuna.Study, number: int) -> bool:
+    """Whether some trial already retries trial `number`."""
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+    return any(history(t)[-1:] == [number] for t in study.get_trials(deepcopy=False))
 
 
 def _free_after_trial(study: optuna.Study, trial: FrozenTrial) -> None:

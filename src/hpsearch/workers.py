@@ -3,7 +3,8 @@
 Each worker is a real `hpsearch worker` process that opens the storage itself (a storage object never
 crosses a process boundary). The supervisor restarts a worker that dies, fails the trial it held at once
 (every trial records the worker that runs it) and queues one retry with the same parameters through
-Optuna's `RetryHeartbeatStaleTrialCallback`. SIGINT/SIGTERM stop every worker; their trials end FAIL, never RUNNING.
+Optuna's `RetryHeartbeatStaleTrialCallback`. SIGINT/SIGTERM stop every worker; their trials end FAIL, never
+RUNNING, each with one queued retry that resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
 from hpsearch.objective import worker_tag
-from hpsearch.search import Run, finished_trials, retry_failed
+from hpsearch.search import Run, finished_trials, has_retry, retry_failed
 
 # A worker's exit code when it stopped because trials failed in a row (not a crash: not restarted).
 EXIT_FAILURE_STREAK = 4
@@ -79,14 +80,9 @@ def fail_running_trial(storage: optuna.storages.BaseStorage, study: optuna.Study
     told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
     if told.state != TrialState.FAIL or told.user_attrs.get(keys.FAIL_REASON) != reason:
         return False
-    if retry and not _has_retry(study, trial.number):
+    if retry and not has_retry(study, trial.number):
         retry_failed(study, told)
     return True
-
-
-def _has_retry(study: optuna.Study, number: int) -> bool:
-    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
-    return any(history(t)[-1:] == [number] for t in study.get_trials(deepcopy=False))
 
 
 @dataclass
@@ -182,7 +178,7 @@ class Supervisor:
         # Whatever a stopped worker could not mark itself ends FAIL here, never RUNNING.
         for worker in self.workers:
             if worker.process is not None:
-                fail_trials_of(self.storage, self.study, worker.tag, "stopped by a signal", retry=False)
+                fail_trials_of(self.storage, self.study, worker.tag, "stopped by a signal; queued for retry")
 
 
 def worker_command(args: Sequence[str]) -> list[str]:
@@ -190,14 +186,15 @@ def worker_command(args: Sequence[str]) -> list[str]:
 
 
 def install_stop_handler() -> None:
-    """In a worker: SIGTERM interrupts the trial like Ctrl-C, so Optuna marks it FAIL before exiting."""
+    """SIGTERM interrupts the trial like Ctrl-C (a KeyboardInterrupt naming the signal), so Optuna marks it FAIL
+    and its retry is queued before the process exits (a worker, and a single-process `hpsearch run`)."""
 
     def stop(signum: int, _frame: object) -> None:
         # Once: a second signal (Ctrl-C reaches the whole group, then the supervisor's SIGTERM) must not
         # interrupt the clean-up that marks the trial FAIL.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
