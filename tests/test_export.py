@@ -26,7 +26,7 @@ from hpsearch.artifacts import TrialOutputs, load_trial_weights, open_artifact_s
 from hpsearch.cli import main
 from hpsearch.config import load_study
 from hpsearch.errors import ExportError
-from hpsearch.loading import MANIFEST, SUMS, Ensemble, load_ensemble
+from hpsearch.loading import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
 from hpsearch.objective import suggest
 from hpsearch.predict import BY, entropy, select_csv, uncertainty
 from hpsearch.preprocess import Preprocess
@@ -174,6 +174,28 @@ def test_a_flipped_byte_is_refused(exported: Exported, tmp_path: Path, name: str
     assert main(["predict", str(folder), str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "corrupt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_a_manifest_naming_a_file_outside_the_folder_is_refused(exported: Exported, tmp_path: Path, where: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Checksums alone do not stop this: the outside file is a valid member and every sum is recomputed."""
+    import json
+    import shutil
+
+    folder = _copy(exported.folder, tmp_path / "copy")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    member = manifest["members"][0]
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(folder / member["file"], outside)
+    member["file"] = "../outside.safetensors" if where == "parent" else str(outside)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    sums = [line for line in (folder / SUMS).read_text().splitlines() if not line.endswith(f"  {MANIFEST}")]
+    (folder / SUMS).write_text("\n".join([f"{sha256_file(folder / MANIFEST)}  {MANIFEST}", *sums]) + "\n")
+    with pytest.raises(ExportError, match="is not a plain file name inside the export folder"):
+        load_ensemble(folder)
+    assert main(["predict", str(folder), str(tmp_path)]) == 2
+    assert "not a plain file name" in capsys.readouterr().err
 
 
 def test_predict_on_a_missing_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env, run_cli, tiny_tables, write_study
 from optuna.trial import TrialState
 
+from conftest import cli_env, run_cli, tiny_tables, write_study
 from hpsearch.objective import HOLD_ENV
 
 # From the signal to the process gone, trial FAIL and retry queued: a broken handler leaves the trial RUNNING

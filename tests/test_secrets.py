@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import _postgres_database, cli_env, run_cli, tiny_tables, write_study
 
 PASSWORD = "pw-9f3e-SECRET"  # the server trusts 127.0.0.1, so any password is accepted and none is checked

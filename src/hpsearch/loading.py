@@ -58,10 +58,24 @@ def verify(folder: Path) -> dict[str, Any]:
         raise ExportError(f"{folder / MANIFEST}: format_version {manifest.get('format_version')!r}, this hpsearch "
                           f"reads {FORMAT_VERSION}")
     for member in manifest["members"]:
-        _check(folder / member["file"], member["sha256"])
+        _check(_inside(folder, member["file"], "members[].file"), member["sha256"])
     for name, digest in onnx_files(manifest):
-        _check(folder / name, digest)
+        _check(_inside(folder, name, "onnx"), digest)
     return manifest
+
+
+def _plain_name(name: object) -> bool:
+    """A file name inside the export folder: no folder part, no absolute path, no `..`, nothing hidden."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name \
+        and not name.startswith(".") and not Path(name).is_absolute()
+
+
+def _inside(folder: Path, name: object, field: str) -> Path:
+    """folder/name for a file the manifest names; any other path is refused like a bad checksum."""
+    if not _plain_name(name):
+        raise ExportError(f"{folder / MANIFEST}: {field} {name!r} is not a plain file name inside the export "
+                          "folder (absolute paths and .. are refused); re-export the ensemble")
+    return folder / str(name)
 
 
 def onnx_files(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -76,7 +90,7 @@ def _read_sums(path: Path) -> dict[str, str]:
     sums: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name or "/" in name or name.startswith("."):
+        if len(digest) != 64 or not _plain_name(name):
             raise ExportError(f"{path}: malformed line {line[:80]!r}; re-export the ensemble")
         sums[name] = digest
     return sums
