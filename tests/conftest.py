@@ -102,6 +102,21 @@ def _one_torch_thread() -> None:
 
 
 @pytest.fixture
+def dead_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every download goes to a dead local proxy, whatever network the test machine has: a test never fetches
+    170 MB of CIFAR or a weights file, and its failure path is the one an offline user sees."""
+    import urllib.request
+
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    urllib.request.install_opener(None)  # an opener built earlier read the old proxies; the next one reads these
+    yield
+    urllib.request.install_opener(None)
+
+
+@pytest.fixture
 def study_file(tmp_path: Path) -> Callable[..., Path]:
     """study_file(name=..., study={...}, data={...}, ...) -> path of a tiny study TOML in tmp_path."""
 

@@ -261,7 +261,7 @@ def _assert_cifar_error(err: DataError, root: Path) -> None:
         assert name in message
 
 
-def test_cifar_missing_root_fails_fast_with_clear_error(tmp_path: Path) -> None:
+def test_cifar_missing_root_fails_fast_with_clear_error(tmp_path: Path, dead_network: None) -> None:
     root = tmp_path / "cifar"
     start = time.perf_counter()
     with pytest.raises(DataError) as info:
@@ -270,7 +270,7 @@ def test_cifar_missing_root_fails_fast_with_clear_error(tmp_path: Path) -> None:
     _assert_cifar_error(info.value, root)
 
 
-def test_cifar_corrupt_folder_is_refused_by_the_md5_check(tmp_path: Path) -> None:
+def test_cifar_corrupt_folder_is_refused_by_the_md5_check(tmp_path: Path, dead_network: None) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
@@ -287,7 +287,7 @@ def test_cifar_corrupt_folder_is_refused_by_the_md5_check(tmp_path: Path) -> Non
         assert (folder / name).read_bytes() == b"not the official pickle"
 
 
-def test_cifar100_missing_names_its_files(tmp_path: Path) -> None:
+def test_cifar100_missing_names_its_files(tmp_path: Path, dead_network: None) -> None:
     with pytest.raises(DataError) as info:
         load_pool(DataSection(dataset="cifar100", root=str(tmp_path)))
     message = str(info.value)

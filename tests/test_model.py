@@ -309,14 +309,10 @@ def test_unknown_weights_name_lists_the_allowed_names() -> None:
 
 
 def test_torchvision_weights_without_network_give_a_clear_error_quickly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dead_network: None
 ) -> None:
-    # An empty torch cache, and no way out (a dead local proxy), whatever network the test machine has.
+    # An empty torch cache, and no way out (the dead proxy), whatever network the test machine has.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
     start = time.monotonic()
     with pytest.raises(ConfigError) as info:
         _build(weights="IMAGENET1K_V1")
