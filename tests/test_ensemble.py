@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpsearch.artifacts import TrialOutputs, open_artifact_store, upload_trial_artifacts
+from hpsearch.artifacts import StudyArtifacts, TrialOutputs, open_artifact_store, upload_trial_artifacts
 from hpsearch.candidates import Candidate, select_candidates
 from hpsearch.cli import main
 from hpsearch.combine import (
@@ -308,8 +308,9 @@ def make_study(tmp_path: Path, specs: Sequence[tuple[str, float]], name: str = "
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     store_dir = tmp_path / "artifacts"
-    store = open_artifact_store(store_dir)
-    study = optuna.create_study(study_name=name, storage=open_storage(url), direction="maximize")
+    storage = open_storage(url)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    files = StudyArtifacts(open_artifact_store(store_dir), storage, name, str(store_dir))
     study.set_user_attr("split_sha256", SHA)
     study.set_user_attr("classes", ["a", "b", "c"])
     study.set_user_attr("config", config or {"model": {"arch": "resnet18"}})
@@ -321,7 +322,7 @@ def make_study(tmp_path: Path, specs: Sequence[tuple[str, float]], name: str = "
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
         sha = "b" * 64 if kind == "othersplit" else SHA
-        ids = upload_trial_artifacts(store, trial, {"w": torch.zeros(2)}, outputs_for(i, sha), {"arch": "resnet18"})
+        ids = upload_trial_artifacts(files, trial, {"w": torch.zeros(2)}, outputs_for(i, sha), {"arch": "resnet18"})
         if kind == "missing":
             (store_dir / ids[ATTR_OUTPUTS]).unlink()
         if kind == "noweights":

@@ -22,7 +22,13 @@ from torch import nn
 
 import hpsearch
 from conftest import fit_head, tiny_tables, write_study
-from hpsearch.artifacts import TrialOutputs, load_trial_weights, open_artifact_store, upload_trial_artifacts
+from hpsearch.artifacts import (
+    StudyArtifacts,
+    TrialOutputs,
+    load_trial_weights,
+    open_artifact_store,
+    upload_trial_artifacts,
+)
 from hpsearch.cli import main
 from hpsearch.config import load_study
 from hpsearch.errors import ExportError
@@ -56,13 +62,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     cfg = load_study(path)
     url, store_dir = f"sqlite:///{tmp / 'study.db'}", tmp / "artifacts"
     prepared = prepare(cfg)
-    study = open_study(cfg, open_storage(url), prepared, store_dir)
+    storage = open_storage(url)
+    study = open_study(cfg, storage, prepared, store_dir)
     attrs = study.user_attrs["preprocess"]
     pre = Preprocess(attrs["image_size"], tuple(attrs["mean"]), tuple(attrs["std"]))
     pool, split = prepared.pool, prepared.split
     images = {k: pre(pool.images[torch.from_numpy(getattr(split, k))]) for k in ("train", "val", "test")}
     labels = {k: pool.labels[torch.from_numpy(getattr(split, k))] for k in ("train", "val", "test")}
-    store = open_artifact_store(store_dir)
+    files = StudyArtifacts(open_artifact_store(store_dir), storage, study.study_name, str(store_dir))
     for seed in range(N_MEMBERS):
         trial = study.ask()
         suggest(trial, cfg.space)
@@ -72,7 +79,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
         with torch.no_grad():
             val, test = model(images["val"]), model(images["test"])
         outputs = TrialOutputs(val, test, split.sha256(), labels["val"], labels["test"])
-        upload_trial_artifacts(store, trial, {k: v.contiguous() for k, v in model.state_dict().items()}, outputs,
+        upload_trial_artifacts(files, trial, {k: v.contiguous() for k, v in model.state_dict().items()}, outputs,
                                {"arch": "resnet18"})
         study.tell(trial, float((val.argmax(1) == labels["val"]).float().mean()))
     out = tmp / "ens"

@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import cli_env, run_cli, tiny_tables, write_study
-from hpsearch.objective import HOLD_ENV
+from hpsearch.hold import HOLD_ENV
 
 # From the signal to the process gone, trial FAIL and retry queued: a broken handler leaves the trial RUNNING
 # (it would wait for the heartbeat grace) or the process alive; a loaded machine needs a few seconds.

@@ -9,12 +9,13 @@ import optuna
 import pytest
 import torch
 import torchvision
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.trial import TrialState
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hpsearch.artifacts import load_trial_outputs, load_trial_weights, open_artifact_store
+from conftest import dashboard_artifacts, dashboard_http
+from hpsearch.artifacts import StudyArtifacts, load_trial_outputs, load_trial_weights, open_artifact_store
 from hpsearch.cli import main
 from hpsearch.config import ConfigError, StudyConfig, load_study
 from hpsearch.objective import Objective, Prepared
@@ -51,8 +52,10 @@ def start(path: Path, url: str, artifacts: Path) -> tuple[StudyConfig, Prepared,
     """What one `hpsearch run` process does before its first trial."""
     cfg = load_study(path)
     prepared = prepare(cfg)
-    study = open_study(cfg, open_storage(url), prepared, artifacts)
-    return cfg, prepared, study, Objective(cfg, prepared, CPU, open_artifact_store(artifacts))
+    storage = open_storage(url)
+    study = open_study(cfg, storage, prepared, artifacts)
+    files = StudyArtifacts(open_artifact_store(artifacts), storage, study.study_name, str(artifacts))
+    return cfg, prepared, study, Objective(cfg, prepared, CPU, files)
 
 
 def states(study: optuna.Study) -> list[TrialState]:
@@ -85,6 +88,8 @@ def test_tiny_study_end_to_end_then_resume(storage_url, study_file, tmp_path, ca
     assert not [key for key in study.user_attrs if "test" in key.lower()]
 
     store = FileSystemArtifactStore(str(artifacts))
+    with dashboard_http(storage_url, artifacts) as get:  # what the dashboard lists for each trial
+        listed = dashboard_artifacts(get, open_storage(storage_url).get_study_id_from_name("tiny"))
     sizes = prepared.split.sizes()
     val_labels = prepared.pool.labels[torch.as_tensor(prepared.split.val)]
     for trial in study.trials:
@@ -101,9 +106,8 @@ def test_tiny_study_end_to_end_then_resume(storage_url, study_file, tmp_path, ca
         assert list(trial.intermediate_values) == [0]
         assert trial.intermediate_values[0] == pytest.approx(trial.value)
 
-        # Both files are attached to the trial in the storage (what the dashboard lists) ...
-        metas = get_all_artifact_meta(trial, storage=study._storage)
-        assert {m.artifact_id for m in metas} == {attrs["weights_artifact"], attrs["outputs_artifact"]}
+        # Both files are listed for the trial in the dashboard ...
+        assert listed[trial.number] == {attrs["weights_artifact"], attrs["outputs_artifact"]}
 
         # ... and download to exactly the bytes in the store.
         weights_path = tmp_path / f"weights-{trial.number}.safetensors"
@@ -326,3 +330,20 @@ def test_keep_weights_bounds_the_artifact_store(study_file, tmp_path):
         assert trial.user_attrs.get("checkpoint_artifact") not in on_disk, "checkpoints go with their trial"
         assert trial.user_attrs["checkpoint_epoch"] == 1, "a 2-epoch trial checkpoints after epoch 1"
     assert len(on_disk) == 1 + 3
+
+    # The dashboard lists what is still there, no dead link: a loser shows its outputs only, and every listed
+    # file downloads (a finished trial's attrs cannot change; the listing lives in the study's).
+    study_id = open_storage(url).get_study_id_from_name("keep")
+    with dashboard_http(url, artifacts) as get:
+        listed = dashboard_artifacts(get, study_id)
+        assert listed[complete[0].number] == {complete[0].user_attrs[k] for k in ("weights_artifact",
+                                                                                   "outputs_artifact")}
+        for loser in complete[1:]:
+            assert listed[loser.number] == {loser.user_attrs["outputs_artifact"]}
+        for trial in complete:
+            for artifact_id in listed[trial.number]:
+                status, body = get(f"/artifacts/{study_id}/{trial._trial_id}/{artifact_id}")
+                assert status == 200 and body == (artifacts / artifact_id).read_bytes()
+            # A deleted file's old link answers 404, never a server error.
+            status, _ = get(f"/artifacts/{study_id}/{trial._trial_id}/{trial.user_attrs['weights_artifact']}")
+            assert status == (200 if trial is complete[0] else 404)

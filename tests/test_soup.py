@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import fit_head, tiny_tables, write_study
-from hpsearch.artifacts import TrialOutputs, open_artifact_store, upload_trial_artifacts
+from hpsearch.artifacts import StudyArtifacts, TrialOutputs, open_artifact_store, upload_trial_artifacts
 from hpsearch.cli import main
 from hpsearch.config import load_study
 from hpsearch.errors import TTAError
@@ -77,11 +77,12 @@ def _make_study(lab: Lab, name: str, states: Sequence[State], weights: str | Non
     path = _study_file(lab.tmp, name, weights or str(lab.init))
     cfg = load_study(path)
     prepared = prepare(cfg)
-    study = open_study(cfg, open_storage(lab.url), prepared, lab.store)
+    storage = open_storage(lab.url)
+    study = open_study(cfg, storage, prepared, lab.store)
     pool, split = prepared.pool, prepared.split
     x = {k: lab.pre(pool.images[torch.from_numpy(getattr(split, k))]) for k in ("val", "test")}
     y = {k: pool.labels[torch.from_numpy(getattr(split, k))] for k in ("val", "test")}
-    store = open_artifact_store(lab.store)
+    files = StudyArtifacts(open_artifact_store(lab.store), storage, study.study_name, str(lab.store))
     for i, state in enumerate(states):
         trial = study.ask()
         suggest(trial, cfg.space)
@@ -92,7 +93,7 @@ def _make_study(lab: Lab, name: str, states: Sequence[State], weights: str | Non
         model.load_state_dict(state)
         with torch.no_grad():
             val, test = model.eval()(x["val"]), model(x["test"])
-        upload_trial_artifacts(store, trial, state, TrialOutputs(val, test, split.sha256(), y["val"], y["test"]),
+        upload_trial_artifacts(files, trial, state, TrialOutputs(val, test, split.sha256(), y["val"], y["test"]),
                                {"arch": "resnet18"})
         study.tell(trial, float((val.argmax(1) == y["val"]).float().mean()))
     return path

@@ -4,23 +4,33 @@ Every COMPLETE trial uploads, through Optuna's artifact store, `weights.safetens
 torchvision keys) and `outputs.safetensors` (validation and test logits in split order, tagged with the
 split's sha256). Their artifact ids sit in the trial's user attrs. Nothing here unpickles anything.
 
+optuna-dashboard lists a trial's files from the study's system attrs `dashboard:artifacts:<trial id>:<artifact
+id>` (the record its own uploads use) as well as from the trial's. A finished trial's attrs can never change
+again, but a study's can: so hpsearch lists its files there, and a file that `keep_weights` deletes later
+gets a null entry, which the dashboard skips; no dead link stays behind. Checkpoints are never listed: each
+lives only until the next one.
+
 A store is a local (or shared) folder, or `s3://bucket/prefix` through Optuna's Boto3 store, with the
 credentials and endpoint boto3 reads from the environment (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, ...).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import optuna
 import torch
-from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from safetensors.torch import load_file, save_file
 
@@ -175,6 +185,97 @@ def remove_artifact(store: ArtifactStore, artifact_id: str) -> bool:
     return True
 
 
+WEIGHTS_FILE = "weights.safetensors"
+OUTPUTS_FILE = "outputs.safetensors"
+
+# The record optuna-dashboard lists a trial's files from, besides the trial's own system attrs.
+DASHBOARD_LISTING = "dashboard:artifacts:"
+OCTET_STREAM = "application/octet-stream"
+
+
+@dataclass
+class StudyArtifacts:
+    """One study's artifact store as its trials write to it: each file uploaded whole under a new id, listed for
+    the dashboard (unless transient), and on deletion removed from the store and from that listing."""
+
+    store: ArtifactStore
+    storage: optuna.storages.BaseStorage
+    study_name: str
+    location: str  # a folder or s3://bucket/prefix, for messages
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes, as last uploaded (or tried)
+    _ids: dict[int, int] = field(default_factory=dict, repr=False)  # trial number -> trial id
+
+    def upload(self, trial_number: int, path: Path, *, listed: bool = True) -> str:
+        """Write the file at `path` to the store; its artifact id. A store without room raises StoreFull."""
+        artifact_id = str(uuid.uuid4())
+        self.sizes[path.name] = path.stat().st_size
+        try:
+            with open(path, "rb") as body:
+                self.store.write(artifact_id, body)
+        except Exception as err:
+            reason = store_full_reason(err)
+            if reason is None:
+                raise
+            raise StoreFull(f"{reason} writing {path.name} to {self.location}") from None
+        if listed:
+            meta = {"artifact_id": artifact_id, "filename": path.name, "mimetype": OCTET_STREAM, "encoding": None}
+            self._list(trial_number, artifact_id, meta)
+        return artifact_id
+
+    def delete(self, trial_number: int, artifact_id: str) -> bool:
+        """Remove the artifact and its dashboard entry; False if it was already gone (never raises)."""
+        removed = remove_artifact(self.store, artifact_id)
+        try:
+            self._list(trial_number, artifact_id, None)
+        except Exception as err:  # clean-up must never replace the error or result the caller is handling
+            logging.getLogger(__name__).warning("could not unlist artifact %s: %s", artifact_id, err)
+        return removed
+
+    def _list(self, trial_number: int, artifact_id: str, meta: dict[str, Any] | None) -> None:
+        study_id = self.storage.get_study_id_from_name(self.study_name)
+        if trial_number not in self._ids:
+            self._ids[trial_number] = self.storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+        key = f"{DASHBOARD_LISTING}{self._ids[trial_number]}:{artifact_id}"
+        self.storage.set_study_system_attr(study_id, key, json.dumps(meta))  # the dashboard json.loads the value
+
+
+# ----------------------------------------------------------------------------------------- a full store
+
+
+class StoreFull(Exception):
+    """A write found no room in the store (ENOSPC, a quota): not the trial's fault, so the run stops."""
+
+
+# S3 error codes that mean "no room" (AWS, MinIO, Ceph): the run stops at once instead of failing trial after trial.
+S3_FULL_CODES = ("QuotaExceeded", "XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "InsufficientStorage",
+                 "StorageFull", "XAmzContentSHA256Mismatch-NoSpace")
+_S3_CODE = re.compile(r"\(([A-Za-z0-9-]+)\)")
+
+
+def store_full_reason(err: BaseException) -> str | None:
+    """Why a write failed for want of room ("no space left", "disk quota exceeded", an S3 code), else None."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left" if err.errno == errno.ENOSPC else "disk quota exceeded"
+    response = getattr(err, "response", None)  # botocore's ClientError
+    codes = [str(response.get("Error", {}).get("Code", ""))] if isinstance(response, dict) else []
+    codes += _S3_CODE.findall(str(err))  # boto3's S3UploadFailedError carries the code in its text only
+    full = [code for code in codes if code in S3_FULL_CODES]
+    return f"S3 {full[0]}" if full else None
+
+
+def free_bytes(location: str) -> int | None:
+    """Free space where a folder store lives; None for S3 (its quota is the server's)."""
+    if is_s3(location):
+        return None
+    path = Path(location)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+# ------------------------------------------------------------------------------------ a trial's files
+
+
 @dataclass(frozen=True)
 class TrialOutputs:
     val_logits: torch.Tensor  # float32 [n_val, classes], split order
@@ -185,29 +286,34 @@ class TrialOutputs:
 
 
 def upload_trial_artifacts(
-    store: ArtifactStore,
+    files: StudyArtifacts,
     trial: optuna.Trial,
     state_dict: dict[str, torch.Tensor],
     outputs: TrialOutputs,
     metadata: dict[str, str],
 ) -> dict[str, str]:
-    """Write both files completely, upload them, and return their artifact ids (also set as user attrs)."""
+    """Write both files completely, upload them, and return their artifact ids (also set as user attrs).
+
+    All or nothing: if the second upload fails, the first is deleted again, so no file without its trial's
+    record stays in the store."""
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-        weights = Path(tmp) / "weights.safetensors"
+        weights = Path(tmp) / WEIGHTS_FILE
         save_file(state_dict, str(weights), metadata=metadata)
-        out = Path(tmp) / "outputs.safetensors"
+        out = Path(tmp) / OUTPUTS_FILE
         save_file(
             {"val_logits": outputs.val_logits.contiguous(), "test_logits": outputs.test_logits.contiguous(),
              "val_labels": outputs.val_labels.contiguous(), "test_labels": outputs.test_labels.contiguous()},
             str(out),
             metadata={"split_sha256": outputs.split_sha256},
         )
-        ids = {
-            keys.WEIGHTS: upload_artifact(artifact_store=store, file_path=str(weights), study_or_trial=trial,
-                                          mimetype="application/octet-stream"),
-            keys.OUTPUTS: upload_artifact(artifact_store=store, file_path=str(out), study_or_trial=trial,
-                                          mimetype="application/octet-stream"),
-        }
+        ids: dict[str, str] = {}
+        try:
+            for key, path in ((keys.WEIGHTS, weights), (keys.OUTPUTS, out)):
+                ids[key] = files.upload(trial.number, path)
+        except BaseException:
+            for artifact_id in ids.values():
+                files.delete(trial.number, artifact_id)
+            raise
     for key, value in ids.items():
         trial.set_user_attr(key, value)
     return ids
@@ -222,7 +328,7 @@ def download_to(store: ArtifactStore, artifact_id: str, folder: Path, name: str)
 def load_weights(store: ArtifactStore, artifact_id: str) -> dict[str, torch.Tensor]:
     """A weights.safetensors artifact as a state dict (safetensors: nothing is unpickled)."""
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-        return load_file(str(download_to(store, artifact_id, Path(tmp), "weights.safetensors")))
+        return load_file(str(download_to(store, artifact_id, Path(tmp), WEIGHTS_FILE)))
 
 
 def load_trial_weights(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
@@ -233,7 +339,7 @@ def load_trial_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial) ->
     from safetensors import safe_open
 
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-        path = download_to(store, trial.user_attrs[keys.OUTPUTS], Path(tmp), "outputs.safetensors")
+        path = download_to(store, trial.user_attrs[keys.OUTPUTS], Path(tmp), OUTPUTS_FILE)
         with safe_open(str(path), framework="pt") as f:
             sha = (f.metadata() or {}).get("split_sha256", "")
             return TrialOutputs(f.get_tensor("val_logits"), f.get_tensor("test_logits"), sha,

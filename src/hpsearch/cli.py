@@ -108,9 +108,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """One worker: what `run --workers N` starts, and what other machines run against one storage."""
     import optuna
 
+    from hpsearch.errors import StoreFullError
     from hpsearch.report import describe_trial
     from hpsearch.search import run_trials
-    from hpsearch.workers import EXIT_FAILURE_STREAK, install_stop_handler
+    from hpsearch.workers import EXIT_FAILURE_STREAK, EXIT_STORE_FULL, install_stop_handler
 
     install_stop_handler()
     run = _open_run(args, worker=args.worker_index)
@@ -118,7 +119,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         console.print(f"[dim]worker {args.worker_index}[/] " + describe_trial(trial), highlight=False)
 
-    guard = run_trials(run.study, run.objective(), run.n_trials, timeout=args.timeout, callbacks=[on_trial])
+    try:
+        guard = run_trials(run.study, run.objective(), run.n_trials, timeout=args.timeout, callbacks=[on_trial])
+    except StoreFullError as full:
+        console.print(f"[red]error[/]: {full}", highlight=False, soft_wrap=True)
+        return EXIT_STORE_FULL  # the supervisor stops every worker: their next trials would find no room either
     return EXIT_FAILURE_STREAK if guard.tripped else 0
 
 

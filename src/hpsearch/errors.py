@@ -32,6 +32,10 @@ class ArtifactStoreError(HpsearchError):
     """The artifact store named by the user cannot be used; one line naming it and the fix."""
 
 
+class StoreFullError(ArtifactStoreError):
+    """The artifact store has no room for a trial's files: the run stopped, the trial is queued for retry."""
+
+
 class StudyRecordError(HpsearchError):
     """A study whose recorded attributes (config, split, preprocessing) cannot be used, or no longer match."""
 

@@ -22,6 +22,7 @@ CONFIG = "config"  # the study file it was created from, as JSON
 PREPROCESS = "preprocess"  # image_size, mean, std, interpolation: what an export reproduces
 HPSEARCH_VERSION = "hpsearch_version"
 ARTIFACTS = "artifacts_dir"  # the artifact store: a folder or s3://bucket/prefix
+PIN = "pin:"  # + an artifact id: until when (unix seconds) a running `ensemble` needs it; keep_weights waits
 
 # ------------------------------------------------------------------------------------------ trial attrs
 WORKER = "worker"  # host:pid of the process running it (a supervisor finds a dead worker's trial by it)
@@ -35,6 +36,7 @@ FAIL_REASON = "fail_reason"
 FAIL_TRACEBACK = "fail_traceback"
 OUT_OF_MEMORY = "out_of_memory"
 INTERRUPTED = "interrupted"  # stopped by SIGINT/SIGTERM: FAIL, retried once from its checkpoint
+STORE_FULL = "store_full"  # its files found no room in the artifact store: FAIL, the run stops, retried once
 WEIGHTS = "weights_artifact"  # best-epoch weights.safetensors
 OUTPUTS = "outputs_artifact"  # validation and test logits, outputs.safetensors
 CHECKPOINT = "checkpoint_artifact"  # the latest resumable checkpoint while it runs
@@ -42,7 +44,7 @@ CHECKPOINT_EPOCH = "checkpoint_epoch"
 BEST_EPOCH = "best_epoch"  # 0-based; with val_accuracy, val_loss and epochs_run from the training summary
 
 # A retry copies its original's user attrs, but not why the original failed nor the worker that ran it.
-FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, INTERRUPTED, WORKER)
+FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, INTERRUPTED, STORE_FULL, WORKER)
 
 
 class HasUserAttrs(Protocol):

@@ -3,7 +3,8 @@
 The objective is the only place a trial's training meets Optuna: `hpsearch.train` knows nothing of trials. A
 trial records who runs it, its seed and starting weights first; a retried trial trains with its original's
 seed and continues from its last checkpoint. A diverged trial ends PRUNED, one that ran out of memory FAIL with
-`out_of_memory` (and is retried once), any other crash FAIL with its reason and traceback.
+`out_of_memory` (and is retried once), one whose files found no room in the store FAIL with `store_full` (the
+run stops; retried once, from its kept checkpoint), any other crash FAIL with its reason and traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import os
 import socket
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,21 +22,28 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial
 
 from hpsearch import keys
-from hpsearch.artifacts import ArtifactStore, TrialOutputs, download_to, remove_artifact, upload_trial_artifacts
+from hpsearch.artifacts import (
+    OUTPUTS_FILE,
+    WEIGHTS_FILE,
+    StoreFull,
+    StudyArtifacts,
+    TrialOutputs,
+    download_to,
+    free_bytes,
+    remove_artifact,
+    store_full_reason,
+    upload_trial_artifacts,
+)
 from hpsearch.config import SpaceSection, StudyConfig
 from hpsearch.data import ImagePool, Split, trial_data
+from hpsearch.hold import hold_at
 from hpsearch.model import init_weights_tag
 from hpsearch.train import Checkpoint, EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
 
 _log = logging.getLogger(__name__)
-
-# Process-level tests hold a trial at a known point instead of racing it: "N:PATH" makes a trial wait, after
-# writing its checkpoint of epoch N, until PATH exists; a signal or kill then lands mid-trial every time.
-HOLD_ENV = "HPSEARCH_TEST_HOLD"
 
 
 def worker_tag(pid: int | None = None) -> str:
@@ -82,12 +89,14 @@ class Prepared:
 class Objective:
     """suggest → train → report every epoch (the pruner may stop it) → store artifacts → value."""
 
-    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, store: ArtifactStore,
+    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, files: StudyArtifacts,
                  on_epoch: Callable[[FrozenTrial | optuna.Trial, EpochMetrics], None] | None = None) -> None:
         self.cfg = cfg
         self.prepared = prepared
         self.device = device
-        self.store = store
+        self.files = files
+        self.store = files.store
+        self.state_bytes = 0  # the model's weights in bytes, once a trial has saved some
         self.on_epoch = on_epoch
         pretrained = cfg.model.pretrained
         # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
@@ -145,6 +154,11 @@ class Objective:
             trial.set_user_attr(keys.INTERRUPTED, True)
             raise
         except Exception as err:
+            if isinstance(err, StoreFull) or store_full_reason(err) is not None:
+                # Not the trial's fault: it is queued again (StopOnFullStore), its checkpoint kept for it.
+                trial.set_user_attr(keys.FAIL_REASON, self._full_store_line(trial, err))
+                trial.set_user_attr(keys.STORE_FULL, True)
+                raise
             if is_out_of_memory(err):
                 # Only a string leaves this block: the exception would keep the trial's tensors alive.
                 where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
@@ -182,7 +196,7 @@ class Objective:
                 continue
             with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
                 try:
-                    path = download_to(self.store, artifact, Path(tmp), "checkpoint.pt")
+                    path = download_to(self.store, artifact, Path(tmp), CHECKPOINT_FILE)
                     return Checkpoint.load(str(path)), original
                 except Exception as err:  # a lost or unreadable checkpoint means starting over, not failing
                     _log.warning("trial %s: checkpoint of trial %s unusable (%s); starting from epoch 1",
@@ -191,16 +205,17 @@ class Objective:
 
     def _checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint) -> None:
         previous = trial.user_attrs.get(keys.CHECKPOINT)
+        self.state_bytes = _nbytes(checkpoint.model)
         with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-            path = Path(tmp) / "checkpoint.pt"
+            path = Path(tmp) / CHECKPOINT_FILE
             checkpoint.save(str(path))
-            artifact = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial,
-                                       mimetype="application/octet-stream")
+            # Not listed for the dashboard: a checkpoint lives only until the next one.
+            artifact = self.files.upload(trial.number, path, listed=False)
         trial.set_user_attr(keys.CHECKPOINT, artifact)
         trial.set_user_attr(keys.CHECKPOINT_EPOCH, checkpoint.epoch + 1)
         if previous:
             remove_artifact(self.store, previous)
-        _hold_after(checkpoint.epoch + 1)
+        hold_at(str(checkpoint.epoch + 1))
 
     def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
         artifact = trial.user_attrs.get(keys.CHECKPOINT)
@@ -213,18 +228,37 @@ class Objective:
                                self.data.val.labels.cpu(), self.data.test.labels.cpu())
         metadata = {"arch": self.cfg.model.arch, "num_classes": str(self.data.num_classes),
                     "trial": str(trial.number)}
-        upload_trial_artifacts(self.store, trial, result.state_dict, outputs, metadata)
+        self.state_bytes = _nbytes(result.state_dict)
+        upload_trial_artifacts(self.files, trial, result.state_dict, outputs, metadata)
         for key, value in result.summary().items():
             trial.set_user_attr(key, value)
 
+    def _full_store_line(self, trial: optuna.Trial, err: Exception) -> str:
+        """One line: the store, its free space, what a trial needs, the fix, and the retry."""
+        why = str(err) if isinstance(err, StoreFull) else f"{store_full_reason(err)} writing {err}"
+        free = free_bytes(self.files.location)
+        sizes = self.files.sizes
+        weights = sizes.get(WEIGHTS_FILE, self.state_bytes)
+        outputs = sizes.get(OUTPUTS_FILE, 0)
+        checkpoint = sizes.get(CHECKPOINT_FILE, 0)
+        # While a trial runs, its new checkpoint is written before the last one is deleted: two at once.
+        need = weights + outputs + 2 * checkpoint
+        parts = [f"weights {_mb(weights)}", f"outputs {_mb(outputs)}"] + (
+            [f"2 checkpoints of {_mb(checkpoint)}"] if checkpoint else [])
+        return (f"artifacts: the store is full ({why}): {_mb(free) if free is not None else 'its quota'} free, a "
+                f"trial needs about {_mb(need)} ({', '.join(parts)}); free space there or move the store "
+                f"(--artifacts or HPSEARCH_ARTIFACTS), then run again: trial {trial.number} is queued for retry")
 
-def _hold_after(epochs_done: int) -> None:
-    """The tests' hold (HOLD_ENV); a no-op unless that variable is set."""
-    spec = os.environ.get(HOLD_ENV)
-    if spec:
-        epochs, _, release = spec.partition(":")
-        while int(epochs) == epochs_done and not Path(release).exists():
-            time.sleep(0.05)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 # ------------------------------------------------------------------------------------------- memory

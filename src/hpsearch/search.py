@@ -23,12 +23,13 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import __version__, keys
-from hpsearch.artifacts import ArtifactStore, open_artifact_store, remove_artifact, resolve_artifacts
+from hpsearch.artifacts import ArtifactStore, StudyArtifacts, open_artifact_store, resolve_artifacts
 from hpsearch.config import ConfigError, StudyConfig, StudySection, load_study
 from hpsearch.data import load_pool, make_split, preprocess_for
-from hpsearch.errors import StudyRecordError, UsageError
+from hpsearch.errors import StoreFullError, StudyRecordError, UsageError
 from hpsearch.model import build_model, check_study_model
 from hpsearch.objective import Objective, Prepared, free_device_memory, worker_tag
+from hpsearch.pins import pinned
 from hpsearch.preprocess import Preprocess
 from hpsearch.storage import open_storage, redact, resolve_storage_url, retry_callback
 from hpsearch.train import resolve_device
@@ -189,7 +190,8 @@ class Run:
     n_trials: int
 
     def objective(self, **kwargs: Any) -> Objective:
-        return Objective(self.cfg, self.prepared, self.device, self.store, **kwargs)
+        files = StudyArtifacts(self.store, self.storage, self.study.study_name, self.artifacts)
+        return Objective(self.cfg, self.prepared, self.device, files, **kwargs)
 
 
 def open_run(study_file: str, *, storage: str | None = None, artifacts: str | None = None,
@@ -261,39 +263,63 @@ class RetryOutOfMemory:
 
 class KeepBestWeights:
     """Disk stays bounded: weights of COMPLETE trials outside the best `keep` are deleted as the study runs.
-    Outputs (small) stay, so the study's record is whole; a deleted trial is simply no ensemble candidate."""
+    Outputs (small) stay, so the study's record is whole; a deleted trial is simply no ensemble candidate.
+    Weights a running `hpsearch ensemble` has pinned (hpsearch.pins) wait until it is done."""
 
-    def __init__(self, store: ArtifactStore, keep: int) -> None:
-        self.store = store
+    def __init__(self, files: StudyArtifacts, keep: int) -> None:
+        self.files = files
         self.keep = keep
         self.removed: set[str] = set()  # not asked of the store again at every later trial
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not self.keep:
             return
-        for loser in ranked_trials(study)[self.keep:]:
-            artifact = loser.user_attrs.get(keys.WEIGHTS)
-            if artifact and artifact not in self.removed:
-                remove_artifact(self.store, artifact)
+        losers = [(t.number, t.user_attrs.get(keys.WEIGHTS)) for t in ranked_trials(study)[self.keep:]]
+        losers = [(number, artifact) for number, artifact in losers if artifact and artifact not in self.removed]
+        if not losers:
+            return
+        held = pinned(study.user_attrs)  # read after the ranking: a pin set since then is seen here
+        for number, artifact in losers:
+            if artifact not in held:
+                self.files.delete(number, artifact)
                 self.removed.add(artifact)
+
+
+class StopOnFullStore:
+    """The first trial whose files found no room in the store (ENOSPC, an S3 quota) stops the run at once: it
+    is queued for retry (its checkpoint kept), and `line` says why; every later trial would only fail too."""
+
+    def __init__(self) -> None:
+        self.line: str | None = None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(keys.STORE_FULL):
+            if not has_retry(study, trial.number):
+                retry_failed(study, trial)
+            self.line = str(trial.user_attrs.get(keys.FAIL_REASON, "artifacts: the store is full"))
+            study.stop()
 
 
 def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, timeout: float | None = None,
                callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> StopAfterFailures:
-    """Run until the study holds n_trials finished (COMPLETE + PRUNED) trials, the timeout, or a failure streak."""
+    """Run until the study holds n_trials finished (COMPLETE + PRUNED) trials, the timeout, or a failure streak;
+    a full artifact store stops it at once with a StoreFullError."""
     guard = StopAfterFailures(objective.cfg.study.max_consecutive_failures)
     if finished_trials(study) >= n_trials:
         return guard
     stop_at_n = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
     cfg = objective.cfg
-    keep = KeepBestWeights(objective.store, cfg.study.keep_weights if cfg.study.keep_weights is not None
+    keep = KeepBestWeights(objective.files, cfg.study.keep_weights if cfg.study.keep_weights is not None
                            else cfg.ensemble.top_k + 3)
+    full = StopOnFullStore()
     try:
         study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                       callbacks=[RetryOutOfMemory(), keep, *callbacks, stop_at_n, guard, _free_after_trial])
+                       callbacks=[RetryOutOfMemory(), full, keep, *callbacks, stop_at_n, guard, _free_after_trial])
     except KeyboardInterrupt:
         retry_interrupted(study)
         raise
+    if full.line is not None:
+        raise StoreFullError(full.line)
     return guard
 
 

@@ -27,6 +27,8 @@ from hpsearch.search import Run, finished_trials, has_retry, retry_failed
 
 # A worker's exit code when it stopped because trials failed in a row (not a crash: not restarted).
 EXIT_FAILURE_STREAK = 4
+# ... and when the artifact store had no room for a trial's files: the supervisor stops the whole run.
+EXIT_STORE_FULL = 5
 STOP_GRACE_S = 30.0
 
 
@@ -116,6 +118,7 @@ class Supervisor:
     _stopping: bool = field(default=False, init=False)
 
     def run(self) -> int:
+        """0 when the study holds its trials, 1 when workers gave up, 2 on a full artifact store, 130 stopped."""
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for worker in self.workers:
@@ -145,6 +148,10 @@ class Supervisor:
                     # It stopped on purpose (its trials kept failing): restarting would only burn more trials.
                     self.on_event(f"worker {worker.index} stopped: its trials failed in a row")
                     continue
+                if code == EXIT_STORE_FULL:
+                    # Every worker writes to the same store: stop them all now (their trials are queued again).
+                    self.on_event(f"worker {worker.index} found the artifact store full; stopping every worker")
+                    return 2
                 if self.done() or worker.restarts >= self.max_restarts:
                     continue
                 worker.restarts += 1
