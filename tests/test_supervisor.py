@@ -3,14 +3,23 @@ finished first is left alone, a worker stopped by its failure streak is not rest
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from hpsearch.storage import open_storage
-from hpsearch.workers import EXIT_FAILURE_STREAK, Supervisor, Worker, fail_running_trial, fail_trials_of
+from hpsearch.workers import (
+    EXIT_FAILURE_STREAK,
+    EXIT_STORE_FULL,
+    Supervisor,
+    Worker,
+    fail_running_trial,
+    fail_trials_of,
+)
 
 
 def _study(url: str) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
@@ -70,3 +79,18 @@ def test_a_crashing_worker_is_restarted_up_to_the_cap(tmp_path) -> None:
     assert code == 1
     assert [w.restarts for w in workers] == [3, 3]
     assert sum("exited with 3; restarting it" in e for e in events) == 6, events
+
+
+@pytest.mark.timeout(60)
+def test_a_full_artifact_store_stops_every_worker_at_once(tmp_path) -> None:
+    storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
+    events: list[str] = []
+    full = Worker(0, [sys.executable, "-c", f"import sys, time; time.sleep(0.5); sys.exit({EXIT_STORE_FULL})"], {})
+    busy = Worker(1, [sys.executable, "-c", "import time; time.sleep(60)"], {})
+    started = time.monotonic()
+    code = Supervisor(study, storage, [full, busy], done=lambda: False, on_event=events.append, poll_s=0.05).run()
+    assert code == 2
+    assert time.monotonic() - started < 30, "the other worker was stopped, not waited for"
+    assert busy.process is not None and busy.process.returncode == -signal.SIGTERM
+    assert [w.restarts for w in (full, busy)] == [0, 0]
+    assert events == ["worker 0 found the artifact store full; stopping every worker"]
