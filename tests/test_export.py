@@ -318,3 +318,32 @@ def test_select_cli_on_the_export(exported: Exported, tmp_path: Path) -> None:
     rows = _read_csv(out.read_text())
     scores = [float(r["disagreement"]) for r in rows]
     assert len(rows) == 5 and scores == sorted(scores, reverse=True)
+
+
+def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_path: Path, monkeypatch,
+                                                       capsys) -> None:
+    """The last window of the keep_weights race (a worker that read the pins just before the export set them):
+    one line naming the trial and what to do, exit 2, and the pins released."""
+    import optuna
+
+    import hpsearch.export
+    from hpsearch.pins import pinned
+
+    store = _copy(exported.store, tmp_path / "store")
+    study = optuna.load_study(study_name="tiny", storage=open_storage(exported.url))
+    doomed = store / study.trials[0].user_attrs["weights_artifact"]
+
+    def worker_deletes(point: str) -> None:
+        assert point == "ensemble" and len(pinned(study.user_attrs)) == N_MEMBERS
+        doomed.unlink()
+
+    monkeypatch.setattr(hpsearch.export, "hold_at", worker_deletes)
+    rc = main(["ensemble", str(exported.tmp / "tiny.toml"), "--storage", exported.url, "--artifacts", str(store),
+               "--out", str(tmp_path / "ens"), "--method", "soft"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "trial 0's weights were deleted (keep_weights of a running worker) while this ensemble was exported; " \
+           "run `hpsearch ensemble` again" in err.replace("\n", " ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "ens").exists(), "no half-written export"
+    assert not pinned(study.user_attrs)

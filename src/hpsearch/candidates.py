@@ -8,7 +8,7 @@ why, and the next one is tried. No model is re-run: the outputs are what each tr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +43,14 @@ class Selection:
     skipped: tuple[str, ...]  # one warning per trial passed over, naming it and why
 
 
-def select_candidates(study: optuna.Study, store: ArtifactStore, top_k: int) -> Selection:
+def select_candidates(study: optuna.Study, store: ArtifactStore, top_k: int,
+                      pin: Callable[[str], None] | None = None) -> Selection:
     """The top_k usable trials, best validation accuracy first (ties: lower trial number).
 
     A trial whose weights are missing, or whose outputs are missing, unreadable, from another split or shaped
-    unlike the study's classes, is passed over with a warning in `skipped`, and the next one is tried.
+    unlike the study's classes, is passed over with a warning in `skipped`, and the next one is tried. With
+    `pin`, each trial's weights are pinned before they are checked (hpsearch.pins): running workers then keep
+    what was found.
     """
     expected_sha = keys.split_sha256(study)
     if not expected_sha:
@@ -58,6 +61,8 @@ def select_candidates(study: optuna.Study, store: ArtifactStore, top_k: int) -> 
     for trial in ranked_trials(study):
         if len(chosen) >= top_k:
             break
+        if pin is not None and trial.user_attrs.get(keys.WEIGHTS):
+            pin(str(trial.user_attrs[keys.WEIGHTS]))
         problem, outputs = _load(store, trial)
         if outputs is not None:
             problem = _mismatch(outputs, expected_sha, n_classes, chosen[0].outputs if chosen else None)

@@ -167,10 +167,11 @@ def with_soup(result: EnsembleResult, soup: Soup, candidates: Sequence[Candidate
 
 def study_ensemble(study: optuna.Study, store: ArtifactStore, *, top_k: int, method: Method, arch: str,
                    device: Callable[[], torch.device] | None = None, on_warning: Callable[[str], None] | None = None,
-                   on_start: Callable[[str], None] | None = None) -> tuple[EnsembleResult, Selection]:
+                   on_start: Callable[[str], None] | None = None,
+                   pin: Callable[[str], None] | None = None) -> tuple[EnsembleResult, Selection]:
     """The ensemble of a study's top_k usable trials; with method "soup", the greedy soup is tried too (re-run
     on `device()`). Each skipped trial is told to `on_warning`; fewer than 2 usable trials is an EnsembleError."""
-    selection = select_candidates(study, store, top_k)
+    selection = select_candidates(study, store, top_k, pin=pin)
     for line in selection.skipped:
         if on_warning is not None:
             on_warning(line)

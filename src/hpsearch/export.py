@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpsearch import __version__, keys
 from hpsearch.artifacts import load_trial_weights, open_artifact_store, resolve_artifacts
@@ -38,9 +39,11 @@ from hpsearch.candidates import Candidate, Selection
 from hpsearch.combine import HARD_TIE_RULE
 from hpsearch.ensemble import EnsembleResult, Member, Method, study_ensemble
 from hpsearch.errors import EnsembleError, ExportError, UsageError
+from hpsearch.hold import hold_at
 from hpsearch.infer import plain_model
 from hpsearch.loading import FORMAT_VERSION, MANIFEST, SUMS, ensemble_from_manifest, onnx_files, sha256_file
 from hpsearch.model import builder_kwargs
+from hpsearch.pins import pin, unpin
 from hpsearch.preprocess import Preprocess
 from hpsearch.report import report_markdown
 from hpsearch.search import open_existing, study_preprocess
@@ -91,14 +94,24 @@ def export_ensemble(study_file: str, *, storage: str | None = None, artifacts: s
     if top_k < 2:
         raise UsageError(f"top_k {top_k}: an ensemble needs at least 2 members; set --top-k or [ensemble] top_k")
     store = open_artifact_store(resolve_artifacts(artifacts, study, cfg.study.artifacts), create=False)
-    result, selection = study_ensemble(study, store, top_k=top_k, method=method, arch=cfg.model.arch,
-                                       device=lambda: resolve_device(device or cfg.train.device),
-                                       on_warning=on_warning, on_start=on_start)
-    folder = write_ensemble_dir(Path(out), result, study.study_name, keys.classes(study), selection.candidates,
-                                selection.skipped,
-                                export=None if not export else
-                                lambda d, payload: write_export(d, result, study, store, url, payload["metrics"],
-                                                                onnx=onnx))
+    pinned: list[str] = []  # workers running beside this export keep these weights until it is written
+
+    def pin_weights(artifact_id: str) -> None:
+        pinned.append(artifact_id)
+        pin(study, artifact_id)
+
+    try:
+        result, selection = study_ensemble(study, store, top_k=top_k, method=method, arch=cfg.model.arch,
+                                           device=lambda: resolve_device(device or cfg.train.device),
+                                           on_warning=on_warning, on_start=on_start, pin=pin_weights)
+        hold_at("ensemble")
+        folder = write_ensemble_dir(Path(out), result, study.study_name, keys.classes(study), selection.candidates,
+                                    selection.skipped,
+                                    export=None if not export else
+                                    lambda d, payload: write_export(d, result, study, store, url,
+                                                                    payload["metrics"], onnx=onnx))
+    finally:
+        unpin(study, pinned)
     return Exported(study.study_name, result, selection, folder)
 
 
@@ -223,7 +236,12 @@ def preprocessing_json(pre: Preprocess, augment: Sequence[str] | None = None) ->
 
 def _write_member(folder: Path, store: ArtifactStore, trial: optuna.trial.FrozenTrial, arch: str,
                   n_classes: int, kwargs: Mapping[str, Any]) -> str:
-    state = load_trial_weights(store, trial)
+    try:
+        state = load_trial_weights(store, trial)
+    except ArtifactNotFound:
+        # Only a worker that checked the pins just before this export pinned them can have deleted these.
+        raise ExportError(f"trial {trial.number}'s weights were deleted (keep_weights of a running worker) while "
+                          "this ensemble was exported; run `hpsearch ensemble` again") from None
     try:
         plain_model(arch, n_classes, kwargs).load_state_dict(state, strict=True)
     except RuntimeError as err:

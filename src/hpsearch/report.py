@@ -181,8 +181,11 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
     best = best_trial(study)
     if best is not None:
         parts.append(f"best: trial {best.number} val_accuracy={best.value:.4f} params={best.params}")
+    else:  # a study `run` has just created, or whose first trials still run
+        parts.append("no trial yet" if not sum(values.values()) else "no finished trial yet")
     parts.append(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
-    parts.append(top_trials_table(study, top_k))
+    if best is not None:
+        parts.append(top_trials_table(study, top_k))
     epochs = int(keys.config_value(study, "train", "epochs", default_epochs))
     parts += [t for t in (running_trials_table(study, epochs), failed_trials_table(study)) if t is not None]
     return parts
