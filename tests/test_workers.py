@@ -6,7 +6,11 @@
 - kill -9 of a worker mid-trial: its trial ends FAIL and a retry with the same params completes;
 - SIGINT/SIGTERM to `hpsearch run --workers 2`: it exits, its workers are gone, no trial stays RUNNING.
 
-Every wait has a deadline, and every process a test starts is killed (with its process group) at teardown.
+Every wait has a deadline, and every process a test starts is killed (with its process group) at teardown. A
+kill or signal never races a trial's progress: the test hold (HPSEARCH_TEST_HOLD) stops each trial after its
+first epoch's checkpoint until the test releases it, and the kill lands there. Each test bounds how long the
+storage takes to show the killed trial FAIL (KILL_TO_FAIL_S and friends): a broken supervisor or heartbeat
+path exceeds them on any machine.
 """
 
 from __future__ import annotations
@@ -28,8 +32,14 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 import hpsearch
+from hpsearch.hold import HOLD_ENV
 
 N_POPPERS = 8
+# Upper bounds, generous for a loaded 2-core machine: the supervisor polls its workers every 0.5 s; a lone
+# worker's trial waits out a 3 s heartbeat grace, then the next worker's start (imports, data) fails it.
+KILL_TO_FAIL_S = 15.0
+HEARTBEAT_KILL_TO_FAIL_S = 60.0
+SIGNAL_TO_EXIT_S = 45.0
 N_ENQUEUED = 40
 
 # One popping worker: opens the storage in its own process, waits for the starting gun, then loops
@@ -104,10 +114,10 @@ class Procs:
         self.folder = folder
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
+    def start(self, argv: list[str], name: str, **env: str) -> subprocess.Popen[bytes]:
         with open(self.folder / f"{name}.out", "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=self.folder,
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**_env(), **env},
+                                    cwd=self.folder, start_new_session=True)
         proc.name = name  # type: ignore[attr-defined]
         self.started.append(proc)
         return proc
@@ -202,14 +212,28 @@ def _session_members(sid: int) -> list[int]:
 # ------------------------------------------------------------------------------- 1. exactly-once pops
 
 
-def _seconds_until_fail(url: str, name: str, number: int, killed_at: float) -> float:
-    """Seconds from the kill until the storage shows the killed trial FAIL."""
+def _seconds_until_fail(url: str, name: str, number: int, killed_at: float, bound: float) -> float:
+    """Seconds from the kill until the storage shows the killed trial FAIL; at most `bound`."""
 
     def failed() -> bool:
         return {t.number: t.state for t in _trials(url, name)}[number] == TrialState.FAIL
 
-    _wait_until(f"trial {number} FAIL", failed, timeout=120, every=0.1)
+    _wait_until(f"trial {number} FAIL within {bound:.0f} s of the kill", failed, timeout=bound, every=0.1)
     return time.monotonic() - killed_at
+
+
+def _held(url: str, name: str, n: int, proc: subprocess.Popen[bytes], procs: Procs) -> list[FrozenTrial]:
+    """Wait until `n` trials are RUNNING and held after their first epoch's checkpoint (never a new trial's
+    retry); the held trials."""
+
+    def held() -> list[FrozenTrial]:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.name} exited early ({proc.returncode}):\n{procs.output(proc)}")  # type: ignore[attr-defined]
+        running = [t for t in _trials(url, name) if t.state == TrialState.RUNNING and "worker" in t.user_attrs
+                   and t.user_attrs.get("checkpoint_epoch") == 1 and "failed_trial" not in t.system_attrs]
+        return running if len(running) >= n else []
+
+    return _wait_until(f"{n} trial(s) held after epoch 1", held, timeout=240, every=0.2)
 
 
 def _report_kill(kind: str, url: str, trials: list[FrozenTrial], n_trials: int, kill_to_fail: float) -> None:
@@ -338,27 +362,19 @@ def test_kill_9_worker_mid_trial_fails_and_retries_its_trial(storage_url: str, s
     # 3 workers, 3 trials: the first round's two survivors bring 2, the retry (queued within a poll of the
     # kill, popped by the first free worker) is in the second round, which brings the third.
     n_trials = 3
-    # Trials of a few epochs, so that the kill lands after the first epoch and before the last.
-    path = study_file("kill", study={"n_trials": n_trials}, train={"epochs": 3})
+    # Every trial holds after its first epoch (of two) until released: the kill lands mid-trial every time.
+    release = tmp_path / "release"
+    path = study_file("kill", study={"n_trials": n_trials}, train={"epochs": 2, "checkpoint_every": 1})
     run = procs.start(_hpsearch("run", str(path), "--workers", "3", "--storage", storage_url,
-                                "--artifacts", str(tmp_path / "artifacts")), "run")
+                                "--artifacts", str(tmp_path / "artifacts")), "run", **{HOLD_ENV: f"1:{release}"})
 
-    def mid_trial() -> FrozenTrial | None:
-        if run.poll() is not None:
-            pytest.fail(f"run exited early ({run.returncode}):\n{procs.output(run)}")
-        # One epoch reported, two to go: the kill lands in the middle of the trial, not at its end. Not a
-        # retry (it may inherit its original's epochs, and is retried no more).
-        running = [t for t in _trials(storage_url, "kill")
-                   if t.state == TrialState.RUNNING and "worker" in t.user_attrs and len(t.intermediate_values) == 1
-                   and "failed_trial" not in t.system_attrs]
-        return running[0] if running else None
-
-    victim = _wait_until("a trial after its first epoch", mid_trial, timeout=240, every=0.5)
+    victim = _held(storage_url, "kill", 1, run, procs)[0]
     pid = _pid_of(victim.user_attrs["worker"])
     assert _parent_of(pid) == run.pid, "the trial's worker tag should name a child of `hpsearch run`"
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    kill_to_fail = _seconds_until_fail(storage_url, "kill", victim.number, killed_at)
+    kill_to_fail = _seconds_until_fail(storage_url, "kill", victim.number, killed_at, KILL_TO_FAIL_S)
+    release.touch()
 
     code = procs.wait(run, timeout=300)
     output = procs.output(run)
@@ -394,38 +410,34 @@ def test_kill_9_worker_mid_trial_fails_and_retries_its_trial(storage_url: str, s
 def test_signal_stops_run_and_its_workers(signum: signal.Signals, to_group: bool, study_file: Callable[..., Path],
                                            tmp_path: Path, procs: Procs) -> None:
     """The signal goes to `hpsearch run` alone (kill PID), or to its whole process group as Ctrl-C does."""
-    path = study_file("stop", study={"n_trials": 8}, train={"epochs": 3})
+    path = study_file("stop", study={"n_trials": 8}, train={"epochs": 2, "checkpoint_every": 1})
     url = f"sqlite:///{tmp_path / 'stop.db'}"
+    # Both workers hold mid-trial (never released): the signal finds two running trials every time.
     run = procs.start(_hpsearch("run", str(path), "--workers", "2", "--storage", url,
-                                "--artifacts", str(tmp_path / "artifacts")), "run")
+                                "--artifacts", str(tmp_path / "artifacts")), "run",
+                      **{HOLD_ENV: f"1:{tmp_path / 'never'}"})
 
-    def both_running() -> dict[int, str]:
-        if run.poll() is not None:
-            pytest.fail(f"run exited early ({run.returncode}):\n{procs.output(run)}")
-        running = {t.number: t.user_attrs["worker"] for t in _trials(url, "stop")
-                   if t.state == TrialState.RUNNING and "worker" in t.user_attrs}
-        return running if len(set(running.values())) == 2 else {}
-
-    running = _wait_until("both workers in a trial", both_running, timeout=240, every=0.5)
+    running = {t.number: t.user_attrs["worker"] for t in _held(url, "stop", 2, run, procs)}
     children = [_pid_of(tag) for tag in running.values()]
     assert all(_parent_of(pid) == run.pid for pid in children)
+    signalled_at = time.monotonic()
     if to_group:
         os.killpg(run.pid, signum)
     else:
         os.kill(run.pid, signum)
 
-    code = procs.wait(run, timeout=90)
+    code = procs.wait(run, timeout=SIGNAL_TO_EXIT_S)
+    assert time.monotonic() - signalled_at < SIGNAL_TO_EXIT_S
     output = procs.output(run)
     assert code == 130 if signum == signal.SIGINT else code in (130, 143), (code, output)
     _wait_until("the workers to be gone", lambda: not any(_alive(pid) for pid in children), timeout=10, every=0.1)
     assert not _session_members(run.pid), "workers outlived `hpsearch run`"
     trials = _trials(url, "stop")
     assert not [t.number for t in trials if t.state == TrialState.RUNNING], _states(trials)
-    # The trials that were running when the signal came ended FAIL (one may have just been finishing), and
-    # each FAIL one has exactly one queued retry with its parameters: the next `hpsearch run` continues it.
+    # The trials that were running (held) when the signal came ended FAIL, and each has exactly one queued
+    # retry with its parameters: the next `hpsearch run` continues it from the kept checkpoint.
     ended = {t.number: t.state for t in trials if t.number in running}
-    assert set(ended.values()) <= {TrialState.FAIL, TrialState.COMPLETE}, ended
-    assert TrialState.FAIL in ended.values(), ended
+    assert set(ended.values()) == {TrialState.FAIL}, ended
     by_number = {t.number: t for t in trials}
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     retried = sorted(t.system_attrs["failed_trial"] for t in waiting)
@@ -445,16 +457,9 @@ def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpo
     path = study_file("lone", study={"n_trials": 1, "heartbeat_interval": 1, "heartbeat_grace": 3},
                       train={"epochs": 3, "checkpoint_every": 1})
     args = [str(path), "--storage", storage_url, "--artifacts", artifacts_location]
-    first = procs.start(_hpsearch("worker", *args), "first")
+    first = procs.start(_hpsearch("worker", *args), "first", **{HOLD_ENV: f"1:{procs.folder / 'never'}"})
 
-    def checkpointed() -> FrozenTrial | None:
-        if first.poll() is not None:
-            pytest.fail(f"worker exited early ({first.returncode}):\n{procs.output(first)}")
-        running = [t for t in _trials(storage_url, "lone")
-                   if t.state == TrialState.RUNNING and t.user_attrs.get("checkpoint_epoch") == 1]
-        return running[0] if running else None
-
-    victim = _wait_until("a checkpoint after epoch 1", checkpointed, timeout=240, every=0.2)
+    victim = _held(storage_url, "lone", 1, first, procs)[0]
     os.kill(_pid_of(victim.user_attrs["worker"]), signal.SIGKILL)
     killed_at = time.monotonic()
     procs.wait(first, timeout=30)
@@ -462,7 +467,7 @@ def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpo
 
     time.sleep(4)  # past the grace period: the trial's heartbeat is stale now
     second = procs.start(_hpsearch("worker", *args, "--worker-index", "1"), "second")
-    kill_to_fail = _seconds_until_fail(storage_url, "lone", victim.number, killed_at)
+    kill_to_fail = _seconds_until_fail(storage_url, "lone", victim.number, killed_at, HEARTBEAT_KILL_TO_FAIL_S)
     code = procs.wait(second, timeout=300)
     assert code == 0, procs.output(second)
 
@@ -498,33 +503,31 @@ def test_dropped_postgres_connections_do_not_fail_a_running_trial(study_file: Ca
     url = next(databases)
     try:
         path = study_file("drop", study={"n_trials": 1, "heartbeat_interval": 1, "heartbeat_grace": 5},
-                          train={"epochs": 4})
+                          train={"epochs": 3, "checkpoint_every": 1})
+        release = tmp_path / "release"
         argv = _hpsearch("worker", str(path), "--storage", url, "--artifacts", str(tmp_path / "artifacts"))
         app = f"hpsearch-drop-{os.getpid()}"
         with open(tmp_path / "drop.out", "wb") as out:
-            worker = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                      env={**_env(), "HPSEARCH_APP_NAME": app}, start_new_session=True)
+            # Held after epoch 1 while its connections are dropped: the heartbeat meets the dropped connection.
+            worker = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                                      env={**_env(), "HPSEARCH_APP_NAME": app, HOLD_ENV: f"1:{release}"})
         worker.name = "drop"  # type: ignore[attr-defined]
         procs.started.append(worker)
 
-        def first_epoch() -> FrozenTrial | None:
-            if worker.poll() is not None:
-                pytest.fail(f"worker exited early:\n{procs.output(worker)}")
-            running = [t for t in _trials(url, "drop") if t.state == TrialState.RUNNING and t.intermediate_values]
-            return running[0] if running else None
-
-        victim = _wait_until("the trial's first epoch", first_epoch, timeout=240)
+        victim = _held(url, "drop", 1, worker, procs)[0]
         admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             dropped = conn.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                            "WHERE application_name = :app"), {"app": app}).scalar()
         admin.dispose()
         assert dropped >= 1, "the worker's connections carry its application_name"
+        time.sleep(2)  # two heartbeats on the dropped connection while the trial is held
+        release.touch()
 
         assert procs.wait(worker, timeout=240) == 0, procs.output(worker)
         trial = {t.number: t for t in _trials(url, "drop")}[victim.number]
         assert trial.state == TrialState.COMPLETE, (trial.state, procs.output(worker))
-        assert len(trial.intermediate_values) == 4
+        assert len(trial.intermediate_values) == 3
     finally:
         databases.close()
 
