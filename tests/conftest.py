@@ -78,7 +78,7 @@ PROCESS_LEVEL_GROUP = "process-level"
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("slow") is not None:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("inprocess") is None:
             item.add_marker(pytest.mark.xdist_group(PROCESS_LEVEL_GROUP))
 
 

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -143,20 +143,36 @@ class Ran:
     run: subprocess.CompletedProcess[str]
 
 
-@pytest.fixture(scope="module", params=STORAGES)
-def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ran]:
-    """`hpsearch run` on a tiny two-trial study, once per storage kind; the tests below read what it left."""
-    folder = tmp_path_factory.mktemp(f"cli-{request.param}")
-    study = write_study(folder / f"{STUDY}.toml", tiny_tables(STUDY, ensemble={"top_k": 3}))
-    urls = iter([f"sqlite:///{folder / 'study.db'}"]) if request.param == "sqlite" else _postgres_database()
-    url = next(urls)
-    artifacts = folder / "store"
-    try:
-        run = run_cli("run", str(study), "--storage", url, "--artifacts", str(artifacts), cwd=folder)
-        yield Ran(folder, study, url, artifacts, run)
-    finally:
-        for _ in urls:  # drops the PostgreSQL database
+@dataclass
+class _Runs:
+    built: dict[str, Ran] = field(default_factory=dict)
+    databases: list[Iterator[str]] = field(default_factory=list)  # each drops its database when exhausted
+
+
+@pytest.fixture(scope="session")
+def _runs() -> Iterator[_Runs]:
+    """The runs below, built at most once per storage kind for the whole test run, whatever order the tests
+    come in (a module fixture with params is torn down and built again when other tests run between)."""
+    runs = _Runs()
+    yield runs
+    for urls in runs.databases:
+        for _ in urls:
             pass
+
+
+@pytest.fixture(params=STORAGES)
+def ran(request: pytest.FixtureRequest, _runs: _Runs, tmp_path_factory: pytest.TempPathFactory) -> Ran:
+    """`hpsearch run` on a tiny two-trial study, once per storage kind; the tests below only read what it left."""
+    kind = request.param
+    if kind not in _runs.built:
+        folder = tmp_path_factory.mktemp(f"cli-{kind}")
+        study = write_study(folder / f"{STUDY}.toml", tiny_tables(STUDY, ensemble={"top_k": 3}))
+        urls = iter([f"sqlite:///{folder / 'study.db'}"]) if kind == "sqlite" else _postgres_database()
+        url = next(urls)
+        _runs.databases.append(urls)
+        run = run_cli("run", str(study), "--storage", url, "--artifacts", str(folder / "store"), cwd=folder)
+        _runs.built[kind] = Ran(folder, study, url, folder / "store", run)
+    return _runs.built[kind]
 
 
 @pytest.mark.slow

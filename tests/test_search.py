@@ -70,6 +70,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.inprocess
 def test_tiny_study_end_to_end_then_resume(storage_url, study_file, tmp_path, capsys):
     path = study_file("tiny", study={"seed": 7})
     artifacts = tmp_path / "artifacts"
@@ -211,6 +212,7 @@ def test_resume_refuses_a_changed_split_but_accepts_a_new_budget(study_file, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.inprocess
 def test_diverging_trial_is_pruned_and_the_study_goes_on(study_file, tmp_path):
     path = study_file("diverge", space={"lr": [1e-3, 1e6], "optimizer": ["sgd", "adam"]})
     _, _, study, objective = start(path, f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "artifacts")
@@ -230,6 +232,7 @@ def test_diverging_trial_is_pruned_and_the_study_goes_on(study_file, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.inprocess
 def test_median_pruner_stops_a_hopeless_trial(study_file, tmp_path):
     path = study_file(
         "prune",
@@ -257,6 +260,7 @@ def test_median_pruner_stops_a_hopeless_trial(study_file, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.inprocess
 def test_crashing_trials_fail_with_a_reason_and_the_run_stops_after_a_streak(study_file, tmp_path):
     path = study_file("crash", study={"n_trials": 10, "max_consecutive_failures": 2})
     artifacts = tmp_path / "artifacts"
@@ -311,6 +315,7 @@ def test_a_study_with_no_finished_trials_has_no_best(study_file, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.inprocess
 def test_keep_weights_bounds_the_artifact_store(study_file, tmp_path):
     """Weights outside the best K are deleted as the study runs; outputs stay; no checkpoint outlives its trial."""
     path = study_file("keep", study={"n_trials": 3, "keep_weights": 1}, train={"epochs": 2, "checkpoint_every": 1},

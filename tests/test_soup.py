@@ -251,6 +251,7 @@ def test_trials_that_recorded_other_starting_weights_are_refused(lab: Lab, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.inprocess
 def test_real_trials_from_one_weights_file(lab: Lab, tmp_path: Path) -> None:
     """Real 1-epoch trials from the shared file through `hpsearch run`; the decision follows validation."""
     path = write_study(tmp_path / "real.toml", tiny_tables(

@@ -359,13 +359,13 @@ def _assert_memory_stays_flat(trials: list[FrozenTrial]) -> None:
 @pytest.mark.timeout(420)
 def test_kill_9_worker_mid_trial_fails_and_retries_its_trial(storage_url: str, study_file: Callable[..., Path],
                                                               tmp_path: Path, procs: Procs) -> None:
-    # 3 workers, 3 trials: the first round's two survivors bring 2, the retry (queued within a poll of the
-    # kill, popped by the first free worker) is in the second round, which brings the third.
-    n_trials = 3
+    # 2 workers, 2 trials: the survivor brings one, the retry (queued within a poll of the kill, popped by the
+    # first free worker: the survivor or the restarted one) brings the other.
+    n_trials = 2
     # Every trial holds after its first epoch (of two) until released: the kill lands mid-trial every time.
     release = tmp_path / "release"
     path = study_file("kill", study={"n_trials": n_trials}, train={"epochs": 2, "checkpoint_every": 1})
-    run = procs.start(_hpsearch("run", str(path), "--workers", "3", "--storage", storage_url,
+    run = procs.start(_hpsearch("run", str(path), "--workers", "2", "--storage", storage_url,
                                 "--artifacts", str(tmp_path / "artifacts")), "run", **{HOLD_ENV: f"1:{release}"})
 
     victim = _held(storage_url, "kill", 1, run, procs)[0]
@@ -450,6 +450,11 @@ def test_signal_stops_run_and_its_workers(signum: signal.Signals, to_group: bool
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
+# Pairwise, not the full product: each storage and each store once (the product doubles the time, and the
+# storage x store combinations share no code path that these two pairs leave untested).
+@pytest.mark.parametrize(("storage_url", "artifacts_location"),
+                         [("sqlite", "folder"), pytest.param("postgresql", "s3", marks=pytest.mark.postgres)],
+                         indirect=True)
 def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpoint(
         storage_url: str, artifacts_location: str, study_file: Callable[..., Path], procs: Procs) -> None:
     # No supervisor here (another machine's worker): only the heartbeat can tell that the trial's worker died.
