@@ -42,7 +42,7 @@ def test_version_from_the_installed_script(tmp_path):
 
 
 @pytest.mark.parametrize("command, options", [
-    ([], ["run", "check", "status", "dashboard"]),
+    ([], ["run", "check", "status", "dashboard", "report"]),
     (["run"], ["STUDY.toml", "--storage", "--n-trials", "--timeout", "--workers", "--device", "--artifacts"]),
     (["check"], ["STUDY.toml", "--storage"]),
     (["status"], ["STUDY.toml", "--storage", "--artifacts", "--top-k"]),

@@ -161,6 +161,18 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpsearch.study_report import REPORT_FILE, write_report
+
+    written = write_report(args.study, storage=args.storage, artifacts=args.artifacts, out=args.out,
+                           on_file=lambda path: console.print(f"wrote {path}", highlight=False, soft_wrap=True))
+    for note in written.notes:
+        console.print(f"- {note}", highlight=False, soft_wrap=True)
+    console.print(f"report with {len(written.figures)} figures, per class from trial {written.trial}: "
+                  f"{written.folder / REPORT_FILE}", highlight=False, soft_wrap=True)
+    return 0
+
+
 def _print_unwrapped(renderable: Any) -> None:
     """Print at the renderable's natural width when stdout is no terminal (a pipe or file is not 80 columns)."""
     if out.is_terminal:
@@ -308,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write ensemble.onnx: the whole ensemble as one ONNX graph, images to probabilities "
                           "(needs the optional extra: pip install -e '.[onnx]')")
     ens.set_defaults(func=cmd_ensemble)
+
+    rep = sub.add_parser("report", help="a finished study as trials.csv, PNG plots, per-class results and one "
+                         "self-contained report.html")
+    rep.add_argument("study", metavar="STUDY.toml")
+    storage(rep)
+    artifacts(rep)
+    rep.add_argument("--out", metavar="DIR", default="report",
+                     help="folder for the report, replaced atomically (default report)")
+    rep.set_defaults(func=cmd_report)
 
     def exported(p: argparse.ArgumentParser, inputs: str) -> None:
         p.add_argument("dir", metavar="DIR", help="an ensemble folder written by `hpsearch ensemble --out DIR`")

@@ -50,3 +50,7 @@ class ExportError(HpsearchError):
 
 class TTAError(HpsearchError):
     """Test-time augmentation asked of an export that cannot give it."""
+
+
+class ReportError(HpsearchError):
+    """A study report that cannot be made (no trials, no COMPLETE trial with stored outputs, a bad --out)."""

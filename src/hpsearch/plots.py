@@ -1,0 +1,264 @@
+"""The figures of `hpsearch report`: each function takes a study or plain data and returns a matplotlib Figure.
+
+Optuna's matplotlib visualisations draw what they can (history, importances, parallel coordinate, learning
+curves); two of our own answer the questions a fine-tuning search is run for: which learning rate for which
+optimizer, and which optimizer × scheduler pair. Nothing here writes a file (hpsearch.study_report does).
+
+A figure that cannot be drawn for this study raises `PlotSkipped` with the reason, so the report names it in
+one line instead of crashing. A study of thousands of trials is sampled where one line per trial would choke
+(learning curves, parallel coordinate); the figure's title says so.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import optuna
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch.search import best_trial
+
+MAX_CURVES = 200  # learning curves drawn; beyond that the plot is a grey blur and Optuna's legend explodes
+MAX_LINES = 1000  # parallel-coordinate lines
+ANNOTATED_CLASSES = 20  # confusion cells get their count written in them up to this many classes
+LABELLED_CLASSES = 40  # class names on the confusion matrix's axes up to this many
+PRUNED_STYLE = {"color": "#888888", "linestyle": "--", "alpha": 0.6}
+
+
+class PlotSkipped(Exception):
+    """This figure cannot be drawn for this study; `str(err)` says why, in a few words."""
+
+
+# --------------------------------------------------------------------------------------- Optuna's plots
+
+
+def _figure_of(ax: Axes) -> Figure:
+    """The Figure Optuna drew on, detached from pyplot: a report of many figures must not keep them all alive
+    (pyplot holds every figure it made until closed), and the Agg canvas still saves it."""
+    import matplotlib.pyplot as plt
+
+    fig = ax.get_figure()
+    assert isinstance(fig, Figure)
+    plt.close(fig)
+    return fig
+
+
+def _complete(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)]
+
+
+def _sampled(study: optuna.Study, trials: Sequence[FrozenTrial],
+             limit: int) -> tuple[optuna.Study, dict[int, FrozenTrial]]:
+    """`study` itself when it holds at most `limit` of `trials`, else an in-memory copy of a seeded sample that
+    keeps the best trial: Optuna's plots take a study, not a trial list. Returns the study drawn and, by trial
+    number in it, the original trial (a copy numbers its trials from 0)."""
+    if len(trials) <= limit:
+        return study, {t.number: t for t in trials}
+    rng = random.Random(0)  # the same report twice draws the same sample
+    best = best_trial(study)
+    rest = [t for t in trials if best is None or t.number != best.number]
+    chosen = sorted(rng.sample(rest, limit - (best is not None)) + ([best] if best is not None else []),
+                    key=lambda t: t.number)
+    copy = optuna.create_study(direction=study.direction)
+    if study.metric_names:
+        copy.set_metric_names(study.metric_names)
+    copy.add_trials(chosen)
+    return copy, dict(enumerate(chosen))
+
+
+def _title(ax: Axes, title: str, drawn: int, total: int) -> None:
+    ax.set_title(title if drawn == total else f"{title} ({drawn} of {total} trials, sampled)")
+
+
+def optimization_history(study: optuna.Study) -> Figure:
+    """Each COMPLETE trial's validation accuracy and the best so far: did the search still improve?"""
+    if not _complete(study):
+        raise PlotSkipped("no COMPLETE trial")
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context():  # Optuna switches pyplot's global style to ggplot; keep that inside this figure
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name="val_accuracy")
+    return _figure_of(ax)
+
+
+def varying_params(study: optuna.Study) -> list[str]:
+    """Parameters every COMPLETE trial has and that take more than one value among them: importances of a
+    constant (or of a scheduler's own parameter, absent from other trials) mean nothing."""
+    complete = _complete(study)
+    shared = set.intersection(*(set(t.params) for t in complete)) if complete else set()
+    return sorted(p for p in shared if len({repr(t.params[p]) for t in complete}) > 1)
+
+
+def param_importances(study: optuna.Study) -> Figure:
+    """How much each parameter explains of validation accuracy (Optuna's default evaluator, PED-ANOVA)."""
+    if len(_complete(study)) < 2:
+        raise PlotSkipped("parameter importances need at least 2 COMPLETE trials")
+    params = varying_params(study)
+    if not params:
+        raise PlotSkipped("no parameter takes more than one value across the COMPLETE trials")
+    import matplotlib.pyplot as plt
+
+    try:
+        with plt.rc_context():
+            ax = optuna.visualization.matplotlib.plot_param_importances(study, params=params,
+                                                                        target_name="val_accuracy")
+    except (ValueError, RuntimeError, ZeroDivisionError) as err:  # the evaluator refuses too little data
+        raise PlotSkipped(f"the importance evaluator could not run ({err})") from None
+    return _figure_of(ax)
+
+
+def parallel_coordinate(study: optuna.Study) -> Figure:
+    """One line per COMPLETE trial through its parameters to its accuracy: which combinations did well."""
+    complete = _complete(study)
+    if len(complete) < 2:
+        raise PlotSkipped("a parallel coordinate needs at least 2 COMPLETE trials")
+    drawn_study, originals = _sampled(study, complete, MAX_LINES)
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context(), warnings.catch_warnings():
+        # a parameter with one value among them is drawn on a degenerate axis: right, not worth a warning
+        warnings.filterwarnings("ignore", message=".*identical low and high ylims.*")
+        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(drawn_study, target_name="val_accuracy")
+    _title(ax, "Parallel Coordinate Plot", len(originals), len(complete))
+    fig = _figure_of(ax)
+    # Optuna keeps matplotlib's 6.4-inch default: with a scheduler's own parameters the axes' labels collide
+    fig.set_size_inches(max(6.4, 1.3 * len(ax.get_xticks())), 5.5)
+    return fig
+
+
+def _with_curves(study: optuna.Study) -> list[FrozenTrial]:
+    # Optuna's learning-curve plot draws these states; the count in the title must agree with it.
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if t.intermediate_values]
+
+
+def learning_curves(study: optuna.Study) -> Figure:
+    """Validation accuracy per epoch of every trial (Optuna's intermediate values), PRUNED trials dashed grey:
+    where the pruner stopped them, and whether it stopped good ones."""
+    curves = _with_curves(study)
+    if not curves:
+        raise PlotSkipped("no trial reported an epoch")
+    drawn_study, originals = _sampled(study, curves, MAX_CURVES)
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context():
+        ax = optuna.visualization.matplotlib.plot_intermediate_values(drawn_study)
+    for line in ax.get_lines():
+        drawn = re.fullmatch(r"Trial(\d+)", str(line.get_label()))  # Optuna labels each curve "Trial<number>"
+        original = originals.get(int(drawn.group(1))) if drawn else None
+        if original is not None:
+            line.set_label(f"Trial{original.number}")  # the study's number, not the sample copy's
+            if original.state == TrialState.PRUNED:
+                line.set(**PRUNED_STYLE)
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.remove()  # one entry per trial: unreadable past a dozen; two entries say what matters
+    ax.legend(handles=[Line2D([], [], color="tab:blue", label="COMPLETE (or RUNNING)"),
+                       Line2D([], [], label="PRUNED", **PRUNED_STYLE)], loc="lower right")
+    ax.set_xlabel("epoch (0-based)")
+    ax.set_ylabel("val_accuracy")
+    _title(ax, "Learning curves", len(originals), len(curves))
+    return _figure_of(ax)
+
+
+# ------------------------------------------------------------------------------------------ our own plots
+
+
+def _complete_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """The COMPLETE rows of a trials frame (hpsearch.study_report.trials_table) that have `columns`."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise PlotSkipped(f"the study searches no {', '.join(missing)}")
+    rows = frame[(frame["state"] == "COMPLETE") & frame["value"].notna()].dropna(subset=list(columns))
+    if rows.empty:
+        raise PlotSkipped(f"no COMPLETE trial with {', '.join(columns)}")
+    return rows
+
+
+def lr_vs_accuracy(frame: pd.DataFrame) -> Figure:
+    """Validation accuracy against learning rate (log axis), one colour per optimizer: the "Adam vs RMSprop"
+    question, and each optimizer's good learning-rate range, in one figure. PRUNED trials have no final
+    accuracy and are left out."""
+    rows = _complete_rows(frame, ["lr", "optimizer"])
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for optimizer, group in rows.groupby("optimizer", sort=True):
+        ax.scatter(group["lr"], group["value"], label=f"{optimizer} ({len(group)})", alpha=0.8,
+                   s=24 if len(rows) < 500 else 6)  # small points when thousands would overlap
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log)")
+    ax.set_ylabel("val_accuracy")
+    ax.set_title("Validation accuracy vs learning rate, by optimizer (COMPLETE trials)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="optimizer (trials)")
+    return fig
+
+
+def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per optimizer × scheduler: mean and best val_accuracy and the number of COMPLETE trials."""
+    rows = _complete_rows(frame, ["optimizer", "scheduler"])
+    return rows.groupby(["optimizer", "scheduler"])["value"].agg(mean="mean", best="max", n="count")
+
+
+def optimizer_scheduler_grid(frame: pd.DataFrame) -> Figure:
+    """A heatmap of mean val_accuracy per optimizer × scheduler, each cell annotated with its best and its
+    trial count: a mean over 1 trial is luck, over 20 a finding."""
+    stats = cell_stats(frame)
+    # Axes from every trial, not only COMPLETE ones: an optimizer whose trials were all pruned is a finding.
+    optimizers = sorted(map(str, frame["optimizer"].dropna().unique()))
+    schedulers = sorted(map(str, frame["scheduler"].dropna().unique()))
+    mean = np.full((len(optimizers), len(schedulers)), np.nan)
+    fig = Figure(figsize=(1.8 * len(schedulers) + 3, 1.1 * len(optimizers) + 2), layout="constrained")
+    ax = fig.add_subplot()
+    for i, opt in enumerate(optimizers):
+        for j, sched in enumerate(schedulers):
+            if (opt, sched) in stats.index:
+                cell = stats.loc[(opt, sched)]
+                mean[i, j] = cell["mean"]
+                text = f"mean {cell['mean']:.4f}\nbest {cell['best']:.4f}\nn={int(cell['n'])}"
+            else:
+                text = "n=0"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black",
+                    bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0})
+    image = ax.imshow(np.ma.masked_invalid(mean), cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="mean val_accuracy")
+    ax.set_xticks(range(len(schedulers)), schedulers)
+    ax.set_yticks(range(len(optimizers)), optimizers)
+    ax.set_xlabel("scheduler")
+    ax.set_ylabel("optimizer")
+    ax.set_title("Optimizer × scheduler (COMPLETE trials; empty cell: never completed)")
+    return fig
+
+
+def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], title: str) -> Figure:
+    """Rows are true classes, columns predicted ones; counts in the cells while they stay readable."""
+    n = len(classes)
+    if matrix.shape != (n, n) or n == 0:
+        raise PlotSkipped(f"a {matrix.shape} matrix for {n} classes")
+    side = min(4 + 0.45 * n, 24)
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, label="images")
+    if n <= ANNOTATED_CLASSES:
+        high = matrix.max() / 2 if matrix.size else 0
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(int(count)), ha="center", va="center", fontsize=8,
+                    color="white" if count > high else "black")
+    if n <= LABELLED_CLASSES:
+        ax.set_xticks(range(n), list(classes), rotation=90)
+        ax.set_yticks(range(n), list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return fig
