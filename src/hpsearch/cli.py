@@ -97,6 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         guard = run_trials(study, run.objective(on_epoch=on_epoch), n_trials, timeout=args.timeout,
                            callbacks=[on_trial])
     out.print(top_trials_table(study, cfg.ensemble.top_k))
+    if guard.stopped:
+        console.print(f"stopped: {guard.stopped}", highlight=False, soft_wrap=True)
     if guard.tripped:
         console.print(f"[red]stopped[/]: {guard.limit} trials failed in a row; see `hpsearch status "
                       f"{args.study}` and each trial's fail_reason")
@@ -124,6 +126,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except StoreFullError as full:
         console.print(f"[red]error[/]: {full}", highlight=False, soft_wrap=True)
         return EXIT_STORE_FULL  # the supervisor stops every worker: their next trials would find no room either
+    if guard.stopped:
+        console.print(f"[dim]worker {args.worker_index}[/] stopped: {guard.stopped}", highlight=False, soft_wrap=True)
     return EXIT_FAILURE_STREAK if guard.tripped else 0
 
 
@@ -136,6 +140,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     artifacts = resolve_artifacts(args.artifacts, study, cfg.study.artifacts)
     for part in status_renderables(study, url, artifacts, args.top_k or cfg.ensemble.top_k, cfg.train.epochs):
         out.print(part)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from hpsearch.search import open_existing
+    from hpsearch.stopping import request_stop
+
+    _, study, _ = open_existing(args.study, args.storage)
+    request = request_stop(study, "hpsearch stop" + (" --now" if args.now else ""), now=args.now)
+    how = ("at once: their running trials end FAIL, each with a queued retry" if args.now
+           else "after their current trials")
+    console.print(f"asked every worker of study {study.study_name!r} to stop {how}; recorded as {request.line()}; "
+                  f"a later `hpsearch run {args.study}` resumes it", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -300,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     artifacts(status)
     status.add_argument("--top-k", type=_positive, help="rows of the table (default: [ensemble] top_k)")
     status.set_defaults(func=cmd_status)
+
+    stop = sub.add_parser("stop", help="ask every worker of the study, on every machine, to stop")
+    stop.add_argument("study", metavar="STUDY.toml")
+    storage(stop)
+    stop.add_argument("--now", action="store_true",
+                      help="stop at once: running trials end FAIL with a queued retry (default: after each trial)")
+    stop.set_defaults(func=cmd_stop)
 
     ens = sub.add_parser("ensemble", help="weigh the top-k trials' stored outputs into an ensemble and compare")
     ens.add_argument("study", metavar="STUDY.toml")

@@ -111,6 +111,8 @@ class StudySection(_Strict):
     # Weights of trials outside the best `keep_weights` are deleted as the study runs (outputs are kept).
     # Default: [ensemble] top_k + 3. 0 keeps every trial's weights.
     keep_weights: int | None = Field(None, ge=0)
+    # The study stops once a trial's validation accuracy reaches this (every worker, after its current trial).
+    target: float | None = Field(None, gt=0, le=1)
 
     @field_validator("artifacts")
     @classmethod

@@ -19,6 +19,7 @@ from hpsearch import keys
 from hpsearch.artifacts import store_size_bytes
 from hpsearch.combine import Row
 from hpsearch.search import best_trial, ranked_trials
+from hpsearch.stopping import stop_request, target_reached
 from hpsearch.storage import redact
 
 if TYPE_CHECKING:
@@ -183,6 +184,13 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
         parts.append(f"best: trial {best.number} val_accuracy={best.value:.4f} params={best.params}")
     else:  # a study `run` has just created, or whose first trials still run
         parts.append("no trial yet" if not sum(values.values()) else "no finished trial yet")
+    target = keys.config_value(study, "study", "target")
+    if target is not None:
+        reached = target_reached(study, float(target))
+        parts.append(f"target {target}: " + (f"reached by trial {reached.number}" if reached else "not reached yet"))
+    request = stop_request(study.user_attrs)
+    if request is not None:
+        parts.append(f"last stop: {request.line()}")
     parts.append(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
     if best is not None:
         parts.append(top_trials_table(study, top_k))

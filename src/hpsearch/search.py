@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from hpsearch.model import build_model, check_study_model
 from hpsearch.objective import Objective, Prepared, free_device_memory, worker_tag
 from hpsearch.pins import pinned
 from hpsearch.preprocess import Preprocess
+from hpsearch.stopping import StopWatch, StopWhenAsked, target_reached
 from hpsearch.storage import open_storage, redact, resolve_storage_url, retry_callback
 from hpsearch.train import resolve_device
 
@@ -300,27 +302,46 @@ class StopOnFullStore:
             study.stop()
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How `run_trials` ended: a failure streak (`tripped`, after `limit` failures in a row), or a stop on
+    purpose (`stopped`: the target reached, or `hpsearch stop`), or neither (the budget or the timeout)."""
+
+    tripped: bool
+    limit: int
+    stopped: str | None = None
+
+
 def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, timeout: float | None = None,
-               callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> StopAfterFailures:
-    """Run until the study holds n_trials finished (COMPLETE + PRUNED) trials, the timeout, or a failure streak;
-    a full artifact store stops it at once with a StoreFullError."""
-    guard = StopAfterFailures(objective.cfg.study.max_consecutive_failures)
-    if finished_trials(study) >= n_trials:
-        return guard
-    stop_at_n = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
+               callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> Outcome:
+    """Run until the study holds n_trials finished (COMPLETE + PRUNED) trials, the timeout, a failure streak,
+    the study's target, or `hpsearch stop`; a full artifact store stops it at once with a StoreFullError."""
+    started_at = time.time()
     cfg = objective.cfg
+    guard = StopAfterFailures(cfg.study.max_consecutive_failures)
+    reached = target_reached(study, cfg.study.target)
+    if reached is not None:
+        return Outcome(False, guard.limit, f"target {cfg.study.target} already reached by trial {reached.number}")
+    if finished_trials(study) >= n_trials:
+        return Outcome(False, guard.limit)
+    stop_at_n = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
     keep = KeepBestWeights(objective.files, cfg.study.keep_weights if cfg.study.keep_weights is not None
                            else cfg.ensemble.top_k + 3)
     full = StopOnFullStore()
-    try:
-        study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                       callbacks=[RetryOutOfMemory(), full, keep, *callbacks, stop_at_n, guard, _free_after_trial])
-    except KeyboardInterrupt:
-        retry_interrupted(study)
-        raise
+    asked = StopWhenAsked(started_at, cfg.study.target)
+    with StopWatch(study, started_at) as watch:
+        try:
+            study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
+                           callbacks=[RetryOutOfMemory(), full, keep, *callbacks, stop_at_n, guard, asked,
+                                      _free_after_trial])
+        except KeyboardInterrupt:
+            retry_interrupted(study)
+            if watch.fired is None:
+                raise
+            return Outcome(False, guard.limit, watch.fired.line())  # `hpsearch stop --now`: asked, not a crash
     if full.line is not None:
         raise StoreFullError(full.line)
-    return guard
+    return Outcome(guard.tripped, guard.limit, asked.request.line() if asked.request else None)
 
 
 def retry_interrupted(study: optuna.Study) -> list[int]:

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import keys
 from hpsearch.objective import worker_tag
 from hpsearch.search import Run, finished_trials, has_retry, retry_failed
+from hpsearch.stopping import pending, target_reached
 
 # A worker's exit code when it stopped because trials failed in a row (not a crash: not restarted).
 EXIT_FAILURE_STREAK = 4
@@ -218,6 +219,12 @@ def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, 
         passed += ["--timeout", str(timeout)]
     workers = [Worker(i, worker_command([*passed, "--worker-index", str(i)]),
                       worker_env(i, n_workers, pinned, per_gpu, storage=run.url)) for i in range(n_workers)]
-    supervisor = Supervisor(run.study, run.storage, workers, done=lambda: finished_trials(run.study) >= run.n_trials,
-                            on_event=on_event)
-    return supervisor.run()
+    started_at = time.time()
+
+    def done() -> bool:
+        # The budget, the target or `hpsearch stop`: a worker that returned 0 for any of them is not restarted.
+        return (finished_trials(run.study) >= run.n_trials
+                or target_reached(run.study, run.cfg.study.target) is not None
+                or pending(run.study.user_attrs, started_at) is not None)
+
+    return Supervisor(run.study, run.storage, workers, done=done, on_event=on_event).run()

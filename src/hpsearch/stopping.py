@@ -1,0 +1,122 @@
+"""Stopping a study on purpose: `[study] target` reached, or `hpsearch stop` from any machine.
+
+A stop is a request recorded in the study (user attr `stop_request`: when, by whom, why, and whether at
+once), so every worker on every machine and storage sees it. Each process honours the requests made after it
+started: a worker stops after its current trial (`StopWhenAsked`, an Optuna callback), or at once for
+`--now` (`StopWatch`, a thread that interrupts the trial like Ctrl-C, so it ends FAIL with a queued retry that
+resumes its checkpoint). A `run` started later resumes the study: an old request does not stop it.
+"""
+
+from __future__ import annotations
+
+import _thread
+import getpass
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch import keys
+
+WATCH_EVERY_S = 2.0  # how often a running trial looks for `stop --now`: one small read of the study
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    at: float  # unix seconds
+    by: str  # user@host, or "target"
+    reason: str
+    now: bool  # at once (the running trials interrupted), or after each worker's current trial
+
+    def line(self) -> str:
+        when = datetime.fromtimestamp(self.at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        how = "at once" if self.now else "after the current trial"
+        return f"{self.reason} ({self.by}, {when}; {how})"
+
+
+def request_stop(study: optuna.Study, reason: str, *, by: str | None = None, now: bool = False) -> StopRequest:
+    """Record a stop request in the study; every worker started before it honours it."""
+    request = StopRequest(time.time(), by or f"{getpass.getuser()}@{socket.gethostname()}", reason, now)
+    study.set_user_attr(keys.STOP_REQUEST, {"at": request.at, "by": request.by, "reason": request.reason,
+                                            "now": request.now})
+    return request
+
+
+def stop_request(attrs: dict[str, Any]) -> StopRequest | None:
+    """The study's last stop request, from its user attrs."""
+    raw = attrs.get(keys.STOP_REQUEST)
+    if not isinstance(raw, dict):
+        return None
+    return StopRequest(float(raw.get("at", 0.0)), str(raw.get("by", "")), str(raw.get("reason", "stop")),
+                       bool(raw.get("now", False)))
+
+
+def pending(attrs: dict[str, Any], started_at: float) -> StopRequest | None:
+    """A stop request made after `started_at` (this process's start), which it must honour."""
+    request = stop_request(attrs)
+    return request if request is not None and request.at >= started_at else None
+
+
+def target_reached(study: optuna.Study, target: float | None) -> FrozenTrial | None:
+    """The first COMPLETE trial at or above the target, if any."""
+    if target is None:
+        return None
+    reached = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if t.value is not None and t.value >= target]
+    return min(reached, key=lambda t: t.number) if reached else None
+
+
+class StopWhenAsked:
+    """After each trial: stop this process's study loop if a stop request came since it started, or (with a
+    target) if this trial reached it, in which case the request goes to every other worker too."""
+
+    def __init__(self, started_at: float, target: float | None) -> None:
+        self.started_at = started_at
+        self.target = target
+        self.request: StopRequest | None = None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if (self.target is not None and trial.state == TrialState.COMPLETE and trial.value is not None
+                and trial.value >= self.target):
+            self.request = request_stop(study, f"target {self.target} reached by trial {trial.number} "
+                                               f"(val_accuracy {trial.value:.4f})", by="target")
+        else:
+            self.request = pending(study.user_attrs, self.started_at)
+        if self.request is not None:
+            study.stop()
+
+
+class StopWatch:
+    """A daemon thread that interrupts the main thread (like Ctrl-C) when `hpsearch stop --now` is asked; the
+    running trial then ends FAIL with a queued retry, as an interrupted trial does."""
+
+    def __init__(self, study: optuna.Study, started_at: float, every_s: float = WATCH_EVERY_S) -> None:
+        self.study = study
+        self.started_at = started_at
+        self.every_s = every_s
+        self.fired: StopRequest | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hpsearch-stop-watch", daemon=True)
+
+    def __enter__(self) -> StopWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.every_s):
+            try:
+                request = pending(self.study.user_attrs, self.started_at)
+            except Exception:  # a storage hiccup: look again at the next tick
+                continue
+            if request is not None and request.now:
+                self.fired = request
+                _thread.interrupt_main()
+                return
