@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.search import best_trial
@@ -196,6 +197,11 @@ def lr_vs_accuracy(frame: pd.DataFrame) -> Figure:
         ax.scatter(group["lr"], group["value"], label=f"{optimizer} ({len(group)})", alpha=0.8,
                    s=24 if len(rows) < 500 else 6)  # small points when thousands would overlap
     ax.set_xscale("log")
+    # Ticks at 1, 2 and 5 of each decade, labelled once each: matplotlib's own minor labels run into each
+    # other when the range spans about a decade, the usual learning-rate range.
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.0e}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("learning rate (log)")
     ax.set_ylabel("val_accuracy")
     ax.set_title("Validation accuracy vs learning rate, by optimizer (COMPLETE trials)")
