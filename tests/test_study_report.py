@@ -7,6 +7,7 @@ the figure was drawn from.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -16,20 +17,33 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.figure import Figure
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from PIL import Image
+from scipy.special import softmax
 
 from conftest import tiny_tables, write_study
 from hpsearch import keys, plots
 from hpsearch.artifacts import load_trial_outputs, open_artifact_store
 from hpsearch.cli import main
 from hpsearch.config import load_study
+from hpsearch.report_ensemble import RELIABILITY_FILE, WEIGHTS_FILE, ensemble_builders, read_ensemble
 from hpsearch.search import open_study, prepare, ranked_trials
 from hpsearch.storage import open_storage
-from hpsearch.study_report import PER_CLASS_FILE, REPORT_FILE, TRIALS_FILE, confusion, figure_builders, trials_table
+from hpsearch.study_report import (
+    MISTAKES_FILE,
+    PER_CLASS_FILE,
+    REPORT_FILE,
+    TRIALS_FILE,
+    confident_mistakes,
+    confusion,
+    figure_builders,
+    trials_table,
+    validation_images,
+)
 
 NAME = "reporttiny"
 
@@ -188,6 +202,131 @@ def test_confusion_matrix_sums_to_the_validation_split_and_gives_the_best_value(
     assert list(per_class["class"].astype(str)) == keys.classes(study)
     assert per_class["images"].sum() == n_val
     assert per_class["correct"].sum() / n_val == pytest.approx(best.value, abs=1e-6)
+
+
+TITLE = re.compile(r"true (.+) / pred (.+) \(p=([0-9.]+)\)")
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_confident_mistakes_are_the_most_confidently_wrong_validation_images(trained):
+    assert (trained.out / MISTAKES_FILE).is_file()
+    study = fresh_study(trained)
+    outputs = load_trial_outputs(open_artifact_store(trained.store, create=False), ranked_trials(study)[0])
+    # computed here from the stored outputs, independently of the report's code
+    probs = softmax(outputs.val_logits.double().numpy(), axis=1)
+    true, predicted, confidence = outputs.val_labels.numpy(), probs.argmax(axis=1), probs.max(axis=1)
+    wrong = [i for i in range(len(true)) if true[i] != predicted[i]]
+    expected = sorted(wrong, key=lambda i: -confidence[i])[:16]
+    assert expected, "the tiny study classifies every validation image right: nothing to show"
+
+    classes = keys.classes(study)
+    fig = confident_mistakes(study, outputs, classes)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == min(16, len(wrong))
+    titles = [TITLE.fullmatch(ax.get_title()) for ax in shown]
+    assert all(titles), [ax.get_title() for ax in shown]
+    assert [(m.group(1), m.group(2)) for m in titles] == [(classes[true[i]], classes[predicted[i]]) for i in expected]
+    assert [float(m.group(3)) for m in titles] == pytest.approx([confidence[i] for i in expected], abs=0.006)
+    images = validation_images(study)  # the split's val order is the stored logits' order
+    assert len(images) == len(true)
+    for ax, i in zip(shown, expected, strict=True):
+        assert np.array_equal(np.asarray(ax.images[0].get_array()), np.moveaxis(images[i], 0, -1))
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_confident_mistakes_are_skipped_with_a_note_when_the_split_differs(trained):
+    study = fresh_study(trained)
+    outputs = load_trial_outputs(open_artifact_store(trained.store, create=False), ranked_trials(study)[0])
+    moved = optuna.create_study(direction="maximize")
+    for key, value in study.user_attrs.items():
+        moved.set_user_attr(key, value)
+    moved.set_user_attr(keys.SPLIT_SHA256, "0" * 64)
+    with pytest.raises(plots.PlotSkipped, match="another split"):
+        confident_mistakes(moved, outputs, keys.classes(study))
+
+
+# ------------------------------------------------------------------------------------------- --ensemble
+
+
+@pytest.fixture(scope="module")
+def ensembled(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A soft ensemble exported from the tiny study, and the study's report with --ensemble."""
+    root = tmp_path_factory.mktemp("ensembled")
+    ens, out = root / "ens", root / "report"
+    assert main(["ensemble", str(trained.study_file), "--storage", trained.url, "--artifacts", str(trained.store),
+                 "--out", str(ens), "--method", "soft"]) == 0
+    assert main(["report", str(trained.study_file), "--storage", trained.url, "--artifacts", str(trained.store),
+                 "--out", str(out), "--ensemble", str(ens)]) == 0
+    return ens, out
+
+
+def bar_heights(ax: Axes) -> list[float]:
+    return [patch.get_height() for patch in ax.patches]
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_ensemble_weights_comparison_and_reliability_join_the_report(trained, ensembled):
+    ens, out = ensembled
+    assert (out / WEIGHTS_FILE).is_file() and (out / RELIABILITY_FILE).is_file()
+    result = json.loads((ens / "ensemble.json").read_text(encoding="utf-8"))
+    study = fresh_study(trained)
+    figures = {name: build() for name, _, build in ensemble_builders(read_ensemble(ens), study,
+                                                                     open_artifact_store(trained.store, create=False))}
+
+    (weights_ax,) = figures[WEIGHTS_FILE].axes
+    assert bar_heights(weights_ax) == pytest.approx([m["weight"] for m in result["members"]])
+    assert [t.get_text() for t in weights_ax.get_xticklabels()] == [f"trial {m['trial']}" for m in result["members"]]
+
+    page = (out / REPORT_FILE).read_text(encoding="utf-8")
+    assert "<h2>Ensemble: test-split comparison</h2>" in page
+    table = page.split("<h2>Ensemble: test-split comparison</h2>", 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr") == len(result["metrics"]) + 1  # the header row and one per row of ensemble.json
+    for row in result["metrics"]:
+        assert f"<td>{row['name']}</td>" in table
+        assert f"{row['test_accuracy']:.4g}" in table
+
+    counts = [ax for ax in figures[RELIABILITY_FILE].axes if ax.get_label().startswith("counts:")]
+    assert len(counts) == 2  # before and after temperature scaling
+    n_test = study.user_attrs[keys.SPLIT_SIZES]["test"]
+    assert [sum(bar_heights(ax)) for ax in counts] == [n_test, n_test]
+    assert all(len(ax.patches) == 10 for ax in counts)
+    # the recombined members give the accuracy ensemble.json measured for the shipped method (T keeps the argmax)
+    shipped = next(row for row in result["metrics"] if row["method"] == result["method"])
+    accuracies = [ax for ax in figures[RELIABILITY_FILE].axes if ax.get_ylabel() == "accuracy"]
+    for hits, count in zip(accuracies, counts, strict=True):
+        correct = sum(h * n for h, n in zip(bar_heights(hits), bar_heights(count), strict=True))
+        assert correct / n_test == pytest.approx(shipped["test_accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_the_reliability_diagram_is_skipped_when_its_outputs_cannot_be_rebuilt(trained, ensembled, tmp_path):
+    result = read_ensemble(ensembled[0])
+    study = fresh_study(trained)
+    empty = tmp_path / "store"
+    empty.mkdir()
+    cases = [({**result, "method": "hard", "temperature": None}, trained.store, "ships no mixture"),
+             ({**result, "split_sha256": "0" * 64}, trained.store, "another split"),
+             (result, empty, "not in the artifact store")]
+    for changed, store, why in cases:
+        builders = {name: build for name, _, build in
+                    ensemble_builders(changed, study, open_artifact_store(store, create=False))}
+        with pytest.raises(plots.PlotSkipped, match=why):
+            builders[RELIABILITY_FILE]()
+        builders[WEIGHTS_FILE]()  # the weights need only ensemble.json
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_an_ensemble_folder_without_ensemble_json_is_one_line_and_exit_2(trained, tmp_path, capsys):
+    out = tmp_path / "report"
+    err = one_line_exit_2(capsys, ["report", str(trained.study_file), "--storage", trained.url, "--artifacts",
+                                   str(trained.store), "--out", str(out), "--ensemble", str(tmp_path)])
+    assert "ensemble.json" in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------- bad input

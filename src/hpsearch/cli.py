@@ -182,7 +182,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from hpsearch.study_report import REPORT_FILE, write_report
 
     written = write_report(args.study, storage=args.storage, artifacts=args.artifacts, out=args.out,
-                           on_file=lambda path: console.print(f"wrote {path}", highlight=False, soft_wrap=True))
+                           on_file=lambda path: console.print(f"wrote {path}", highlight=False, soft_wrap=True),
+                           ensemble=args.ensemble)
     for note in written.notes:
         console.print(f"- {note}", highlight=False, soft_wrap=True)
     console.print(f"report with {len(written.figures)} figures, per class from trial {written.trial}: "
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     artifacts(rep)
     rep.add_argument("--out", metavar="DIR", default="report",
                      help="folder for the report, replaced atomically (default report)")
+    rep.add_argument("--ensemble", metavar="DIR", default=None,
+                     help="an exported ensemble (`hpsearch ensemble --out DIR`): add its members' weights, its "
+                     "comparison table and a reliability diagram before/after temperature scaling")
     rep.set_defaults(func=cmd_report)
 
     def exported(p: argparse.ArgumentParser, inputs: str) -> None:

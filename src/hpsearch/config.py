@@ -1,7 +1,7 @@
 """The study file: its typed schema and its validation.
 
-A study file is TOML with the tables `[study]`, `[data]`, `[model]`, `[train]`, `[space]` and
-`[ensemble]`. `load_study(path)` returns a `StudyConfig` or raises `ConfigError`, whose message is one
+A study file is TOML with the tables `[study]`, `[data]`, `[model]`, `[train]`, `[space]`, `[ensemble]` and
+`[tracking]`. `load_study(path)` returns a `StudyConfig` or raises `ConfigError`, whose message is one
 line that names the offending field and says what is allowed. This module imports no torch: checks that
 need the model itself (can this architecture take this image size?) live in `model.py`.
 """
@@ -9,6 +9,7 @@ need the model itself (can this architecture take this image size?) live in `mod
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import tomllib
@@ -267,6 +268,15 @@ class EnsembleSection(_Strict):
     top_k: int = Field(5, ge=1)
 
 
+class TrackingSection(_Strict):
+    # TensorBoard is an optional extra: off by default, so a plain install runs every study.
+    # Strict: pydantic would read "yes" or "off" as a bool, and a study file's typo should not switch logging.
+    tensorboard: bool = Field(False, strict=True)
+    # Each trial writes under <log_dir>/<study>/trial-<n>. A relative folder is taken from the current directory
+    # when `run` starts; workers on several machines need one shared absolute folder to see each other's trials.
+    log_dir: str = Field("runs", min_length=1)
+
+
 class StudyConfig(_Strict):
     study: StudySection
     data: DataSection = Field(default_factory=DataSection)
@@ -274,6 +284,7 @@ class StudyConfig(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     space: SpaceSection = Field(default_factory=SpaceSection)
     ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     # Where the file was read from; relative paths in it resolve against its folder's parent project.
     source: str | None = Field(None, exclude=True)
 
@@ -321,6 +332,7 @@ def parse_study(data: dict[str, Any], source: str | Path | None = None) -> Study
         first = err.errors()[0]
         raise ConfigError(_field_path(first["loc"]), _message(first), source) from None
     _check_weights_file(config, source)
+    _check_tracking_installed(config, source)
     return config.model_copy(update={"source": str(source) if source else None})
 
 
@@ -332,6 +344,14 @@ def _check_weights_file(config: StudyConfig, source: str | Path | None) -> None:
                 "model.weights", f"local weights file {str(path)!r} does not exist; give an existing "
                 ".safetensors/.pt file, a torchvision weights name such as DEFAULT, or none", source
             )
+
+
+def _check_tracking_installed(config: StudyConfig, source: str | Path | None) -> None:
+    # Here, not in a validator: a recorded config re-validated by `ensemble` or `report` needs no TensorBoard.
+    # find_spec imports nothing (this module stays free of torch and tensorboard).
+    if config.tracking.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tracking.tensorboard", "[tracking] tensorboard = true needs the tensorboard package, "
+                          "which is not installed; run `pip install -e '.[tensorboard]'` or set it to false", source)
 
 
 def resolve_path(value: str, source: str | Path | None) -> Path:

@@ -41,6 +41,7 @@ from hpsearch.config import SpaceSection, StudyConfig
 from hpsearch.data import ImagePool, Split, trial_data
 from hpsearch.hold import hold_at
 from hpsearch.model import init_weights_tag
+from hpsearch.tracking import TrialLogs, TrialTracker
 from hpsearch.train import Checkpoint, EpochMetrics, Hyperparams, NonFiniteLoss, TrainResult, train_trial
 
 _log = logging.getLogger(__name__)
@@ -103,8 +104,20 @@ class Objective:
         self.init_weights = init_weights_tag(cfg.model)
         # The splits move to the device once per process, not once per trial.
         self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
+        # Built with the objective, when the run starts: a relative [tracking] log_dir is that moment's folder.
+        self.trial_logs = TrialLogs(cfg.tracking, cfg.study.name)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        log = self.trial_logs.open(trial.number)
+        value: float | None = None
+        try:
+            value = self._run_trial(trial, log)
+            return value
+        finally:
+            # However the trial ends (pruned, crashed, interrupted): its parameters are written, the files flushed.
+            log.finish(trial.params, value)
+
+    def _run_trial(self, trial: optuna.Trial, log: TrialTracker) -> float:
         # First: a supervisor finds a dead worker's trial by this tag.
         trial.set_user_attr(keys.WORKER, worker_tag())
         hp = suggest(trial, self.cfg.space)
@@ -123,6 +136,7 @@ class Objective:
                                                     "epochs_done": resume.epoch + 1})
 
         def report(metrics: EpochMetrics) -> None:
+            log.epoch(metrics)
             trial.report(metrics.val_accuracy, metrics.epoch)
             if self.on_epoch is not None:
                 self.on_epoch(trial, metrics)

@@ -268,3 +268,81 @@ def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], title: str) -> 
     ax.set_ylabel("true")
     ax.set_title(title)
     return fig
+
+
+def _pixels(image: np.ndarray) -> np.ndarray:
+    """One uint8 image as imshow wants it, [H, W, C]: the pool stores [C, H, W] (hpsearch.data.ImagePool)."""
+    return np.moveaxis(image, 0, -1) if image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3) else image
+
+
+def most_confident_mistakes(true: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the (at most) n wrong predictions with the highest confidence, most confident first; a stable
+    sort so that ties keep split order and the same report twice shows the same images."""
+    wrong = np.flatnonzero(true != predicted)
+    return wrong[np.argsort(-confidence[wrong], kind="stable")[:n]]
+
+
+def confident_mistakes(images: np.ndarray, true: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
+                       classes: Sequence[str], n: int = 16) -> Figure:
+    """The n validation images the model got wrong most confidently (top softmax probability), each titled with
+    its true and predicted class: label noise and look-alike classes show up here first."""
+    chosen = most_confident_mistakes(true, predicted, confidence, n)
+    if not len(chosen):
+        raise PlotSkipped("no wrong validation prediction")
+    cols = min(4, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
+    fig = Figure(figsize=(2.6 * cols, 2.8 * rows), layout="constrained")
+    for k, i in enumerate(chosen):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        pixels = _pixels(images[i])
+        ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", interpolation="nearest")
+        ax.set_title(f"true {classes[true[i]]} / pred {classes[predicted[i]]} (p={confidence[i]:.2f})", fontsize=8)
+        ax.set_axis_off()
+    fig.suptitle(f"Most confidently wrong validation images ({len(chosen)} of {int((true != predicted).sum())} wrong)")
+    return fig
+
+
+def member_weights(trials: Sequence[int], weights: Sequence[float], method: str) -> Figure:
+    """One bar per ensemble member: how much of the combined probability each trial contributes."""
+    if not trials:
+        raise PlotSkipped("the ensemble lists no members")
+    fig = Figure(figsize=(max(4.0, 0.8 * len(trials) + 2), 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar([f"trial {t}" for t in trials], weights, color="tab:blue")
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylabel("weight")
+    ax.set_ylim(0, max(1.0, max(weights)))
+    ax.set_title(f"Ensemble members' weights ({method})")
+    return fig
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray,
+                     n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin (i/B, (i+1)/B], as hpsearch.combine.ece_from bins: count, accuracy, mean confidence
+    (NaN for an empty bin)."""
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hits = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins) / counts
+        mean = np.bincount(bins, weights=confidence, minlength=n_bins) / counts
+    return counts, hits, mean
+
+
+def reliability_diagram(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], n_bins: int = 10) -> Figure:
+    """Accuracy vs confidence per bin, one column per (title, confidence, correct) panel, with each bin's image
+    count beneath (axes labelled "counts: <title>"): before and after temperature scaling, side by side."""
+    fig = Figure(figsize=(4.5 * len(panels), 5.5), layout="constrained")
+    grid = fig.add_gridspec(2, len(panels), height_ratios=(3, 1))
+    centres = (np.arange(n_bins) + 0.5) / n_bins
+    for j, (title, confidence, correct) in enumerate(panels):
+        counts, hits, mean = reliability_bins(confidence, correct, n_bins)
+        top, bottom = fig.add_subplot(grid[0, j]), fig.add_subplot(grid[1, j])
+        top.bar(centres, np.nan_to_num(hits), width=1 / n_bins, edgecolor="black", label="accuracy")
+        # where in its bin the confidence sits: a bin's gap to the diagonal is from there, not the bin's centre
+        top.plot(mean, hits, "o", color="tab:red", markersize=4, label="mean confidence")
+        top.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
+        top.legend(loc="upper left")
+        bottom.bar(centres, counts, width=1 / n_bins, color="tab:grey", edgecolor="black")
+        bottom.set(xlim=(0, 1), xlabel="confidence (top probability)", ylabel="images", label=f"counts: {title}")
+    return fig

@@ -8,16 +8,19 @@ In one atomic rename (hpsearch.export.staged_dir) the folder gets:
 - one PNG per figure of hpsearch.plots that can be drawn for this study (the others are named, with why, in
   the report's notes), including the best trial's confusion matrix on the validation split;
 - `per_class.csv`: that trial's per-class validation accuracy;
-- `report.html`: one self-contained page (images as data URIs, inline CSS, nothing fetched) with the summary,
-  the top-k table, the per-class table, every figure and the notes.
+- `confident_mistakes.png`: that trial's most confidently wrong validation images, rebuilt from the study's
+  recorded data config and split (skipped, with a note, where the data is absent here or gives another split);
+- with `--ensemble DIR` (hpsearch.report_ensemble): the members' weights, the test-split comparison and a
+  reliability diagram before and after temperature scaling;
+- `report.html` (hpsearch.report_html): one self-contained page with the summary, the tables, every figure and
+  the notes.
 
-Only validation outputs are read: the test split stays for the ensemble's final comparison.
+Only validation outputs are read for the study itself: test outputs only for an ensemble, whose own comparison
+already reports on the test split.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.distributions import IntDistribution
@@ -34,9 +38,14 @@ from optuna.trial import FrozenTrial
 
 from hpsearch import keys, plots
 from hpsearch.artifacts import ArtifactStore, TrialOutputs, load_trial_outputs, open_artifact_store, resolve_artifacts
+from hpsearch.combine import member_log_probs
+from hpsearch.config import StudyConfig
+from hpsearch.data import load_pool, make_split
 from hpsearch.errors import ReportError
 from hpsearch.export import staged_dir
-from hpsearch.report import state_counts, trials_frame
+from hpsearch.report import trials_frame
+from hpsearch.report_ensemble import comparison_table, ensemble_builders, read_ensemble
+from hpsearch.report_html import Drawn, page
 from hpsearch.search import open_existing, ranked_trials
 from hpsearch.storage import redact
 
@@ -44,6 +53,7 @@ REPORT_FILE = "report.html"
 TRIALS_FILE = "trials.csv"
 PER_CLASS_FILE = "per_class.csv"
 CONFUSION_FILE = "confusion_matrix.png"
+MISTAKES_FILE = "confident_mistakes.png"
 
 
 @dataclass(frozen=True)
@@ -59,15 +69,6 @@ class Written:
     @property
     def figures(self) -> tuple[str, ...]:
         return tuple(f for f in self.files if f.endswith(".png"))
-
-
-@dataclass(frozen=True)
-class Drawn:
-    """One figure as the page and the folder get it: rendered once, written once and embedded once."""
-
-    name: str  # the PNG's file name
-    caption: str
-    png: bytes
 
 
 # ---------------------------------------------------------------------------------------------- the data
@@ -153,8 +154,36 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def validation_images(study: optuna.Study) -> np.ndarray:
+    """The study's validation images, uint8 [n_val, C, H, W] in split order (the order of the stored val_logits),
+    rebuilt from the config it was created with: the data as it is on this machine must give the recorded split.
+    PlotSkipped where it cannot (data absent here, no recorded config, another split)."""
+    try:
+        cfg = StudyConfig.model_validate(keys.recorded_config(study))
+        pool = load_pool(cfg.data, cfg.study.seed)
+        split = make_split(pool, cfg.data, cfg.study.seed)
+    except (ValueError, OSError) as err:  # ConfigError, DataError and pydantic's ValidationError are ValueErrors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise plots.PlotSkipped(f"the study's images cannot be loaded here ({reason})") from None
+    if split.sha256() != keys.split_sha256(study):
+        raise plots.PlotSkipped("the data here no longer gives the study's recorded split")
+    return pool.images[torch.from_numpy(split.val)].numpy()
+
+
+def confident_mistakes(study: optuna.Study, outputs: TrialOutputs | None, classes: Sequence[str]) -> Figure:
+    """The figure of hpsearch.plots.confident_mistakes for a trial's stored validation outputs."""
+    if outputs is None:
+        raise plots.PlotSkipped("no validation outputs")
+    if outputs.split_sha256 != keys.split_sha256(study):
+        raise plots.PlotSkipped("the trial's outputs are of another split than the study's")
+    probs = np.exp(member_log_probs([outputs.val_logits.numpy()])[0])
+    images = validation_images(study)
+    return plots.confident_mistakes(images, outputs.val_labels.numpy(), probs.argmax(axis=1), probs.max(axis=1),
+                                    classes)
+
+
 def figure_builders(study: optuna.Study, frame: pd.DataFrame, matrix: np.ndarray, classes: Sequence[str],
-                    trial: int) -> list[tuple[str, str, Callable[[], Figure]]]:
+                    trial: int, outputs: TrialOutputs | None = None) -> list[tuple[str, str, Callable[[], Figure]]]:
     """(file name, caption, builder) of every figure the report tries, in the page's order."""
     return [
         ("optimization_history.png", "Optimization history (COMPLETE trials, best so far)",
@@ -169,6 +198,8 @@ def figure_builders(study: optuna.Study, frame: pd.DataFrame, matrix: np.ndarray
          lambda: plots.optimizer_scheduler_grid(frame)),
         (CONFUSION_FILE, f"Confusion matrix of trial {trial} on the validation split",
          lambda: plots.confusion_matrix(matrix, classes, f"trial {trial}, validation split")),
+        (MISTAKES_FILE, f"Most confidently wrong validation images of trial {trial} (true / predicted class)",
+         lambda: confident_mistakes(study, outputs, classes)),
     ]
 
 
@@ -184,49 +215,6 @@ def draw(builders: Sequence[tuple[str, str, Callable[[], Figure]]]) -> tuple[lis
     return drawn, notes
 
 
-# ---------------------------------------------------------------------------------------------- the page
-
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:3px 8px}
-th{background:#f0f0f0}td{text-align:right}figure{margin:2em 0}img{max-width:100%}
-figcaption{font-weight:bold;margin-bottom:0.5em}.notes li{color:#8a5a00}"""
-
-
-def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}")
-
-
-def _summary(study: optuna.Study, url: str, trial: FrozenTrial) -> str:
-    counts = ", ".join(f"{state} {n}" for state, n in state_counts(study).items() if n)
-    sizes = study.user_attrs.get(keys.SPLIT_SIZES, {})
-    best = ranked_trials(study)[0]  # a trial with outputs exists, so a COMPLETE one does
-    rows = [("study", study.study_name), ("storage", redact(url)), ("direction", study.direction.name.lower()),
-            ("trials", counts), ("split", ", ".join(f"{k} {v}" for k, v in sizes.items())),
-            ("classes", str(len(keys.classes(study)))),
-            ("best trial", f"trial {best.number}: val_accuracy {best.value:.4f}"),
-            ("its params", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in best.params.items())),
-            ("per-class results of", f"trial {trial.number} (the best with stored outputs)")]
-    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
-                               for k, v in rows) + "</table>"
-
-
-def page(study: optuna.Study, url: str, trial: FrozenTrial, top: pd.DataFrame, per_class: pd.DataFrame,
-         drawn: Sequence[Drawn], notes: Sequence[str]) -> str:
-    """report.html: one file that opens anywhere, offline: PNGs inline as base64 data URIs, CSS inline."""
-    name = html.escape(study.study_name)
-    figures = "".join(f"<figure><figcaption>{html.escape(d.caption)}</figcaption><img alt='{html.escape(d.name)}' "
-                      f"src='data:image/png;base64,{base64.b64encode(d.png).decode('ascii')}'></figure>"
-                      for d in drawn)
-    note_list = "".join(f"<li>{html.escape(n)}</li>" for n in notes) or "<li>none</li>"
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Study {name}</title>"
-            f"<style>{STYLE}</style></head><body><h1>Study {name}</h1>{_summary(study, url, trial)}"
-            f"<h2>Notes</h2><ul class='notes'>{note_list}</ul>"
-            f"<h2>Top {len(top)} trials (COMPLETE)</h2>{_table(top)}"
-            f"<h2>Per class: trial {trial.number} on the validation split</h2>{_table(per_class)}"
-            f"<h2>Figures</h2>{figures}</body></html>\n")
-
-
 # ------------------------------------------------------------------------------------------- the command
 
 
@@ -240,9 +228,11 @@ def _target(out: str | Path) -> Path:
 
 
 def write_report(study_file: str, *, storage: str | None = None, artifacts: str | None = None,
-                 out: str | Path = "report", on_file: Callable[[Path], None] | None = None) -> Written:
+                 out: str | Path = "report", on_file: Callable[[Path], None] | None = None,
+                 ensemble: str | Path | None = None) -> Written:
     """`hpsearch report`: read the study, draw what it allows, write the folder `out` in one rename; `on_file`
-    hears of each file as it is written (named by its final path)."""
+    hears of each file as it is written (named by its final path); `ensemble`: a folder `hpsearch ensemble`
+    wrote, whose weights, comparison and calibration join the report."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit imported for nothing
@@ -251,13 +241,16 @@ def write_report(study_file: str, *, storage: str | None = None, artifacts: str 
         raise ReportError(f"study {study.study_name!r} in {redact(url)} has no trials yet; run it first with "
                           f"`hpsearch run {study_file}`")
     target = _target(out)
+    result = None if ensemble is None else read_ensemble(ensemble)  # a wrong --ensemble fails before any drawing
     location = resolve_artifacts(artifacts, study, cfg.study.artifacts)
-    trial, outputs, notes = best_with_outputs(study, open_artifact_store(location, create=False), location)
+    store = open_artifact_store(location, create=False)
+    trial, outputs, notes = best_with_outputs(study, store, location)
     frame = trials_table(study)
     matrix = confusion(outputs.val_labels.numpy(), outputs.val_logits.float().numpy())
     classes = keys.classes(study) or [str(i) for i in range(matrix.shape[0])]
     per_class = per_class_table(matrix, classes)
-    drawn, skipped = draw(figure_builders(study, frame, matrix, classes, trial.number))
+    builders = figure_builders(study, frame, matrix, classes, trial.number, outputs)
+    drawn, skipped = draw(builders + ([] if result is None else ensemble_builders(result, study, store)))
     notes += skipped
     top = trials_frame(ranked_trials(study)[:cfg.ensemble.top_k]).drop(columns=["state"])  # all COMPLETE
     written: list[str] = []
@@ -272,5 +265,6 @@ def write_report(study_file: str, *, storage: str | None = None, artifacts: str 
         put(PER_CLASS_FILE, per_class.to_csv(index=False).encode("utf-8"))
         for figure in drawn:
             put(figure.name, figure.png)
-        put(REPORT_FILE, page(study, url, trial, top, per_class, drawn, notes).encode("utf-8"))
+        comparison = None if result is None else comparison_table(result)
+        put(REPORT_FILE, page(study, url, trial, top, per_class, drawn, notes, comparison).encode("utf-8"))
     return Written(target, tuple(written), tuple(notes), trial.number)
