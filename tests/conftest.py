@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,11 @@ PG_ADMIN_URL = os.environ.get("HPSEARCH_TEST_PG", "postgresql+psycopg://postgres
 
 # Every storage backend tests run against; PostgreSQL is the real server on 127.0.0.1:5432.
 STORAGES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+# ... and, for what a worker does through the storage API, the same through a real `hpsearch storage-proxy`
+# process in front of a fresh PostgreSQL database (its heartbeat grace is 3 s, like the kill tests' studies).
+PROXIED = pytest.param("grpc", marks=pytest.mark.postgres)
+STORAGES_AND_PROXY = [*STORAGES, PROXIED]
+PROXY_GRACE_S = 3
 
 
 def _toml_value(value: Any) -> str:
@@ -194,11 +200,68 @@ def _postgres_database() -> Iterator[str]:
 
 @pytest.fixture(params=STORAGES)
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty storage of each supported kind: a real SQLite file, a real PostgreSQL database."""
+    """A fresh, empty storage of each supported kind: a real SQLite file, a real PostgreSQL database (and with
+    `parametrize(..., STORAGES_AND_PROXY, indirect=True)`, that database behind a real storage proxy)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'study.db'}"
+    elif request.param == "grpc":
+        for database in _postgres_database():
+            with storage_proxy(database, tmp_path / "proxy.out") as proxy:
+                yield proxy.url
     else:
         yield from _postgres_database()
+
+
+class Proxy:
+    """A running `hpsearch storage-proxy` process; `restart()` stops it (SIGTERM) and starts it on its port."""
+
+    def __init__(self, database: str, log: Path, grace: int, pool_size: int) -> None:
+        self.database, self.log, self.port = database, log, free_port()
+        self.argv = [sys.executable, "-m", "hpsearch.cli", "storage-proxy", "--port", str(self.port),
+                     "--heartbeat-grace", str(grace), "--pool-size", str(pool_size)]
+        self.url = f"grpc://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            # The database URL travels in the environment, as the README tells operators to pass it.
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                            env=cli_env(HPSEARCH_STORAGE=self.database), start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not _listening(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"storage proxy did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextlib.contextmanager
+def storage_proxy(database: str, log: Path, *, grace: int = PROXY_GRACE_S, pool_size: int = 4) -> Iterator[Proxy]:
+    proxy = Proxy(database, log, grace, pool_size)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 # Every kind of artifact store: a folder, and S3 (moto's S3 server over HTTP, reached through boto3 exactly as

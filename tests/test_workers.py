@@ -164,7 +164,7 @@ def _trials(url: str, name: str) -> list[FrozenTrial]:
     except KeyError:
         return []
     finally:
-        storage.engine.dispose()  # type: ignore[attr-defined]
+        hpsearch.storage.close_storage(storage)
 
 
 def _states(trials: list[FrozenTrial]) -> dict[str, int]:
@@ -250,20 +250,21 @@ def _report_kill(kind: str, url: str, trials: list[FrozenTrial], n_trials: int, 
     assert duplicates == 0 and lost == 0
 
 
-def _pop_enqueued(url: str, folder: Path, procs: Procs, *, hardened: bool) -> None:
-    """8 processes pop 40 enqueued trials; assert each was evaluated exactly once and nobody crashed."""
+def _pop_enqueued(url: str, folder: Path, procs: Procs, *, hardened: bool, n_poppers: int = N_POPPERS) -> None:
+    """`n_poppers` processes pop 40 enqueued trials; assert each was evaluated exactly once and nobody crashed."""
+    folder.mkdir(exist_ok=True)
     setup = hpsearch.open_storage(url) if hardened else optuna.storages.RDBStorage(url)
     study = optuna.create_study(study_name="queue", storage=setup, direction="maximize")
     for x in range(N_ENQUEUED):
         study.enqueue_trial({"x": x})
-    setup.engine.dispose()  # type: ignore[attr-defined]
+    hpsearch.storage.close_storage(setup)
     script = folder / "popper.py"
     script.write_text(POPPER)
 
     poppers = [procs.start([sys.executable, str(script), url, "queue", str(folder), "1" if hardened else "0"],
-                           f"popper{i}") for i in range(N_POPPERS)]
+                           f"{folder.name}-popper{i}") for i in range(n_poppers)]
     _wait_until("every popper to open the storage",
-                lambda: len(list(folder.glob("ready-*"))) == N_POPPERS or any(p.poll() is not None for p in poppers),
+                lambda: len(list(folder.glob("ready-*"))) == n_poppers or any(p.poll() is not None for p in poppers),
                 timeout=120, every=0.05)
     (folder / "go").touch()
     codes = {p.name: procs.wait(p, timeout=120) for p in poppers}  # type: ignore[attr-defined]
@@ -280,7 +281,7 @@ def _pop_enqueued(url: str, folder: Path, procs: Procs, *, hardened: bool) -> No
     problems = []
     if crashed:
         first = next(iter(crashed.items()))
-        problems.append(f"{len(crashed)} of {N_POPPERS} workers crashed, e.g. {first[0]}:\n{first[1]}")
+        problems.append(f"{len(crashed)} of {n_poppers} workers crashed, e.g. {first[0]}:\n{first[1]}")
     if twice:
         problems.append(f"evaluated more than once (x: times): {twice}")
     if never:
@@ -296,8 +297,68 @@ def _pop_enqueued(url: str, folder: Path, procs: Procs, *, hardened: bool) -> No
 
 
 @pytest.mark.timeout(300)
-def test_workers_pop_each_enqueued_trial_exactly_once(storage_url: str, tmp_path: Path, procs: Procs) -> None:
-    _pop_enqueued(storage_url, tmp_path, procs, hardened=True)
+def test_workers_pop_each_enqueued_trial_exactly_once(tmp_path: Path, procs: Procs) -> None:
+    # SQLite here; PostgreSQL, directly and through the storage proxy, with 16 workers below.
+    _pop_enqueued(f"sqlite:///{tmp_path / 'queue.db'}", tmp_path / "sqlite", procs, hardened=True)
+
+
+N_MANY = 16
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(400)
+def test_sixteen_workers_through_the_proxy_hold_only_its_pool(tmp_path: Path, procs: Procs) -> None:
+    """16 workers pop the queue exactly once on PostgreSQL, directly and through one storage proxy; the database
+    sees a pool per worker directly, and only the proxy's pool through it."""
+    from conftest import _postgres_database, storage_proxy
+
+    pool = 4
+    peaks = {}
+    for way in ("direct", "proxied"):
+        for database in _postgres_database():
+            with contextlib.ExitStack() as stack:
+                url = database
+                if way == "proxied":
+                    url = stack.enter_context(storage_proxy(database, tmp_path / "proxy.out", pool_size=pool)).url
+                with _peak_connections(database.rsplit("/", 1)[1]) as peak:
+                    _pop_enqueued(url, tmp_path / way, procs, hardened=True, n_poppers=N_MANY)
+                peaks[way] = peak()
+    print(f"\nCONNECTIONS [{N_MANY} workers, PostgreSQL]: direct peak {peaks['direct']}, through the proxy peak "
+          f"{peaks['proxied']} (its pool: {pool})")
+    assert 1 <= peaks["proxied"] <= pool
+    assert peaks["direct"] >= N_MANY  # each worker holds a connection of its own pool
+
+
+@contextlib.contextmanager
+def _peak_connections(database: str) -> Iterator[Callable[[], int]]:
+    """The most connections to `database` that pg_stat_activity listed at once while the block ran (sampled
+    every 20 ms from a thread)."""
+    import threading
+
+    import sqlalchemy as sa
+
+    from conftest import PG_ADMIN_URL
+
+    # Autocommit: inside one transaction pg_stat_activity shows the same snapshot every time.
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    seen = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        with admin.connect() as conn:
+            while not done.wait(0.02):
+                count = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :db"),
+                                     {"db": database}).scalar_one()
+                seen[0] = max(seen[0], count)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield lambda: seen[0]
+    finally:
+        done.set()
+        thread.join()
+        admin.dispose()
 
 
 @pytest.mark.timeout(300)
@@ -464,8 +525,10 @@ def test_signal_stops_run_and_its_workers(signum: signal.Signals, to_group: bool
 @pytest.mark.timeout(420)
 # Pairwise, not the full product: each storage and each store once (the product doubles the time, and the
 # storage x store combinations share no code path that these two pairs leave untested).
+# Through the storage proxy too: there the proxy, not the next worker, finds the stale heartbeat.
 @pytest.mark.parametrize(("storage_url", "artifacts_location"),
-                         [("sqlite", "folder"), pytest.param("postgresql", "s3", marks=pytest.mark.postgres)],
+                         [("sqlite", "folder"), pytest.param("postgresql", "s3", marks=pytest.mark.postgres),
+                          pytest.param("grpc", "folder", marks=pytest.mark.postgres)],
                          indirect=True)
 def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpoint(
         storage_url: str, artifacts_location: str, study_file: Callable[..., Path], procs: Procs) -> None:

@@ -1,7 +1,7 @@
 """The `hpsearch` command: argument parsing, progress, tables and exit codes over the library.
 
-Exit codes: 0 done; 1 the run stopped on failing trials; 2 bad input (one line, no traceback);
-130 interrupted.
+Exit codes: 0 done; 1 the run stopped on failing trials; 2 bad input (one line, no traceback); 3 the storage
+proxy stopped answering; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,6 +20,9 @@ from rich.console import Console
 
 from hpsearch import __version__
 from hpsearch.errors import HpsearchError, UsageError
+
+# The storage proxy stopped answering (a worker exits with it; `run --workers` restarts the worker).
+EXIT_STORAGE_DOWN = 3
 
 console = Console(stderr=True)
 out = Console()
@@ -259,6 +263,30 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_storage_proxy(args: argparse.Namespace) -> int:
+    import os
+
+    from hpsearch.storage import resolve_storage_url
+    from hpsearch.storage_proxy import serve
+
+    if not args.allow_remote and not _is_loopback(args.host):
+        raise UsageError(f"--host {args.host}: the storage proxy has no authentication nor encryption (anyone who "
+                         "reaches the port can change or delete studies); bind 127.0.0.1 (default), or add "
+                         "--allow-remote on a private network")
+    os.environ.setdefault("HPSEARCH_APP_NAME", "hpsearch-storage-proxy")  # what pg_stat_activity shows
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)  # `docker stop` ends it like Ctrl-C
+    try:
+        serve(resolve_storage_url(args.storage, None), host=args.host, port=args.port, pool_size=args.pool_size,
+              heartbeat_grace=args.heartbeat_grace, echo=console.print)
+    except KeyboardInterrupt:
+        console.print("storage proxy stopped")
+    return 0
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -390,6 +418,22 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--allow-remote", action="store_true",
                       help="allow a non-loopback --host (the dashboard has no authentication)")
     dash.set_defaults(func=cmd_dashboard)
+
+    from hpsearch.storage_proxy import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, DEFAULT_PORT
+
+    proxy = sub.add_parser("storage-proxy", help="Optuna's gRPC storage proxy in front of the database: workers "
+                           "use --storage grpc://HOST:PORT and the database sees one pool")
+    storage(proxy)
+    proxy.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    proxy.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    proxy.add_argument("--allow-remote", action="store_true",
+                       help="allow a non-loopback --host (the proxy has no authentication)")
+    proxy.add_argument("--pool-size", type=_positive, default=DEFAULT_POOL_SIZE,
+                       help=f"database connections, all told (default {DEFAULT_POOL_SIZE})")
+    proxy.add_argument("--heartbeat-grace", type=_positive, default=DEFAULT_HEARTBEAT_GRACE_S, metavar="SECONDS",
+                       help="a trial whose worker has not beaten for this long ends FAIL and is retried "
+                       f"(default {DEFAULT_HEARTBEAT_GRACE_S})")
+    proxy.set_defaults(func=cmd_storage_proxy)
     return parser
 
 
@@ -428,6 +472,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # escape: a message naming "[study] name" must not be eaten as rich markup
         console.print(f"[red]error[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
+    except Exception as err:
+        line = _proxy_failure(err)
+        if line is None:
+            raise
+        console.print(f"[red]error[/]: {line}", highlight=False, soft_wrap=True, markup=False)
+        return EXIT_STORAGE_DOWN
+
+
+def _proxy_failure(err: Exception) -> str | None:
+    if "grpc" not in sys.modules:  # no proxy in this process: nothing to explain
+        return None
+    from hpsearch.storage_proxy import proxy_failure
+
+    return proxy_failure(err)
 
 
 if __name__ == "__main__":

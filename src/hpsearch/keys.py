@@ -28,6 +28,9 @@ PIN = "pin:"  # + an artifact id: until when (unix seconds) a running `ensemble`
 # ------------------------------------------------------------------------------------------ trial attrs
 WORKER = "worker"  # host:pid of the process running it (a supervisor finds a dead worker's trial by it)
 SEED = "seed"
+# A trial system attr that never lands: a worker behind the storage proxy beats by writing it, and the proxy's
+# storage records a heartbeat instead (Optuna's gRPC protocol has no heartbeat call).
+PROXY_BEAT = "hpsearch:heartbeat"
 DEVICE = "device"
 MEMORY_AT_START = "memory_at_start"
 INIT_WEIGHTS = "init_weights"  # what its weights started from: none, a weights enum, or a file's sha256

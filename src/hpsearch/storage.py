@@ -5,6 +5,8 @@
 - `postgresql+psycopg://user@host/db`: `pool_pre_ping` (Optuna sets it only for MySQL, and long trials
   otherwise find their pooled connection dropped) and a small pool per process.
 - `journal:///path/file.log`: Optuna's journal file storage, for shared filesystems without a database.
+- `grpc://host:13000`: Optuna's gRPC storage proxy in front of one of the above (`hpsearch storage-proxy`; see
+  storage_proxy.py), for many workers on one database.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from hpsearch import keys
 from hpsearch.errors import StorageError
 
 _log = logging.getLogger(__name__)
@@ -51,7 +54,16 @@ class _RDBStorage(optuna.storages.RDBStorage):
 
     Optuna's heartbeat thread ends on the first database error, after which a live trial looks dead and
     is failed by another worker. A missed beat is logged instead; the next one reconnects (pool_pre_ping).
+
+    Behind the storage proxy, a worker's beat arrives as the trial system attr `keys.PROXY_BEAT`: it is
+    recorded as a heartbeat (on the database's clock), never stored as an attribute.
     """
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if key == keys.PROXY_BEAT:
+            self.record_heartbeat(trial_id)
+            return
+        super().set_trial_system_attr(trial_id, key, value)
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -79,15 +91,20 @@ def _heartbeat_kwargs(interval: int | None, grace: int | None) -> dict[str, Any]
 
 
 def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_grace: int | None = None,
-                 reader: bool = False) -> optuna.storages.BaseStorage:
+                 reader: bool = False, pool_size: int | None = None) -> optuna.storages.BaseStorage:
     """The storage behind `url`; with `heartbeat_interval` (seconds) RDB trials beat and stale ones retry.
 
     `reader=True` (the dashboard) keeps SQLite's deferred transactions: its reads then run beside a writer
-    in WAL mode instead of queueing for the write lock the workers take with BEGIN IMMEDIATE.
+    in WAL mode instead of queueing for the write lock the workers take with BEGIN IMMEDIATE. `pool_size`
+    (the storage proxy) replaces PostgreSQL's small per-process pool by exactly that many connections.
     """
     beat = _heartbeat_kwargs(heartbeat_interval, heartbeat_grace)
     if url.startswith("journal:"):
         return _journal(url)
+    if url.startswith("grpc:"):
+        from hpsearch.storage_proxy import open_proxy
+
+        return open_proxy(url, heartbeat_interval)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -96,18 +113,28 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_g
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql", "mysql"):
         raise StorageError(f"storage: {backend!r} databases are not supported ({redact(url)}); use "
-                           "sqlite:///file.db, postgresql+psycopg://user@host:5432/db or journal:///path/file.log")
+                           "sqlite:///file.db, postgresql+psycopg://user@host:5432/db, journal:///path/file.log "
+                           "or grpc://host:13000 (a storage proxy)")
     try:
         if backend == "sqlite":
             return _sqlite(url, parsed.database, beat, immediate=not reader)
         if backend == "postgresql":
-            return _postgresql(url, beat)
+            return _postgresql(url, beat, pool_size)
         return _RDBStorage(url, **beat)
     except StorageError:
         raise
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StorageError(f"storage: cannot open {redact(url)} ({first})") from None
+
+
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    """Give back what an opened storage holds: its database connections, or its channel to the proxy."""
+    inner = getattr(storage, "_backend", storage)  # Optuna's cache wraps an RDBStorage
+    if isinstance(inner, optuna.storages.RDBStorage):
+        inner.engine.dispose()
+    elif hasattr(inner, "close"):
+        inner.close()
 
 
 def _sqlite(url: str, database: str | None, beat: dict[str, Any], *,
@@ -142,14 +169,15 @@ def _sqlite(url: str, database: str | None, beat: dict[str, Any], *,
     return storage
 
 
-def _postgresql(url: str, beat: dict[str, Any]) -> optuna.storages.RDBStorage:
+def _postgresql(url: str, beat: dict[str, Any], pool_size: int | None = None) -> optuna.storages.RDBStorage:
     return _RDBStorage(
         url,
         **beat,
         engine_kwargs={
             "pool_pre_ping": True,
-            "pool_size": 2,
-            "max_overflow": 2,
+            # A worker: 2 pooled, 2 more under load. The proxy: exactly pool_size, so it bounds the project.
+            "pool_size": pool_size or 2,
+            "max_overflow": 0 if pool_size else 2,
             "connect_args": {"application_name": os.environ.get("HPSEARCH_APP_NAME", f"hpsearch-{os.getpid()}")},
         },
     )
