@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import dashboard_artifacts, dashboard_http
+from conftest import STORAGES_AND_PROXY, dashboard_artifacts, dashboard_http
 from hpsearch.artifacts import StudyArtifacts, load_trial_outputs, load_trial_weights, open_artifact_store
 from hpsearch.cli import main
 from hpsearch.config import ConfigError, StudyConfig, load_study
@@ -163,6 +163,7 @@ def test_tiny_study_end_to_end_then_resume(storage_url, study_file, tmp_path, ca
     assert len(study.trials) == 3 and finished_trials(study) == 3
 
 
+@pytest.mark.parametrize("storage_url", STORAGES_AND_PROXY, indirect=True)
 def test_resume_refuses_a_changed_space(storage_url, study_file, tmp_path, capsys):
     cfg = load_study(study_file("tiny"))
     prepared = prepare(cfg)

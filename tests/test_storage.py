@@ -12,7 +12,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 
-from conftest import PG_ADMIN_URL, require_postgres
+from conftest import PG_ADMIN_URL, STORAGES_AND_PROXY, require_postgres
 from hpsearch.storage import DEFAULT_STORAGE, StorageError, open_storage, redact, resolve_storage_url
 
 POSTGRES_ONLY = pytest.mark.parametrize("storage_url", [pytest.param("postgresql", marks=pytest.mark.postgres)],
@@ -50,6 +50,7 @@ def pg_terminate(application_name: str) -> int:
 # ---------------------------------------------------------------------------------------- every kind
 
 
+@pytest.mark.parametrize("storage_url", STORAGES_AND_PROXY, indirect=True)
 def test_a_study_written_through_one_storage_is_read_through_another(storage_url):
     one_trial(open_storage(storage_url), "roundtrip")
 
@@ -58,8 +59,13 @@ def test_a_study_written_through_one_storage_is_read_through_another(storage_url
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
     assert 1e-4 <= study.trials[0].params["lr"] <= 1e-1
     assert study.user_attrs["split_sha256"] == "ab" * 32
-    # Plain Optuna reads it too (what `optuna trials --storage URL` does).
-    assert optuna.get_all_study_names(storage=storage_url) == ["roundtrip"]
+    # Plain Optuna reads it too (what `optuna trials --storage URL` does; a proxy through Optuna's own client).
+    if storage_url.startswith("grpc://"):
+        host, port = storage_url.removeprefix("grpc://").split(":")
+        plain = optuna.storages.GrpcStorageProxy(host=host, port=int(port))
+        assert optuna.get_all_study_names(storage=plain) == ["roundtrip"]
+    else:
+        assert optuna.get_all_study_names(storage=storage_url) == ["roundtrip"]
 
 
 def test_engine_is_configured_for_its_backend(storage_url, monkeypatch):

@@ -11,6 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from conftest import STORAGES_AND_PROXY
 from hpsearch.storage import open_storage
 from hpsearch.workers import (
     EXIT_FAILURE_STREAK,
@@ -31,6 +32,7 @@ def _exits_with(code: int) -> list[str]:
     return [sys.executable, "-c", f"import sys; sys.exit({code})"]
 
 
+@pytest.mark.parametrize("storage_url", STORAGES_AND_PROXY, indirect=True)
 def test_a_trial_its_worker_finished_first_is_left_alone(storage_url: str) -> None:
     storage, study = _study(storage_url)
     trial = study.ask()
@@ -44,6 +46,7 @@ def test_a_trial_its_worker_finished_first_is_left_alone(storage_url: str) -> No
     assert "fail_reason" not in after.user_attrs
 
 
+@pytest.mark.parametrize("storage_url", STORAGES_AND_PROXY, indirect=True)
 def test_a_dead_workers_trial_is_failed_and_retried_once(storage_url: str) -> None:
     storage, study = _study(storage_url)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})

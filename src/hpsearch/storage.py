@@ -59,9 +59,17 @@ class _RDBStorage(optuna.storages.RDBStorage):
     recorded as a heartbeat (on the database's clock), never stored as an attribute.
     """
 
+    _warned_grace = False
+
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        if key == keys.PROXY_BEAT:
+        if key == keys.PROXY_BEAT:  # its value: the worker's heartbeat interval
             self.record_heartbeat(trial_id)
+            grace = self.grace_period
+            if isinstance(value, int | float) and grace and value >= grace and not self._warned_grace:
+                self._warned_grace = True
+                _log.warning("workers beat every %s s but the proxy's --heartbeat-grace is %s s: their trials "
+                             "will be failed as stale; raise --heartbeat-grace above the studies' "
+                             "heartbeat_interval", value, grace)
             return
         super().set_trial_system_attr(trial_id, key, value)
 

@@ -52,15 +52,17 @@ def is_proxy_url(url: str) -> bool:
 
 def parse_proxy_url(url: str) -> tuple[str, int]:
     """`grpc://HOST[:PORT]` as (host, port); the port defaults to the proxy's."""
+    from hpsearch.storage import redact
+
     rest = url.removeprefix(SCHEME).rstrip("/")
     host, colon, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
-    if not host or "/" in rest or "@" in rest:
-        raise StorageError(f"storage: {url!r} is not a proxy URL; use grpc://HOST:PORT (e.g. grpc://127.0.0.1:"
-                           f"{DEFAULT_PORT})")
+    if not host or "/" in rest or "@" in rest:  # the proxy takes no credentials: a URL with some is a mistake
+        raise StorageError(f"storage: {redact(url)!r} is not a proxy URL; use grpc://HOST:PORT (e.g. grpc://"
+                           f"127.0.0.1:{DEFAULT_PORT}), with no user or password")
     if not colon:
         return host, DEFAULT_PORT
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise StorageError(f"storage: port {port!r} of {url} is not a port number; use grpc://HOST:PORT")
+        raise StorageError(f"storage: port {port!r} of {redact(url)} is not a port number; use grpc://HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -69,6 +71,7 @@ class ProxyClient(GrpcStorageProxy, BaseHeartbeat):
 
     def __init__(self, host: str, port: int, heartbeat_interval: int | None = None) -> None:
         self._heartbeat_interval = heartbeat_interval
+        self.url = f"{SCHEME}{host}:{port}"  # as an RDBStorage names itself, for error lines
         super().__init__(host=host, port=port)
 
     def _setup(self) -> None:
@@ -87,7 +90,7 @@ class ProxyClient(GrpcStorageProxy, BaseHeartbeat):
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            self.set_trial_system_attr(trial_id, keys.PROXY_BEAT, True)
+            self.set_trial_system_attr(trial_id, keys.PROXY_BEAT, self._heartbeat_interval)
         except Exception as err:  # Optuna's heartbeat thread ends on the first error; a missed beat is no crash
             _log.warning("heartbeat of trial id %s missed (%s); retrying at the next beat", trial_id,
                          proxy_failure(err) or type(err).__name__)
