@@ -34,7 +34,7 @@ def test_compose_file_is_valid_with_every_profile() -> None:
     result = _config({"POSTGRES_PASSWORD": "s3cret-for-test"}, "cpu", "gpu", "tools")
     assert result.returncode == 0, result.stderr
     services = result.stdout
-    for name in ("postgres:", "dashboard:", "worker:", "worker-gpu0:", "worker-gpu1:", "export:"):
+    for name in ("postgres:", "storage-proxy:", "dashboard:", "worker:", "worker-gpu0:", "worker-gpu1:", "export:"):
         assert name in services
 
 
@@ -86,9 +86,23 @@ def _config_s3(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_every_hpsearch_service_uses_one_artifact_store() -> None:
     for name, service in _services("cpu", "gpu", "tools").items():
-        if name != "postgres":
+        if name not in ("postgres", "storage-proxy"):
             assert service["environment"]["HPSEARCH_ARTIFACTS"] == "/artifacts", name
             assert "--artifacts" not in str(service.get("command")) + str(service.get("entrypoint")), name
+
+
+def test_every_hpsearch_service_reaches_the_study_through_the_storage_proxy() -> None:
+    services = _services("cpu", "gpu", "tools")
+    proxy = services.pop("storage-proxy")
+    postgres = services.pop("postgres")
+    # Only the proxy holds the database URL (and its password, from .env); it is never published on the host.
+    assert proxy["environment"]["HPSEARCH_STORAGE"].startswith("postgresql+psycopg://hpsearch:")
+    assert "ports" not in proxy and proxy["command"][0] == "storage-proxy" and "--allow-remote" in proxy["command"]
+    assert proxy["depends_on"]["postgres"]["condition"] == "service_healthy" and "healthcheck" in proxy
+    assert "healthcheck" in postgres
+    for name, service in services.items():
+        assert service["environment"]["HPSEARCH_STORAGE"] == "grpc://storage-proxy:13000", name
+        assert service["depends_on"]["storage-proxy"]["condition"] == "service_healthy", name
 
 
 def test_s3_override_puts_every_hpsearch_service_on_s3_with_secrets_from_the_environment() -> None:
@@ -96,7 +110,7 @@ def test_s3_override_puts_every_hpsearch_service_on_s3_with_secrets_from_the_env
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     for name, service in services.items():
-        if name == "postgres":
+        if name in ("postgres", "storage-proxy"):  # neither touches the artifacts
             assert "AWS_SECRET_ACCESS_KEY" not in service["environment"]
             continue
         for key, value in S3_ENV.items():
