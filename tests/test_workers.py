@@ -313,7 +313,7 @@ def test_sixteen_workers_through_the_proxy_hold_only_its_pool(tmp_path: Path, pr
     from conftest import _postgres_database, storage_proxy
 
     pool = 4
-    peaks = {}
+    peaks, apps = {}, {}
     for way in ("direct", "proxied"):
         for database in _postgres_database():
             with contextlib.ExitStack() as stack:
@@ -322,17 +322,18 @@ def test_sixteen_workers_through_the_proxy_hold_only_its_pool(tmp_path: Path, pr
                     url = stack.enter_context(storage_proxy(database, tmp_path / "proxy.out", pool_size=pool)).url
                 with _peak_connections(database.rsplit("/", 1)[1]) as peak:
                     _pop_enqueued(url, tmp_path / way, procs, hardened=True, n_poppers=N_MANY)
-                peaks[way] = peak()
+                peaks[way], apps[way] = peak()
     print(f"\nCONNECTIONS [{N_MANY} workers, PostgreSQL]: direct peak {peaks['direct']}, through the proxy peak "
           f"{peaks['proxied']} (its pool: {pool})")
     assert 1 <= peaks["proxied"] <= pool
+    assert apps["proxied"] == {"hpsearch-storage-proxy"}  # opened through open_storage, named for a DBA
     assert peaks["direct"] >= N_MANY  # each worker holds a connection of its own pool
 
 
 @contextlib.contextmanager
-def _peak_connections(database: str) -> Iterator[Callable[[], int]]:
+def _peak_connections(database: str) -> Iterator[Callable[[], tuple[int, set[str]]]]:
     """The most connections to `database` that pg_stat_activity listed at once while the block ran (sampled
-    every 20 ms from a thread)."""
+    every 20 ms from a thread), and the application names they carried."""
     import threading
 
     import sqlalchemy as sa
@@ -342,19 +343,21 @@ def _peak_connections(database: str) -> Iterator[Callable[[], int]]:
     # Autocommit: inside one transaction pg_stat_activity shows the same snapshot every time.
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     seen = [0]
+    apps: set[str] = set()
     done = threading.Event()
 
     def sample() -> None:
         with admin.connect() as conn:
             while not done.wait(0.02):
-                count = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :db"),
-                                     {"db": database}).scalar_one()
-                seen[0] = max(seen[0], count)
+                names = conn.execute(sa.text("SELECT application_name FROM pg_stat_activity WHERE datname = :db"),
+                                     {"db": database}).scalars().all()
+                seen[0] = max(seen[0], len(names))
+                apps.update(names)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     try:
-        yield lambda: seen[0]
+        yield lambda: (seen[0], apps)
     finally:
         done.set()
         thread.join()
