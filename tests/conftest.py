@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +24,10 @@ from torch import nn
 # (with two threads per process they spin-wait on each other under load).
 os.environ.setdefault("HPSEARCH_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Decoded image folders go to a cache of this test run's own (kept by cli_env for the processes tests start),
+# never to the user's ~/.cache.
+os.environ["HPSEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="hpsearch-test-cache-")
+atexit.register(shutil.rmtree, os.environ["HPSEARCH_CACHE_DIR"], ignore_errors=True)
 
 PG_ADMIN_URL = os.environ.get("HPSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
@@ -137,7 +144,8 @@ def cli_env(**extra: str | None) -> dict[str, str]:
     """The user's environment without hpsearch settings of its own (HPSEARCH_STORAGE, HPSEARCH_ARTIFACTS, ...),
     a wide terminal so tables are not cut, and one CPU thread for torch; a None value removes that variable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_") and k != "OPTUNA_STORAGE"}
-    env.update(COLUMNS="200", PYTHONUNBUFFERED="1", HPSEARCH_THREADS="1")
+    env.update(COLUMNS="200", PYTHONUNBUFFERED="1", HPSEARCH_THREADS="1",
+               HPSEARCH_CACHE_DIR=os.environ["HPSEARCH_CACHE_DIR"])
     for key, value in extra.items():
         if value is None:
             env.pop(key, None)

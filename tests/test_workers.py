@@ -104,6 +104,7 @@ def _wait_until(what: str, check: Callable[[], Any], timeout: float, every: floa
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_")}
+    env["HPSEARCH_CACHE_DIR"] = os.environ["HPSEARCH_CACHE_DIR"]  # the test run's own (conftest)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

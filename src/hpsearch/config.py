@@ -131,9 +131,20 @@ class DataSection(_Strict):
     image_size: int = Field(32, ge=8, le=1024)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    augment: list[Literal["crop", "flip", "cutout"]] = Field(default_factory=lambda: ["crop"])
+    # rrc: random resized crop (scale 0.25-1, aspect 3/4-4/3) of the stored image, resized to image_size.
+    augment: list[Literal["crop", "flip", "cutout", "rrc"]] = Field(default_factory=lambda: ["crop"])
     # Use at most this many images (stratified), for smoke runs; 0 uses everything.
     subset: int = Field(0, ge=0)
+    # Image folders: decoded once at this size (0: image_size; larger leaves room for rrc) into the cache.
+    stored_size: int = Field(0, ge=0, le=2048)
+    # An unreadable image file: fail (name it and stop) or skip (leave it out; the study lists it).
+    bad_images: Literal["fail", "skip"] = "fail"
+    # Where decoded image folders and CIFAR live ("" = $HPSEARCH_CACHE_DIR or ~/.cache/hpsearch/images).
+    cache_dir: str = ""
+    # auto: on a GPU the splits stay in device memory when they fit device_memory_fraction of its free
+    # memory, else batches stream from the cache; on the CPU batches are gathered from the cache (no copy).
+    placement: Literal["auto", "resident", "stream"] = "auto"
+    device_memory_fraction: float = Field(0.5, gt=0, le=0.95)
     # Only for `synthetic`: how many images, how many classes.
     synthetic_size: int = Field(2000, ge=20)
     synthetic_classes: int = Field(10, ge=2)
@@ -142,7 +153,15 @@ class DataSection(_Strict):
     def _check(self) -> DataSection:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if self.stored_size and self.stored_size < self.image_size:
+            raise ValueError(f"stored_size {self.stored_size} is below image_size {self.image_size}; store at "
+                             "image_size or larger (0 means image_size)")
         return self
+
+    @property
+    def decoded_size(self) -> int:
+        """The size image folders are decoded and cached at."""
+        return self.stored_size or self.image_size
 
     @field_validator("augment")
     @classmethod

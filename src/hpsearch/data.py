@@ -6,22 +6,27 @@ their sha256 is recorded in the study so every trial's outputs line up sample by
 
 Images stay uint8 at their stored size until a batch is drawn; resizing to `image_size`,
 augmentation and normalization happen on whole batches on the training device (airbench style),
-never per image in Python.
+never per image in Python. Image folders and CIFAR are decoded once per machine into a memory-mapped cache
+(`cache.py`) that every process shares; a split is resident on a GPU when it fits, streamed from the cache
+otherwise, and on the CPU gathered from it batch by batch: no process holds a copy of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hpsearch import cache
 from hpsearch.config import DataSection
 from hpsearch.errors import DataError
 from hpsearch.preprocess import IMAGE_SUFFIXES, Preprocess, decode_image, triple
@@ -29,6 +34,7 @@ from hpsearch.preprocess import IMAGE_SUFFIXES, Preprocess, decode_image, triple
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+CIFAR_IMAGES = 60_000  # 50,000 train + 10,000 test, 32x32, in both CIFAR-10 and CIFAR-100
 CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                                         "data_batch_5", "test_batch", "batches.meta"]),
@@ -44,6 +50,8 @@ class ImagePool:
     # Indices fixed by the dataset itself (an official test set, a val/ folder); None means "split it".
     given_val: np.ndarray | None = None
     given_test: np.ndarray | None = None
+    skipped: tuple[str, ...] = ()  # unreadable files left out (bad_images = "skip"), relative to data.root
+    cache: Path | None = None  # the memory-mapped file the images live in, when cached
 
     @property
     def num_classes(self) -> int:
@@ -104,7 +112,24 @@ def _load_synthetic(cfg: DataSection, seed: int) -> ImagePool:
     return ImagePool(images, labels, [f"class_{i}" for i in range(k)])
 
 
+def cache_folder(cfg: DataSection) -> Path:
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
+
+
 def _load_cifar(cfg: DataSection, seed: int) -> ImagePool:
+    root = Path(cfg.root).expanduser()
+    folder, files = CIFAR_FILES[cfg.dataset]
+    batches = [root / folder / name for name in files]
+    if not all(path.is_file() for path in batches):
+        _decode_cifar(cfg, None)  # missing: torchvision's download, or its clear error
+    # Keyed by the batch files as they are; torchvision md5-checks them whenever it decodes them.
+    key = cache.cache_key({"kind": cfg.dataset, "files": _fingerprint(root, batches)})
+    found = cache.load_or_build(cache_folder(cfg), key, CIFAR_IMAGES, 32, lambda out: _decode_cifar(cfg, out),
+                                what=f"{cfg.dataset} at {root}")
+    return _pool_from(found)
+
+
+def _decode_cifar(cfg: DataSection, out: np.ndarray | None) -> cache.Decoded:
     from torchvision import datasets
 
     root = Path(cfg.root).expanduser()
@@ -128,11 +153,29 @@ def _load_cifar(cfg: DataSection, seed: int) -> ImagePool:
                 f"md5-checked) and could not be downloaded ({type(download_err).__name__}); place the official "
                 f"python-version archive's folder there or allow network access"
             ) from None
-    images = np.concatenate([train.data, test.data]).transpose(0, 3, 1, 2)
     labels = np.concatenate([np.asarray(train.targets), np.asarray(test.targets)]).astype(np.int64)
-    test_idx = np.arange(len(train.data), len(images))
-    return ImagePool(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
-                     list(train.classes), given_test=test_idx)
+    if out is not None:
+        out[:len(train.data)] = train.data.transpose(0, 3, 1, 2)
+        out[len(train.data):] = test.data.transpose(0, 3, 1, 2)
+    given = {"given_test": [len(train.data), len(labels)]}
+    return cache.Decoded(labels, {"classes": list(train.classes), **given}, len(labels))
+
+
+def _pool_from(found: cache.Cached) -> ImagePool:
+    """The cached images as a pool: the memory map itself, no copy."""
+    meta = found.meta
+    ranges = {name: np.arange(*meta[name]) if meta.get(name) else None for name in ("given_val", "given_test")}
+    return ImagePool(found.images, found.labels, list(meta["classes"]), given_val=ranges["given_val"],
+                     given_test=ranges["given_test"], skipped=tuple(meta.get("skipped", ())), cache=found.path)
+
+
+def _fingerprint(root: Path, files: Sequence[Path]) -> str:
+    """sha256 over every file's path (relative to root), size and mtime: what a changed folder changes."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _load_imagefolder(cfg: DataSection, seed: int) -> ImagePool:
@@ -151,14 +194,53 @@ def _load_imagefolder(cfg: DataSection, seed: int) -> ImagePool:
             raise DataError(f"data.root: {str(train_dir)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         parts.append((part, files, labels))
     all_files = [f for _, files, _ in parts for f in files]
-    images = _decode_all(all_files, cfg.image_size)
-    labels = torch.tensor([label for _, _, labels in parts for label in labels], dtype=torch.int64)
-    offsets = np.cumsum([0] + [len(files) for _, files, _ in parts])
-    given = {
-        part: (np.arange(offsets[i], offsets[i + 1]) if len(files) else None)
-        for i, (part, files, _) in enumerate(parts)
-    }
-    return ImagePool(images, labels, classes, given_val=given["val"], given_test=given["test"])
+    part_of = np.repeat(np.arange(3), [len(files) for _, files, _ in parts])
+    labels = np.array([label for _, _, labels in parts for label in labels], dtype=np.int64)
+    size = cfg.decoded_size
+    key = cache.cache_key({"kind": "imagefolder", "root": str(root.resolve()), "size": size,
+                           "decoder": DECODER, "files": _fingerprint(root, all_files)})
+
+    def build(out: np.ndarray) -> cache.Decoded:
+        return _decode_folder(root, all_files, labels, part_of, classes, size, out)
+
+    found = cache.load_or_build(cache_folder(cfg), key, len(all_files), size, build, what=str(root))
+    if found.meta["skipped"] and cfg.bad_images == "fail":
+        first = found.meta["skipped"][0]
+        raise DataError(f"{root / first}: not a readable image ({len(found.meta['skipped'])} such files); fix or "
+                        'remove them, or set [data] bad_images = "skip" to leave them out')
+    return _pool_from(found)
+
+
+# How folder images are decoded (preprocess.decode_image); a change here must change the cache key.
+DECODER = "rgb-exif-bilinear-shorter-side-centre-crop-1"
+
+
+def _decode_folder(root: Path, files: Sequence[Path], labels: np.ndarray, part_of: np.ndarray, classes: list[str],
+                   size: int, out: np.ndarray) -> cache.Decoded:
+    """Decode every file into `out` (in threads: PIL releases the GIL), then close the gaps unreadable ones
+    left; the given val/test parts are renumbered over the readable files."""
+    readable = np.ones(len(files), dtype=bool)
+
+    def decode(i: int) -> None:
+        try:
+            out[i] = decode_image(files[i], size).numpy()
+        except DataError:
+            readable[i] = False  # recorded either way: the cache then says which, and `fail` names the first
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(decode, range(len(files))))
+    kept = np.flatnonzero(readable)
+    for row, i in enumerate(kept):  # rows only move towards the start: in place, in order
+        if row != i:
+            out[row] = out[i]
+    parts = part_of[kept]
+    given = {}
+    for index, name in ((1, "given_val"), (2, "given_test")):
+        rows = np.flatnonzero(parts == index)
+        given[name] = [int(rows[0]), int(rows[-1]) + 1] if len(rows) else None
+    skipped = [str(files[i].relative_to(root)) for i in np.flatnonzero(~readable)]
+    # The cache holds what could be read; bad_images (fail or skip) is applied when it is loaded.
+    return cache.Decoded(labels[kept], {"classes": classes, **given, "skipped": skipped}, len(kept))
 
 
 def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
@@ -174,18 +256,6 @@ def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int
                 files.append(path)
                 labels.append(classes.index(sub.name))
     return files, labels
-
-
-def _decode_all(files: Sequence[Path], size: int) -> torch.Tensor:
-    """Decode every image once, resized (shorter side) and centre-cropped to size x size."""
-    out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
-
-    def decode(i: int) -> None:
-        out[i] = decode_image(files[i], size)
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(decode, range(len(files))))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -247,19 +317,45 @@ def preprocess_for(pool: ImagePool, split: Split, cfg: DataSection, pretrained: 
     """ImageNet statistics for pretrained weights; otherwise the training split's own channel stats."""
     if pretrained:
         return Preprocess(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
-    train = pool.images[torch.from_numpy(split.train)].float().div_(255)
-    mean = train.mean(dim=(0, 2, 3))
-    std = train.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    mean, std = channel_stats(pool.images, split.train)
     return Preprocess(cfg.image_size, triple(mean, digits=6), triple(std, digits=6))
 
 
-class DeviceData:
-    """One split's images and labels held on the training device, served as batches."""
+def channel_stats(images: torch.Tensor, indices: np.ndarray, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std in 0..1 over `images[indices]`, a chunk at a time in float64: never
+    a float copy of the whole split."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(indices), chunk):
+        x = images[torch.from_numpy(indices[start:start + chunk])].to(torch.float64).div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    var = (squares - count * mean.square()) / max(1, count - 1)
+    return mean.float(), var.clamp_min(0).sqrt().clamp_min(1e-3).float()
 
-    def __init__(self, pool: ImagePool, indices: np.ndarray, device: torch.device) -> None:
-        idx = torch.from_numpy(indices)
-        self.images = pool.images[idx].to(device, non_blocking=True)
-        self.labels = pool.labels[idx].to(device, non_blocking=True)
+
+Placement = Literal["resident", "stream"]
+
+
+class DeviceData:
+    """One split served as batches on the training device: resident (its images copied to the device once) or
+    streamed (each batch gathered from the pool, which may be the memory-mapped cache, then moved; on CUDA
+    through pinned memory, the next batch gathered while the device works on this one). Either way the same
+    order gives the same batches; labels are always resident."""
+
+    def __init__(self, pool: ImagePool, indices: np.ndarray, device: torch.device,
+                 placement: Placement = "resident") -> None:
+        self.device = device
+        self.placement = placement
+        self._index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
+        self.labels = pool.labels[self._index].to(device, non_blocking=True)
+        if placement == "resident":
+            self._images = pool.images[self._index].to(device, non_blocking=True)
+        else:
+            self._images = pool.images  # the whole pool (a memory map when cached); gathered per batch
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -267,12 +363,52 @@ class DeviceData:
     def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self)
-        order = (torch.randperm(n, generator=generator).to(self.images.device) if shuffle
-                 else torch.arange(n, device=self.images.device))
+        # The order is drawn on the CPU generator whatever the device: resident and streamed runs match.
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        on_device = order.to(self.device, non_blocking=True)
         stop = (n // batch_size) * batch_size if drop_last and n >= batch_size else n
-        for start in range(0, stop, batch_size):
-            take = order[start:start + batch_size]
-            yield self.images[take], self.labels[take]
+        starts = range(0, stop, batch_size)
+        if self.placement == "resident":
+            for start in starts:
+                take = on_device[start:start + batch_size]
+                yield self._images[take], self.labels[take]
+        elif self.device.type == "cuda":
+            yield from self._streamed_cuda([order[s:s + batch_size] for s in starts],
+                                           [on_device[s:s + batch_size] for s in starts])
+        else:
+            for start in starts:
+                take = order[start:start + batch_size]
+                yield self._images[self._index[take]], self.labels[take]
+
+    def _streamed_cuda(self, takes: list[torch.Tensor], device_takes: list[torch.Tensor]
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Gather batch i+1 into pinned memory (a thread) while batch i is copied and used; two buffers, each
+        reused only once the copy out of it has finished (its CUDA event)."""
+        if not takes:
+            return
+        shape = (len(takes[0]), *self._images.shape[1:])
+        buffers = [torch.empty(shape, dtype=self._images.dtype).pin_memory() for _ in range(2)]
+        copied: list[torch.cuda.Event | None] = [None, None]
+
+        def gather(i: int) -> torch.Tensor:
+            slot = i % 2
+            if copied[slot] is not None:
+                copied[slot].synchronize()  # in this thread: the step loop never waits on the host
+            out = buffers[slot][:len(takes[i])]
+            torch.index_select(self._images, 0, self._index[takes[i]], out=out)
+            return out
+
+        with ThreadPoolExecutor(max_workers=1) as ahead:
+            pending = ahead.submit(gather, 0)
+            for i in range(len(takes)):
+                host = pending.result()
+                images = host.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                copied[i % 2] = event
+                if i + 1 < len(takes):
+                    pending = ahead.submit(gather, i + 1)
+                yield images, self.labels[device_takes[i]]
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)
@@ -285,8 +421,43 @@ class DeviceData:
 def augment(x: torch.Tensor, names: Sequence[str], generator: torch.Generator | None = None) -> torch.Tensor:
     """Batched augmentation of preprocessed float images [N, C, H, W], on their device."""
     for name in names:
-        x = _AUGMENT[name](x, generator)
+        if name != "rrc":  # applied before resizing, in training_input
+            x = _AUGMENT[name](x, generator)
     return x
+
+
+def training_input(images: torch.Tensor, preprocess: Preprocess, names: Sequence[str],
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uint8 training batch at its stored size -> augmented, normalized model input at image_size. With rrc,
+    the random crop of the stored image is what gets resized (one batched resample), then normalized."""
+    if "rrc" in names:
+        x = random_resized_crop(images.float().div_(255), preprocess.image_size, generator)
+        x = preprocess.normalize(x)
+    else:
+        x = preprocess(images)
+    return augment(x, names, generator)
+
+
+RRC_SCALE = (0.25, 1.0)  # of the image's area
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop(x: torch.Tensor, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Per image, a random box (area and aspect as RRC_SCALE, RRC_RATIO) resized bilinearly to size x size:
+    one affine grid and one grid_sample for the batch."""
+    n = x.shape[0]
+    area = RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * _rand((n,), x, gen)
+    log_ratio = math.log(RRC_RATIO[0]) + (math.log(RRC_RATIO[1]) - math.log(RRC_RATIO[0])) * _rand((n,), x, gen)
+    ratio = log_ratio.exp()
+    width = (area * ratio).sqrt().clamp(max=1.0)  # fractions of the image's width and height
+    height = (area / ratio).sqrt().clamp(max=1.0)
+    # Box centres in [-1, 1] such that the box stays inside the image.
+    cx = (1 - width) * (2 * _rand((n,), x, gen) - 1)
+    cy = (1 - height) * (2 * _rand((n,), x, gen) - 1)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _rand(shape: tuple[int, ...], x: torch.Tensor, gen: torch.Generator | None, high: int | None = None
@@ -343,13 +514,28 @@ class TrialData:
     num_classes: int
 
 
+def placement_for(pool: ImagePool, split: Split, cfg: DataSection, device: torch.device) -> Placement:
+    """Where a worker's splits live: `[data] placement`, or under auto resident on a GPU when all three fit
+    device_memory_fraction of its free memory, streamed otherwise; on the CPU gathered from the pool (the
+    shared cache), since a resident copy there would be one more private copy per process."""
+    if cfg.placement != "auto":
+        return cfg.placement
+    if device.type != "cuda":
+        return "stream"
+    row = math.prod(pool.images.shape[1:]) * pool.images.element_size()
+    need = row * (len(split.train) + len(split.val) + len(split.test))
+    free, _total = torch.cuda.mem_get_info(device)
+    return "resident" if need <= cfg.device_memory_fraction * free else "stream"
+
+
 def trial_data(pool: ImagePool, split: Split, cfg: DataSection, pretrained: bool, device: torch.device
                ) -> TrialData:
-    """Move the three splits to the device once; every trial of a worker reuses them."""
+    """Place the three splits once (resident or streamed); every trial of a worker reuses them."""
+    placement = placement_for(pool, split, cfg, device)
     return TrialData(
-        train=DeviceData(pool, split.train, device),
-        val=DeviceData(pool, split.val, device),
-        test=DeviceData(pool, split.test, device),
+        train=DeviceData(pool, split.train, device, placement),
+        val=DeviceData(pool, split.val, device, placement),
+        test=DeviceData(pool, split.test, device, placement),
         preprocess=preprocess_for(pool, split, cfg, pretrained),
         augment=tuple(cfg.augment),
         num_classes=pool.num_classes,

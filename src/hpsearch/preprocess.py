@@ -55,6 +55,10 @@ class Preprocess:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.interpolation,
                               align_corners=False, antialias=x.shape[-1] > self.image_size)
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images in 0..1 at image_size -> model input."""
         if x.device not in self._stats:
             self._stats[x.device] = (torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1),
                                      torch.tensor(self.std, device=x.device).view(1, 3, 1, 1))
@@ -64,11 +68,12 @@ class Preprocess:
 
 def decode_image(path: Path, size: int) -> torch.Tensor:
     """One image file as uint8 [3, size, size]; an unreadable file raises DataError naming it."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            # A phone's photo stores its rotation in EXIF: applied, as every viewer does.
+            img = ImageOps.exif_transpose(img).convert("RGB")
             scale = size / min(img.size)
             new = (max(size, round(img.size[0] * scale)), max(size, round(img.size[1] * scale)))
             img = img.resize(new, Image.Resampling.BILINEAR)

@@ -19,7 +19,7 @@ from torch import nn
 
 from hpsearch import keys
 from hpsearch.config import ModelSection, TrainSection
-from hpsearch.data import DeviceData, TrialData, augment
+from hpsearch.data import DeviceData, TrialData, training_input
 from hpsearch.errors import UsageError
 from hpsearch.model import build_model, plain_state_dict, set_train_mode
 from hpsearch.preprocess import Preprocess
@@ -136,7 +136,7 @@ def _autocast(device: torch.device) -> torch.autocast:
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: DeviceData, preprocess: Preprocess, batch_size: int) -> torch.Tensor:
     model.eval()
-    device = data.images.device
+    device = data.device
     outs = []
     for images, _ in data.batches(batch_size):
         with _autocast(device):
@@ -223,7 +223,7 @@ def train_trial(
         loss_sum = torch.zeros((), device=device)
         for images, labels in data.train.batches(train_cfg.batch_size, shuffle=True, generator=gen,
                                                  drop_last=True):
-            x = augment(data.preprocess(images), data.augment, gen)
+            x = training_input(images, data.preprocess, data.augment, gen)
             with _autocast(device):
                 logits = model(x.contiguous(memory_format=fmt))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=train_cfg.label_smoothing)
