@@ -41,6 +41,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     url = resolve_storage_url(args.storage, cfg.study.storage)
     out.print(f"[bold]{args.study}[/] is valid")
     out.print(f"storage: {redact(url)}")
+    _print_cache(cfg)
     out.print_json(data=cfg.model_dump(mode="json"))
     return 0
 
@@ -144,7 +145,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     artifacts = resolve_artifacts(args.artifacts, study, cfg.study.artifacts)
     for part in status_renderables(study, url, artifacts, args.top_k or cfg.ensemble.top_k, cfg.train.epochs):
         out.print(part)
+    _print_cache(cfg)
     return 0
+
+
+def _print_cache(cfg: Any) -> None:
+    from hpsearch.data import cache_state
+
+    state = cache_state(cfg.data)
+    if state is not None:
+        path, size = state
+        built = f"{size / 2**20:.1f} MiB" if size is not None else "not built yet: the first run decodes it"
+        out.print(f"data cache: {path} ({built}; deleting it is safe, it is rebuilt on demand)", highlight=False,
+                  soft_wrap=True)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

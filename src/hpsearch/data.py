@@ -122,11 +122,33 @@ def _load_cifar(cfg: DataSection, seed: int) -> ImagePool:
     batches = [root / folder / name for name in files]
     if not all(path.is_file() for path in batches):
         _decode_cifar(cfg, None)  # missing: torchvision's download, or its clear error
-    # Keyed by the batch files as they are; torchvision md5-checks them whenever it decodes them.
-    key = cache.cache_key({"kind": cfg.dataset, "files": _fingerprint(root, batches)})
+    key = _cifar_key(cfg, root, batches)
     found = cache.load_or_build(cache_folder(cfg), key, CIFAR_IMAGES, 32, lambda out: _decode_cifar(cfg, out),
                                 what=f"{cfg.dataset} at {root}")
     return _pool_from(found)
+
+
+def _cifar_key(cfg: DataSection, root: Path, batches: Sequence[Path]) -> str:
+    # Keyed by the batch files as they are; torchvision md5-checks them whenever it decodes them.
+    return cache.cache_key({"kind": cfg.dataset, "files": _fingerprint(root, batches)})
+
+
+def cache_state(cfg: DataSection) -> tuple[Path, int | None] | None:
+    """Where the study's decoded images are cached and their size in bytes (None: not built yet); None for data
+    that is never cached (digits, synthetic) or not there to list."""
+    try:
+        if cfg.dataset == "imagefolder":
+            key = _list_folder(cfg).key(cfg.decoded_size)
+        elif cfg.dataset in CIFAR_FILES:
+            root = Path(cfg.root).expanduser()
+            folder, files = CIFAR_FILES[cfg.dataset]
+            key = _cifar_key(cfg, root, [root / folder / name for name in files])
+        else:
+            return None
+    except (DataError, OSError):
+        return None
+    folder = cache_folder(cfg)
+    return cache.cache_paths(folder, key)[0], cache.cache_size(folder, key)
 
 
 def _decode_cifar(cfg: DataSection, out: np.ndarray | None) -> cache.Decoded:
@@ -178,7 +200,20 @@ def _fingerprint(root: Path, files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _load_imagefolder(cfg: DataSection, seed: int) -> ImagePool:
+@dataclass(frozen=True)
+class FolderListing:
+    root: Path
+    classes: list[str]
+    files: list[Path]  # train/, then val/, then test/
+    labels: np.ndarray
+    part_of: np.ndarray  # 0 train, 1 val, 2 test, per file
+
+    def key(self, size: int) -> str:
+        return cache.cache_key({"kind": "imagefolder", "root": str(self.root.resolve()), "size": size,
+                                "decoder": DECODER, "files": _fingerprint(self.root, self.files)})
+
+
+def _list_folder(cfg: DataSection) -> FolderListing:
     root = Path(cfg.root).expanduser()
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -193,17 +228,20 @@ def _load_imagefolder(cfg: DataSection, seed: int) -> ImagePool:
         if part == "train" and not files:
             raise DataError(f"data.root: {str(train_dir)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         parts.append((part, files, labels))
-    all_files = [f for _, files, _ in parts for f in files]
-    part_of = np.repeat(np.arange(3), [len(files) for _, files, _ in parts])
-    labels = np.array([label for _, _, labels in parts for label in labels], dtype=np.int64)
-    size = cfg.decoded_size
-    key = cache.cache_key({"kind": "imagefolder", "root": str(root.resolve()), "size": size,
-                           "decoder": DECODER, "files": _fingerprint(root, all_files)})
+    return FolderListing(root, classes, [f for _, files, _ in parts for f in files],
+                         np.array([label for _, _, labels in parts for label in labels], dtype=np.int64),
+                         np.repeat(np.arange(3), [len(files) for _, files, _ in parts]))
+
+
+def _load_imagefolder(cfg: DataSection, seed: int) -> ImagePool:
+    listing = _list_folder(cfg)
+    root, size = listing.root, cfg.decoded_size
 
     def build(out: np.ndarray) -> cache.Decoded:
-        return _decode_folder(root, all_files, labels, part_of, classes, size, out)
+        return _decode_folder(root, listing.files, listing.labels, listing.part_of, listing.classes, size, out)
 
-    found = cache.load_or_build(cache_folder(cfg), key, len(all_files), size, build, what=str(root))
+    found = cache.load_or_build(cache_folder(cfg), listing.key(size), len(listing.files), size, build,
+                                what=str(root))
     if found.meta["skipped"] and cfg.bad_images == "fail":
         first = found.meta["skipped"][0]
         raise DataError(f"{root / first}: not a readable image ({len(found.meta['skipped'])} such files); fix or "

@@ -192,6 +192,10 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
     if request is not None:
         parts.append(f"last stop: {request.line()}")
     parts.append(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
+    skipped = study.user_attrs.get(keys.SKIPPED_IMAGES) or []
+    if skipped:
+        parts.append(f"{len(skipped)} unreadable images left out (bad_images = \"skip\"), e.g. {skipped[0]}; all "
+                     f"in the study's {keys.SKIPPED_IMAGES!r} attr")
     if best is not None:
         parts.append(top_trials_table(study, top_k))
     epochs = int(keys.config_value(study, "train", "epochs", default_epochs))

@@ -118,6 +118,8 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
         study.set_user_attr(keys.SPLIT_SHA256, split_sha)
         study.set_user_attr(keys.SPLIT_SIZES, prepared.split.sizes())
         study.set_user_attr(keys.CLASSES, prepared.pool.classes)
+        if prepared.pool.skipped:
+            study.set_user_attr(keys.SKIPPED_IMAGES, list(prepared.pool.skipped))
         study.set_user_attr(keys.CONFIG, cfg.model_dump(mode="json"))
         # The normalization every trial trains with, for exports (study_preprocess reads it back).
         pre = preprocess_for(prepared.pool, prepared.split, cfg.data, cfg.model.pretrained)
