@@ -359,9 +359,15 @@ def preprocess_for(pool: ImagePool, split: Split, cfg: DataSection, pretrained: 
     return Preprocess(cfg.image_size, triple(mean, digits=6), triple(std, digits=6))
 
 
-def channel_stats(images: torch.Tensor, indices: np.ndarray, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (unbiased) std in 0..1 over `images[indices]`, a chunk at a time in float64: never
-    a float copy of the whole split."""
+STATS_CHUNK_BYTES = 2 * 2**20
+
+
+def channel_stats(images: torch.Tensor, indices: np.ndarray, chunk: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std in 0..1 over `images[indices]`, a chunk at a time in float64 (at most
+    STATS_CHUNK_BYTES of it): never a float copy of the whole split."""
+    if chunk is None:
+        chunk = max(1, STATS_CHUNK_BYTES // (8 * math.prod(images.shape[1:])))
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     count = 0
@@ -382,7 +388,8 @@ class DeviceData:
     """One split served as batches on the training device: resident (its images copied to the device once) or
     streamed (each batch gathered from the pool, which may be the memory-mapped cache, then moved; on CUDA
     through pinned memory, the next batch gathered while the device works on this one). Either way the same
-    order gives the same batches; labels are always resident."""
+    order gives the same batches; labels are always resident. A streamed batch's images live in a buffer that
+    the next batch reuses: use them before drawing the next (every loop here does)."""
 
     def __init__(self, pool: ImagePool, indices: np.ndarray, device: torch.device,
                  placement: Placement = "resident") -> None:
@@ -413,10 +420,15 @@ class DeviceData:
         elif self.device.type == "cuda":
             yield from self._streamed_cuda([order[s:s + batch_size] for s in starts],
                                            [on_device[s:s + batch_size] for s in starts])
-        else:
+        elif len(starts):
+            # One buffer for every batch: a fresh allocation per batch leaves the allocator holding tens of MB
+            # it never gives back (measured: +52 MiB over an epoch of 5 MB batches).
+            buffer = torch.empty((min(batch_size, n), *self._images.shape[1:]), dtype=self._images.dtype)
             for start in starts:
                 take = order[start:start + batch_size]
-                yield self._images[self._index[take]], self.labels[take]
+                images = buffer[:len(take)]
+                torch.index_select(self._images, 0, self._index[take], out=images)
+                yield images, self.labels[take]
 
     def _streamed_cuda(self, takes: list[torch.Tensor], device_takes: list[torch.Tensor]
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
