@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli_env
+from conftest import cli_env, run_cli, tiny_tables, write_study
 from hpsearch import cache
 from hpsearch.config import DataSection, ModelSection, TrainSection
 from hpsearch.data import DeviceData, cache_state, channel_stats, load_pool, make_split, random_resized_crop
@@ -293,3 +293,20 @@ def test_two_processes_starting_together_decode_once_and_hold_no_copy_of_their_o
     print(f"\nCACHE MEMORY [{n} images at {size} px, {decoded_mib:.0f} MiB decoded]: own memory added "
           f"{[round(f['after'] - f['before'], 1) for f, _ in together]} MiB streamed (two processes), "
           f"{resident['after'] - resident['before']:.1f} MiB resident")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_supervised_run_decodes_its_folder_once_for_all_its_processes(tmp_path: Path) -> None:
+    """`run --workers 2`: the supervisor and both workers load the data; the folder is decoded once between the
+    three, and `status` shows the cache."""
+    root = _jpeg_folder(tmp_path / "photos", 160, 32)
+    study = write_study(tmp_path / "photos.toml", tiny_tables("photos", data={
+        "dataset": "imagefolder", "root": str(root), "image_size": 16, "subset": 0, "augment": ["rrc"],
+        "stored_size": 32, "cache_dir": str(tmp_path / "cache")}))
+    args = ["--storage", f"sqlite:///{tmp_path / 'photos.db'}", "--artifacts", str(tmp_path / "artifacts")]
+    first = run_cli("run", str(study), "--workers", "2", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count("data: decoding 160 images") == 1, first.stderr
+    status = run_cli("status", str(study), *args, cwd=tmp_path)
+    assert f"data cache: {tmp_path / 'cache'}" in status.stdout and "MiB" in status.stdout, status.stdout
