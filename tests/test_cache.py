@@ -310,3 +310,27 @@ def test_a_supervised_run_decodes_its_folder_once_for_all_its_processes(tmp_path
     assert first.stderr.count("data: decoding 160 images") == 1, first.stderr
     status = run_cli("status", str(study), *args, cwd=tmp_path)
     assert f"data cache: {tmp_path / 'cache'}" in status.stdout and "MiB" in status.stdout, status.stdout
+
+
+def test_the_study_lists_the_files_it_left_out_and_status_counts_them(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from hpsearch.config import load_study
+    from hpsearch.report import status_renderables
+    from hpsearch.search import open_study, prepare
+    from hpsearch.storage import open_storage
+
+    root = _folder(tmp_path / "ds", {"train": 5})
+    (root / "train" / "eel" / "broken.jpg").write_bytes(b"not a JPEG")
+    study_path = write_study(tmp_path / "skip.toml", tiny_tables("skip", data={
+        "dataset": "imagefolder", "root": str(root), "image_size": 16, "subset": 0, "bad_images": "skip",
+        "cache_dir": str(tmp_path / "cache")}))
+    cfg = load_study(study_path)
+    prepared = prepare(cfg)
+    study = open_study(cfg, open_storage(f"sqlite:///{tmp_path / 's.db'}"), prepared, tmp_path / "artifacts")
+    assert study.user_attrs["skipped_images"] == ["train/eel/broken.jpg"]
+    assert sum(prepared.split.sizes().values()) == 15  # the split is over the readable files only
+    console = Console(width=200, record=True)
+    for part in status_renderables(study, "sqlite:///s.db", str(tmp_path / "artifacts"), 3, 1):
+        console.print(part)
+    assert "1 unreadable images left out" in console.export_text()
