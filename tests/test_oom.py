@@ -25,8 +25,8 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import cli_env, tiny_tables, write_study
+from hpsearch.accelerator import is_out_of_memory as _out_of_memory
 from hpsearch.keys import WORKER as ATTR_WORKER
-from hpsearch.objective import is_out_of_memory as _out_of_memory
 
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
 GiB = 2**30

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from conftest import STORAGES_AND_PROXY
 from hpsearch.storage import open_storage
 from hpsearch.workers import (
+    EXIT_DEVICE_BROKEN,
     EXIT_FAILURE_STREAK,
     EXIT_STORE_FULL,
     Supervisor,
@@ -82,6 +83,14 @@ def test_a_crashing_worker_is_restarted_up_to_the_cap(tmp_path) -> None:
     assert code == 1
     assert [w.restarts for w in workers] == [3, 3]
     assert sum("exited with 3; restarting it" in e for e in events) == 6, events
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_gpu_context_broke_is_restarted_not_taken_for_a_streak(tmp_path) -> None:
+    code, events, workers = _supervise(tmp_path, _exits_with(EXIT_DEVICE_BROKEN), max_restarts=2)
+    assert [w.restarts for w in workers] == [2, 2]
+    assert sum("its GPU context broke (a sticky device error); restarting it" in e for e in events) == 4, events
+    assert code == 1
 
 
 @pytest.mark.timeout(60)

@@ -1,7 +1,7 @@
 """The `hpsearch` command: argument parsing, progress, tables and exit codes over the library.
 
 Exit codes: 0 done; 1 the run stopped on failing trials; 2 bad input (one line, no traceback); 3 the storage
-proxy stopped answering; 130 interrupted.
+proxy stopped answering; 6 a sticky GPU error broke the process's CUDA context; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """One worker: what `run --workers N` starts, and what other machines run against one storage."""
     import optuna
 
-    from hpsearch.errors import StoreFullError
+    from hpsearch.errors import DeviceBrokenError, StoreFullError
     from hpsearch.report import describe_trial
     from hpsearch.search import run_trials
     from hpsearch.workers import EXIT_FAILURE_STREAK, EXIT_STORE_FULL, install_stop_handler
@@ -131,6 +131,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except StoreFullError as full:
         console.print(f"[red]error[/]: {full}", highlight=False, soft_wrap=True)
         return EXIT_STORE_FULL  # the supervisor stops every worker: their next trials would find no room either
+    except DeviceBrokenError as broken:
+        console.print(f"[red]error[/]: {broken}", highlight=False, soft_wrap=True)
+        return broken.exit_code  # the supervisor restarts this worker with a fresh GPU context
     if guard.stopped:
         console.print(f"[dim]worker {args.worker_index}[/] stopped: {guard.stopped}", highlight=False, soft_wrap=True)
     return EXIT_FAILURE_STREAK if guard.tripped else 0

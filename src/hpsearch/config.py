@@ -217,6 +217,9 @@ class TrainSection(_Strict):
     # Save a resumable checkpoint every this many epochs (through the artifact store), so a retried trial
     # continues from its last one instead of epoch 0. 0 = off (short trials restart cheaper than they save).
     checkpoint_every: int = Field(1, ge=0)
+    # auto: bf16 autocast on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU.
+    # Stored validation/test outputs are always computed in fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class StepSpace(_Strict):

@@ -512,10 +512,12 @@ def random_resized_crop(x: torch.Tensor, size: int, gen: torch.Generator | None 
 
 def _rand(shape: tuple[int, ...], x: torch.Tensor, gen: torch.Generator | None, high: int | None = None
           ) -> torch.Tensor:
-    # Draw on the CPU generator (reproducible for any device), then move.
+    # Drawn where the generator lives: a device generator on a GPU (no host round trip inside the step
+    # loop), the CPU one on the CPU; moved to x's device if they differ.
+    where = gen.device if gen is not None else torch.device("cpu")
     if high is None:
-        return torch.rand(shape, generator=gen).to(x.device)
-    return torch.randint(0, high, shape, generator=gen).to(x.device)
+        return torch.rand(shape, generator=gen, device=where).to(x.device)
+    return torch.randint(0, high, shape, generator=gen, device=where).to(x.device)
 
 
 def random_crop(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:

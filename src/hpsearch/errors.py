@@ -36,6 +36,13 @@ class StoreFullError(ArtifactStoreError):
     """The artifact store has no room for a trial's files: the run stopped, the trial is queued for retry."""
 
 
+class DeviceBrokenError(HpsearchError):
+    """A sticky device error (an illegal address, a device-side assert) left this process's GPU unusable: its
+    trial ended FAIL; the process must exit (a supervisor restarts a worker with a fresh context)."""
+
+    exit_code = 6
+
+
 class StudyRecordError(HpsearchError):
     """A study whose recorded attributes (config, split, preprocessing) cannot be used, or no longer match."""
 

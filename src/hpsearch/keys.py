@@ -40,6 +40,9 @@ PRUNED_REASON = "pruned_reason"
 FAIL_REASON = "fail_reason"
 FAIL_TRACEBACK = "fail_traceback"
 OUT_OF_MEMORY = "out_of_memory"
+DEVICE_BROKEN = "device_broken"  # a sticky device error ended it: its worker exited to get a fresh context
+GPU = "gpu"  # {"index", "name", "uuid", "memory_mib", "visible"}: which physical GPU ran it
+PEAK_GPU_MIB = "peak_gpu_mib"  # the most GPU memory its tensors held at once
 INTERRUPTED = "interrupted"  # stopped by SIGINT/SIGTERM: FAIL, retried once from its checkpoint
 STORE_FULL = "store_full"  # its files found no room in the artifact store: FAIL, the run stops, retried once
 WEIGHTS = "weights_artifact"  # best-epoch weights.safetensors
@@ -49,7 +52,7 @@ CHECKPOINT_EPOCH = "checkpoint_epoch"
 BEST_EPOCH = "best_epoch"  # 0-based; with val_accuracy, val_loss and epochs_run from the training summary
 
 # A retry copies its original's user attrs, but not why the original failed nor the worker that ran it.
-FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, INTERRUPTED, STORE_FULL, WORKER)
+FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, INTERRUPTED, STORE_FULL, DEVICE_BROKEN, WORKER)
 
 
 class HasUserAttrs(Protocol):

@@ -25,6 +25,13 @@ import torch
 from optuna.trial import FrozenTrial
 
 from hpsearch import keys
+from hpsearch.accelerator import (
+    gpu_identity,
+    is_out_of_memory,
+    is_sticky_device_error,
+    peak_memory_mib,
+    reset_peak_memory,
+)
 from hpsearch.artifacts import (
     OUTPUTS_FILE,
     WEIGHTS_FILE,
@@ -128,7 +135,11 @@ class Objective:
                 else self.cfg.study.seed + trial.number)
         trial.set_user_attr(keys.SEED, seed)
         trial.set_user_attr(keys.DEVICE, str(self.device))
+        if self.device.type == "cuda":  # which physical GPU: status tells GPUs apart
+            trial.set_user_attr(keys.GPU, {**gpu_identity(self.device),
+                                           "visible": os.environ.get("CUDA_VISIBLE_DEVICES")})
         trial.set_user_attr(keys.MEMORY_AT_START, memory_in_use(self.device))
+        reset_peak_memory(self.device)
         trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights)
         resume, resumed_from = self._resume_point(trial, retried)
         if resume is not None:
@@ -173,6 +184,13 @@ class Objective:
                 trial.set_user_attr(keys.FAIL_REASON, self._full_store_line(trial, err))
                 trial.set_user_attr(keys.STORE_FULL, True)
                 raise
+            if is_sticky_device_error(err):
+                # The CUDA context is unusable now: every later trial of this process would fail too.
+                trial.set_user_attr(keys.FAIL_REASON, f"device error ({type(err).__name__}): {err}"[:1000])
+                trial.set_user_attr(keys.DEVICE_BROKEN, True)
+                trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
+                self._drop_checkpoint(trial)  # not retried
+                raise
             if is_out_of_memory(err):
                 # Only a string leaves this block: the exception would keep the trial's tensors alive.
                 where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
@@ -192,6 +210,9 @@ class Objective:
         self._drop_checkpoint(trial)
         if resumed_from is not None:
             self._drop_checkpoint(resumed_from)
+        peak = peak_memory_mib(self.device)
+        if peak is not None:
+            trial.set_user_attr(keys.PEAK_GPU_MIB, peak)  # what --workers-per-gpu and batch_size are chosen by
         return result.best.val_accuracy
 
     @staticmethod
@@ -283,22 +304,14 @@ class TrialOutOfMemory(RuntimeError):
     trial is retried once."""
 
 
-# On the host, PyTorch's allocator failure is no torch.OutOfMemoryError but a plain RuntimeError with this text.
-_CPU_ALLOCATOR_OOM = "DefaultCPUAllocator: can't allocate memory"
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """An allocator refused: torch.OutOfMemoryError (CUDA and other accelerators), or the CPU allocator's
-    RuntimeError. Any other error is a crash, not out of memory."""
-    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError)
-                                                        and _CPU_ALLOCATOR_OOM in str(err))
-
-
 def free_device_memory() -> None:
     """Between trials (and after an OOM): drop what the last trial held, host and device."""
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as err:  # a context a sticky error broke: the process is about to exit anyway
+            _log.warning("could not free GPU memory (%s)", str(err).splitlines()[0] if str(err) else err)
 
 
 def memory_in_use(device: torch.device) -> dict[str, float]:

@@ -27,7 +27,7 @@ from hpsearch import __version__, keys
 from hpsearch.artifacts import ArtifactStore, StudyArtifacts, open_artifact_store, resolve_artifacts
 from hpsearch.config import ConfigError, StudyConfig, StudySection, load_study
 from hpsearch.data import load_pool, make_split, preprocess_for
-from hpsearch.errors import StoreFullError, StudyRecordError, UsageError
+from hpsearch.errors import DeviceBrokenError, StoreFullError, StudyRecordError, UsageError
 from hpsearch.model import build_model, check_study_model
 from hpsearch.objective import Objective, Prepared, free_device_memory, worker_tag
 from hpsearch.pins import pinned
@@ -304,6 +304,20 @@ class StopOnFullStore:
             study.stop()
 
 
+class StopOnBrokenDevice:
+    """A trial that ended on a sticky device error stops this process's run at once (its CUDA context is
+    unusable); it is not retried (the same configuration would likely break the next context too)."""
+
+    def __init__(self) -> None:
+        self.line: str | None = None
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(keys.DEVICE_BROKEN):
+            self.line = (f"trial {trial.number}: {trial.user_attrs.get(keys.FAIL_REASON, 'device error')}"[:300]
+                         + "; this process's GPU context is unusable: it exits to start with a fresh one")
+            study.stop()
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How `run_trials` ended: a failure streak (`tripped`, after `limit` failures in a row), or a stop on
@@ -330,11 +344,12 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
     keep = KeepBestWeights(objective.files, cfg.study.keep_weights if cfg.study.keep_weights is not None
                            else cfg.ensemble.top_k + 3)
     full = StopOnFullStore()
+    broken = StopOnBrokenDevice()
     asked = StopWhenAsked(started_at, cfg.study.target)
     with StopWatch(study, started_at) as watch:
         try:
             study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[RetryOutOfMemory(), full, keep, *callbacks, stop_at_n, guard, asked,
+                           callbacks=[RetryOutOfMemory(), full, broken, keep, *callbacks, stop_at_n, guard, asked,
                                       _free_after_trial])
         except KeyboardInterrupt:
             retry_interrupted(study)
@@ -343,6 +358,8 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
             return Outcome(False, guard.limit, watch.fired.line())  # `hpsearch stop --now`: asked, not a crash
     if full.line is not None:
         raise StoreFullError(full.line)
+    if broken.line is not None:
+        raise DeviceBrokenError(broken.line)
     return Outcome(guard.tripped, guard.limit, asked.request.line() if asked.request else None)
 
 

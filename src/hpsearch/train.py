@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpsearch import keys
+from hpsearch.accelerator import Precision, choose_precision
 from hpsearch.config import ModelSection, TrainSection
 from hpsearch.data import DeviceData, TrialData, training_input
 from hpsearch.errors import UsageError
@@ -81,10 +82,12 @@ class NonFiniteLoss(RuntimeError):
 
 def make_optimizer(params: Iterable[nn.Parameter], hp: Hyperparams) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    # Fused kernels (one launch for all parameters) where torch has them: Adam and AdamW on a GPU.
+    fused = {"fused": True} if params and params[0].is_cuda else {}
     if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused)
     if hp.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused)
     if hp.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=hp.lr, weight_decay=hp.weight_decay, alpha=0.9, eps=1e-6)
     if hp.optimizer == "sgd":
@@ -128,19 +131,21 @@ def resolve_device(name: str) -> torch.device:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    # bf16 on the GPU (no loss scaling needed); full precision on the CPU, where bf16 is slow.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+FP32 = Precision(None, False)
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, data: DeviceData, preprocess: Preprocess, batch_size: int) -> torch.Tensor:
+@torch.inference_mode()
+def predict_logits(model: nn.Module, data: DeviceData, preprocess: Preprocess, batch_size: int,
+                   precision: Precision = FP32) -> torch.Tensor:
+    """Logits of a split in its order; in fp32 unless told (the per-epoch validation may use autocast: stored
+    outputs never do, so the ensemble's fit matches `predict` and ONNX)."""
     model.eval()
     device = data.device
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     outs = []
     for images, _ in data.batches(batch_size):
-        with _autocast(device):
-            outs.append(model(preprocess(images)).float())
+        with precision.autocast(device):
+            outs.append(model(preprocess(images).contiguous(memory_format=fmt)).float())
     return torch.cat(outs)
 
 
@@ -153,21 +158,29 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 
 @dataclass
 class Checkpoint:
-    """Everything needed to continue a trial after its last completed epoch, bit for bit."""
+    """Everything needed to continue a trial after its last completed epoch: weights, optimizer and scheduler
+    state, and every random number generator the trial draws from (the batch order's, the augmentation's on
+    its device, torch's global CPU one for dropout, CUDA's). On the CPU a resumed trial repeats the
+    uninterrupted one exactly; on a GPU, kernels that are not deterministic (cuDNN's autotuned ones) may make
+    it differ in the last bits."""
 
     epoch: int  # the last completed epoch (0-based)
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any] | None
-    generator: torch.Tensor  # the batch-order/augmentation generator's state
-    rng: torch.Tensor  # torch's global CPU RNG (dropout)
+    generator: torch.Tensor  # the batch-order generator's state (CPU)
+    rng: torch.Tensor  # torch's global CPU RNG (dropout on the CPU)
     history: list[EpochMetrics]
     best_state: dict[str, torch.Tensor]
+    augment_generator: torch.Tensor | None = None  # the device generator of the augmentation, on a GPU
+    cuda_rng: torch.Tensor | None = None  # CUDA's RNG of the trial's device (dropout on the GPU)
+    scaler: dict[str, Any] | None = None  # fp16's gradient scaler
+
+    FIELDS = ("epoch", "model", "optimizer", "scheduler", "generator", "rng", "best_state", "augment_generator",
+              "cuda_rng", "scaler")
 
     def save(self, path: str) -> None:
-        data = {**{k: getattr(self, k) for k in ("epoch", "model", "optimizer", "scheduler", "generator", "rng",
-                                                 "best_state")},
-                "history": [asdict(m) for m in self.history]}
+        data = {**{k: getattr(self, k) for k in self.FIELDS}, "history": [asdict(m) for m in self.history]}
         torch.save(data, path)
 
     @classmethod
@@ -196,13 +209,22 @@ def train_trial(
     checkpoint_every: int = 1,
 ) -> TrainResult:
     """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over."""
+    precision = choose_precision(train_cfg.precision, device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = build_model(model_cfg, data.num_classes, data.preprocess.image_size, hp.dropout)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(seed)  # the batch order, drawn on the CPU on every device
+    # Augmentation draws on the device itself on a GPU (no host round trip per step); on the CPU the same
+    # generator as the order, as before.
+    aug = torch.Generator(device=device).manual_seed(seed) if cuda else gen
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    with device:  # built on its device: no host copy of the weights first
+        model = build_model(model_cfg, data.num_classes, data.preprocess.image_size, hp.dropout)
     model = model.to(device, memory_format=fmt)
     optimizer = make_optimizer(model.parameters(), hp)
     scheduler = make_scheduler(optimizer, hp)
+    scaler = precision.scaler(device)
     steps = data.train.num_batches(train_cfg.batch_size, drop_last=True)
 
     history: list[EpochMetrics] = []
@@ -214,6 +236,12 @@ def train_trial(
             scheduler.load_state_dict(resume.scheduler)
         gen.set_state(resume.generator)
         torch.set_rng_state(resume.rng)
+        if cuda and resume.augment_generator is not None:
+            aug.set_state(resume.augment_generator)
+        if cuda and resume.cuda_rng is not None:
+            torch.cuda.set_rng_state(resume.cuda_rng, device)
+        if resume.scaler:
+            scaler.load_state_dict(resume.scaler)
         history, best_state = list(resume.history), resume.best_state
     best = _best(history)
     for epoch in range(len(history), train_cfg.epochs):
@@ -223,18 +251,19 @@ def train_trial(
         loss_sum = torch.zeros((), device=device)
         for images, labels in data.train.batches(train_cfg.batch_size, shuffle=True, generator=gen,
                                                  drop_last=True):
-            x = training_input(images, data.preprocess, data.augment, gen)
-            with _autocast(device):
+            x = training_input(images, data.preprocess, data.augment, aug)
+            with precision.autocast(device):
                 logits = model(x.contiguous(memory_format=fmt))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=train_cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.detach()
         train_loss = loss_sum.item() / max(1, steps)
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch, "training loss")
-        val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size)
+        val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size, precision)
         val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(epoch, "validation loss")
@@ -248,12 +277,16 @@ def train_trial(
             on_epoch(metrics)
         last = epoch + 1 == train_cfg.epochs
         if on_checkpoint is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0 and not last:
-            on_checkpoint(Checkpoint(epoch, plain_state_dict(model), optimizer.state_dict(),
-                                     scheduler.state_dict() if scheduler is not None else None,
-                                     gen.get_state(), torch.get_rng_state(), list(history), best_state))
+            on_checkpoint(Checkpoint(
+                epoch, plain_state_dict(model), optimizer.state_dict(),
+                scheduler.state_dict() if scheduler is not None else None, gen.get_state(), torch.get_rng_state(),
+                list(history), best_state, augment_generator=aug.get_state() if cuda else None,
+                cuda_rng=torch.cuda.get_rng_state(device) if cuda else None,
+                scaler=scaler.state_dict() if precision.scaled else None))
 
     assert best is not None
     model.load_state_dict(best_state)
+    # The stored outputs: fp32 whatever the training precision (they are what the ensemble is fit on).
     val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
     test_logits = predict_logits(model, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
     return TrainResult(best, history, best_state, val_logits, test_logits)

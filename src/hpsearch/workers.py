@@ -22,6 +22,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
+from hpsearch.errors import DeviceBrokenError, UsageError
 from hpsearch.objective import worker_tag
 from hpsearch.search import Run, finished_trials, has_retry, retry_failed
 from hpsearch.stopping import pending, target_reached
@@ -30,27 +31,52 @@ from hpsearch.stopping import pending, target_reached
 EXIT_FAILURE_STREAK = 4
 # ... and when the artifact store had no room for a trial's files: the supervisor stops the whole run.
 EXIT_STORE_FULL = 5
+# ... and when a sticky device error broke its GPU context: restarted (a fresh context), never a streak.
+EXIT_DEVICE_BROKEN = DeviceBrokenError.exit_code
 STOP_GRACE_S = 30.0
 
 
 def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, storage: str | None = None
                ) -> dict[str, str]:
-    """Pin worker `index` to one GPU (round-robin), or give it its share of the CPU's threads. The storage URL
-    travels in HPSEARCH_STORAGE, never in argv: any user on the machine can read a process's argv, with the
-    password a URL may carry."""
+    """Pin worker `index` to one GPU (round-robin), and give it its share of the CPU's threads (GPU workers too:
+    each feeds its GPU from the host). The storage URL travels in HPSEARCH_STORAGE, never in argv: any user on
+    the machine can read a process's argv, with the password a URL may carry.
+
+    `gpus` are indices among the GPUs this process sees: through its own CUDA_VISIBLE_DEVICES when it has one
+    (with CUDA_VISIBLE_DEVICES=4,5, GPU 0 is physical 4; UUIDs and MIG ids are passed on as they are)."""
     env = dict(os.environ)
     if storage is not None:
         env["HPSEARCH_STORAGE"] = storage
     env["HPSEARCH_WORKER"] = str(index)
     env["HPSEARCH_APP_NAME"] = f"hpsearch-worker-{index}"
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpus[(index // per_gpu) % len(gpus)])
-    threads = max(1, (os.cpu_count() or 1) // max(1, n_workers if not gpus else 1))
+        env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpus[(index // per_gpu) % len(gpus)])
+    threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
     env["HPSEARCH_THREADS"] = str(threads)
     return env
 
 
+def _parent_visible() -> list[str] | None:
+    """This process's CUDA_VISIBLE_DEVICES entries, None when it has none (every GPU is visible)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+def physical_gpu(index: int) -> str:
+    """What CUDA_VISIBLE_DEVICES must say for a child to see this process's GPU `index`."""
+    visible = _parent_visible()
+    if visible is None:
+        return str(index)
+    if not 0 <= index < len(visible):
+        raise UsageError(f"--gpus {index}: this process sees {len(visible)} GPU(s) (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ['CUDA_VISIBLE_DEVICES']}); give indices 0..{len(visible) - 1}")
+    return visible[index]
+
+
 def visible_gpus() -> list[int]:
+    """Indices of the GPUs this process sees (0..n-1, whatever CUDA_VISIBLE_DEVICES maps them to)."""
     try:
         import torch
 
@@ -156,7 +182,9 @@ class Supervisor:
                 if self.done() or worker.restarts >= self.max_restarts:
                     continue
                 worker.restarts += 1
-                self.on_event(f"worker {worker.index} exited with {code}; restarting it")
+                why = ("its GPU context broke (a sticky device error)" if code == EXIT_DEVICE_BROKEN
+                       else f"exited with {code}")
+                self.on_event(f"worker {worker.index} {why}; restarting it")
                 worker.start()
                 alive += 1
             if alive == 0:

@@ -1,0 +1,106 @@
+"""What a trial needs to know about its device: the precision it trains in, which GPU it is, and which errors
+leave the device unusable. Imports nothing of Optuna (training uses it).
+
+- Precision (`[train] precision`): auto is bf16 autocast on a GPU that supports it, else fp16 with a gradient
+  scaler; full fp32 on the CPU (bf16 there is slow, though it can be asked for). bf16 asked for on a GPU
+  without it is refused in one line.
+- A sticky device error (an illegal address, a device-side assert: `torch.AcceleratorError`) poisons the
+  process's CUDA context: every later kernel fails. The trial ends FAIL with it and the worker exits with
+  its own code, to be restarted with a fresh context, instead of failing trial after trial.
+- A cuBLAS/cuDNN workspace that could not be allocated is out of memory, like `torch.OutOfMemoryError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hpsearch.errors import UsageError
+
+# Substrings of errors that leave a CUDA context unusable (what the CUDA runtime prints for them).
+_STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+           "illegal instruction", "an illegal address", "uncorrectable ECC error", "CUDA error: unknown error")
+# Library allocations that failed: the device is out of memory, not broken.
+_LIBRARY_OOM = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+                "CUBLAS_STATUS_NOT_INITIALIZED")
+# On the host, PyTorch's allocator failure is no torch.OutOfMemoryError but a plain RuntimeError with this text.
+_CPU_ALLOCATOR_OOM = "DefaultCPUAllocator: can't allocate memory"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a trial computes: autocast to `dtype` (None: full fp32), with a gradient scaler for fp16."""
+
+    dtype: torch.dtype | None
+    scaled: bool
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(device.type, enabled=self.scaled)
+
+
+def choose_precision(setting: str, device: torch.device) -> Precision:
+    """`[train] precision` on this device (see the module's docstring)."""
+    cuda = device.type == "cuda"
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if setting == "auto":
+        if not cuda:
+            return Precision(None, False)
+        return Precision(torch.bfloat16, False) if bf16_ok else Precision(torch.float16, True)
+    if setting == "bf16":
+        if cuda and not bf16_ok:
+            raise UsageError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                             'use "fp16" (with a gradient scaler), "auto" or "fp32"')
+        return Precision(torch.bfloat16, False)
+    if setting == "fp16":
+        return Precision(torch.float16, True)
+    return Precision(None, False)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocator refused: torch.OutOfMemoryError (CUDA and other accelerators), a cuBLAS/cuDNN allocation, or
+    the CPU allocator's RuntimeError. Any other error is a crash, not out of memory."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (_CPU_ALLOCATOR_OOM in text or any(s in text for s in _LIBRARY_OOM))
+
+
+def is_sticky_device_error(err: BaseException) -> bool:
+    """An error after which this process's CUDA context is unusable (its later kernels fail too)."""
+    if is_out_of_memory(err):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(err, accelerator_error):
+        return True
+    return isinstance(err, RuntimeError) and "CUDA error" in str(err) and any(s in str(err) for s in _STICKY)
+
+
+def gpu_identity(device: torch.device) -> dict[str, Any]:
+    """Which physical GPU this is (name, UUID, and the index among what the process sees), for `status`."""
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return {"index": index, "name": props.name, "uuid": str(getattr(props, "uuid", "")),
+            "memory_mib": round(props.total_memory / 2**20)}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """The most GPU memory this trial's tensors held at once (since reset_peak_memory), None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

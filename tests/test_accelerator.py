@@ -1,0 +1,49 @@
+"""Precision, stored outputs in fp32, and which errors leave a device unusable (on the CPU, where it shows)."""
+
+from __future__ import annotations
+
+import torch
+
+from hpsearch.accelerator import choose_precision, is_out_of_memory, is_sticky_device_error
+from hpsearch.config import DataSection, ModelSection, TrainSection
+from hpsearch.data import load_pool, make_split, trial_data
+from hpsearch.model import build_model
+from hpsearch.train import FP32, Hyperparams, predict_logits, train_trial
+
+CPU = torch.device("cpu")
+
+
+def test_the_cpu_trains_in_fp32_unless_told() -> None:
+    assert choose_precision("auto", CPU).dtype is None
+    assert choose_precision("bf16", CPU).dtype == torch.bfloat16 and not choose_precision("bf16", CPU).scaled
+    assert choose_precision("fp16", CPU).scaled  # fp16 always with a gradient scaler
+
+
+def test_stored_outputs_are_fp32_even_when_training_in_bf16() -> None:
+    """Forced bf16 autocast on the CPU: the trial's stored validation/test logits are what an fp32 forward of its
+    best weights gives (what `predict` and ONNX compute), not the bf16 forward the epochs were judged by."""
+    cfg = DataSection(dataset="digits", image_size=16, subset=300, augment=[])
+    pool = load_pool(cfg)
+    data = trial_data(pool, make_split(pool, cfg, 0), cfg, False, CPU)
+    train = TrainSection(epochs=2, batch_size=32, device="cpu", precision="bf16")
+    model_cfg = ModelSection(arch="resnet18")
+    result = train_trial(model_cfg, train, data, Hyperparams(lr=2e-3, optimizer="adam", scheduler="none"), seed=0,
+                         device=CPU)
+    model = build_model(model_cfg, data.num_classes, 16)
+    model.load_state_dict(result.state_dict)
+    fp32 = predict_logits(model, data.val, data.preprocess, 512, FP32)
+    bf16 = predict_logits(model, data.val, data.preprocess, 512, choose_precision("bf16", CPU))
+    assert torch.allclose(result.val_logits, fp32, atol=1e-5, rtol=0)
+    assert (result.val_logits - bf16).abs().max() > 1e-3  # the check would see bf16 outputs
+
+
+def test_sticky_device_errors_and_library_allocation_failures_are_told_apart() -> None:
+    sticky = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    assert is_sticky_device_error(sticky) and not is_out_of_memory(sticky)
+    assert is_sticky_device_error(RuntimeError("CUDA error: device-side assert triggered\nCompile with ..."))
+    for text in ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                 "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"):
+        assert is_out_of_memory(RuntimeError(text)) and not is_sticky_device_error(RuntimeError(text))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    for other in (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("CUDA error: nope")):
+        assert not is_sticky_device_error(other) and not is_out_of_memory(other)
