@@ -5,6 +5,10 @@
 choosing its members, before writing them). A signal, a kill or a concurrent run then lands at the same moment
 every time, however loaded the machine, with no polling for a window. Unset (always, outside tests), it costs
 one environment lookup.
+
+`HPSEARCH_TEST_FAULT="device-assert:PATH"` makes the first training step of a GPU process run a real
+out-of-range index in a CUDA kernel (a device-side assert: the context is broken for good), once per PATH:
+the fault creates PATH, and a process that finds PATH runs normally. The GPU tests use it.
 """
 
 from __future__ import annotations
@@ -23,3 +27,22 @@ def hold_at(point: str) -> None:
     at, _, release = spec.partition(":")
     while at == point and not Path(release).exists():
         time.sleep(0.05)
+
+
+FAULT_ENV = "HPSEARCH_TEST_FAULT"
+
+
+def fault_at(point: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or point != "step":
+        return
+    kind, _, once = spec.partition(":")
+    if kind != "device-assert" or Path(once).exists():
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    Path(once).touch()
+    values = torch.zeros(4, device="cuda")
+    values[torch.tensor([1 << 20], device="cuda")].sum().item()  # a gather far past the end: the kernel asserts

@@ -22,6 +22,7 @@ from hpsearch.accelerator import Precision, choose_precision
 from hpsearch.config import ModelSection, TrainSection
 from hpsearch.data import DeviceData, TrialData, training_input
 from hpsearch.errors import UsageError
+from hpsearch.hold import fault_at
 from hpsearch.model import build_model, plain_state_dict, set_train_mode
 from hpsearch.preprocess import Preprocess
 
@@ -195,6 +196,29 @@ def _best(history: list[EpochMetrics]) -> EpochMetrics | None:
     return max(history, key=lambda m: (m.val_accuracy, -m.val_loss, -m.epoch), default=None)
 
 
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                data: TrialData, train_cfg: TrainSection, precision: Precision, gen: torch.Generator,
+                aug: torch.Generator) -> torch.Tensor:
+    """One epoch of optimizer steps; returns the summed loss, on the device: nothing in here waits for the
+    device (the GPU test runs it under torch.cuda.set_sync_debug_mode("error")), except fp16's scaler, which
+    reads its inf check."""
+    device = data.train.device
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    loss_sum = torch.zeros((), device=device)
+    for images, labels in data.train.batches(train_cfg.batch_size, shuffle=True, generator=gen, drop_last=True):
+        x = training_input(images, data.preprocess, data.augment, aug)
+        with precision.autocast(device):
+            logits = model(x.contiguous(memory_format=fmt))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=train_cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach()
+        fault_at("step")
+    return loss_sum
+
+
 def train_trial(
     model_cfg: ModelSection,
     train_cfg: TrainSection,
@@ -247,20 +271,8 @@ def train_trial(
     for epoch in range(len(history), train_cfg.epochs):
         start = time.perf_counter()
         set_train_mode(model)
-        # Summed on the device: one host synchronization per epoch, not per step.
-        loss_sum = torch.zeros((), device=device)
-        for images, labels in data.train.batches(train_cfg.batch_size, shuffle=True, generator=gen,
-                                                 drop_last=True):
-            x = training_input(images, data.preprocess, data.augment, aug)
-            with precision.autocast(device):
-                logits = model(x.contiguous(memory_format=fmt))
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=train_cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-        train_loss = loss_sum.item() / max(1, steps)
+        loss_sum = train_steps(model, optimizer, scaler, data, train_cfg, precision, gen, aug)
+        train_loss = loss_sum.item() / max(1, steps)  # the epoch's one host synchronization
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch, "training loss")
         val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size, precision)

@@ -1,0 +1,140 @@
+"""The GPU test set: what only a CUDA device can show. Skipped cleanly without one (`pytest -m gpu` runs it).
+
+- a 2-trial study on CUDA through `run --workers 1 --gpus 0`: pinned, each trial recording its physical GPU and
+  peak memory, stored outputs in fp32 that an fp32 forward of the stored weights reproduces;
+- the step loop of an epoch with no host synchronization (torch.cuda.set_sync_debug_mode("error"));
+- a real CUDA out-of-memory, retried once;
+- a real device-side error (an out-of-range index in a kernel): the trial ends FAIL, its worker exits 6 and is
+  restarted with a fresh context, and the study goes on;
+- streamed batches (pinned buffers, a batch ahead) equal resident ones on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from conftest import run_cli, tiny_tables, write_study
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CUDA = torch.device("cuda")
+
+
+def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    from hpsearch.storage import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(url)).trials
+
+
+@pytest.mark.timeout(600)
+def test_a_two_trial_study_on_cuda_is_pinned_and_stores_fp32_outputs(tmp_path: Path) -> None:
+    from hpsearch.artifacts import load_trial_outputs, load_trial_weights, open_artifact_store
+    from hpsearch.config import load_study
+    from hpsearch.data import load_pool, make_split, trial_data
+    from hpsearch.model import build_model
+    from hpsearch.train import predict_logits
+
+    study = write_study(tmp_path / "gpu.toml", tiny_tables("gpu", train={"device": "cuda", "epochs": 2}))
+    url = f"sqlite:///{tmp_path / 'gpu.db'}"
+    done = run_cli("run", str(study), "--workers", "1", "--gpus", "0", "--storage", url, "--artifacts",
+                   str(tmp_path / "artifacts"), cwd=tmp_path, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = [t for t in _trials(url, "gpu") if t.state == TrialState.COMPLETE]
+    assert len(trials) == 2
+    for trial in trials:
+        assert trial.user_attrs["device"].startswith("cuda")
+        assert trial.user_attrs["gpu"]["name"] == torch.cuda.get_device_name(0)
+        assert trial.user_attrs["peak_gpu_mib"] > 0
+    # The stored validation outputs are what an fp32 forward of the stored weights gives.
+    cfg = load_study(study)
+    pool = load_pool(cfg.data)
+    data = trial_data(pool, make_split(pool, cfg.data, cfg.study.seed), cfg.data, False, CUDA)
+    store = open_artifact_store(str(tmp_path / "artifacts"), create=False)
+    best = max(trials, key=lambda t: t.value or 0)
+    outputs = load_trial_outputs(store, best)
+    model = build_model(cfg.model, pool.num_classes, cfg.data.image_size).to(CUDA)
+    model.load_state_dict(load_trial_weights(store, best))
+    again = predict_logits(model, data.val, data.preprocess, 512).cpu()
+    assert torch.allclose(outputs.val_logits, again, atol=1e-4, rtol=0)
+
+
+def test_the_step_loop_never_waits_for_the_device() -> None:
+    from hpsearch.accelerator import choose_precision
+    from hpsearch.config import DataSection, ModelSection, TrainSection
+    from hpsearch.data import load_pool, make_split, trial_data
+    from hpsearch.model import build_model
+    from hpsearch.train import Hyperparams, make_optimizer, train_steps
+
+    cfg = DataSection(dataset="digits", image_size=32, subset=600, augment=["crop", "cutout"])
+    pool = load_pool(cfg)
+    data = trial_data(pool, make_split(pool, cfg, 0), cfg, False, CUDA)
+    train = TrainSection(epochs=1, batch_size=64, device="cuda")
+    precision = choose_precision("auto", CUDA)
+    if precision.scaled:
+        pytest.skip("fp16's gradient scaler reads its inf check on the host; this GPU has no bf16")
+    model = build_model(ModelSection(arch="resnet18"), pool.num_classes, 32).to(CUDA, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.parameters(), Hyperparams(lr=1e-3, optimizer="adam", scheduler="none"))
+    scaler = precision.scaler(CUDA)
+    gen, aug = torch.Generator().manual_seed(0), torch.Generator(device=CUDA).manual_seed(0)
+    train_steps(model, optimizer, scaler, data, train, precision, gen, aug)  # warm-up: first-use allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = train_steps(model, optimizer, scaler, data, train, precision, gen, aug)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
+def test_streamed_batches_equal_resident_ones_on_the_device() -> None:
+    from hpsearch.config import DataSection
+    from hpsearch.data import DeviceData, load_pool, make_split
+
+    cfg = DataSection(dataset="digits", image_size=32, subset=500, augment=[])
+    pool = load_pool(cfg)
+    split = make_split(pool, cfg, 0)
+    resident, streamed = (DeviceData(pool, split.train, CUDA, placement) for placement in ("resident", "stream"))
+    for (a, la), (b, lb) in zip(resident.batches(32, shuffle=True, generator=torch.Generator().manual_seed(1)),
+                                streamed.batches(32, shuffle=True, generator=torch.Generator().manual_seed(1)),
+                                strict=True):
+        assert a.device.type == b.device.type == "cuda"
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@pytest.mark.timeout(600)
+def test_a_real_cuda_out_of_memory_is_retried_once(tmp_path: Path) -> None:
+    # 4096 images at 1024 px: the first convolution's output alone is 4096 x 64 x 512 x 512 bf16 = 137 GiB.
+    study = write_study(tmp_path / "oom.toml", tiny_tables("oom", study={"n_trials": 1, "max_consecutive_failures": 2},
+                                                           data={"image_size": 1024, "subset": 0},
+                                                           train={"device": "cuda", "batch_size": 4096}))
+    url = f"sqlite:///{tmp_path / 'oom.db'}"
+    done = run_cli("run", str(study), "--storage", url, "--artifacts", str(tmp_path / "a"), cwd=tmp_path, timeout=540)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    trials = _trials(url, "oom")
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all(t.user_attrs.get("out_of_memory") for t in trials)
+    assert trials[1].system_attrs["failed_trial"] == 0  # the one retry, same params
+    assert trials[1].params == trials[0].params
+
+
+@pytest.mark.timeout(600)
+def test_a_device_side_error_fails_its_trial_and_restarts_its_worker(tmp_path: Path) -> None:
+    from hpsearch.hold import FAULT_ENV
+
+    study = write_study(tmp_path / "fault.toml", tiny_tables("fault", study={"n_trials": 2},
+                                                             train={"device": "cuda"}))
+    url = f"sqlite:///{tmp_path / 'fault.db'}"
+    done = run_cli("run", str(study), "--workers", "1", "--gpus", "0", "--storage", url, "--artifacts",
+                   str(tmp_path / "a"), cwd=tmp_path, timeout=540, **{FAULT_ENV: f"device-assert:{tmp_path / 'once'}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "its GPU context broke (a sticky device error); restarting it" in done.stderr
+    trials = _trials(url, "fault")
+    broken = [t for t in trials if t.user_attrs.get("device_broken")]
+    assert len(broken) == 1 and broken[0].state == TrialState.FAIL
+    assert "device-side assert" in broken[0].user_attrs["fail_reason"]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2  # the restarted worker finished the study
