@@ -334,3 +334,14 @@ def test_the_study_lists_the_files_it_left_out_and_status_counts_them(tmp_path: 
     for part in status_renderables(study, "sqlite:///s.db", str(tmp_path / "artifacts"), 3, 1):
         console.print(part)
     assert "1 unreadable images left out" in console.export_text()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    root = _noisy_folder(tmp_path / "ds", per_class=2)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError) as info:
+        load_pool(_cfg(root, tmp_path, cache_dir=str(blocker / "cache")))
+    message = str(info.value)
+    assert message.startswith("data.cache_dir: cannot write the image cache") and "HPSEARCH_CACHE_DIR" in message
+    assert "\n" not in message

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpsearch.errors import DataError
 from hpsearch.hold import hold_at
 
 CACHE_VERSION = 1
@@ -87,6 +88,16 @@ def load_or_build(folder: Path, key: str, n: int, size: int,
     found = _open(folder, key)
     if found is not None:
         return found
+    try:
+        return _build_locked(folder, key, n, size, build, what=what)
+    except OSError as err:  # an unwritable folder, a full disk: the setting to change, in one line
+        raise DataError(f"data.cache_dir: cannot write the image cache in {str(folder)!r} ({err.strerror or err}); "
+                        "free space there or set [data] cache_dir (or HPSEARCH_CACHE_DIR) to a writable folder"
+                        ) from None
+
+
+def _build_locked(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarray], Decoded], *,
+                  what: str) -> Cached:
     from filelock import FileLock, Timeout
 
     folder.mkdir(parents=True, exist_ok=True)
