@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hpsearch.accelerator import choose_precision, is_out_of_memory, is_sticky_device_error
@@ -47,3 +48,36 @@ def test_sticky_device_errors_and_library_allocation_failures_are_told_apart() -
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     for other in (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("CUDA error: nope")):
         assert not is_sticky_device_error(other) and not is_out_of_memory(other)
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+@pytest.mark.timeout(900)
+def test_compile_once_per_worker_reused_by_later_trials_with_other_dropout() -> None:
+    """[train] compile: the first trial compiles (training and evaluation graphs); four more trials with other
+    dropout values and seeds recompile nothing (Dynamo is told to raise on any recompilation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg = DataSection(dataset="digits", image_size=16, subset=160, augment=["crop"])
+    pool = load_pool(cfg)
+    data = trial_data(pool, make_split(pool, cfg, 0), cfg, False, CPU)
+    train = TrainSection(epochs=1, batch_size=32, device="cpu", compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    values = []
+    try:
+        for trial, p in enumerate((0.0, 0.1, 0.25, 0.4, 0.5)):
+            result = train_trial(ModelSection(arch="resnet18"), train, data,
+                                 Hyperparams(lr=1e-3, optimizer="adam", scheduler="none", dropout=p), seed=trial,
+                                 device=CPU)
+            values.append(result.best.val_accuracy)
+            if trial == 0:
+                graphs = counters["stats"]["unique_graphs"]
+                assert graphs >= 1
+                torch._dynamo.config.error_on_recompile = True  # from here, any recompilation fails the test
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    assert len(values) == 5

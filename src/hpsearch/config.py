@@ -220,6 +220,9 @@ class TrainSection(_Strict):
     # auto: bf16 autocast on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU.
     # Stored validation/test outputs are always computed in fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # torch.compile once per worker, reused by every later trial of the same architecture, image size and
+    # batch size (a new dropout does not recompile); the first trial pays the compilation.
+    compile: bool = False
 
 
 class StepSpace(_Strict):

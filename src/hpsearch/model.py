@@ -28,10 +28,41 @@ class DropoutLinear(nn.Linear):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.dropout(x, self.p, self.training))
+        return super().forward(dropout(x, self.p, self.training))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, dropout={self.p}"
+        return f"{super().extra_repr()}, dropout={float(self.p)}"
+
+
+class TensorDropout(nn.Module):
+    """`nn.Dropout` whose probability is a 0-d buffer: under torch.compile a new probability is an input of the
+    graph, not a constant baked into it (a new trial's dropout must not recompile)."""
+
+    p: torch.Tensor
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def dropout(x: torch.Tensor, p: float | torch.Tensor, training: bool) -> torch.Tensor:
+    """F.dropout; with `p` a 0-d tensor (compiled models) the same inverted-dropout masking, written out."""
+    if not isinstance(p, torch.Tensor):
+        return F.dropout(x, p, training)
+    if not training:
+        return x
+    keep = 1 - p
+    return x * (torch.rand_like(x) < keep) / keep
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """A new trial's dropout in a model built with tensor_dropout: its head's probability, filled in place."""
+    for module in model.modules():
+        if isinstance(module, DropoutLinear | TensorDropout) and isinstance(module.p, torch.Tensor):
+            module.p.fill_(p)
 
 
 def head_path(model: nn.Module) -> str:
@@ -171,8 +202,10 @@ def init_weights_tag(cfg: ModelSection) -> str:
     return f"{type(weights).__name__}.{weights.name}"
 
 
-def build_model(cfg: ModelSection, num_classes: int, image_size: int, dropout: float = 0.0) -> nn.Module:
-    """The architecture with its weights loaded, a fresh head for `num_classes`, dropout before the head."""
+def build_model(cfg: ModelSection, num_classes: int, image_size: int, dropout: float = 0.0, *,
+                tensor_dropout: bool = False) -> nn.Module:
+    """The architecture with its weights loaded, a fresh head for `num_classes`, dropout before the head (with
+    `tensor_dropout`, its probability a 0-d buffer that set_dropout changes in place: for torch.compile)."""
     kwargs = _arch_kwargs(cfg, image_size)
     model = models.get_model(cfg.arch, num_classes=num_classes, **kwargs)
     head = head_path(model)
@@ -185,9 +218,14 @@ def build_model(cfg: ModelSection, num_classes: int, image_size: int, dropout: f
     if (isinstance(owner, nn.Sequential) and leaf.isdigit() and int(leaf) > 0
             and isinstance(owner[int(leaf) - 1], nn.Dropout)):
         owner[int(leaf) - 1].p = dropout
+        if tensor_dropout:
+            owner[int(leaf) - 1] = TensorDropout(dropout)
         new_head: nn.Linear = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
     else:
         new_head = DropoutLinear(old.in_features, old.out_features, dropout, bias=old.bias is not None)
+        if tensor_dropout:
+            del new_head.p
+            new_head.register_buffer("p", torch.tensor(float(dropout)), persistent=False)
     new_head.load_state_dict(old.state_dict())
     setattr(owner, leaf, new_head)
     if cfg.freeze == "backbone":

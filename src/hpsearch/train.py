@@ -19,6 +19,7 @@ from torch import nn
 
 from hpsearch import keys
 from hpsearch.accelerator import Precision, choose_precision
+from hpsearch.compiled import compiled_model
 from hpsearch.config import ModelSection, TrainSection
 from hpsearch.data import DeviceData, TrialData, training_input
 from hpsearch.errors import UsageError
@@ -244,8 +245,14 @@ def train_trial(
     aug = torch.Generator(device=device).manual_seed(seed) if cuda else gen
     fmt = torch.channels_last if cuda else torch.contiguous_format
     with device:  # built on its device: no host copy of the weights first
-        model = build_model(model_cfg, data.num_classes, data.preprocess.image_size, hp.dropout)
+        model = build_model(model_cfg, data.num_classes, data.preprocess.image_size, hp.dropout,
+                            tensor_dropout=train_cfg.compile)
     model = model.to(device, memory_format=fmt)
+    forward = model  # what the steps and evaluation call: the compiled module when [train] compile is on
+    if train_cfg.compile:
+        key = (model_cfg.arch, model_cfg.freeze, data.num_classes, data.preprocess.image_size,
+               train_cfg.batch_size, str(device))
+        model, forward = compiled_model(key, model, hp.dropout)
     optimizer = make_optimizer(model.parameters(), hp)
     scheduler = make_scheduler(optimizer, hp)
     scaler = precision.scaler(device)
@@ -271,11 +278,11 @@ def train_trial(
     for epoch in range(len(history), train_cfg.epochs):
         start = time.perf_counter()
         set_train_mode(model)
-        loss_sum = train_steps(model, optimizer, scaler, data, train_cfg, precision, gen, aug)
+        loss_sum = train_steps(forward, optimizer, scaler, data, train_cfg, precision, gen, aug)
         train_loss = loss_sum.item() / max(1, steps)  # the epoch's one host synchronization
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch, "training loss")
-        val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size, precision)
+        val_logits = predict_logits(forward, data.val, data.preprocess, train_cfg.eval_batch_size, precision)
         val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
         if not math.isfinite(val_loss):
             raise NonFiniteLoss(epoch, "validation loss")
@@ -299,6 +306,6 @@ def train_trial(
     assert best is not None
     model.load_state_dict(best_state)
     # The stored outputs: fp32 whatever the training precision (they are what the ensemble is fit on).
-    val_logits = predict_logits(model, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
-    test_logits = predict_logits(model, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
+    val_logits = predict_logits(forward, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
+    test_logits = predict_logits(forward, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
     return TrainResult(best, history, best_state, val_logits, test_logits)
