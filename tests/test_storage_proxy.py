@@ -79,7 +79,9 @@ def test_run_workers_through_a_proxy_restarted_midway_then_every_command(
                       data={"subset": 120, "image_size": 16}, train={"epochs": 2, "checkpoint_every": 1})
     artifacts = tmp_path / "artifacts"
     for database in _postgres_database():
-        with storage_proxy(database, tmp_path / "proxy.out") as proxy:
+        # A grace well above the restart's few seconds (on a loaded machine, tens): the restart must not
+        # look like dead workers.
+        with storage_proxy(database, tmp_path / "proxy.out", grace=90) as proxy:
             release = tmp_path / "release"
             run = procs.start(_hpsearch("run", str(path), "--workers", str(n_workers), "--artifacts", str(artifacts)),
                               "run", HPSEARCH_STORAGE=proxy.url, **{HOLD_ENV: f"1:{release}"})
