@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import optuna
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from hpsearch.keys import fold_records
     from hpsearch.report import describe_trial, top_trials_table
     from hpsearch.search import best_trial, finished_trials, run_trials
     from hpsearch.storage import redact
@@ -81,10 +82,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         trials_task = progress.add_task("trials", total=n_trials, completed=finished_trials(study))
-        epoch_task = progress.add_task("epochs", total=cfg.train.epochs)
+        epoch_task = progress.add_task("epochs", total=cfg.train.epochs * max(1, cfg.data.folds))
 
         def on_epoch(trial: Any, m: EpochMetrics) -> None:
-            progress.update(epoch_task, completed=m.epoch + 1,
+            done = len(fold_records(trial)) * cfg.train.epochs  # with folds: the epochs of its finished folds
+            progress.update(epoch_task, completed=done + m.epoch + 1,
                             description=f"trial {trial.number} val_acc {m.val_accuracy:.4f}")
 
         def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -38,7 +38,9 @@ from hpsearch.artifacts import (
     upload_trial_artifacts,
 )
 from hpsearch.config import SpaceSection, StudyConfig
+from hpsearch.cv_trial import CrossValidation
 from hpsearch.data import ImagePool, Split, trial_data
+from hpsearch.folds import Folds
 from hpsearch.hold import hold_at
 from hpsearch.model import init_weights_tag
 from hpsearch.tracking import TrialLogs, TrialTracker
@@ -82,6 +84,7 @@ class Prepared:
 
     pool: ImagePool
     split: Split
+    folds: Folds | None = None  # [data] folds: the study's stratified k-fold assignment of train+val
 
 
 # ------------------------------------------------------------------------------------------ objective
@@ -106,6 +109,9 @@ class Objective:
         self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
         # Built with the objective, when the run starts: a relative [tracking] log_dir is that moment's folder.
         self.trial_logs = TrialLogs(cfg.tracking, cfg.study.name)
+        self.folds = None if prepared.folds is None else CrossValidation(
+            cfg, prepared.pool, prepared.split, prepared.folds, self.data, device, files, self._checkpoint,
+            self._drop_checkpoint, on_epoch)
 
     def __call__(self, trial: optuna.Trial) -> float:
         log = self.trial_logs.open(trial.number)
@@ -131,9 +137,13 @@ class Objective:
         trial.set_user_attr(keys.MEMORY_AT_START, memory_in_use(self.device))
         trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights)
         resume, resumed_from = self._resume_point(trial, retried)
-        if resume is not None:
-            trial.set_user_attr(keys.RESUMED_FROM, {"trial": resumed_from.number if resumed_from else None,
-                                                    "epochs_done": resume.epoch + 1})
+        folds_done = len(keys.fold_records(trial))  # a retry inherits its original's finished folds
+        if resume is not None or folds_done:
+            epochs_done = resume.epoch + 1 if resume is not None else 0
+            trial.set_user_attr(keys.RESUMED_FROM, {"trial": resumed_from.number if resumed_from else
+                                                    (retried[-1].number if retried else None),
+                                                    "epochs_done": epochs_done,
+                                                    **({"folds_done": folds_done} if self.folds else {})})
 
         def report(metrics: EpochMetrics) -> None:
             log.epoch(metrics)
@@ -146,20 +156,30 @@ class Objective:
                 trial.set_user_attr(keys.PRUNED_REASON, reason)
                 raise optuna.TrialPruned(reason)
 
-        out_of_memory: str | None = None
-        try:
+        def train_single() -> float:
             result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
                                  on_epoch=report, resume=resume, on_checkpoint=lambda c: self._checkpoint(trial, c),
                                  checkpoint_every=self.cfg.train.checkpoint_every)
             # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
             self._store(trial, result)
+            return result.best.val_accuracy
+
+        out_of_memory: str | None = None
+        try:
+            value = (train_single() if self.folds is None else
+                     self.folds.run(trial, hp, seed, log, resume if trial.user_attrs.get(keys.CHECKPOINT_FOLD)
+                                    == folds_done else None))
         except NonFiniteLoss as err:
             # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
             trial.set_user_attr(keys.PRUNED_REASON, str(err))
             self._drop_checkpoint(trial)
+            if self.folds is not None:
+                self.folds.drop_weights(trial)
             raise optuna.TrialPruned(str(err)) from None
         except optuna.TrialPruned:
             self._drop_checkpoint(trial)
+            if self.folds is not None:
+                self.folds.drop_weights(trial)
             raise
         except KeyboardInterrupt as stop:
             # Ctrl-C or SIGTERM (the CLI turns both into this): Optuna ends the trial FAIL; its checkpoint is
@@ -182,6 +202,8 @@ class Objective:
                 trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
                 trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
                 self._drop_checkpoint(trial)  # nothing retries a crashed trial: its checkpoint would only take space
+                if self.folds is not None:
+                    self.folds.drop_weights(trial)
                 raise
         if out_of_memory is not None:
             # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
@@ -192,7 +214,7 @@ class Objective:
         self._drop_checkpoint(trial)
         if resumed_from is not None:
             self._drop_checkpoint(resumed_from)
-        return result.best.val_accuracy
+        return value
 
     @staticmethod
     def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:

@@ -157,7 +157,9 @@ def describe_trial(trial: FrozenTrial) -> str:
     what = f"{p.get('optimizer', '?')} lr={p.get('lr', float('nan')):.2e} {p.get('scheduler', '?')} " \
            f"dropout={p.get('dropout', float('nan')):.2f}"
     if trial.state == TrialState.COMPLETE:
-        return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}  ({what})"
+        folds = trial.user_attrs.get("fold_val_accuracy")
+        per_fold = f" (folds {' '.join(f'{v:.4f}' for v in folds)})" if isinstance(folds, list) else ""
+        return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}{per_fold}  ({what})"
     if trial.state == TrialState.PRUNED:
         return f"trial {trial.number} [yellow]PRUNED[/] {_reason(trial, keys.PRUNED_REASON)}  ({what})"
     return f"trial {trial.number} [red]{trial.state.name}[/] {_reason(trial, keys.FAIL_REASON)}  ({what})"
