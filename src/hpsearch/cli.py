@@ -64,8 +64,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run = _open_run(args)
     cfg, study, n_trials = run.cfg, run.study, run.n_trials
+    folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
     console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{n_trials} "
-                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}, "
+                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}{folds}, "
                   f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}")
     if args.workers > 1:
         from hpsearch.workers import run_workers
@@ -168,13 +169,15 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         on_warning=lambda line: console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True),
         on_start=lambda line: console.print(line, highlight=False))
     result, folder = exported.result, exported.folder
+    folds = any(m.fold_artifacts for m in result.members)
     _print_unwrapped(result_table(result, f"top {len(exported.selection.candidates)} trials of "
-                                          f"{exported.study_name!r}: val NLL on validation, the rest on test; "
+                                          f"{exported.study_name!r}: val NLL on "
+                                          f"{'out-of-fold train+val' if folds else 'validation'}, the rest on test; "
                                           "(T) after temperature scaling"))
     for note in result.notes:
         out.print(f"- {note}", highlight=False, soft_wrap=True)
     written = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
-                                         f"{len(result.members)} member files"
+                                         f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
                                          + (", ensemble.onnx" if args.onnx else "") + ")")
     console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
     return 0
