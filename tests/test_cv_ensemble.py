@@ -174,3 +174,17 @@ def test_a_soup_of_a_cross_validated_study_is_refused_in_one_line(cv: CVStudy,
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "--method soup" in err and "cross-validated" in err, err
     assert not (cv.tmp / "soup").exists()
+
+
+def test_the_study_report_uses_the_out_of_fold_outputs(cv: CVStudy) -> None:
+    ensemble = cv.export("ens-report", "--method", "soft")  # two members whatever the weights fit
+    out = cv.tmp / "report"
+    rc = main(["report", str(cv.path), "--storage", cv.url, "--artifacts", str(cv.store), "--out", str(out),
+               "--ensemble", str(ensemble)])
+    assert rc == 0
+    for figure in ("confusion_matrix.png", "confident_mistakes.png", "ensemble_reliability.png"):
+        assert (out / figure).stat().st_size > 0, figure
+    per_class = (out / "per_class.csv").read_text().splitlines()
+    header = per_class[0].split(",")
+    images = sum(int(line.split(",")[header.index("images")]) for line in per_class[1:])
+    assert images == len(cv.prepared.folds.pool)  # every train+val image, out of fold

@@ -74,7 +74,7 @@ def select_candidates(study: optuna.Study, store: ArtifactStore, top_k: int,
             [str(trial.user_attrs[keys.WEIGHTS])] if trial.user_attrs.get(keys.WEIGHTS) else [])
         for artifact in weights if pin is not None else ():
             pin(artifact)
-        problem, outputs = _load(store, trial) if folds_sha is None else _load_folds(store, trial, folds_sha, n_folds)
+        problem, outputs = _load(store, trial) if folds_sha is None else fold_outputs(store, trial, folds_sha, n_folds)
         if outputs is not None:
             problem = _mismatch(outputs, expected_sha, n_classes, chosen[0].outputs if chosen else None)
         if problem is not None or outputs is None:
@@ -101,7 +101,7 @@ def _load(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> tuple[str | 
         return f"its outputs artifact {trial.user_attrs[keys.OUTPUTS]} cannot be read ({name}: {err})", None
 
 
-def _load_folds(store: ArtifactStore, trial: optuna.trial.FrozenTrial, folds_sha: str,
+def fold_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial, folds_sha: str,
                 n_folds: int) -> tuple[str | None, TrialOutputs | None]:
     """A cross-validated trial's outputs: out-of-fold validation (pool order) and its fold-averaged test."""
     records = keys.fold_records(trial)
