@@ -203,3 +203,28 @@ def test_a_retried_trial_resumes_at_its_first_unfinished_fold(study_file, tmp_pa
     assert sorted(retry.intermediate_values) == [0, 1, 2]
     assert retry.value == pytest.approx(np.mean([r["val_accuracy"] for r in records]))
     assert retry.user_attrs[keys.SEED] == original.user_attrs[keys.SEED]
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_keep_weights_deletes_every_fold_model_of_a_trial_outside_the_best(study_file, tmp_path):
+    path = study_file("keep", data={"folds": 2}, study={"n_trials": 3, "keep_weights": 1})
+    _, _, study, objective = start(path, tmp_path)
+    run_trials(study, objective, 3)
+
+    store = open_artifact_store(tmp_path / "artifacts")
+    ranked = sorted(study.trials, key=lambda t: (-t.value, t.number))
+    assert all(t.state == TrialState.COMPLETE for t in ranked)
+
+    def exists(artifact: str) -> bool:
+        try:
+            store.open_reader(artifact).close()
+        except Exception:  # the store's own not-found error
+            return False
+        return True
+
+    for place, trial in enumerate(ranked):
+        records = keys.fold_records(trial)
+        assert len(records) == 2
+        assert [exists(r["weights_artifact"]) for r in records] == [place == 0] * 2, place
+        assert all(exists(r["outputs_artifact"]) for r in records)  # outputs stay: the study's record is whole
