@@ -188,3 +188,4 @@ def test_the_study_report_uses_the_out_of_fold_outputs(cv: CVStudy) -> None:
     header = per_class[0].split(",")
     images = sum(int(line.split(",")[header.index("images")]) for line in per_class[1:])
     assert images == len(cv.prepared.folds.pool)  # every train+val image, out of fold
+    assert "Fold accuracies" in (out / "report.html").read_text()

@@ -203,7 +203,9 @@ def figure_builders(study: optuna.Study, frame: pd.DataFrame, matrix: np.ndarray
     return [
         ("optimization_history.png", "Optimization history (COMPLETE trials, best so far)",
          lambda: plots.optimization_history(study)),
-        ("learning_curves.png", "Learning curves: validation accuracy per epoch (PRUNED dashed grey)",
+        ("learning_curves.png", "Fold accuracies: each fold's best-epoch validation accuracy, the steps the pruner "
+         "compares (PRUNED dashed grey)" if keys.folds_sha256(study) else
+         "Learning curves: validation accuracy per epoch (PRUNED dashed grey)",
          lambda: plots.learning_curves(study)),
         ("param_importances.png", "Parameter importances", lambda: plots.param_importances(study)),
         ("parallel_coordinate.png", "Parallel coordinate", lambda: plots.parallel_coordinate(study)),
