@@ -228,3 +228,30 @@ def test_keep_weights_deletes_every_fold_model_of_a_trial_outside_the_best(study
         assert len(records) == 2
         assert [exists(r["weights_artifact"]) for r in records] == [place == 0] * 2, place
         assert all(exists(r["outputs_artifact"]) for r in records)  # outputs stay: the study's record is whole
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_a_retry_continues_the_checkpoint_of_its_unfinished_fold(study_file, tmp_path):
+    path = study_file("ckpt", data={"folds": 2}, study={"n_trials": 1}, train={"epochs": 2, "checkpoint_every": 1})
+
+    def interrupt_in_fold_1_epoch_2(trial, metrics) -> None:
+        if len(keys.fold_records(trial)) == 1 and metrics.epoch == 1:
+            raise KeyboardInterrupt("test: stop in fold 1, after its checkpoint of epoch 1")
+
+    _, _, study, objective = start(path, tmp_path, on_epoch=interrupt_in_fold_1_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(study, objective, 1)
+    original = study.trials[0]
+    assert original.user_attrs[keys.CHECKPOINT_FOLD] == 1 and original.user_attrs[keys.CHECKPOINT_EPOCH] == 1
+
+    _, _, study, objective = start(path, tmp_path)
+    run_trials(study, objective, 1)
+    retry = study.trials[1]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.user_attrs[keys.RESUMED_FROM] == {"trial": 0, "epochs_done": 1, "folds_done": 1}
+    fold_1 = keys.fold_records(retry)[1]
+    assert fold_1["uploaded_by"] == 1 and fold_1["epochs_run"] == 2
+    store = open_artifact_store(tmp_path / "artifacts")
+    with pytest.raises(Exception):  # noqa: B017 - the continued checkpoint is deleted once the trial is done
+        store.open_reader(original.user_attrs[keys.CHECKPOINT])

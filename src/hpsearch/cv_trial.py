@@ -85,6 +85,7 @@ class CrossValidation:
             records.append(self._store(trial, fold, result, fold_seed(seed, fold)))
             trial.set_user_attr(keys.FOLDS, records)
             self.drop_checkpoint(trial)  # the fold is stored: its checkpoint would only take space
+            trial.set_user_attr(keys.CHECKPOINT, None)  # ... and a retry must not look for it
             trial.report(result.best.val_accuracy, fold)
             hold_at(f"fold-{fold + 1}")
             if fold + 1 < self.folds.k and trial.should_prune():
