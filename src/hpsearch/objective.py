@@ -1,5 +1,8 @@
 """One trial: suggest → train → report every epoch (the pruner may stop it) → store its artifacts → value.
 
+With `[data] folds` the training is `hpsearch.cv_trial`'s: K fold models, one reported step per fold; the rest
+(seed, retries, how a trial ends) is the same.
+
 The objective is the only place a trial's training meets Optuna: `hpsearch.train` knows nothing of trials. A
 trial records who runs it, its seed and starting weights first; a retried trial trains with its original's
 seed and continues from its last checkpoint. A diverged trial ends PRUNED, one that ran out of memory FAIL with
@@ -172,14 +175,10 @@ class Objective:
         except NonFiniteLoss as err:
             # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
             trial.set_user_attr(keys.PRUNED_REASON, str(err))
-            self._drop_checkpoint(trial)
-            if self.folds is not None:
-                self.folds.drop_weights(trial)
+            self._discard(trial)
             raise optuna.TrialPruned(str(err)) from None
         except optuna.TrialPruned:
-            self._drop_checkpoint(trial)
-            if self.folds is not None:
-                self.folds.drop_weights(trial)
+            self._discard(trial)
             raise
         except KeyboardInterrupt as stop:
             # Ctrl-C or SIGTERM (the CLI turns both into this): Optuna ends the trial FAIL; its checkpoint is
@@ -201,9 +200,7 @@ class Objective:
             else:
                 trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
                 trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
-                self._drop_checkpoint(trial)  # nothing retries a crashed trial: its checkpoint would only take space
-                if self.folds is not None:
-                    self.folds.drop_weights(trial)
+                self._discard(trial)  # nothing retries a crashed trial: its files would only take space
                 raise
         if out_of_memory is not None:
             # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
@@ -252,6 +249,12 @@ class Objective:
         if previous:
             remove_artifact(self.store, previous)
         hold_at(str(checkpoint.epoch + 1))
+
+    def _discard(self, trial: optuna.Trial) -> None:
+        """A trial that ends without a retry and is no ensemble member: its checkpoint, and its fold weights."""
+        self._drop_checkpoint(trial)
+        if self.folds is not None:
+            self.folds.drop_weights(trial)
 
     def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
         artifact = trial.user_attrs.get(keys.CHECKPOINT)
