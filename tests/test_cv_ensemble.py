@@ -189,3 +189,24 @@ def test_the_study_report_uses_the_out_of_fold_outputs(cv: CVStudy) -> None:
     images = sum(int(line.split(",")[header.index("images")]) for line in per_class[1:])
     assert images == len(cv.prepared.folds.pool)  # every train+val image, out of fold
     assert "Fold accuracies" in (out / "report.html").read_text()
+
+
+def test_predict_on_image_files_reproduces_the_cross_validated_ensemble(cv: CVStudy, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from hpsearch.preprocess import decode_image
+
+    folder = cv.export("ens-predict")
+    test = cv.prepared.pool.images[torch.from_numpy(cv.prepared.split.test[:6])]
+    paths = []
+    for i, image in enumerate(test):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(folder), *map(str, paths), "--device", "cpu", "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()[1:]
+    got = torch.tensor([[float(v) for v in row.split(",")[4:]] for row in rows], dtype=torch.float64)
+    # The plain client on the same files, decoded as predict decodes them (shorter side resized, centre crop).
+    x = cv.pre(torch.stack([decode_image(p, cv.pre.image_size) for p in paths]))
+    assert torch.allclose(got, _client_probs(folder, x), atol=2e-6)
