@@ -141,4 +141,4 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"val_accuracy": float(np.mean([r["val_accuracy"] for r in records])),
             "val_loss": float(np.mean([r["val_loss"] for r in records])),
             "epochs_run": int(sum(int(r["epochs_run"]) for r in records)),
-            "fold_val_accuracy": [float(r["val_accuracy"]) for r in records]}
+            keys.FOLD_VAL_ACCURACY: [float(r["val_accuracy"]) for r in records]}

@@ -45,6 +45,7 @@ OUTPUTS = "outputs_artifact"  # validation and test logits, outputs.safetensors
 CHECKPOINT = "checkpoint_artifact"  # the latest resumable checkpoint while it runs
 CHECKPOINT_EPOCH = "checkpoint_epoch"
 FOLDS = "folds"  # [data] folds: one record per finished fold (val_accuracy, best epoch, curves, artifact ids)
+FOLD_VAL_ACCURACY = "fold_val_accuracy"  # a cross-validated trial's per-fold validation accuracies, fold 0 first
 CHECKPOINT_FOLD = "checkpoint_fold"  # the fold the latest checkpoint belongs to
 BEST_EPOCH = "best_epoch"  # 0-based; with val_accuracy, val_loss and epochs_run from the training summary
 

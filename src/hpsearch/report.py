@@ -160,7 +160,7 @@ def describe_trial(trial: FrozenTrial) -> str:
     what = f"{p.get('optimizer', '?')} lr={p.get('lr', float('nan')):.2e} {p.get('scheduler', '?')} " \
            f"dropout={p.get('dropout', float('nan')):.2f}"
     if trial.state == TrialState.COMPLETE:
-        folds = trial.user_attrs.get("fold_val_accuracy")
+        folds = trial.user_attrs.get(keys.FOLD_VAL_ACCURACY)
         per_fold = f" (folds {' '.join(f'{v:.4f}' for v in folds)})" if isinstance(folds, list) else ""
         return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}{per_fold}  ({what})"
     if trial.state == TrialState.PRUNED:
