@@ -72,6 +72,9 @@ REFUSALS: list[tuple[str, dict[str, dict[str, Any]], str, tuple[str, ...]]] = [
     ("flip-on-digits", {"data": {"augment": ["crop", "flip"]}}, "data.augment", ("'flip'", "digits", "crop")),
     ("missing-weights-file", {"model": {"weights": "weights/nowhere/resnet18.safetensors"}}, "model.weights",
      ("does not exist", "resnet18.safetensors", ".safetensors/.pt", "DEFAULT", "none")),
+    ("one-fold", {"data": {"folds": 1}}, "data.folds", ("no cross-validation", "2 or more", "0")),
+    ("wilcoxon-without-folds", {"study": {"pruner": "wilcoxon"}}, "study.pruner", ("[data] folds", "median", "none")),
+    ("unknown-pruner", {"study": {"pruner": "patient"}}, "study.pruner", ("'patient'", "median", "wilcoxon")),
 ]
 
 
@@ -266,6 +269,7 @@ BAD_FILES: list[tuple[str, dict[str, dict[str, Any]], tuple[str, ...]]] = [
     ("log-low-zero", {"space": {"lr": [0.0, 0.1]}}, ("space.lr", "log scale")),
     ("image-size", {"model": {"arch": "vgg11"}, "data": {"image_size": 16}}, ("data.image_size", "vgg11")),
     ("missing-weights", {"model": {"weights": "no/such/file.pt"}}, ("model.weights", "does not exist")),
+    ("wilcoxon-without-folds", {"study": {"pruner": "wilcoxon"}}, ("study.pruner", "needs [data] folds")),
 ]
 BAD_IDS = [b[0] for b in BAD_FILES]
 

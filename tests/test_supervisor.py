@@ -78,6 +78,18 @@ def test_a_worker_stopped_by_its_failure_streak_is_not_restarted(tmp_path) -> No
 
 
 @pytest.mark.timeout(60)
+def test_a_failure_streak_is_told_once_while_another_worker_still_runs(tmp_path) -> None:
+    storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
+    events: list[str] = []
+    early = Worker(0, _exits_with(EXIT_FAILURE_STREAK), {})
+    late = Worker(1, [sys.executable, "-c", f"import sys, time; time.sleep(1); sys.exit({EXIT_FAILURE_STREAK})"], {})
+    code = Supervisor(study, storage, [early, late], done=lambda: False, on_event=events.append, poll_s=0.05).run()
+    assert code == 1
+    # Many polls see worker 0 gone while worker 1 sleeps: its exit is dealt with once, not at every poll.
+    assert events == [f"worker {i} stopped: its trials failed in a row" for i in range(2)], events
+
+
+@pytest.mark.timeout(60)
 def test_a_crashing_worker_is_restarted_up_to_the_cap(tmp_path) -> None:
     code, events, workers = _supervise(tmp_path, _exits_with(3), max_restarts=3)
     assert code == 1

@@ -35,6 +35,30 @@ def _hparams(events: EventAccumulator) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.inprocess
+def test_a_cross_validated_trial_writes_each_folds_epochs(tmp_path):
+    runs = tmp_path / "runs"
+    path = write_study(tmp_path / "cv.toml", tiny_tables("cv", study={"n_trials": 1}, data={"folds": 2},
+                                                         train={"epochs": 2},
+                                                         tracking={"tensorboard": True, "log_dir": str(runs)}))
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+
+    assert main(["run", str(path), "--storage", storage, "--artifacts", str(tmp_path / "store")]) == 0
+
+    (trial,) = optuna.load_study(study_name="cv", storage=storage).trials
+    events = _events(runs / "cv" / "trial-0")
+    for record in trial.user_attrs["folds"]:
+        accuracy = events.Scalars(f"fold-{record['fold']}/val/accuracy")
+        assert [e.step for e in accuracy] == [0, 1]  # each fold's epochs, as its record's curve holds them
+        # The record's curve is rounded to 6 decimals; TensorBoard holds float32.
+        np.testing.assert_allclose([e.value for e in accuracy], [m["val_accuracy"] for m in record["history"]],
+                                   atol=1e-6)
+        for tag in ("train/loss", "val/loss", "lr"):
+            assert [e.step for e in events.Scalars(f"fold-{record['fold']}/{tag}")] == [0, 1], tag
+    assert set(_hparams(events)) == set(trial.params)
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
 def test_each_trial_writes_its_epochs_and_hparams(tmp_path):
     runs = tmp_path / "runs"
     path = write_study(tmp_path / "tb.toml", tiny_tables("tb", study={"n_trials": 2}, train={"epochs": 2},

@@ -283,6 +283,10 @@ class TrialOutputs:
     split_sha256: str
     val_labels: torch.Tensor  # int64 [n_val]: the ensemble scores outputs without reloading the data
     test_labels: torch.Tensor  # int64 [n_test]
+    # A fold model's outputs ([data] folds): its validation images' pool indices, the study's folds, the fold.
+    val_index: torch.Tensor | None = None  # int64 [n_val]
+    folds_sha256: str = ""
+    fold: int | None = None
 
 
 def upload_trial_artifacts(
@@ -292,7 +296,16 @@ def upload_trial_artifacts(
     outputs: TrialOutputs,
     metadata: dict[str, str],
 ) -> dict[str, str]:
-    """Write both files completely, upload them, and return their artifact ids (also set as user attrs).
+    """Write both files completely, upload them, and return their artifact ids (also set as user attrs)."""
+    ids = upload_model_files(files, trial.number, state_dict, outputs, metadata)
+    for key, value in ids.items():
+        trial.set_user_attr(key, value)
+    return ids
+
+
+def upload_model_files(files: StudyArtifacts, trial_number: int, state_dict: dict[str, torch.Tensor],
+                       outputs: TrialOutputs, metadata: dict[str, str]) -> dict[str, str]:
+    """One model's weights and outputs, uploaded; {keys.WEIGHTS: id, keys.OUTPUTS: id}.
 
     All or nothing: if the second upload fails, the first is deleted again, so no file without its trial's
     record stays in the store."""
@@ -300,22 +313,21 @@ def upload_trial_artifacts(
         weights = Path(tmp) / WEIGHTS_FILE
         save_file(state_dict, str(weights), metadata=metadata)
         out = Path(tmp) / OUTPUTS_FILE
-        save_file(
-            {"val_logits": outputs.val_logits.contiguous(), "test_logits": outputs.test_logits.contiguous(),
-             "val_labels": outputs.val_labels.contiguous(), "test_labels": outputs.test_labels.contiguous()},
-            str(out),
-            metadata={"split_sha256": outputs.split_sha256},
-        )
+        tensors = {"val_logits": outputs.val_logits.contiguous(), "test_logits": outputs.test_logits.contiguous(),
+                   "val_labels": outputs.val_labels.contiguous(), "test_labels": outputs.test_labels.contiguous()}
+        out_meta = {"split_sha256": outputs.split_sha256}
+        if outputs.val_index is not None:
+            tensors["val_index"] = outputs.val_index.contiguous()
+            out_meta.update(folds_sha256=outputs.folds_sha256, fold=str(outputs.fold))
+        save_file(tensors, str(out), metadata=out_meta)
         ids: dict[str, str] = {}
         try:
             for key, path in ((keys.WEIGHTS, weights), (keys.OUTPUTS, out)):
-                ids[key] = files.upload(trial.number, path)
+                ids[key] = files.upload(trial_number, path)
         except BaseException:
             for artifact_id in ids.values():
-                files.delete(trial.number, artifact_id)
+                files.delete(trial_number, artifact_id)
             raise
-    for key, value in ids.items():
-        trial.set_user_attr(key, value)
     return ids
 
 
@@ -336,14 +348,22 @@ def load_trial_weights(store: ArtifactStore, trial: optuna.trial.FrozenTrial) ->
 
 
 def load_trial_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> TrialOutputs:
+    return load_outputs(store, trial.user_attrs[keys.OUTPUTS])
+
+
+def load_outputs(store: ArtifactStore, artifact_id: str) -> TrialOutputs:
+    """An outputs.safetensors artifact: a trial's (or, with folds, one fold model's) logits and labels."""
     from safetensors import safe_open
 
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
-        path = download_to(store, trial.user_attrs[keys.OUTPUTS], Path(tmp), OUTPUTS_FILE)
+        path = download_to(store, artifact_id, Path(tmp), OUTPUTS_FILE)
         with safe_open(str(path), framework="pt") as f:
-            sha = (f.metadata() or {}).get("split_sha256", "")
-            return TrialOutputs(f.get_tensor("val_logits"), f.get_tensor("test_logits"), sha,
-                                f.get_tensor("val_labels"), f.get_tensor("test_labels"))
+            meta = f.metadata() or {}
+            fold = meta.get("fold")
+            return TrialOutputs(f.get_tensor("val_logits"), f.get_tensor("test_logits"), meta.get("split_sha256", ""),
+                                f.get_tensor("val_labels"), f.get_tensor("test_labels"),
+                                f.get_tensor("val_index") if "val_index" in f.keys() else None,  # noqa: SIM118
+                                meta.get("folds_sha256", ""), int(fold) if fold is not None else None)
 
 
 def store_size_bytes(location: str) -> int:

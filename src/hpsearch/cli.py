@@ -61,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import optuna
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from hpsearch.keys import fold_records
     from hpsearch.report import describe_trial, top_trials_table
     from hpsearch.search import best_trial, finished_trials, run_trials
     from hpsearch.storage import redact
@@ -68,8 +69,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run = _open_run(args)
     cfg, study, n_trials = run.cfg, run.study, run.n_trials
+    folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
     console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{n_trials} "
-                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}, "
+                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}{folds}, "
                   f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}")
     if args.workers > 1:
         from hpsearch.workers import run_workers
@@ -86,10 +88,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         trials_task = progress.add_task("trials", total=n_trials, completed=finished_trials(study))
-        epoch_task = progress.add_task("epochs", total=cfg.train.epochs)
+        epoch_task = progress.add_task("epochs", total=cfg.train.epochs * max(1, cfg.data.folds))
 
         def on_epoch(trial: Any, m: EpochMetrics) -> None:
-            progress.update(epoch_task, completed=m.epoch + 1,
+            done = len(fold_records(trial)) * cfg.train.epochs  # with folds: the epochs of its finished folds
+            progress.update(epoch_task, completed=done + m.epoch + 1,
                             description=f"trial {trial.number} val_acc {m.val_accuracy:.4f}")
 
         def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -186,13 +189,15 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         on_warning=lambda line: console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True),
         on_start=lambda line: console.print(line, highlight=False))
     result, folder = exported.result, exported.folder
+    folds = any(m.fold_artifacts for m in result.members)
     _print_unwrapped(result_table(result, f"top {len(exported.selection.candidates)} trials of "
-                                          f"{exported.study_name!r}: val NLL on validation, the rest on test; "
+                                          f"{exported.study_name!r}: val NLL on "
+                                          f"{'out-of-fold train+val' if folds else 'validation'}, the rest on test; "
                                           "(T) after temperature scaling"))
     for note in result.notes:
         out.print(f"- {note}", highlight=False, soft_wrap=True)
     written = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
-                                         f"{len(result.members)} member files"
+                                         f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
                                          + (", ensemble.onnx" if args.onnx else "") + ")")
     console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
     return 0

@@ -77,6 +77,12 @@ def member_log_probs(logits: Sequence[np.ndarray]) -> np.ndarray:
     return log_softmax(np.stack([np.asarray(z, dtype=np.float64) for z in logits]), axis=-1)
 
 
+def fold_average_log_probs(fold_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """One cross-validated member from its K fold models' [n, c] logits: log(mean_k softmax(z_k)), [n, c]."""
+    log_probs = member_log_probs(fold_logits)
+    return logsumexp(log_probs, axis=0) - math.log(len(log_probs))
+
+
 def mixture_log_probs(log_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """log(sum_m w_m p_m) for [m, n, c] log-probabilities, computed in log space (no underflow)."""
     w = np.asarray(weights, dtype=np.float64)

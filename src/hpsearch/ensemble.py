@@ -13,6 +13,10 @@ The held-out test outputs are used only to compare, in one table: the best singl
 uniform soft voting and weighted soft voting; accuracy, NLL and ECE (15 equal-width confidence bins),
 and for the probabilistic rows the same after temperature scaling fitted on validation.
 
+In a cross-validated study (`[data] folds`) a member is a trial's K fold models, their softmaxes averaged
+uniformly; the weights are fitted on the out-of-fold outputs of every train+val image (hpsearch.candidates), and
+the test rows compare the fold-averaged members in the same table. A soup (one averaged model) is refused there.
+
 With `--method soup` (hpsearch.soup) the table gains a "greedy soup" row: one model whose weights average
 several trials', re-run on the data (weight averaging changes the function), measured like the other rows.
 """
@@ -44,7 +48,7 @@ from hpsearch.combine import (
     true_class_log_probs,
     usable_temperature,
 )
-from hpsearch.errors import EnsembleError
+from hpsearch.errors import EnsembleError, UsageError
 from hpsearch.soup import Soup, SoupInfo, make_soup
 
 if TYPE_CHECKING:
@@ -72,6 +76,7 @@ class Member:
     # A kept greedy soup: the averaged weights of `soup_of` (plain torchvision keys), made in this process.
     state: Mapping[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     soup_of: tuple[int, ...] = ()
+    fold_artifacts: tuple[str, ...] = ()  # a cross-validated member: its K fold models' stored weights
 
 
 @dataclass(frozen=True)
@@ -117,10 +122,16 @@ def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = 
     collapsed = len(weighted.trials) == 1
 
     weights = {"weighted": chosen.weights, "soft": tuple(uniform), "hard": tuple(uniform)}[method]
-    members = tuple(Member(c.trial, dict(c.params), arch, w, c.weights_artifact, c.val_accuracy)
+    members = tuple(Member(c.trial, dict(c.params), arch, w, c.weights_artifact, c.val_accuracy,
+                           fold_artifacts=c.fold_weights)
                     for c, w in zip(candidates, weights, strict=True) if w > 0)
     temperature = {"weighted": usable_temperature(weighted), "soft": usable_temperature(soft), "hard": None}[method]
     notes = _notes(fits, chosen, (single, soft, weighted), collapsed, ties, len(data.y_test))
+    k = len(candidates[0].fold_weights)
+    if k:
+        notes = (f"cross-validated: each member is one trial's {k} fold models, their softmaxes averaged uniformly; "
+                 f"weights and T are fitted on the out-of-fold outputs of all {len(data.y_val)} train+val images "
+                 "(each predicted by the fold model that never saw it)", *notes)
     return EnsembleResult(method, members, temperature, chosen, fits, (single, hard, soft, weighted), collapsed,
                           notes, candidates[0].outputs.split_sha256,
                           {"val": len(data.y_val), "test": len(data.y_test)}, tuple(trials))
@@ -171,6 +182,9 @@ def study_ensemble(study: optuna.Study, store: ArtifactStore, *, top_k: int, met
                    pin: Callable[[str], None] | None = None) -> tuple[EnsembleResult, Selection]:
     """The ensemble of a study's top_k usable trials; with method "soup", the greedy soup is tried too (re-run
     on `device()`). Each skipped trial is told to `on_warning`; fewer than 2 usable trials is an EnsembleError."""
+    if method == "soup" and keys.folds_sha256(study):
+        raise UsageError(f"--method soup: study {study.study_name!r} is cross-validated ([data] folds), its members "
+                         "are K fold models each, not one model to average; use --method weighted, soft or hard")
     selection = select_candidates(study, store, top_k, pin=pin)
     for line in selection.skipped:
         if on_warning is not None:

@@ -5,7 +5,8 @@ In one atomic rename (`staged_dir`) the folder gets report.md (hpsearch.report) 
 
 - `member-<trial>.safetensors`: each member's best-epoch weights, plain torchvision keys; each loads with
   `torchvision.models.get_model(arch, num_classes=len(classes), **builder_kwargs).load_state_dict(..., strict=True)`;
-  a kept greedy soup is one `soup.safetensors` (the averaged weights);
+  a kept greedy soup is one `soup.safetensors` (the averaged weights); a cross-validated member (`[data] folds`)
+  is one `member-<trial>-fold-<k>.safetensors` per fold, listed under the member's `folds`;
 - `manifest.json`: format_version, classes, the full preprocessing, the members (arch, trial, hyperparameters,
   weight, file, sha256), how they combine (method, temperature), the metrics table, the study and its storage
   (password redacted);
@@ -34,14 +35,23 @@ import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpsearch import __version__, keys
-from hpsearch.artifacts import load_trial_weights, open_artifact_store, resolve_artifacts
+from hpsearch.artifacts import load_trial_weights, load_weights, open_artifact_store, resolve_artifacts
 from hpsearch.candidates import Candidate, Selection
 from hpsearch.combine import HARD_TIE_RULE
 from hpsearch.ensemble import EnsembleResult, Member, Method, study_ensemble
 from hpsearch.errors import EnsembleError, ExportError, UsageError
 from hpsearch.hold import hold_at
 from hpsearch.infer import plain_model
-from hpsearch.loading import FORMAT_VERSION, MANIFEST, SUMS, ensemble_from_manifest, onnx_files, sha256_file
+from hpsearch.loading import (
+    FOLDS_FORMAT_VERSION,
+    FORMAT_VERSION,
+    MANIFEST,
+    SUMS,
+    ensemble_from_manifest,
+    member_files,
+    onnx_files,
+    sha256_file,
+)
 from hpsearch.model import builder_kwargs
 from hpsearch.pins import pin, unpin
 from hpsearch.preprocess import Preprocess
@@ -63,6 +73,15 @@ COMBINE_RULES = {
     "hard": "p = share of members whose argmax is each class (votes)",
     "soup": "p = softmax(z / T) of the one member, whose weights are the greedy soup's average",
 }
+# A cross-validated member m is its fold models k: p_m = mean_k softmax(z_mk), uniformly; members combine as above.
+FOLD_RULES = {
+    "weighted": "p = softmax(log(sum_m w_m p_m) / T), p_m = mean_k softmax(z_mk) over member m's fold models: "
+                "weighted average of members' fold-averaged softmaxes, then T",
+    "soft": "p = softmax(log(mean_m p_m) / T), p_m = mean_k softmax(z_mk) over member m's fold models: uniform "
+            "average of members' fold-averaged softmaxes, then T",
+    "hard": "p = share of members whose argmax of p_m = mean_k softmax(z_mk) is each class (votes)",
+}
+FOLD_MEMBER_RULE = "p_m = mean_k softmax(z_mk): the uniform average of the fold models' softmaxes (no temperature)"
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -194,7 +213,9 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
                  for f in result.fits],
         "collapsed": result.collapsed,
         "members": [{"trial": m.trial, "arch": m.arch, "weight": m.weight, "weights_artifact": m.weights_artifact,
-                     "val_accuracy": m.val_accuracy, "params": dict(m.params)} for m in result.members],
+                     "val_accuracy": m.val_accuracy, "params": dict(m.params),
+                     **({"fold_artifacts": list(m.fold_artifacts)} if m.fold_artifacts else {})}
+                    for m in result.members],
         "metrics": [{"method": r.key, "name": r.name, "trials": list(r.trials), "weights": list(r.weights),
                      "val_nll": _number(r.val_nll), "test_accuracy": _number(r.accuracy),
                      "test_nll": _number(r.nll), "test_ece": _number(r.ece), "temperature": _number(r.temperature),
@@ -235,9 +256,10 @@ def preprocessing_json(pre: Preprocess, augment: Sequence[str] | None = None) ->
 
 
 def _write_member(folder: Path, store: ArtifactStore, trial: optuna.trial.FrozenTrial, arch: str,
-                  n_classes: int, kwargs: Mapping[str, Any]) -> str:
+                  n_classes: int, kwargs: Mapping[str, Any], fold: tuple[int, str] | None = None) -> str:
+    """Write one member's weights (with `fold`, (k, artifact id): fold k's model of a cross-validated member)."""
     try:
-        state = load_trial_weights(store, trial)
+        state = load_trial_weights(store, trial) if fold is None else load_weights(store, fold[1])
     except ArtifactNotFound:
         # Only a worker that checked the pins just before this export pinned them can have deleted these.
         raise ExportError(f"trial {trial.number}'s weights were deleted (keep_weights of a running worker) while "
@@ -247,8 +269,10 @@ def _write_member(folder: Path, store: ArtifactStore, trial: optuna.trial.Frozen
     except RuntimeError as err:
         raise ExportError(f"trial {trial.number}'s weights do not load into torchvision {arch} "
                           f"({str(err).splitlines()[0]})") from None
-    name = f"member-{trial.number}.safetensors"
-    return _save_member(folder, name, state, {"arch": arch, "trial": str(trial.number), "num_classes": str(n_classes)})
+    name = f"member-{trial.number}.safetensors" if fold is None else f"member-{trial.number}-fold-{fold[0]}.safetensors"
+    metadata = {"arch": arch, "trial": str(trial.number), "num_classes": str(n_classes),
+                **({"fold": str(fold[0])} if fold is not None else {})}
+    return _save_member(folder, name, state, metadata)
 
 
 def _save_member(folder: Path, name: str, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -262,6 +286,13 @@ def _save_member(folder: Path, name: str, state: Mapping[str, torch.Tensor], met
 def _member_file(folder: Path, member: Member, store: ArtifactStore, trials: Mapping[int, optuna.trial.FrozenTrial],
                  n_classes: int, kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """Write one member's weights; (file name, extra manifest entries)."""
+    if member.fold_artifacts:
+        trial = trials[member.trial]
+        folds = []
+        for k, artifact in enumerate(member.fold_artifacts):
+            name = _write_member(folder, store, trial, member.arch, n_classes, kwargs, (k, artifact))
+            folds.append({"fold": k, "file": name, "sha256": sha256_file(folder / name)})
+        return "", {"folds": folds, "fold_rule": FOLD_MEMBER_RULE}
     if member.state is None:
         return _write_member(folder, store, trials[member.trial], member.arch, n_classes, kwargs), {}
     ingredients = list(member.soup_of)
@@ -284,16 +315,19 @@ def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, stor
     for m in result.members:
         kwargs = builder_kwargs(m.arch, pre.image_size)
         name, extra = _member_file(folder, m, store, trials, len(classes), kwargs)
+        files = {"file": name, "sha256": sha256_file(folder / name)} if name else {}
         members.append({"trial": m.trial, "arch": m.arch, "num_classes": len(classes), "builder_kwargs": kwargs,
                         "hyperparameters": dict(m.params), "weight": m.weight, "val_accuracy": m.val_accuracy,
-                        "file": name, "sha256": sha256_file(folder / name), **extra})
+                        **files, **extra})
+    folds = any(m.fold_artifacts for m in result.members)
     manifest = {
-        "format_version": FORMAT_VERSION, "hpsearch_version": __version__,
+        # Cross-validated members are a newer layout: an older loader refuses it by its version, not a KeyError.
+        "format_version": FOLDS_FORMAT_VERSION if folds else FORMAT_VERSION, "hpsearch_version": __version__,
         "study": study.study_name, "storage": redact(storage_url),
         "split_sha256": result.split_sha256, "classes": classes,
         "preprocessing": preprocessing_json(pre, keys.config_value(study, "data", "augment")),
         "combine": {"method": result.method, "temperature": result.temperature,
-                    "rule": COMBINE_RULES[result.method]},
+                    "rule": (FOLD_RULES if folds else COMBINE_RULES)[result.method]},
         "temperature": result.temperature, "members": members, "metrics": list(metrics),
     }
     if onnx:
@@ -301,5 +335,6 @@ def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, stor
 
         manifest["onnx"] = write_onnx(folder, ensemble_from_manifest(folder, manifest, "loop"))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    files = [MANIFEST, *(m["file"] for m in members), *(name for name, _ in onnx_files(manifest))]
+    files = [MANIFEST, *(name for m in members for name, _ in member_files(m)),
+             *(name for name, _ in onnx_files(manifest))]
     (folder / SUMS).write_text("".join(f"{sha256_file(folder / f)}  {f}\n" for f in files), encoding="utf-8")

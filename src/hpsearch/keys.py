@@ -17,6 +17,8 @@ SPACE_FINGERPRINT = "space_fingerprint"  # a resumed study must keep its search 
 SPACE = "space"  # the space itself, to name what changed
 SPLIT_SHA256 = "split_sha256"  # the split every trial's outputs line up with
 SPLIT_SIZES = "split_sizes"
+FOLDS_SHA256 = "folds_sha256"  # [data] folds: the fold assignment of train+val every trial's folds line up with
+FOLD_SIZES = "fold_sizes"
 CLASSES = "classes"
 CONFIG = "config"  # the study file it was created from, as JSON
 PREPROCESS = "preprocess"  # image_size, mean, std, interpolation: what an export reproduces
@@ -49,6 +51,9 @@ WEIGHTS = "weights_artifact"  # best-epoch weights.safetensors
 OUTPUTS = "outputs_artifact"  # validation and test logits, outputs.safetensors
 CHECKPOINT = "checkpoint_artifact"  # the latest resumable checkpoint while it runs
 CHECKPOINT_EPOCH = "checkpoint_epoch"
+FOLDS = "folds"  # [data] folds: one record per finished fold (val_accuracy, best epoch, curves, artifact ids)
+FOLD_VAL_ACCURACY = "fold_val_accuracy"  # a cross-validated trial's per-fold validation accuracies, fold 0 first
+CHECKPOINT_FOLD = "checkpoint_fold"  # the fold the latest checkpoint belongs to
 BEST_EPOCH = "best_epoch"  # 0-based; with val_accuracy, val_loss and epochs_run from the training summary
 
 # A retry copies its original's user attrs, but not why the original failed nor the worker that ran it.
@@ -72,6 +77,17 @@ def classes(study: HasUserAttrs) -> list[str]:
 def split_sha256(study: HasUserAttrs) -> str | None:
     value = study.user_attrs.get(SPLIT_SHA256)
     return str(value) if value else None
+
+
+def folds_sha256(study: HasUserAttrs) -> str | None:
+    value = study.user_attrs.get(FOLDS_SHA256)
+    return str(value) if value else None
+
+
+def fold_records(trial: HasUserAttrs) -> list[dict[str, Any]]:
+    """A cross-validated trial's finished folds, fold 0 first ([] for a single-split trial)."""
+    records = trial.user_attrs.get(FOLDS)
+    return sorted((dict(r) for r in records), key=lambda r: int(r["fold"])) if isinstance(records, list) else []
 
 
 def recorded_config(study: HasUserAttrs) -> dict[str, Any]:

@@ -24,6 +24,9 @@ from hpsearch.infer import STRATEGIES, MemberRunner, plain_model
 from hpsearch.preprocess import Preprocess
 
 FORMAT_VERSION = 1
+# A cross-validated export: a member is its fold models (`folds`: fold, file, sha256), p_m = mean_k softmax(z_mk).
+FOLDS_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, FOLDS_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 
@@ -54,11 +57,12 @@ def verify(folder: Path) -> dict[str, Any]:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ExportError(f"{folder / MANIFEST} is not valid JSON ({err})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ExportError(f"{folder / MANIFEST}: format_version {manifest.get('format_version')!r}, this hpsearch "
-                          f"reads {FORMAT_VERSION}")
+                          f"reads {' and '.join(map(str, READABLE_VERSIONS))}")
     for member in manifest["members"]:
-        _check(_inside(folder, member["file"], "members[].file"), member["sha256"])
+        for name, digest in member_files(member):
+            _check(_inside(folder, name, "members[].file"), digest)
     for name, digest in onnx_files(manifest):
         _check(_inside(folder, name, "onnx"), digest)
     return manifest
@@ -76,6 +80,13 @@ def _inside(folder: Path, name: object, field: str) -> Path:
         raise ExportError(f"{folder / MANIFEST}: {field} {name!r} is not a plain file name inside the export "
                           "folder (absolute paths and .. are refused); re-export the ensemble")
     return folder / str(name)
+
+
+def member_files(member: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(file, sha256) of a member's weights: its one file, or its fold models' files, fold 0 first."""
+    if "folds" in member:
+        return [(f["file"], f["sha256"]) for f in sorted(member["folds"], key=lambda f: int(f["fold"]))]
+    return [(member["file"], member["sha256"])]
 
 
 def onnx_files(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -106,14 +117,29 @@ def _check(path: Path, expected: str) -> None:
 
 
 class Ensemble(nn.Module):
-    """Preprocessed images [N, 3, S, S] -> class probabilities [N, C] of the exported ensemble."""
+    """Preprocessed images [N, 3, S, S] -> class probabilities [N, C] of the exported ensemble.
+
+    `members` are the models in manifest order; with `models_per_member` (a cross-validated export) member m is
+    the next models_per_member[m] of them, its probabilities the uniform average of their softmaxes."""
 
     def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], method: str,
                  temperature: float | None, classes: Sequence[str], preprocess: Preprocess,
-                 manifest: Mapping[str, Any], strategy: str = "loop") -> None:
+                 manifest: Mapping[str, Any], strategy: str = "loop",
+                 models_per_member: Sequence[int] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float64))
+        counts = list(models_per_member) if models_per_member is not None else [1] * len(members)
+        if sum(counts) != len(members) or len(counts) != len(weights):
+            raise ExportError(f"{len(members)} models do not make {len(weights)} members of {counts} models")
+        self.folds = any(c != 1 for c in counts)
+        # [M, models]: row m averages member m's models uniformly (the identity when no member has folds).
+        average = torch.zeros(len(counts), len(members), dtype=torch.float64)
+        start = 0
+        for m, count in enumerate(counts):
+            average[m, start:start + count] = 1.0 / count
+            start += count
+        self.register_buffer("average", average)
         self.method = method
         self.temperature = float(temperature) if temperature else 1.0
         self.classes = list(classes)
@@ -128,8 +154,12 @@ class Ensemble(nn.Module):
         return self
 
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """[M, N, C] float64: each member's softmax (no temperature)."""
-        return self._runner(x).double().softmax(dim=-1)
+        """[M, N, C] float64: each member's softmax (no temperature); a cross-validated member's is the mean of
+        its fold models' softmaxes."""
+        probs = self._runner(x).double().softmax(dim=-1)
+        if not self.folds:
+            return probs
+        return torch.einsum("mf,fnc->mnc", self.average.to(probs.device), probs)
 
     def combine(self, member_probs: torch.Tensor) -> torch.Tensor:
         w = self.weights.to(member_probs.device)[:, None, None]
@@ -162,11 +192,15 @@ def ensemble_from_manifest(folder: Path, manifest: Mapping[str, Any], strategy: 
     from safetensors.torch import load_file
 
     classes = manifest["classes"]
-    members = []
+    models, counts = [], []
     for spec in manifest["members"]:
-        model = plain_model(spec["arch"], len(classes), spec.get("builder_kwargs", {}))
-        model.load_state_dict(load_file(str(folder / spec["file"])), strict=True)
-        members.append(model)
+        files = member_files(spec)
+        for name, _ in files:
+            model = plain_model(spec["arch"], len(classes), spec.get("builder_kwargs", {}))
+            model.load_state_dict(load_file(str(folder / name)), strict=True)
+            models.append(model)
+        counts.append(len(files))
     total = sum(m["weight"] for m in manifest["members"])
-    return Ensemble(members, [m["weight"] / total for m in manifest["members"]], manifest["combine"]["method"],
-                    manifest.get("temperature"), classes, manifest_preprocess(manifest), manifest, strategy).eval()
+    return Ensemble(models, [m["weight"] / total for m in manifest["members"]], manifest["combine"]["method"],
+                    manifest.get("temperature"), classes, manifest_preprocess(manifest), manifest, strategy,
+                    counts).eval()

@@ -1,5 +1,8 @@
 """One trial: suggest → train → report every epoch (the pruner may stop it) → store its artifacts → value.
 
+With `[data] folds` the training is `hpsearch.cv_trial`'s: K fold models, one reported step per fold; the rest
+(seed, retries, how a trial ends) is the same.
+
 The objective is the only place a trial's training meets Optuna: `hpsearch.train` knows nothing of trials. A
 trial records who runs it, its seed and starting weights first; a retried trial trains with its original's
 seed and continues from its last checkpoint. A diverged trial ends PRUNED, one that ran out of memory FAIL with
@@ -45,7 +48,9 @@ from hpsearch.artifacts import (
     upload_trial_artifacts,
 )
 from hpsearch.config import SpaceSection, StudyConfig
+from hpsearch.cv_trial import CrossValidation
 from hpsearch.data import ImagePool, Split, trial_data
+from hpsearch.folds import Folds
 from hpsearch.hold import hold_at
 from hpsearch.model import init_weights_tag
 from hpsearch.tracking import TrialLogs, TrialTracker
@@ -89,6 +94,7 @@ class Prepared:
 
     pool: ImagePool
     split: Split
+    folds: Folds | None = None  # [data] folds: the study's stratified k-fold assignment of train+val
 
 
 # ------------------------------------------------------------------------------------------ objective
@@ -113,6 +119,9 @@ class Objective:
         self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
         # Built with the objective, when the run starts: a relative [tracking] log_dir is that moment's folder.
         self.trial_logs = TrialLogs(cfg.tracking, cfg.study.name)
+        self.folds = None if prepared.folds is None else CrossValidation(
+            cfg, prepared.pool, prepared.split, prepared.folds, self.data, device, files, self._checkpoint,
+            self._drop_checkpoint, on_epoch)
 
     def __call__(self, trial: optuna.Trial) -> float:
         log = self.trial_logs.open(trial.number)
@@ -142,9 +151,13 @@ class Objective:
         reset_peak_memory(self.device)
         trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights)
         resume, resumed_from = self._resume_point(trial, retried)
-        if resume is not None:
-            trial.set_user_attr(keys.RESUMED_FROM, {"trial": resumed_from.number if resumed_from else None,
-                                                    "epochs_done": resume.epoch + 1})
+        folds_done = len(keys.fold_records(trial))  # a retry inherits its original's finished folds
+        if resume is not None or folds_done:
+            epochs_done = resume.epoch + 1 if resume is not None else 0
+            trial.set_user_attr(keys.RESUMED_FROM, {"trial": resumed_from.number if resumed_from else
+                                                    (retried[-1].number if retried else None),
+                                                    "epochs_done": epochs_done,
+                                                    **({"folds_done": folds_done} if self.folds else {})})
 
         def report(metrics: EpochMetrics) -> None:
             log.epoch(metrics)
@@ -157,20 +170,26 @@ class Objective:
                 trial.set_user_attr(keys.PRUNED_REASON, reason)
                 raise optuna.TrialPruned(reason)
 
-        out_of_memory: str | None = None
-        try:
+        def train_single() -> float:
             result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
                                  on_epoch=report, resume=resume, on_checkpoint=lambda c: self._checkpoint(trial, c),
                                  checkpoint_every=self.cfg.train.checkpoint_every)
             # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
             self._store(trial, result)
+            return result.best.val_accuracy
+
+        out_of_memory: str | None = None
+        try:
+            value = (train_single() if self.folds is None else
+                     self.folds.run(trial, hp, seed, log, resume if trial.user_attrs.get(keys.CHECKPOINT_FOLD)
+                                    == folds_done else None))
         except NonFiniteLoss as err:
             # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
             trial.set_user_attr(keys.PRUNED_REASON, str(err))
-            self._drop_checkpoint(trial)
+            self._discard(trial)
             raise optuna.TrialPruned(str(err)) from None
         except optuna.TrialPruned:
-            self._drop_checkpoint(trial)
+            self._discard(trial)
             raise
         except KeyboardInterrupt as stop:
             # Ctrl-C or SIGTERM (the CLI turns both into this): Optuna ends the trial FAIL; its checkpoint is
@@ -189,7 +208,7 @@ class Objective:
                 trial.set_user_attr(keys.FAIL_REASON, f"device error ({type(err).__name__}): {err}"[:1000])
                 trial.set_user_attr(keys.DEVICE_BROKEN, True)
                 trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
-                self._drop_checkpoint(trial)  # not retried
+                self._discard(trial)  # not retried: its files would only take space
                 raise
             if is_out_of_memory(err):
                 # Only a string leaves this block: the exception would keep the trial's tensors alive.
@@ -199,7 +218,7 @@ class Objective:
             else:
                 trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
                 trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
-                self._drop_checkpoint(trial)  # nothing retries a crashed trial: its checkpoint would only take space
+                self._discard(trial)  # nothing retries a crashed trial: its files would only take space
                 raise
         if out_of_memory is not None:
             # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
@@ -213,7 +232,7 @@ class Objective:
         peak = peak_memory_mib(self.device)
         if peak is not None:
             trial.set_user_attr(keys.PEAK_GPU_MIB, peak)  # what --workers-per-gpu and batch_size are chosen by
-        return result.best.val_accuracy
+        return value
 
     @staticmethod
     def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:
@@ -251,6 +270,12 @@ class Objective:
         if previous:
             remove_artifact(self.store, previous)
         hold_at(str(checkpoint.epoch + 1))
+
+    def _discard(self, trial: optuna.Trial) -> None:
+        """A trial that ends without a retry and is no ensemble member: its checkpoint, and its fold weights."""
+        self._drop_checkpoint(trial)
+        if self.folds is not None:
+            self.folds.drop_weights(trial)
 
     def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
         artifact = trial.user_attrs.get(keys.CHECKPOINT)

@@ -112,15 +112,18 @@ def running_trials_table(study: optuna.Study, epochs: int, now: datetime | None 
     table = Table(title=f"running trials of {study.study_name!r}", header_style="bold")
     for column in ("trial", "worker", "device", "epoch", "val_acc", "running for", "resumed from"):
         table.add_column(column, justify="right" if column in ("trial", "epoch", "val_acc") else "left")
+    folds = len(study.user_attrs.get(keys.FOLD_SIZES, []))  # cross-validated: a step is a fold, not an epoch
     for t in sorted(running, key=lambda t: t.number):
         last = max(t.intermediate_values) if t.intermediate_values else None
         resumed = t.user_attrs.get(keys.RESUMED_FROM) or {}
         table.add_row(
             str(t.number), str(t.user_attrs.get(keys.WORKER, "")), str(t.user_attrs.get(keys.DEVICE, "")),
-            f"{last + 1}/{epochs}" if last is not None else f"0/{epochs}",
+            (f"{last + 1}/{epochs}" if last is not None else f"0/{epochs}") if not folds else
+            f"fold {len(keys.fold_records(t)) + 1}/{folds}",
             _format("val_accuracy", t.intermediate_values[last]) if last is not None else "",
             _duration((now - t.datetime_start).total_seconds()) if t.datetime_start else "",
-            f"trial {resumed['trial']}, epoch {resumed['epochs_done']}" if resumed else "",
+            f"trial {resumed['trial']}, " + (f"fold {resumed['folds_done']}, " if "folds_done" in resumed else "")
+            + f"epoch {resumed['epochs_done']}" if resumed else "",
         )
     return table
 
@@ -157,7 +160,9 @@ def describe_trial(trial: FrozenTrial) -> str:
     what = f"{p.get('optimizer', '?')} lr={p.get('lr', float('nan')):.2e} {p.get('scheduler', '?')} " \
            f"dropout={p.get('dropout', float('nan')):.2f}"
     if trial.state == TrialState.COMPLETE:
-        return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}  ({what})"
+        folds = trial.user_attrs.get(keys.FOLD_VAL_ACCURACY)
+        per_fold = f" (folds {' '.join(f'{v:.4f}' for v in folds)})" if isinstance(folds, list) else ""
+        return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}{per_fold}  ({what})"
     if trial.state == TrialState.PRUNED:
         return f"trial {trial.number} [yellow]PRUNED[/] {_reason(trial, keys.PRUNED_REASON)}  ({what})"
     return f"trial {trial.number} [red]{trial.state.name}[/] {_reason(trial, keys.FAIL_REASON)}  ({what})"

@@ -18,10 +18,11 @@ import optuna
 import pandas as pd
 from matplotlib.figure import Figure
 from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import FrozenTrial
 
 from hpsearch import keys, plots
-from hpsearch.artifacts import ArtifactStore, load_trial_outputs
-from hpsearch.candidates import Candidate, stack_outputs
+from hpsearch.artifacts import ArtifactStore, TrialOutputs, load_trial_outputs
+from hpsearch.candidates import Candidate, fold_outputs, stack_outputs
 from hpsearch.combine import ECE_BINS, expected_calibration_error, mixture_log_probs, scale
 from hpsearch.errors import EnsembleError, ReportError
 from hpsearch.export import RESULT_FILE
@@ -61,6 +62,20 @@ def comparison_table(result: Mapping[str, Any]) -> pd.DataFrame:
     return frame
 
 
+def _stored_outputs(study: optuna.Study, store: ArtifactStore, trial: FrozenTrial) -> TrialOutputs:
+    """A member's stored outputs (a cross-validated member's: out-of-fold val, fold-averaged test)."""
+    folds_sha = keys.folds_sha256(study)
+    if folds_sha is not None:
+        problem, outputs = fold_outputs(store, trial, folds_sha, len(study.user_attrs.get(keys.FOLD_SIZES, [])))
+        if outputs is None:
+            raise plots.PlotSkipped(f"member trial {trial.number}'s fold outputs are unusable: {problem}")
+        return outputs
+    try:
+        return load_trial_outputs(store, trial)
+    except (ArtifactNotFound, FileNotFoundError, KeyError):
+        raise plots.PlotSkipped(f"member trial {trial.number}'s outputs are not in the artifact store") from None
+
+
 def _member_outputs(study: optuna.Study, store: ArtifactStore, members: list[Mapping[str, Any]]) -> list[Candidate]:
     """The members as candidates holding their stored outputs; PlotSkipped naming the first one missing."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -69,10 +84,7 @@ def _member_outputs(study: optuna.Study, store: ArtifactStore, members: list[Map
         trial = trials.get(int(member["trial"]))
         if trial is None:
             raise plots.PlotSkipped(f"member trial {member['trial']} is not in study {study.study_name!r}")
-        try:
-            outputs = load_trial_outputs(store, trial)
-        except (ArtifactNotFound, FileNotFoundError, KeyError):
-            raise plots.PlotSkipped(f"member trial {trial.number}'s outputs are not in the artifact store") from None
+        outputs = _stored_outputs(study, store, trial)
         candidates.append(Candidate(trial.number, trial.params, float(member.get("val_accuracy") or 0.0),
                                     str(member.get("weights_artifact", "")), outputs))
     return candidates

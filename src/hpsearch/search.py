@@ -26,8 +26,10 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import __version__, keys
 from hpsearch.artifacts import ArtifactStore, StudyArtifacts, open_artifact_store, resolve_artifacts
 from hpsearch.config import ConfigError, StudyConfig, StudySection, load_study
+from hpsearch.cv_trial import trial_weights
 from hpsearch.data import load_pool, make_split, preprocess_for
 from hpsearch.errors import DeviceBrokenError, StoreFullError, StudyRecordError, UsageError
+from hpsearch.folds import make_folds
 from hpsearch.model import build_model, check_study_model
 from hpsearch.objective import Objective, Prepared, free_device_memory, worker_tag
 from hpsearch.pins import pinned
@@ -54,12 +56,15 @@ def make_sampler(cfg: StudySection, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, max(3, cfg.n_trials // 4)))
 
 
-def make_pruner(cfg: StudySection, epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(cfg: StudySection, epochs: int, folds: int = 0) -> optuna.pruners.BasePruner:
+    """With folds, a trial's steps are its folds (step k: fold k's validation accuracy), not its epochs."""
+    if cfg.pruner == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=cfg.pruner_p_threshold)
     if cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
                                            n_warmup_steps=cfg.pruner_warmup_epochs)
     if cfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=folds or epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -77,7 +82,8 @@ def prepare(cfg: StudyConfig) -> Prepared:
     split = make_split(pool, cfg.data, cfg.study.seed)
     # Fails here (clear ConfigError), not in every trial, when weights cannot be loaded.
     build_model(cfg.model, pool.num_classes, cfg.data.image_size)
-    return Prepared(pool, split)
+    folds = make_folds(pool.labels.numpy(), split, cfg.data.folds, cfg.study.seed) if cfg.data.folds else None
+    return Prepared(pool, split, folds)
 
 
 def _space_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "space") -> list[str]:
@@ -96,11 +102,12 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
     """Create the study, or resume it if its search space and split are unchanged."""
     study = optuna.create_study(
         study_name=cfg.study.name, storage=storage, direction=cfg.study.direction,
-        pruner=make_pruner(cfg.study, cfg.train.epochs), load_if_exists=True,
+        pruner=make_pruner(cfg.study, cfg.train.epochs, cfg.data.folds), load_if_exists=True,
     )
     attrs = study.user_attrs
     space = json.loads(json.dumps(cfg.space.fingerprint_data()))
     split_sha = prepared.split.sha256()
+    folds_sha = prepared.folds.sha256() if prepared.folds is not None else None
     if keys.SPACE_FINGERPRINT in attrs:
         if attrs[keys.SPACE_FINGERPRINT] != cfg.space_fingerprint():
             changes = "; ".join(_space_diff(attrs.get(keys.SPACE, {}), space)) or "space changed"
@@ -112,11 +119,15 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
             raise ConfigError("data", f"the split differs from the one study {cfg.study.name!r} recorded (the dataset, "
                               "subset, fractions or seed changed); trials' outputs would not line up: use a new "
                               "[study] name", cfg.source)
+        _check_folds(cfg, study, folds_sha)
     else:
         study.set_user_attr(keys.SPACE_FINGERPRINT, cfg.space_fingerprint())
         study.set_user_attr(keys.SPACE, space)
         study.set_user_attr(keys.SPLIT_SHA256, split_sha)
         study.set_user_attr(keys.SPLIT_SIZES, prepared.split.sizes())
+        if prepared.folds is not None:
+            study.set_user_attr(keys.FOLDS_SHA256, folds_sha)
+            study.set_user_attr(keys.FOLD_SIZES, prepared.folds.sizes())
         study.set_user_attr(keys.CLASSES, prepared.pool.classes)
         if prepared.pool.skipped:
             study.set_user_attr(keys.SKIPPED_IMAGES, list(prepared.pool.skipped))
@@ -131,6 +142,21 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
     existing = len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(cfg.study, sampler_seed(cfg.study.seed, worker, existing))
     return study
+
+
+def _check_folds(cfg: StudyConfig, study: optuna.Study, folds_sha: str | None) -> None:
+    """A resumed study keeps its folds: the same K over the same images (or none, as it was created)."""
+    recorded = keys.folds_sha256(study)
+    if recorded == folds_sha:
+        return
+    if recorded is None:
+        why = f"study {cfg.study.name!r} was created without folds, so its trials are single-split"
+    elif folds_sha is None:
+        why = f"study {cfg.study.name!r} was created with {len(study.user_attrs.get(keys.FOLD_SIZES, []))} folds"
+    else:
+        why = f"the fold assignment differs from the one study {cfg.study.name!r} recorded (folds or seed changed)"
+    raise ConfigError("data.folds", f"{why}; trials' folds would not line up: restore the setting or use a new "
+                      "[study] name", cfg.source)
 
 
 def study_storage_name(storage: optuna.storages.BaseStorage) -> str:
@@ -278,8 +304,9 @@ class KeepBestWeights:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not self.keep:
             return
-        losers = [(t.number, t.user_attrs.get(keys.WEIGHTS)) for t in ranked_trials(study)[self.keep:]]
-        losers = [(number, artifact) for number, artifact in losers if artifact and artifact not in self.removed]
+        # With folds a trial keeps one weights file per fold; each is listed under the trial that uploaded it.
+        losers = [pair for t in ranked_trials(study)[self.keep:] for pair in trial_weights(t)]
+        losers = [(number, artifact) for number, artifact in losers if artifact not in self.removed]
         if not losers:
             return
         held = pinned(study.user_attrs)  # read after the ranking: a pin set since then is seen here

@@ -38,11 +38,13 @@ from optuna.trial import FrozenTrial
 
 from hpsearch import keys, plots
 from hpsearch.artifacts import ArtifactStore, TrialOutputs, load_trial_outputs, open_artifact_store, resolve_artifacts
+from hpsearch.candidates import fold_outputs
 from hpsearch.combine import member_log_probs
 from hpsearch.config import StudyConfig
 from hpsearch.data import load_pool, make_split
 from hpsearch.errors import ReportError
 from hpsearch.export import staged_dir
+from hpsearch.folds import make_folds
 from hpsearch.report import trials_frame
 from hpsearch.report_ensemble import comparison_table, ensemble_builders, read_ensemble
 from hpsearch.report_html import Drawn, page
@@ -109,7 +111,14 @@ def best_with_outputs(study: optuna.Study, store: ArtifactStore,
     """The best COMPLETE trial whose validation outputs the store still holds, its outputs, and a note for
     each better trial that had none (deleted, or a store other than the one the study ran with)."""
     notes: list[str] = []
+    folds_sha = keys.folds_sha256(study)
     for trial in ranked_trials(study):
+        if folds_sha is not None:  # cross-validated: the trial's out-of-fold outputs over train+val
+            problem, outputs = fold_outputs(store, trial, folds_sha, len(study.user_attrs.get(keys.FOLD_SIZES, [])))
+            if outputs is not None:
+                return trial, outputs, notes
+            notes.append(f"trial {trial.number}'s out-of-fold outputs are unusable: {problem}")
+            continue
         if keys.OUTPUTS not in trial.user_attrs:
             notes.append(f"trial {trial.number} records no stored outputs")
             continue
@@ -154,19 +163,25 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def validation_images(study: optuna.Study) -> np.ndarray:
+def validation_images(study: optuna.Study, outputs: TrialOutputs | None = None) -> np.ndarray:
     """The study's validation images, uint8 [n_val, C, H, W] in split order (the order of the stored val_logits),
     rebuilt from the config it was created with: the data as it is on this machine must give the recorded split.
-    PlotSkipped where it cannot (data absent here, no recorded config, another split)."""
+    A cross-validated study's out-of-fold `outputs` name their images (train+val, pool order); its folds are
+    rebuilt and checked too. PlotSkipped where it cannot (data absent here, no recorded config, another split)."""
     try:
         cfg = StudyConfig.model_validate(keys.recorded_config(study))
         pool = load_pool(cfg.data, cfg.study.seed)
         split = make_split(pool, cfg.data, cfg.study.seed)
+        folds = make_folds(pool.labels.numpy(), split, cfg.data.folds, cfg.study.seed) if cfg.data.folds else None
     except (ValueError, OSError) as err:  # ConfigError, DataError and pydantic's ValidationError are ValueErrors
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise plots.PlotSkipped(f"the study's images cannot be loaded here ({reason})") from None
     if split.sha256() != keys.split_sha256(study):
         raise plots.PlotSkipped("the data here no longer gives the study's recorded split")
+    if outputs is not None and outputs.val_index is not None:
+        if folds is None or folds.sha256() != keys.folds_sha256(study):
+            raise plots.PlotSkipped("the data here no longer gives the study's recorded folds")
+        return pool.images[outputs.val_index].numpy()
     return pool.images[torch.from_numpy(split.val)].numpy()
 
 
@@ -177,7 +192,7 @@ def confident_mistakes(study: optuna.Study, outputs: TrialOutputs | None, classe
     if outputs.split_sha256 != keys.split_sha256(study):
         raise plots.PlotSkipped("the trial's outputs are of another split than the study's")
     probs = np.exp(member_log_probs([outputs.val_logits.numpy()])[0])
-    images = validation_images(study)
+    images = validation_images(study, outputs)
     return plots.confident_mistakes(images, outputs.val_labels.numpy(), probs.argmax(axis=1), probs.max(axis=1),
                                     classes)
 
@@ -188,7 +203,9 @@ def figure_builders(study: optuna.Study, frame: pd.DataFrame, matrix: np.ndarray
     return [
         ("optimization_history.png", "Optimization history (COMPLETE trials, best so far)",
          lambda: plots.optimization_history(study)),
-        ("learning_curves.png", "Learning curves: validation accuracy per epoch (PRUNED dashed grey)",
+        ("learning_curves.png", "Fold accuracies: each fold's best-epoch validation accuracy, the steps the pruner "
+         "compares (PRUNED dashed grey)" if keys.folds_sha256(study) else
+         "Learning curves: validation accuracy per epoch (PRUNED dashed grey)",
          lambda: plots.learning_curves(study)),
         ("param_importances.png", "Parameter importances", lambda: plots.param_importances(study)),
         ("parallel_coordinate.png", "Parallel coordinate", lambda: plots.parallel_coordinate(study)),

@@ -1,9 +1,10 @@
 """`[tracking] tensorboard = true`: each trial's scalars per epoch and its hyperparameters in TensorBoard.
 
 A trial writes to `<log_dir>/<study>/trial-<number>`: `train/loss`, `val/loss`, `val/accuracy` and `lr` at each
-epoch, then its parameters with its final validation accuracy (TensorBoard's HParams tab), PRUNED and FAILed
-trials too. The objective opens one log per trial; training (`hpsearch.train`) knows nothing of it. TensorBoard
-is an optional extra, imported only when a log is opened, so everything else runs without it.
+epoch (with `[data] folds`: `fold-<k>/train/loss`, ... for each fold, epochs as steps), then its parameters
+with its final validation accuracy (TensorBoard's HParams tab), PRUNED and FAILed trials too. The objective
+opens one log per trial; training (`hpsearch.train`) knows nothing of it. TensorBoard is an optional extra,
+imported only when a log is opened, so everything else runs without it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ HPARAM_METRIC = "hparam/val_accuracy"
 class TrialTracker(Protocol):
     """What the objective calls: once per epoch, then once when the trial ends, however it ends."""
 
-    def epoch(self, metrics: EpochMetrics) -> None: ...
+    def epoch(self, metrics: EpochMetrics, fold: int | None = None) -> None: ...
 
     def finish(self, params: dict[str, Any], val_accuracy: float | None = None) -> None: ...
 
@@ -35,7 +36,7 @@ class TrialTracker(Protocol):
 class NoTracking:
     """Tracking is off: nothing is written and no folder is made."""
 
-    def epoch(self, metrics: EpochMetrics) -> None:
+    def epoch(self, metrics: EpochMetrics, fold: int | None = None) -> None:
         pass
 
     def finish(self, params: dict[str, Any], val_accuracy: float | None = None) -> None:
@@ -53,12 +54,13 @@ class TrialLog:
         self._writer: SummaryWriter = SummaryWriter(log_dir=str(folder))
         self._last: EpochMetrics | None = None
 
-    def epoch(self, metrics: EpochMetrics) -> None:
+    def epoch(self, metrics: EpochMetrics, fold: int | None = None) -> None:
         step = metrics.epoch
-        self._writer.add_scalar("train/loss", metrics.train_loss, step)
-        self._writer.add_scalar("val/loss", metrics.val_loss, step)
-        self._writer.add_scalar("val/accuracy", metrics.val_accuracy, step)
-        self._writer.add_scalar("lr", metrics.lr, step)
+        tag = "" if fold is None else f"fold-{fold}/"
+        self._writer.add_scalar(f"{tag}train/loss", metrics.train_loss, step)
+        self._writer.add_scalar(f"{tag}val/loss", metrics.val_loss, step)
+        self._writer.add_scalar(f"{tag}val/accuracy", metrics.val_accuracy, step)
+        self._writer.add_scalar(f"{tag}lr", metrics.lr, step)
         # Flushed every epoch: a worker killed mid-trial leaves every epoch it finished readable.
         self._writer.flush()
         self._last = metrics

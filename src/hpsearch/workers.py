@@ -121,9 +121,11 @@ class Worker:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    handled: bool = False  # its exit was dealt with (reaped, told) and it is not restarted: not again each poll
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, env=self.env, start_new_session=False)
+        self.handled = False
 
     @property
     def tag(self) -> str:
@@ -168,9 +170,10 @@ class Supervisor:
                 if code is None:
                     alive += 1
                     continue
-                if code == 0:
+                if code == 0 or worker.handled:
                     continue  # a worker returns 0 once the study holds its trials
                 self._reap(worker, code)
+                worker.handled = True  # a restart below starts it anew
                 if code == EXIT_FAILURE_STREAK:
                     # It stopped on purpose (its trials kept failing): restarting would only burn more trials.
                     self.on_event(f"worker {worker.index} stopped: its trials failed in a row")
