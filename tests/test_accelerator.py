@@ -81,3 +81,33 @@ def test_compile_once_per_worker_reused_by_later_trials_with_other_dropout() -> 
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
     assert len(values) == 5
+
+
+def test_status_tells_gpus_apart_by_name_id_and_peak_memory(tmp_path) -> None:
+    import optuna
+    from rich.console import Console
+
+    from hpsearch import keys
+    from hpsearch.report import running_trials_table, status_renderables
+    from hpsearch.storage import open_storage
+
+    study = optuna.create_study(study_name="g", storage=open_storage(f"sqlite:///{tmp_path / 'g.db'}"),
+                                direction="maximize")
+    for number, (visible, peak) in enumerate((("4", 2100.0), ("5", 3300.0))):
+        trial = study.ask()
+        trial.set_user_attr(keys.DEVICE, "cuda:0")
+        trial.set_user_attr(keys.GPU, {"index": 0, "name": "NVIDIA H200", "uuid": f"GPU-{visible}",
+                                       "memory_mib": 143771, "visible": visible})
+        trial.set_user_attr(keys.PEAK_GPU_MIB, peak)
+        study.tell(trial, 0.9 + number / 100)
+    running = study.ask()
+    running.set_user_attr(keys.DEVICE, "cuda:0")
+    running.set_user_attr(keys.GPU, {"index": 0, "name": "NVIDIA H200", "uuid": "GPU-5", "visible": "5"})
+    console = Console(width=250, record=True)
+    console.print(running_trials_table(study, 3))
+    for part in status_renderables(study, "sqlite:///g.db", str(tmp_path / "a"), 2, 3):
+        console.print(part)
+    text = console.export_text()
+    assert "cuda:0 (NVIDIA H200, CUDA_VISIBLE_DEVICES=5)" in text
+    assert "GPU NVIDIA H200 (GPU-4): peak 2100 MiB per trial of 143771 MiB, over 1 trials" in text
+    assert "GPU NVIDIA H200 (GPU-5): peak 3300 MiB" in text

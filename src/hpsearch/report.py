@@ -103,6 +103,36 @@ def top_trials_table(study: optuna.Study, k: int) -> Table:
     return frame_table(frame, f"top {len(top)} trials of {study.study_name!r} (COMPLETE)")
 
 
+def device_label(attrs: dict[str, Any]) -> str:
+    """`cpu`, or `cuda:0` with the physical GPU it is (name, and CUDA_VISIBLE_DEVICES' id) and the trial's peak
+    memory once known: what tells two workers' GPUs apart."""
+    device = str(attrs.get(keys.DEVICE, ""))
+    gpu = attrs.get(keys.GPU) or {}
+    if not gpu:
+        return device
+    parts = [str(gpu.get("name", "GPU"))]
+    if gpu.get("visible"):
+        parts.append(f"CUDA_VISIBLE_DEVICES={gpu['visible']}")
+    if attrs.get(keys.PEAK_GPU_MIB) is not None:
+        parts.append(f"peak {attrs[keys.PEAK_GPU_MIB]:.0f} MiB")
+    return f"{device} ({', '.join(parts)})"
+
+
+def gpu_memory_lines(study: optuna.Study) -> list[str]:
+    """Per physical GPU the finished trials ran on: the largest peak memory of a trial, against the GPU's own
+    (what --workers-per-gpu M and the batch size are chosen by: M x peak must fit)."""
+    by_gpu: dict[tuple[str, str], list[float]] = {}
+    total: dict[tuple[str, str], Any] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        gpu, peak = t.user_attrs.get(keys.GPU), t.user_attrs.get(keys.PEAK_GPU_MIB)
+        if gpu and peak is not None:
+            key = (str(gpu.get("name", "GPU")), str(gpu.get("uuid") or gpu.get("visible") or gpu.get("index")))
+            by_gpu.setdefault(key, []).append(float(peak))
+            total[key] = gpu.get("memory_mib")
+    return [f"GPU {name} ({ident}): peak {max(peaks):.0f} MiB per trial of {total[(name, ident)] or '?'} MiB, over "
+            f"{len(peaks)} trials" for (name, ident), peaks in sorted(by_gpu.items())]
+
+
 def running_trials_table(study: optuna.Study, epochs: int, now: datetime | None = None) -> Table | None:
     """Who runs what now, across machines: each RUNNING trial's worker, last reported epoch and age."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -117,7 +147,7 @@ def running_trials_table(study: optuna.Study, epochs: int, now: datetime | None 
         last = max(t.intermediate_values) if t.intermediate_values else None
         resumed = t.user_attrs.get(keys.RESUMED_FROM) or {}
         table.add_row(
-            str(t.number), str(t.user_attrs.get(keys.WORKER, "")), str(t.user_attrs.get(keys.DEVICE, "")),
+            str(t.number), str(t.user_attrs.get(keys.WORKER, "")), device_label(t.user_attrs),
             (f"{last + 1}/{epochs}" if last is not None else f"0/{epochs}") if not folds else
             f"fold {len(keys.fold_records(t)) + 1}/{folds}",
             _format("val_accuracy", t.intermediate_values[last]) if last is not None else "",
@@ -197,6 +227,7 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
     if request is not None:
         parts.append(f"last stop: {request.line()}")
     parts.append(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
+    parts += gpu_memory_lines(study)
     skipped = study.user_attrs.get(keys.SKIPPED_IMAGES) or []
     if skipped:
         parts.append(f"{len(skipped)} unreadable images left out (bad_images = \"skip\"), e.g. {skipped[0]}; all "
