@@ -57,7 +57,8 @@ def write_study(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     def emit(name: str, table: dict[str, Any]) -> None:
         lines.append(f"[{name}]")
         subs = {k: v for k, v in table.items() if isinstance(v, dict)}
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict))
+        # None leaves a key out (an override that removes one of tiny_tables' defaults).
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict | None))
         lines.append("")
         for key, sub in subs.items():
             emit(f"{name}.{key}", sub)
@@ -74,7 +75,8 @@ def tiny_tables(name: str = "tiny", **overrides: dict[str, Any]) -> dict[str, di
         "study": {"name": name, "n_trials": 2, "sampler": "random", "pruner": "none", "seed": 0},
         "data": {"dataset": "digits", "image_size": 32, "subset": 240, "augment": ["crop"]},
         "model": {"arch": "resnet18", "weights": "none"},
-        "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
+        # A checkpoint at every epoch end (the default is by minutes): the kill tests resume them.
+        "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "checkpoint_every": 1},
         "space": {"lr": [1e-3, 3e-3], "optimizer": ["adam", "rmsprop"], "scheduler": ["step", "exponential",
                   "plateau"], "dropout": [0.0, 0.3]},
         "ensemble": {"top_k": 2},

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from hpsearch.checkpoints import CheckpointPolicy
 from hpsearch.errors import HpsearchError
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adamw")
@@ -228,15 +229,29 @@ class TrainSection(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Label smoothing for the training loss (validation loss is plain cross-entropy).
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    # Save a resumable checkpoint every this many epochs (through the artifact store), so a retried trial
-    # continues from its last one instead of epoch 0. 0 = off (short trials restart cheaper than they save).
-    checkpoint_every: int = Field(1, ge=0)
+    # A resumable checkpoint (through the artifact store, written while the next epoch trains) lets a retried
+    # trial continue from it instead of epoch 1. By default one is taken at the first epoch end after every
+    # checkpoint_minutes of training (0 = every epoch); checkpoint_every = N takes one every N epochs instead
+    # (0 = never: short trials restart cheaper than they save). Set one of the two.
+    checkpoint_every: int | None = Field(None, ge=0)
+    checkpoint_minutes: float = Field(5.0, ge=0)
     # auto: bf16 autocast on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU.
     # Stored validation/test outputs are always computed in fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # torch.compile once per worker, reused by every later trial of the same architecture, image size and
     # batch size (a new dropout does not recompile); the first trial pays the compilation.
     compile: bool = False
+
+    @field_validator("checkpoint_minutes")
+    @classmethod
+    def _one_checkpoint_rule(cls, minutes: float, info: ValidationInfo) -> float:
+        if info.data.get("checkpoint_every") is not None:
+            raise ValueError("set checkpoint_every (epochs) or checkpoint_minutes, not both; remove one")
+        return minutes
+
+    @property
+    def checkpoint_policy(self) -> CheckpointPolicy:
+        return CheckpointPolicy(self.checkpoint_every, self.checkpoint_minutes)
 
 
 class StepSpace(_Strict):

@@ -49,7 +49,7 @@ class CrossValidation:
 
     def __init__(self, cfg: StudyConfig, pool: ImagePool, split: Split, folds: Folds, base: TrialData,
                  device: torch.device, files: StudyArtifacts,
-                 on_checkpoint: Callable[[optuna.Trial, Checkpoint], None],
+                 on_checkpoint: Callable[..., None],  # Objective._checkpoint(trial, checkpoint, hold_point, **attrs)
                  drop_checkpoint: Callable[[optuna.Trial], None],
                  on_epoch: Callable[[optuna.Trial, EpochMetrics], None] | None = None) -> None:
         self.cfg = cfg
@@ -108,14 +108,14 @@ class CrossValidation:
                 self.on_epoch(trial, metrics)
 
         def on_checkpoint(checkpoint: Checkpoint) -> None:
-            trial.set_user_attr(keys.CHECKPOINT_FOLD, fold)
-            self.on_checkpoint(trial, checkpoint)
-            hold_at(f"fold-{fold}-epoch-{checkpoint.epoch + 1}")
+            # The fold is recorded with the checkpoint, after it is written: never a fold without its file.
+            self.on_checkpoint(trial, checkpoint, f"fold-{fold}-epoch-{checkpoint.epoch + 1}",
+                               **{keys.CHECKPOINT_FOLD: fold})
 
         data = self.fold_data(fold)
         return train_trial(self.cfg.model, self.cfg.train, data, hp, seed=seed, device=self.device,
                            on_epoch=on_epoch, resume=resume, on_checkpoint=on_checkpoint,
-                           checkpoint_every=self.cfg.train.checkpoint_every)
+                           checkpoint=self.cfg.train.checkpoint_policy)
 
     def _store(self, trial: optuna.Trial, fold: int, result: TrainResult, seed: int) -> dict[str, Any]:
         val_index = torch.from_numpy(self.folds.val(fold).astype(np.int64))

@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HOLD_ENV = "HPSEARCH_TEST_HOLD"
 
 
-def hold_at(point: str) -> None:
+def hold_at(point: str, before: Callable[[], None] | None = None) -> None:
+    """Wait at `point` until the test releases it; `before` runs first when this point holds (a trial finishes
+    writing the checkpoint it holds after)."""
     spec = os.environ.get(HOLD_ENV)
     if not spec:
         return
     at, _, release = spec.partition(":")
-    while at == point and not Path(release).exists():
+    if at != point:
+        return
+    if before is not None:
+        before()
+    while not Path(release).exists():
         time.sleep(0.05)
 
 

@@ -18,7 +18,8 @@ import os
 import socket
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from hpsearch.artifacts import (
     store_full_reason,
     upload_trial_artifacts,
 )
+from hpsearch.checkpoints import CheckpointWriter
 from hpsearch.config import SpaceSection, StudyConfig
 from hpsearch.cv_trial import CrossValidation
 from hpsearch.data import ImagePool, Split, trial_data
@@ -112,6 +114,7 @@ class Objective:
         self.store = files.store
         self.state_bytes = 0  # the model's weights in bytes, once a trial has saved some
         self.on_epoch = on_epoch
+        self._writer: CheckpointWriter | None = None  # the running trial's background checkpoint writes
         pretrained = cfg.model.pretrained
         # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
         self.init_weights = init_weights_tag(cfg.model)
@@ -173,16 +176,17 @@ class Objective:
         def train_single() -> float:
             result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
                                  on_epoch=report, resume=resume, on_checkpoint=lambda c: self._checkpoint(trial, c),
-                                 checkpoint_every=self.cfg.train.checkpoint_every)
+                                 checkpoint=self.cfg.train.checkpoint_policy)
             # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
             self._store(trial, result)
             return result.best.val_accuracy
 
         out_of_memory: str | None = None
         try:
-            value = (train_single() if self.folds is None else
-                     self.folds.run(trial, hp, seed, log, resume if trial.user_attrs.get(keys.CHECKPOINT_FOLD)
-                                    == folds_done else None))
+            with self._checkpoint_writes():  # leaving it, the last checkpoint is written: the attrs below see it
+                value = (train_single() if self.folds is None else
+                         self.folds.run(trial, hp, seed, log, resume if trial.user_attrs.get(keys.CHECKPOINT_FOLD)
+                                        == folds_done else None))
         except NonFiniteLoss as err:
             # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
             trial.set_user_attr(keys.PRUNED_REASON, str(err))
@@ -257,7 +261,26 @@ class Objective:
                                  trial.number, original.number, err)
         return None, None
 
-    def _checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint) -> None:
+    @contextmanager
+    def _checkpoint_writes(self) -> Iterator[None]:
+        with CheckpointWriter() as self._writer:
+            try:
+                yield
+            finally:
+                self._writer = None
+
+    def _checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint, hold_point: str | None = None,
+                    **attrs: Any) -> None:
+        """Write `checkpoint` (and then `attrs`) on the trial's writer thread while the next epoch trains."""
+        writer = self._writer
+        if writer is None:  # outside a trial's writes (not reached by the objective): write it here
+            self._write_checkpoint(trial, checkpoint, attrs)
+            return
+        writer.submit(lambda: self._write_checkpoint(trial, checkpoint, attrs))
+        # A test holding the trial here wants the checkpoint written when it kills or signals the worker.
+        hold_at(hold_point or str(checkpoint.epoch + 1), before=writer.wait)
+
+    def _write_checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint, attrs: dict[str, Any]) -> None:
         previous = trial.user_attrs.get(keys.CHECKPOINT)
         self.state_bytes = _nbytes(checkpoint.model)
         with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
@@ -267,9 +290,10 @@ class Objective:
             artifact = self.files.upload(trial.number, path, listed=False)
         trial.set_user_attr(keys.CHECKPOINT, artifact)
         trial.set_user_attr(keys.CHECKPOINT_EPOCH, checkpoint.epoch + 1)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
         if previous:
             remove_artifact(self.store, previous)
-        hold_at(str(checkpoint.epoch + 1))
 
     def _discard(self, trial: optuna.Trial) -> None:
         """A trial that ends without a retry and is no ensemble member: its checkpoint, and its fold weights."""
@@ -278,6 +302,8 @@ class Objective:
             self.folds.drop_weights(trial)
 
     def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
+        if self._writer is not None and isinstance(trial, optuna.Trial):
+            self._writer.wait()  # a write still pending would bring the checkpoint back after the drop
         artifact = trial.user_attrs.get(keys.CHECKPOINT)
         if artifact:
             remove_artifact(self.store, artifact)

@@ -19,6 +19,7 @@ from torch import nn
 
 from hpsearch import keys
 from hpsearch.accelerator import Precision, choose_precision
+from hpsearch.checkpoints import EVERY_EPOCH, CheckpointPolicy, host_copy
 from hpsearch.compiled import compiled_model
 from hpsearch.config import ModelSection, TrainSection
 from hpsearch.data import DeviceData, TrialData, training_input
@@ -231,9 +232,12 @@ def train_trial(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     resume: Checkpoint | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
-    checkpoint_every: int = 1,
+    checkpoint: CheckpointPolicy = EVERY_EPOCH,
 ) -> TrainResult:
-    """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over."""
+    """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over.
+
+    `on_checkpoint` gets a host copy of the state at each epoch end `checkpoint` says is due (never after the
+    last epoch): it may write it on another thread while the next epoch trains."""
     precision = choose_precision(train_cfg.precision, device)
     cuda = device.type == "cuda"
     if cuda:
@@ -275,6 +279,7 @@ def train_trial(
             scaler.load_state_dict(resume.scaler)
         history, best_state = list(resume.history), resume.best_state
     best = _best(history)
+    last_checkpoint, epochs_since = time.monotonic(), 0
     for epoch in range(len(history), train_cfg.epochs):
         start = time.perf_counter()
         set_train_mode(model)
@@ -294,14 +299,18 @@ def train_trial(
             best, best_state = metrics, plain_state_dict(model)
         if on_epoch is not None:
             on_epoch(metrics)
+        epochs_since += 1
         last = epoch + 1 == train_cfg.epochs
-        if on_checkpoint is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0 and not last:
+        if (on_checkpoint is not None and not last
+                and checkpoint.due(epochs_since, time.monotonic() - last_checkpoint)):
             on_checkpoint(Checkpoint(
-                epoch, plain_state_dict(model), optimizer.state_dict(),
-                scheduler.state_dict() if scheduler is not None else None, gen.get_state(), torch.get_rng_state(),
-                list(history), best_state, augment_generator=aug.get_state() if cuda else None,
+                epoch, plain_state_dict(model), host_copy(optimizer.state_dict()),
+                host_copy(scheduler.state_dict()) if scheduler is not None else None, gen.get_state(),
+                torch.get_rng_state(), list(history), best_state,
+                augment_generator=aug.get_state() if cuda else None,
                 cuda_rng=torch.cuda.get_rng_state(device) if cuda else None,
                 scaler=scaler.state_dict() if precision.scaled else None))
+            last_checkpoint, epochs_since = time.monotonic(), 0
 
     assert best is not None
     model.load_state_dict(best_state)
