@@ -53,7 +53,9 @@ def test_sticky_device_errors_and_library_allocation_failures_are_told_apart() -
 @pytest.mark.slow
 @pytest.mark.inprocess
 @pytest.mark.timeout(900)
-def test_compile_once_per_worker_reused_by_later_trials_with_other_dropout() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_compile_once_per_worker_reused_by_later_trials_with_other_dropout(device: str) -> None:
     """[train] compile: the first trial compiles (training and evaluation graphs); four more trials with other
     dropout values and seeds recompile nothing (Dynamo is told to raise on any recompilation)."""
     import torch._dynamo
@@ -61,8 +63,8 @@ def test_compile_once_per_worker_reused_by_later_trials_with_other_dropout() -> 
 
     cfg = DataSection(dataset="digits", image_size=16, subset=160, augment=["crop"])
     pool = load_pool(cfg)
-    data = trial_data(pool, make_split(pool, cfg, 0), cfg, False, CPU)
-    train = TrainSection(epochs=1, batch_size=32, device="cpu", compile=True)
+    data = trial_data(pool, make_split(pool, cfg, 0), cfg, False, torch.device(device))
+    train = TrainSection(epochs=1, batch_size=32, device=device, compile=True)
     torch._dynamo.reset()
     counters.clear()
     values = []
@@ -70,7 +72,7 @@ def test_compile_once_per_worker_reused_by_later_trials_with_other_dropout() -> 
         for trial, p in enumerate((0.0, 0.1, 0.25, 0.4, 0.5)):
             result = train_trial(ModelSection(arch="resnet18"), train, data,
                                  Hyperparams(lr=1e-3, optimizer="adam", scheduler="none", dropout=p), seed=trial,
-                                 device=CPU)
+                                 device=torch.device(device))
             values.append(result.best.val_accuracy)
             if trial == 0:
                 graphs = counters["stats"]["unique_graphs"]

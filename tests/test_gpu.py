@@ -6,7 +6,9 @@
 - a real CUDA out-of-memory, retried once;
 - a real device-side error (an out-of-range index in a kernel): the trial ends FAIL, its worker exits 6 and is
   restarted with a fresh context, and the study goes on;
-- streamed batches (pinned buffers, a batch ahead) equal resident ones on the device.
+- streamed batches (pinned buffers, a batch ahead) equal resident ones on the device;
+- `[train] compile` on CUDA: one compilation over 5 trials of different dropout (in tests/test_accelerator.py,
+  parametrized over cpu and cuda; `-m gpu` selects its cuda case).
 """
 
 from __future__ import annotations
