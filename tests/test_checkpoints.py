@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpsearch.checkpoints import EVERY_EPOCH, NEVER, CheckpointPolicy, CheckpointWriter
-from hpsearch.config import ConfigError, DataSection, ModelSection, TrainSection, load_study
+from hpsearch.config import ConfigError, DataSection, ModelSection, StudyConfig, TrainSection, load_study
 from hpsearch.data import TrialData, load_pool, make_split, trial_data
 from hpsearch.train import Checkpoint, Hyperparams, train_trial
 
@@ -131,3 +131,13 @@ def test_when_the_trial_already_failed_its_own_error_is_the_one_raised(caplog: p
         writer.submit(full)
         raise KeyboardInterrupt
     assert "could not be written" in caplog.text
+
+
+
+def test_a_recorded_config_with_both_settings_still_validates(tmp_path: Path) -> None:
+    path = tmp_path / "every2.toml"
+    path.write_text('[study]\nname = "c"\n[data]\ndataset = "digits"\n[model]\narch = "resnet18"\n'
+                    '[train]\ncheckpoint_every = 2\n')
+    # What a study records (and the report and resume checks read back) holds every field, both of these.
+    again = StudyConfig.model_validate(load_study(path).model_dump())
+    assert again.train.checkpoint_policy == CheckpointPolicy(every_epochs=2)

@@ -131,8 +131,10 @@ def _client_probs(folder: Path, x: torch.Tensor) -> torch.Tensor:
             members.append((spec["weight"], torch.stack(fold_probs).mean(0)))  # p_m = mean_k softmax(z_mk)
     t = manifest["combine"]["temperature"] or 1.0
     if manifest["combine"]["method"] == "hard":
-        votes = [w * torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).double() for w, p in members]
-        return torch.stack(votes).sum(0)
+        votes = torch.stack([w * torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).double()
+                             for w, p in members]).sum(0)
+        mean = torch.stack([p for _, p in members]).mean(0)  # ties: the highest summed probability wins
+        return (votes + 1e-3 * mean) / (1 + 1e-3)
     mix = torch.stack([w * p for w, p in members]).sum(0)
     return (mix.log() / t).softmax(-1)
 

@@ -347,3 +347,19 @@ def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_p
     assert "Traceback" not in err
     assert not (tmp_path / "ens").exists(), "no half-written export"
     assert not pinned(study.user_attrs)
+
+
+def test_a_hard_voting_export_breaks_ties_as_the_report_counts_them() -> None:
+    """Two members that disagree: the vote is tied, and the class with the higher summed probability wins in the
+    exported module (so `predict` and ONNX label a sample as the report's accuracy counted it), not the lowest."""
+    from hpsearch.combine import hard_vote
+
+    member_probs = torch.tensor([[[0.60, 0.00, 0.40], [0.10, 0.80, 0.10]],     # member 0: class 0, class 1
+                                 [[0.05, 0.05, 0.90], [0.10, 0.85, 0.05]]],    # member 1: class 2, class 1
+                                dtype=torch.float64)
+    ensemble = Ensemble([nn.Identity(), nn.Identity()], [0.5, 0.5], "hard", None, ["a", "b", "c"],
+                        Preprocess(8, (0.0,) * 3, (1.0,) * 3), {})
+    probs = ensemble.combine(member_probs).float()  # float32, as forward() returns it
+    expected, _, ties = hard_vote(member_probs.log().numpy())
+    assert ties == 1 and probs.argmax(1).tolist() == expected.tolist() == [2, 1]
+    assert torch.allclose(probs.sum(1), torch.ones(2)) and abs(float(probs[1, 1]) - 1.0) < 2e-3  # still vote shares

@@ -232,7 +232,8 @@ class TrainSection(_Strict):
     # A resumable checkpoint (through the artifact store, written while the next epoch trains) lets a retried
     # trial continue from it instead of epoch 1. By default one is taken at the first epoch end after every
     # checkpoint_minutes of training (0 = every epoch); checkpoint_every = N takes one every N epochs instead
-    # (0 = never: short trials restart cheaper than they save). Set one of the two.
+    # (0 = never: short trials restart cheaper than they save) and wins over the minutes. A study file sets one
+    # of the two (parse_study); a recorded config holds both.
     checkpoint_every: int | None = Field(None, ge=0)
     checkpoint_minutes: float = Field(5.0, ge=0)
     # auto: bf16 autocast on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU.
@@ -241,13 +242,6 @@ class TrainSection(_Strict):
     # torch.compile once per worker, reused by every later trial of the same architecture, image size and
     # batch size (a new dropout does not recompile); the first trial pays the compilation.
     compile: bool = False
-
-    @field_validator("checkpoint_minutes")
-    @classmethod
-    def _one_checkpoint_rule(cls, minutes: float, info: ValidationInfo) -> float:
-        if info.data.get("checkpoint_every") is not None:
-            raise ValueError("set checkpoint_every (epochs) or checkpoint_minutes, not both; remove one")
-        return minutes
 
     @property
     def checkpoint_policy(self) -> CheckpointPolicy:
@@ -380,6 +374,7 @@ def _message(error: dict[str, Any]) -> str:
 
 
 def parse_study(data: dict[str, Any], source: str | Path | None = None) -> StudyConfig:
+    _check_one_checkpoint_rule(data, source)
     try:
         config = StudyConfig.model_validate(data)
     except ValidationError as err:
@@ -389,6 +384,13 @@ def parse_study(data: dict[str, Any], source: str | Path | None = None) -> Study
     _check_pruner_folds(config, source)
     _check_tracking_installed(config, source)
     return config.model_copy(update={"source": str(source) if source else None})
+
+
+def _check_one_checkpoint_rule(data: dict[str, Any], source: str | Path | None) -> None:
+    train = data.get("train")
+    if isinstance(train, dict) and "checkpoint_every" in train and "checkpoint_minutes" in train:
+        raise ConfigError("train.checkpoint_minutes", "set checkpoint_every (epochs) or checkpoint_minutes, not "
+                          "both; remove one", source)
 
 
 def _check_weights_file(config: StudyConfig, source: str | Path | None) -> None:

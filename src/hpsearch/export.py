@@ -70,7 +70,8 @@ RESULT_FILE = "ensemble.json"
 COMBINE_RULES = {
     "weighted": "p = softmax(log(sum_m w_m softmax(z_m)) / T): weighted average of member softmaxes, then T",
     "soft": "p = softmax(log(mean_m softmax(z_m)) / T): uniform average of member softmaxes, then T",
-    "hard": "p = share of members whose argmax is each class (votes)",
+    "hard": "p = (v + 1e-3 mean_m softmax(z_m)) / (1 + 1e-3), v = share of members whose argmax is each class "
+            "(votes; the small term breaks ties by the highest summed probability)",
     "soup": "p = softmax(z / T) of the one member, whose weights are the greedy soup's average",
 }
 # A cross-validated member m is its fold models k: p_m = mean_k softmax(z_mk), uniformly; members combine as above.
@@ -79,7 +80,8 @@ FOLD_RULES = {
                 "weighted average of members' fold-averaged softmaxes, then T",
     "soft": "p = softmax(log(mean_m p_m) / T), p_m = mean_k softmax(z_mk) over member m's fold models: uniform "
             "average of members' fold-averaged softmaxes, then T",
-    "hard": "p = share of members whose argmax of p_m = mean_k softmax(z_mk) is each class (votes)",
+    "hard": "p = (v + 1e-3 mean_m p_m) / (1 + 1e-3), v = share of members whose argmax of p_m = mean_k "
+            "softmax(z_mk) is each class (votes; the small term breaks ties by the highest summed probability)",
 }
 FOLD_MEMBER_RULE = "p_m = mean_k softmax(z_mk): the uniform average of the fold models' softmaxes (no temperature)"
 

@@ -116,6 +116,10 @@ def _check(path: Path, expected: str) -> None:
                           f"{expected[:16]}…; re-export the ensemble")
 
 
+# How much of the members' mean probability a hard vote adds to break ties: below one vote's share (1/M) for up
+# to 1000 members, and above float32's rounding of the output (so predict and ONNX break ties alike).
+HARD_TIE_SHARE = 1e-3
+
 class Ensemble(nn.Module):
     """Preprocessed images [N, 3, S, S] -> class probabilities [N, C] of the exported ensemble.
 
@@ -165,7 +169,10 @@ class Ensemble(nn.Module):
         w = self.weights.to(member_probs.device)[:, None, None]
         if self.method == "hard":
             votes = nn.functional.one_hot(member_probs.argmax(dim=-1), member_probs.shape[-1]).double()
-            return (votes * w).sum(dim=0)
+            # Ties between the most-voted classes go to the highest summed probability (as the report counts
+            # them): a share far below one vote (1/M) of the mean probability decides them, then the lowest class.
+            mean = member_probs.mean(dim=0)
+            return ((votes * w).sum(dim=0) + HARD_TIE_SHARE * mean) / (1 + HARD_TIE_SHARE)
         mix = (member_probs * w).sum(dim=0)
         return (mix.clamp_min(1e-300).log() / self.temperature).softmax(dim=-1)
 
