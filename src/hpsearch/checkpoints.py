@@ -12,7 +12,6 @@ trial.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,10 +33,6 @@ class CheckpointPolicy:
         if self.every_epochs is not None:
             return self.every_epochs > 0 and epochs_since >= self.every_epochs
         return seconds_since >= self.minutes * 60
-
-    @property
-    def never(self) -> bool:
-        return self.every_epochs == 0
 
 
 EVERY_EPOCH = CheckpointPolicy(every_epochs=1)
@@ -67,20 +62,18 @@ class CheckpointWriter:
     on success its error is raised; when the trial is already ending with an exception, it is logged instead.
     """
 
-    def __init__(self, name: str = "checkpoint") -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hpsearch-{name}")
+    # Only the training thread calls it: no lock.
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpsearch-checkpoint")
         self._pending: Future[None] | None = None
-        self._lock = threading.Lock()
 
     def submit(self, write: Callable[[], None]) -> None:
         self.wait()
-        with self._lock:
-            self._pending = self._pool.submit(write)
+        self._pending = self._pool.submit(write)
 
     def wait(self) -> None:
         """Until the pending write is done; raises its error, once."""
-        with self._lock:
-            pending, self._pending = self._pending, None
+        pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 

@@ -120,6 +120,7 @@ def _check(path: Path, expected: str) -> None:
 # to 1000 members, and above float32's rounding of the output (so predict and ONNX break ties alike).
 HARD_TIE_SHARE = 1e-3
 
+
 class Ensemble(nn.Module):
     """Preprocessed images [N, 3, S, S] -> class probabilities [N, C] of the exported ensemble.
 

@@ -273,9 +273,7 @@ class Objective:
                     **attrs: Any) -> None:
         """Write `checkpoint` (and then `attrs`) on the trial's writer thread while the next epoch trains."""
         writer = self._writer
-        if writer is None:  # outside a trial's writes (not reached by the objective): write it here
-            self._write_checkpoint(trial, checkpoint, attrs)
-            return
+        assert writer is not None, "checkpoints are taken only inside _checkpoint_writes"
         writer.submit(lambda: self._write_checkpoint(trial, checkpoint, attrs))
         # A test holding the trial here wants the checkpoint written when it kills or signals the worker.
         hold_at(hold_point or str(checkpoint.epoch + 1), before=writer.wait)
