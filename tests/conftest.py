@@ -91,10 +91,24 @@ def tiny_tables(name: str = "tiny", **overrides: dict[str, Any]) -> dict[str, di
 PROCESS_LEVEL_GROUP = "process-level"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the xdist_group marks into groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("slow") is not None and item.get_closest_marker("inprocess") is None:
             item.add_marker(pytest.mark.xdist_group(PROCESS_LEVEL_GROUP))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """pytest-xdist groups tests by a suffix it adds to their node ids; should a pytest and xdist pairing stop
+    doing that, the process-level tests would run two at a time and time each other: stop the run instead."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    ungrouped = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") is not None
+                 and not item.nodeid.endswith(f"@{PROCESS_LEVEL_GROUP}")]
+    if ungrouped:
+        raise pytest.UsageError(f"pytest-xdist did not group {len(ungrouped)} process-level tests (e.g. "
+                                f"{ungrouped[0]}): install the pytest that pyproject's test extra names")
 
 
 @pytest.hookimpl(wrapper=True)

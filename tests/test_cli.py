@@ -206,6 +206,26 @@ def test_status_prints_counts_best_and_the_top_table(ran):
 
 
 @pytest.mark.slow
+def test_the_commands_that_read_a_study_import_no_torch(ran):
+    """`status` of a digits study (and the dashboard's module) import no torch, scipy or scikit-learn (torch alone
+    is about 3 CPU-seconds to import): watching a study stays cheap beside the workers that train it."""
+    probe = (
+        "import sys\n"
+        "from hpsearch.cli import main\n"
+        "from hpsearch.dashboard import artifacts_for\n"
+        f"code = main(['status', {str(ran.study)!r}, '--storage', {ran.url!r}])\n"
+        "loaded = sorted(m for m in ('torch', 'torchvision', 'scipy', 'sklearn') if m in sys.modules)\n"
+        "print('LOADED', loaded)\n"
+        "raise SystemExit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ran.folder, env=cli_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "COMPLETE" in done.stdout
+    assert "LOADED []" in done.stdout, done.stdout[-500:]
+
+
+@pytest.mark.slow
 def test_optuna_cli_lists_the_trials_with_their_params(ran):
     done = subprocess.run([str(BIN / "optuna"), "trials", "--study-name", STUDY, "--storage", ran.url, "-f", "json"],
                           cwd=ran.folder, env=cli_env(), capture_output=True, text=True, timeout=120)

@@ -19,6 +19,7 @@ from hpsearch.data import (
     Split,
     augment,
     cutout,
+    digits_arrays,
     load_pool,
     make_split,
     preprocess_for,
@@ -49,6 +50,24 @@ def test_digits_pool_shape_dtype_labels(digits: ImagePool) -> None:
     assert torch.equal(digits.images[:, 0], digits.images[:, 2])
     assert int(digits.images.min()) == 0 and int(digits.images.max()) == 255
     assert digits.given_val is None and digits.given_test is None
+
+
+def test_digits_are_scikit_learns_own_without_importing_it() -> None:
+    """The pool reads sklearn's bundled CSV itself (a worker's start saves the sklearn import): the same arrays
+    as load_digits(), so every existing study's split and its sha256 stay what they were."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    grey, target = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(grey, bunch.images) and grey.dtype == bunch.images.dtype
+    assert np.array_equal(target, bunch.target) and target.dtype == np.int64
+    probe = ("import sys; from hpsearch.config import DataSection; from hpsearch.data import load_pool; "
+             "load_pool(DataSection(dataset='digits')); print('sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
 
 def _parts(split: Split) -> list[np.ndarray]:

@@ -19,15 +19,9 @@ from hpsearch.artifacts import StudyArtifacts, load_trial_outputs, load_trial_we
 from hpsearch.cli import main
 from hpsearch.config import ConfigError, StudyConfig, load_study
 from hpsearch.objective import Objective, Prepared
-from hpsearch.search import (
-    StopAfterFailures,
-    best_trial,
-    finished_trials,
-    open_study,
-    prepare,
-    run_trials,
-)
+from hpsearch.search import StopAfterFailures, open_study, prepare, run_trials
 from hpsearch.storage import open_storage, redact
+from hpsearch.studies import best_trial, finished_trials
 from hpsearch.train import predict_logits
 
 CPU = torch.device("cpu")

@@ -31,8 +31,9 @@ from hpsearch.artifacts import load_trial_outputs, open_artifact_store
 from hpsearch.cli import main
 from hpsearch.config import load_study
 from hpsearch.report_ensemble import RELIABILITY_FILE, WEIGHTS_FILE, ensemble_builders, read_ensemble
-from hpsearch.search import open_study, prepare, ranked_trials
+from hpsearch.search import open_study, prepare
 from hpsearch.storage import open_storage
+from hpsearch.studies import ranked_trials
 from hpsearch.study_report import (
     MISTAKES_FILE,
     PER_CLASS_FILE,

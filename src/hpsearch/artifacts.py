@@ -26,16 +26,17 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import optuna
-import torch
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
-from safetensors.torch import load_file, save_file
 
 from hpsearch import keys
 from hpsearch.errors import ArtifactStoreError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ARTIFACTS = "artifacts"
 S3_SCHEME = "s3://"
@@ -309,6 +310,8 @@ def upload_model_files(files: StudyArtifacts, trial_number: int, state_dict: dic
 
     All or nothing: if the second upload fails, the first is deleted again, so no file without its trial's
     record stays in the store."""
+    from safetensors.torch import save_file  # torch: only where tensors are written (`status` reads no tensor)
+
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
         weights = Path(tmp) / WEIGHTS_FILE
         save_file(state_dict, str(weights), metadata=metadata)
@@ -339,6 +342,8 @@ def download_to(store: ArtifactStore, artifact_id: str, folder: Path, name: str)
 
 def load_weights(store: ArtifactStore, artifact_id: str) -> dict[str, torch.Tensor]:
     """A weights.safetensors artifact as a state dict (safetensors: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
         return load_file(str(download_to(store, artifact_id, Path(tmp), WEIGHTS_FILE)))
 

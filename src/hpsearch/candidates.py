@@ -23,7 +23,7 @@ from hpsearch import keys
 from hpsearch.artifacts import TrialOutputs, load_outputs, load_trial_outputs
 from hpsearch.combine import Outputs, fold_average_log_probs, member_log_probs
 from hpsearch.errors import EnsembleError
-from hpsearch.search import ranked_trials
+from hpsearch.studies import ranked_trials
 
 if TYPE_CHECKING:
     import optuna

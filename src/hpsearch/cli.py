@@ -63,8 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from hpsearch.keys import fold_records
     from hpsearch.report import describe_trial, top_trials_table
-    from hpsearch.search import best_trial, finished_trials, run_trials
+    from hpsearch.search import run_trials
     from hpsearch.storage import redact
+    from hpsearch.studies import best_trial, finished_trials
     from hpsearch.train import EpochMetrics
 
     run = _open_run(args)
@@ -145,7 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from hpsearch.artifacts import resolve_artifacts
     from hpsearch.report import status_renderables
-    from hpsearch.search import open_existing
+    from hpsearch.studies import open_existing
 
     cfg, study, url = open_existing(args.study, args.storage)
     artifacts = resolve_artifacts(args.artifacts, study, cfg.study.artifacts)
@@ -156,6 +157,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_cache(cfg: Any) -> None:
+    if not cfg.data.cached:
+        return  # nothing to show, and no torch import: `status` of a digits study starts in about a second
     from hpsearch.data import cache_state
 
     state = cache_state(cfg.data)
@@ -167,8 +170,8 @@ def _print_cache(cfg: Any) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from hpsearch.search import open_existing
     from hpsearch.stopping import request_stop
+    from hpsearch.studies import open_existing
 
     _, study, _ = open_existing(args.study, args.storage)
     request = request_stop(study, "hpsearch stop" + (" --now" if args.now else ""), now=args.now)

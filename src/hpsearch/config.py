@@ -178,6 +178,12 @@ class DataSection(_Strict):
         """The size image folders are decoded and cached at."""
         return self.stored_size or self.image_size
 
+    @property
+    def cached(self) -> bool:
+        """Whether its decoded images are cached on disk (image folders and CIFAR; digits and synthetic data
+        are made in memory)."""
+        return self.dataset in ("imagefolder", "cifar10", "cifar100")
+
     @field_validator("augment")
     @classmethod
     def _check_augment(cls, augment: list[str], info: ValidationInfo) -> list[str]:

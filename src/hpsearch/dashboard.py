@@ -10,8 +10,8 @@ from hpsearch import keys
 from hpsearch.artifacts import is_s3, open_artifact_store, resolve_artifacts
 from hpsearch.config import load_study
 from hpsearch.errors import ArtifactStoreError
-from hpsearch.search import load_existing
 from hpsearch.storage import open_storage, redact, resolve_storage_url
+from hpsearch.studies import load_existing
 
 
 def artifacts_for(storage: optuna.storages.BaseStorage, study_name: str | None, cli: str | None,

@@ -14,6 +14,7 @@ otherwise, and on the CPU gathered from it batch by batch: no process holds a co
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -91,14 +92,26 @@ def load_pool(cfg: DataSection, seed: int = 0) -> ImagePool:
 
 
 def _load_digits(cfg: DataSection, seed: int) -> ImagePool:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    grey, target = digits_arrays()
     # 0..16 grey levels, 8x8; stored as uint8 in 0..255, upsampled per batch on the device.
-    pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    pixels = np.round(grey * (255.0 / 16.0)).astype(np.uint8)
     images = torch.from_numpy(pixels)[:, None].expand(-1, 3, -1, -1).contiguous()
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    labels = torch.from_numpy(target)
     return ImagePool(images, labels, [str(c) for c in range(10)])
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: images float64 [1797, 8, 8] in 0..16, labels int64 [1797], exactly what
+    `sklearn.datasets.load_digits()` gives. Read from its CSV file without importing scikit-learn, whose import
+    (scipy with it) costs every worker about 2.5 CPU-seconds, more than the rest of its start but torch."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    folder = Path(next(iter(spec.submodule_search_locations or ()), "")) if spec is not None else None
+    path = folder / "datasets" / "data" / "digits.csv.gz" if folder is not None else None
+    if path is None or not path.is_file():
+        raise DataError("data.dataset: 'digits' reads scikit-learn's bundled digits, which are not installed; "
+                        "pip install scikit-learn")
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
 def _load_synthetic(cfg: DataSection, seed: int) -> ImagePool:
@@ -136,15 +149,15 @@ def _cifar_key(cfg: DataSection, root: Path, batches: Sequence[Path]) -> str:
 def cache_state(cfg: DataSection) -> tuple[Path, int | None] | None:
     """Where the study's decoded images are cached and their size in bytes (None: not built yet); None for data
     that is never cached (digits, synthetic) or not there to list."""
+    if not cfg.cached:
+        return None
     try:
         if cfg.dataset == "imagefolder":
             key = _list_folder(cfg).key(cfg.decoded_size)
-        elif cfg.dataset in CIFAR_FILES:
+        else:
             root = Path(cfg.root).expanduser()
             folder, files = CIFAR_FILES[cfg.dataset]
             key = _cifar_key(cfg, root, [root / folder / name for name in files])
-        else:
-            return None
     except (DataError, OSError):
         return None
     folder = cache_folder(cfg)

@@ -56,8 +56,9 @@ from hpsearch.model import builder_kwargs
 from hpsearch.pins import pin, unpin
 from hpsearch.preprocess import Preprocess
 from hpsearch.report import report_markdown
-from hpsearch.search import open_existing, study_preprocess
+from hpsearch.search import study_preprocess
 from hpsearch.storage import redact
+from hpsearch.studies import open_existing
 from hpsearch.train import resolve_device
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
-from hpsearch.search import best_trial
+from hpsearch.studies import best_trial
 
 MAX_CURVES = 200  # learning curves drawn; beyond that the plot is a grey blur and Optuna's legend explodes
 MAX_LINES = 1000  # parallel-coordinate lines

@@ -10,22 +10,22 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import optuna
-import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from rich.markup import escape
 from rich.table import Table
 
 from hpsearch import keys
 from hpsearch.artifacts import store_size_bytes
-from hpsearch.combine import Row
-from hpsearch.search import best_trial, ranked_trials
 from hpsearch.stopping import stop_request, target_reached
 from hpsearch.storage import redact
+from hpsearch.studies import best_trial, ranked_trials
 
 if TYPE_CHECKING:
+    import pandas as pd
     from rich.console import RenderableType
 
     from hpsearch.candidates import Candidate
+    from hpsearch.combine import Row
     from hpsearch.ensemble import EnsembleResult
 
 HEADERS = {"val_accuracy": "val_acc", "optimizer": "optim", "seconds": "sec"}
@@ -37,6 +37,8 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
+    import pandas as pd  # imported here: a worker prints trial lines, never a table
+
     rows = []
     for t in trials:
         p = t.params

@@ -14,8 +14,8 @@ from optuna.trial import FrozenTrial
 
 from hpsearch import keys
 from hpsearch.report import state_counts
-from hpsearch.search import ranked_trials
 from hpsearch.storage import redact
+from hpsearch.studies import ranked_trials
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ One trial's work is `hpsearch.objective`; this module decides which trials run, 
 from __future__ import annotations
 
 import copy
+import gc
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,19 +28,24 @@ from hpsearch.artifacts import ArtifactStore, StudyArtifacts, open_artifact_stor
 from hpsearch.config import ConfigError, StudyConfig, StudySection, load_study
 from hpsearch.cv_trial import trial_weights
 from hpsearch.data import load_pool, make_split, preprocess_for
-from hpsearch.errors import DeviceBrokenError, StoreFullError, StudyRecordError, UsageError
+from hpsearch.errors import DeviceBrokenError, StoreFullError, StudyRecordError
 from hpsearch.folds import make_folds
 from hpsearch.model import build_model, check_study_model
 from hpsearch.objective import Objective, Prepared, free_device_memory, worker_tag
 from hpsearch.pins import pinned
 from hpsearch.preprocess import Preprocess
 from hpsearch.stopping import StopWatch, StopWhenAsked, target_reached
-from hpsearch.storage import open_storage, redact, resolve_storage_url, retry_callback
+from hpsearch.storage import open_storage, resolve_storage_url, retry_callback
+from hpsearch.studies import (
+    FINISHED,
+    METRIC_NAME,
+    finished_trials,
+    has_retry,
+    load_existing,
+    ranked_trials,
+    study_storage_name,
+)
 from hpsearch.train import resolve_device
-
-METRIC_NAME = "val_accuracy"
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
 
 # ------------------------------------------------------------------------------------- sampler, pruner
 
@@ -159,18 +164,6 @@ def _check_folds(cfg: StudyConfig, study: optuna.Study, folds_sha: str | None) -
                       "[study] name", cfg.source)
 
 
-def study_storage_name(storage: optuna.storages.BaseStorage) -> str:
-    url = getattr(storage, "url", None)
-    return redact(url) if url else type(storage).__name__
-
-
-def load_existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-
-
 def study_preprocess(study: optuna.Study) -> Preprocess:
     """The Preprocess the study's trials trained with: recorded at creation, else recomputed from its config."""
     recorded = study.user_attrs.get(keys.PREPROCESS)
@@ -183,23 +176,6 @@ def study_preprocess(study: optuna.Study) -> Preprocess:
         raise StudyRecordError(f"study {study.study_name!r} records no preprocessing and its data no longer gives "
                                "its split; cannot tell the normalization its trials used")
     return preprocess_for(pool, split, cfg.data, cfg.model.pretrained)
-
-
-def finished_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
-def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """COMPLETE trials with a finite value, best first (ties: lower trial number first)."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
-    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
-    return sorted(complete, key=lambda t: (sign * t.value, t.number))
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    ranked = ranked_trials(study)
-    return ranked[0] if ranked else None
 
 
 # ------------------------------------------------------------------------------- opening a command's study
@@ -243,17 +219,6 @@ def open_run(study_file: str, *, storage: str | None = None, artifacts: str | No
     store = open_artifact_store(location)  # a store that cannot be used stops here, before any study or trial
     study = open_study(cfg, opened, prepared, location, worker=worker)
     return Run(cfg, url, opened, study, prepared, location, store, resolved, n_trials or cfg.study.n_trials)
-
-
-def open_existing(study_file: str, storage: str | None = None) -> tuple[StudyConfig, optuna.Study, str]:
-    """(config, study, storage url) for the commands that read a study `run` created; one line if it is absent."""
-    cfg = load_study(study_file)
-    url = resolve_storage_url(storage, cfg.study.storage)
-    study = load_existing(open_storage(url), cfg.study.name)
-    if study is None:
-        raise UsageError(f"study {cfg.study.name!r} does not exist in {redact(url)}; start it with "
-                         f"`hpsearch run {study_file}` or pass the right --storage")
-    return cfg, study, url
 
 
 # -------------------------------------------------------------------------------------------- running
@@ -373,9 +338,13 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
     full = StopOnFullStore()
     broken = StopOnBrokenDevice()
     asked = StopWhenAsked(started_at, cfg.study.target)
+    # What is alive now lives as long as the process (modules, the data pool, the study): frozen out of the
+    # cycle collector, the collect after each trial (_free_after_trial) scans only what trials made. A full
+    # collect over torch's import-time objects took a quarter of a second, twice a trial.
+    gc.freeze()
     with StopWatch(study, started_at) as watch:
         try:
-            study.optimize(objective, timeout=timeout, catch=(Exception,), gc_after_trial=True,
+            study.optimize(objective, timeout=timeout, catch=(Exception,),
                            callbacks=[RetryOutOfMemory(), full, broken, keep, *callbacks, stop_at_n, guard, asked,
                                       _free_after_trial])
         except KeyboardInterrupt:
@@ -400,12 +369,6 @@ def retry_interrupted(study: optuna.Study) -> list[int]:
         if not has_retry(study, trial.number):
             retry_failed(study, trial)
     return [t.number for t in interrupted]
-
-
-def has_retry(study: optuna.Study, number: int) -> bool:
-    """Whether some trial already retries trial `number`."""
-    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
-    return any(history(t)[-1:] == [number] for t in study.get_trials(deepcopy=False))
 
 
 def _free_after_trial(study: optuna.Study, trial: FrozenTrial) -> None:

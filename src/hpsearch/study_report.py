@@ -48,8 +48,8 @@ from hpsearch.folds import make_folds
 from hpsearch.report import trials_frame
 from hpsearch.report_ensemble import comparison_table, ensemble_builders, read_ensemble
 from hpsearch.report_html import Drawn, page
-from hpsearch.search import open_existing, ranked_trials
 from hpsearch.storage import redact
+from hpsearch.studies import open_existing, ranked_trials
 
 REPORT_FILE = "report.html"
 TRIALS_FILE = "trials.csv"

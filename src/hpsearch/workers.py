@@ -24,8 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import keys
 from hpsearch.errors import DeviceBrokenError, UsageError
 from hpsearch.objective import worker_tag
-from hpsearch.search import Run, finished_trials, has_retry, retry_failed
+from hpsearch.search import Run, retry_failed
 from hpsearch.stopping import pending, target_reached
+from hpsearch.studies import finished_trials, has_retry
 
 # A worker's exit code when it stopped because trials failed in a row (not a crash: not restarted).
 EXIT_FAILURE_STREAK = 4
