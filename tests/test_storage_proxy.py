@@ -93,13 +93,15 @@ def test_run_workers_through_a_proxy_restarted_midway_then_every_command(
             assert "restarting" not in output and "Traceback" not in output, output
 
             trials = _trials(proxy.url, "proxied")
-            assert sorted(t.number for t in trials) == list(range(n_workers)), _states(trials)
+            numbers = sorted(t.number for t in trials)
+            # Every trial once; a worker that finishes while others still run may start one more (as directly).
+            assert numbers == list(range(len(trials))) and n_workers <= len(trials) < 2 * n_workers, _states(trials)
             assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), _states(trials)
             # The held trials went on after the restart from where they were: their epochs all reported.
             assert all(len(t.intermediate_values) == 2 for t in trials if t.number in {h.number for h in held})
             # The proxy's database is the one the study lives in, and the proxy held no trial attribute of its own.
             direct = optuna.load_study(study_name="proxied", storage=open_storage(database))
-            assert [t.number for t in direct.trials] == list(range(n_workers))
+            assert [t.number for t in direct.trials] == numbers
             assert not any("hpsearch:heartbeat" in t.system_attrs for t in direct.trials)
 
             env = {"HPSEARCH_STORAGE": proxy.url}
