@@ -105,8 +105,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     `sklearn.datasets.load_digits()` gives. Read from its CSV file without importing scikit-learn, whose import
     (scipy with it) costs every worker about 2.5 CPU-seconds, more than the rest of its start but torch."""
     spec = importlib.util.find_spec("sklearn")  # finds the package without running it
-    folder = Path(next(iter(spec.submodule_search_locations or ()), "")) if spec is not None else None
-    path = folder / "datasets" / "data" / "digits.csv.gz" if folder is not None else None
+    folders = list(spec.submodule_search_locations or ()) if spec is not None else []
+    path = Path(folders[0], "datasets", "data", "digits.csv.gz") if folders else None
     if path is None or not path.is_file():
         raise DataError("data.dataset: 'digits' reads scikit-learn's bundled digits, which are not installed; "
                         "pip install scikit-learn")
