@@ -340,7 +340,9 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
     asked = StopWhenAsked(started_at, cfg.study.target)
     # What is alive now lives as long as the process (modules, the data pool, the study): frozen out of the
     # cycle collector, the collect after each trial (_free_after_trial) scans only what trials made. A full
-    # collect over torch's import-time objects took a quarter of a second, twice a trial.
+    # collect over torch's import-time objects took a quarter of a second, twice a trial. Collected first:
+    # garbage frozen would never be freed (a process, like the tests', may run this more than once).
+    gc.collect()
     gc.freeze()
     with StopWatch(study, started_at) as watch:
         try:
