@@ -332,3 +332,16 @@ def test_cli_check_accepts_the_digits_study() -> None:
 def test_config_module_imports_no_torch() -> None:
     code = "import sys, hpsearch.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", ["check", "run", "worker"])
+def test_a_bad_study_file_is_refused_before_torch_is_imported(tmp_path: Path, command: str) -> None:
+    """The file is read first: its one-line error comes in about a second, not after torch's import."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[study]\nname = 'x'\n[data]\ndataset = 'mnist-typo'\n", encoding="utf-8")
+    code = ("import sys\nfrom hpsearch.cli import main\n"
+            f"code = main([{command!r}, {str(path)!r}])\n"
+            "assert code == 2, code\nassert 'torch' not in sys.modules, 'torch imported before the file was read'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "data.dataset" in proc.stderr

@@ -31,12 +31,20 @@ out = Console()
 # ------------------------------------------------------------------------------------------- commands
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _check_file_first(args: argparse.Namespace) -> Any:
+    """The study file read and validated before torch is imported: a bad file is one line in a second, not
+    after the several seconds torch and torchvision take to import."""
     from hpsearch.config import load_study
+
+    return load_study(args.study)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _check_file_first(args)
+
     from hpsearch.model import check_study_model
     from hpsearch.storage import redact, resolve_storage_url
 
-    cfg = load_study(args.study)
     check_study_model(cfg)
     url = resolve_storage_url(args.storage, cfg.study.storage)
     out.print(f"[bold]{args.study}[/] is valid")
@@ -58,6 +66,8 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_file_first(args)
+
     import optuna
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -117,6 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """One worker: what `run --workers N` starts, and what other machines run against one storage."""
+    _check_file_first(args)
+
     import optuna
 
     from hpsearch.errors import DeviceBrokenError, StoreFullError
