@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 
 from conftest import _postgres_database, cli_env, run_cli, tiny_tables, write_study
@@ -35,17 +36,19 @@ def _argv_with_password() -> dict[int, str]:
     return found
 
 
-def _worker_argvs() -> list[str]:
-    workers = []
+def _session_argvs(sid: int) -> dict[int, str]:
+    """The argv of every live process in session `sid`: the run and everything it started (Linux /proc)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if b"hpsearch.cli" in argv and b"worker" in argv:
-                workers.append(b" ".join(argv).decode(errors="replace"))
-    return workers
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                found[int(entry.name)] = argv
+    return found
 
 
 @pytest.mark.slow
@@ -56,18 +59,20 @@ def test_a_storage_password_appears_in_no_argv_output_or_file(secret_url: str, t
     env = {"HPSEARCH_STORAGE": secret_url}
     run = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "run", str(study), "--workers", "2",
                             "--artifacts", str(tmp_path / "artifacts")], cwd=tmp_path, env=cli_env(**env),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     leaks: dict[int, str] = {}
-    seen_workers: set[str] = set()
+    seen: dict[int, str] = {}
     while run.poll() is None:  # read every process's argv while the workers run
         leaks |= _argv_with_password()
-        seen_workers |= set(_worker_argvs())
+        seen |= _session_argvs(run.pid)
         time.sleep(0.1)
     output = run.stdout.read().decode(errors="replace") if run.stdout else ""
     assert run.returncode == 0, output
-    assert len(seen_workers) >= 2, f"the workers were never seen running: {seen_workers}"
+    trials = optuna.load_study(study_name="secret", storage=secret_url).get_trials(deepcopy=False)
+    workers = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials}
+    assert len(workers) >= 2 and workers <= seen.keys(), f"workers {workers} not all seen running: {seen}"
     assert not leaks, f"the password is in a process's argv: {leaks}"
-    assert not [argv for argv in seen_workers if "--storage" in argv or "postgresql" in argv], seen_workers
+    assert not [argv for argv in seen.values() if "--storage" in argv or "postgresql" in argv], seen
 
     status = run_cli("status", str(study), cwd=tmp_path, **env)
     ensemble = run_cli("ensemble", str(study), "--out", str(tmp_path / "ens"), cwd=tmp_path, **env)

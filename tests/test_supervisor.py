@@ -3,15 +3,17 @@ finished first is left alone, a worker stopped by its failure streak is not rest
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import STORAGES_AND_PROXY
+from conftest import STORAGES_AND_PROXY, tiny_tables, write_study
 from hpsearch.storage import open_storage
 from hpsearch.workers import (
     EXIT_DEVICE_BROKEN,
@@ -21,6 +23,8 @@ from hpsearch.workers import (
     Worker,
     fail_running_trial,
     fail_trials_of,
+    forkserver_launch,
+    stop_forkserver,
 )
 
 
@@ -118,3 +122,20 @@ def test_a_full_artifact_store_stops_every_worker_at_once(tmp_path) -> None:
     assert busy.process is not None and busy.process.returncode == -signal.SIGTERM
     assert [w.restarts for w in (full, busy)] == [0, 0]
     assert events == ["worker 0 found the artifact store full; stopping every worker"]
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_worker_gets_its_environment_and_reports_its_exit_code(tmp_path: Path,
+                                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """`run --workers` on the CPU forks its workers from a preloaded forkserver: each still gets the
+    environment a fresh process would (its storage URL travels there), its exit code and its output."""
+    study = write_study(tmp_path / "forked.toml", tiny_tables("forked"))
+    env = {**os.environ, "HPSEARCH_STORAGE": "nosuchdb://somewhere/x", "HPSEARCH_WORKER": "0"}
+    launch = forkserver_launch()
+    try:
+        worker = launch([str(study)], env)
+        assert worker.wait(timeout=90) == 2
+    finally:
+        stop_forkserver()
+    err = capfd.readouterr().err
+    assert "nosuchdb" in err and "Traceback" not in err, err
