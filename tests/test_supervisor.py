@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import STORAGES_AND_PROXY, tiny_tables, write_study
+from hpsearch.forkserver import forkserver_launch, stop_forkserver
 from hpsearch.storage import open_storage
 from hpsearch.workers import (
     EXIT_DEVICE_BROKEN,
@@ -23,8 +24,6 @@ from hpsearch.workers import (
     Worker,
     fail_running_trial,
     fail_trials_of,
-    forkserver_launch,
-    stop_forkserver,
 )
 
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -66,8 +67,25 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _check_file_first(args)
+    cfg = _check_file_first(args)
+    if args.workers > 1 and _cpu_workers_likely(args.device or cfg.train.device):
+        from hpsearch.forkserver import start_forkserver, stop_forkserver
 
+        start_forkserver()  # it imports torch for the workers while this process imports its own
+        try:
+            return _run(args)
+        finally:
+            stop_forkserver()
+    return _run(args)
+
+
+def _cpu_workers_likely(device: str) -> bool:
+    """Whether `run --workers` will fork CPU workers, told without importing torch: a CPU device, or `auto` on
+    a machine with no NVIDIA device node. Only a head start: `run_workers` decides from the resolved device."""
+    return device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl"))
+
+
+def _run(args: argparse.Namespace) -> int:
     import optuna
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

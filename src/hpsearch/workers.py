@@ -1,10 +1,8 @@
 """Starting, pinning and supervising worker processes on one machine.
 
 Each worker is a real `hpsearch worker` process that opens the storage itself (a storage object never
-crosses a process boundary). On the CPU the workers are forked from a forkserver that imported torch,
-torchvision and hpsearch once: a worker starts in a fraction of a second instead of spending ~5 CPU-seconds
-on imports that the trials need, and the workers share those pages. Workers pinned to GPUs are fresh
-processes, so that no CUDA state can ever cross a fork.
+crosses a process boundary). On the CPU the workers are forked from a preloaded forkserver (forkserver.py);
+workers pinned to GPUs are fresh processes, so that no CUDA state can ever cross a fork.
 
 The supervisor restarts a worker that dies, fails the trial it held at once (every trial records the worker
 that runs it) and queues one retry with the same parameters through
@@ -14,7 +12,6 @@ RUNNING, each with one queued retry that resumes from its checkpoint.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -22,8 +19,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
-from typing import Protocol
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -31,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
 from hpsearch.errors import DeviceBrokenError, UsageError
+from hpsearch.forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
 from hpsearch.objective import worker_tag
 from hpsearch.search import Run, retry_failed
 from hpsearch.stopping import pending, target_reached
@@ -123,95 +119,9 @@ def fail_running_trial(storage: optuna.storages.BaseStorage, study: optuna.Study
     return True
 
 
-class WorkerProcess(Protocol):
-    """What the supervisor needs of a worker process: `subprocess.Popen`'s surface."""
-
-    @property
-    def pid(self) -> int: ...
-    def poll(self) -> int | None: ...
-    def wait(self, timeout: float | None = None) -> int: ...
-    def send_signal(self, sig: int) -> None: ...
-    def kill(self) -> None: ...
-
-
-Launch = Callable[[list[str], dict[str, str]], WorkerProcess]
-
-
 def popen(command: list[str], env: dict[str, str]) -> WorkerProcess:
     """A fresh process running `command` (in the supervisor's process group: Ctrl-C reaches it too)."""
     return subprocess.Popen(command, env=env, start_new_session=False)
-
-
-class ForkedProcess:
-    """Popen's surface over a process forked from the forkserver (which reaps it and reports its exit code:
-    negative for a signal, as Popen's)."""
-
-    def __init__(self, process: BaseProcess) -> None:
-        self._process = process
-
-    @property
-    def pid(self) -> int:
-        assert self._process.pid is not None
-        return self._process.pid
-
-    def poll(self) -> int | None:
-        return self._process.exitcode
-
-    def wait(self, timeout: float | None = None) -> int:
-        self._process.join(timeout)
-        code = self._process.exitcode
-        if code is None:
-            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
-        return code
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
-# What a worker imports before its first trial; the forkserver imports it once for every worker it forks.
-WORKER_PRELOAD = ["torch", "torchvision", "hpsearch.cli", "hpsearch.search", "hpsearch.report", "hpsearch.workers"]
-
-
-def _forked_worker_main(args: list[str], env: dict[str, str]) -> None:
-    """A forked worker: the environment a fresh process would have got (its storage URL, threads and worker
-    index travel here, never in argv), then `hpsearch worker ARGS`."""
-    os.environ.clear()
-    os.environ.update(env)
-    sys.argv = ["hpsearch", "worker", *args]
-    from hpsearch.cli import main
-
-    sys.exit(main(["worker", *args]))
-
-
-def forkserver_launch() -> Launch:
-    """Launch `hpsearch worker ARGS` forked from a forkserver that preloaded WORKER_PRELOAD. The forkserver
-    ignores SIGINT and its children stay in the supervisor's process group: Ctrl-C reaches every worker."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
-
-    def launch(args: list[str], env: dict[str, str]) -> WorkerProcess:
-        process = context.Process(target=_forked_worker_main, args=(args, env),
-                                  name=env.get("HPSEARCH_APP_NAME", "hpsearch-worker"))
-        process.start()
-        return ForkedProcess(process)
-
-    return launch
-
-
-def stop_forkserver() -> None:
-    """Wait until the forkserver and multiprocessing's resource tracker have exited: nothing outlives the run.
-    Both exit by themselves once their pipe closes, a moment after this process; `multiprocessing` has no
-    public call to close it now and wait, so this uses the private `_stop` that its own tests use."""
-    from multiprocessing import forkserver, resource_tracker
-
-    for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
-        stop = getattr(helper, "_stop", None)
-        if callable(stop):
-            stop()
 
 
 @dataclass
