@@ -9,6 +9,7 @@ before it imports torch itself, so both imports overlap.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import signal
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
+# The module whose `main(argv)` a forked worker runs, named rather than imported: the CLI starts the forkserver.
+WORKER_ENTRY = "hpsearch.cli"
 # What a worker imports before its first trial.
 WORKER_PRELOAD = ["torch", "torchvision", "hpsearch.cli", "hpsearch.search", "hpsearch.report", "hpsearch.workers"]
 
@@ -72,9 +75,7 @@ def _worker_main(args: list[str], env: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
     sys.argv = ["hpsearch", "worker", *args]
-    from hpsearch.cli import main
-
-    sys.exit(main(["worker", *args]))
+    sys.exit(importlib.import_module(WORKER_ENTRY).main(["worker", *args]))
 
 
 def _context() -> multiprocessing.context.ForkServerContext:

@@ -235,10 +235,6 @@ def worker_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "hpsearch.cli", "worker", *args]
 
 
-def _worker_args(args: list[str], *, forked: bool) -> list[str]:
-    return args if forked else worker_command(args)
-
-
 def install_stop_handler() -> None:
     """SIGTERM interrupts the trial like Ctrl-C (a KeyboardInterrupt naming the signal), so Optuna marks it FAIL
     and its retry is queued before the process exits (a worker, and a single-process `hpsearch run`)."""
@@ -265,7 +261,8 @@ def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, 
         passed += ["--timeout", str(timeout)]
     # GPU workers are fresh processes: nothing CUDA may have touched in a forkserver crosses into them.
     launch = popen if pinned else forkserver_launch()
-    workers = [Worker(i, _worker_args([*passed, "--worker-index", str(i)], forked=not pinned),
+    args = [[*passed, "--worker-index", str(i)] for i in range(n_workers)]
+    workers = [Worker(i, worker_command(args[i]) if pinned else args[i],
                       worker_env(i, n_workers, pinned, per_gpu, storage=run.url), launch)
                for i in range(n_workers)]
     started_at = time.time()
