@@ -29,7 +29,7 @@ import numpy as np
 import optuna
 from PIL import Image
 
-from hpsearch.storage import open_storage
+from hpsearch.store import open_storage
 
 
 def make_folder(root: Path, n: int, size: int) -> None:
@@ -106,7 +106,7 @@ def run(root: Path, work: Path, args: argparse.Namespace, placement: str) -> Non
     db.unlink(missing_ok=True)
     env = {**os.environ, "HPSEARCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "run", str(study), "--workers", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "hpsearch", "run", str(study), "--workers", "2",
                              "--storage", f"sqlite:///{db}", "--artifacts", str(work / f"artifacts-{placement}")],
                             env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     peaks: dict[int, list[float]] = {}

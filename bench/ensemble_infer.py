@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torchvision import models
 
-from hpsearch.loading import Ensemble
+from hpsearch.predict import Ensemble
 from hpsearch.preprocess import Preprocess
 
 STRATEGIES = ("loop", "vmap")

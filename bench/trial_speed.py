@@ -119,10 +119,10 @@ def naive(images: np.ndarray, labels: np.ndarray, device: torch.device, args: ar
 
 def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: argparse.Namespace,
          placement: str) -> float:
-    from hpsearch.accelerator import choose_precision
     from hpsearch.config import DataSection, TrainSection
     from hpsearch.data import ImagePool, Split, trial_data
-    from hpsearch.train import train_steps
+    from hpsearch.train._accelerator import choose_precision
+    from hpsearch.train._loop import train_steps
 
     pool = ImagePool(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
                      torch.from_numpy(labels), [str(c) for c in range(10)])
@@ -155,7 +155,7 @@ def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: arg
 
 
 def bare(device: torch.device, args: argparse.Namespace) -> float:
-    from hpsearch.accelerator import choose_precision
+    from hpsearch.train._accelerator import choose_precision
 
     precision = choose_precision("auto", device)
     model = make_model(args.arch, device)

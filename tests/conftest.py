@@ -172,7 +172,7 @@ def cli_env(**extra: str | None) -> dict[str, str]:
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300, **extra: str | None) -> subprocess.CompletedProcess[str]:
     """`hpsearch ARGS` in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "hpsearch.cli", *args], cwd=cwd, env=cli_env(**extra),
+    return subprocess.run([sys.executable, "-m", "hpsearch", *args], cwd=cwd, env=cli_env(**extra),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -241,7 +241,7 @@ class Proxy:
 
     def __init__(self, database: str, log: Path, grace: int, pool_size: int) -> None:
         self.database, self.log, self.port = database, log, free_port()
-        self.argv = [sys.executable, "-m", "hpsearch.cli", "storage-proxy", "--port", str(self.port),
+        self.argv = [sys.executable, "-m", "hpsearch", "storage-proxy", "--port", str(self.port),
                      "--heartbeat-grace", str(grace), "--pool-size", str(pool_size)]
         self.url = f"grpc://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -361,8 +361,7 @@ def dashboard_http(url: str, artifacts: Path | str) -> Iterator[Callable[[str], 
 
     from optuna_dashboard import wsgi
 
-    from hpsearch.artifacts import open_artifact_store
-    from hpsearch.storage import open_storage
+    from hpsearch.store import open_artifact_store, open_storage
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, *args: Any) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpsearch.accelerator import choose_precision, is_out_of_memory, is_sticky_device_error
 from hpsearch.config import DataSection, ModelSection, TrainSection
 from hpsearch.data import load_pool, make_split, trial_data
 from hpsearch.model import build_model
-from hpsearch.train import FP32, Hyperparams, predict_logits, train_trial
+from hpsearch.train._accelerator import choose_precision, is_out_of_memory, is_sticky_device_error
+from hpsearch.train._loop import FP32, Hyperparams, predict_logits, train_trial
 
 CPU = torch.device("cpu")
 
@@ -65,14 +65,15 @@ def test_compile_once_per_worker_reused_by_later_trials_with_other_dropout(devic
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    import hpsearch.compiled
+    import hpsearch.train._compile
 
     if device == "cpu":
         # What recompiles is Dynamo's decision (its guards on the module, its parameters and the dropout buffer),
         # whatever backend then compiles the graph: on the CPU the graphs go to aot_eager (AOTAutograd's joint
         # training graph, run eagerly), not Inductor, whose C++ build of a ResNet-18 costs CI a minute and a half.
         # The cuda case compiles with Inductor, as a study does.
-        monkeypatch.setattr(hpsearch.compiled.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+        aot_eager = functools.partial(torch.compile, backend="aot_eager")
+        monkeypatch.setattr(hpsearch.train._compile.torch, "compile", aot_eager)
 
     cfg = DataSection(dataset="digits", image_size=16, subset=160, augment=["crop"])
     pool = load_pool(cfg)
@@ -103,8 +104,8 @@ def test_status_tells_gpus_apart_by_name_id_and_peak_memory(tmp_path) -> None:
     from rich.console import Console
 
     from hpsearch import keys
-    from hpsearch.report import running_trials_table, status_renderables
-    from hpsearch.storage import open_storage
+    from hpsearch.monitor._tables import running_trials_table, status_renderables
+    from hpsearch.store import open_storage
 
     study = optuna.create_study(study_name="g", storage=open_storage(f"sqlite:///{tmp_path / 'g.db'}"),
                                 direction="maximize")

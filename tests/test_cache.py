@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from conftest import cli_env, run_cli, tiny_tables, write_study
-from hpsearch import cache
+from hpsearch._testhooks import HOLD_ENV
 from hpsearch.config import DataSection, ModelSection, TrainSection
-from hpsearch.data import DeviceData, cache_state, channel_stats, load_pool, make_split, random_resized_crop
+from hpsearch.data import _cache as cache
+from hpsearch.data._datasets import DeviceData, cache_state, channel_stats, load_pool, make_split, random_resized_crop
 from hpsearch.errors import DataError
-from hpsearch.hold import HOLD_ENV
 from hpsearch.preprocess import decode_image
 from hpsearch.train import Hyperparams, train_trial
 from test_data import COLOURS, _folder
@@ -113,7 +113,7 @@ def test_a_builder_killed_halfway_leaves_nothing_that_looks_finished(tmp_path: P
     root = _noisy_folder(tmp_path / "ds")
     cfg = _cfg(root, tmp_path)
     release = tmp_path / "never"
-    script = (f"from hpsearch.config import DataSection; from hpsearch.data import load_pool; "
+    script = (f"from hpsearch.config import DataSection; from hpsearch.data._datasets import load_pool; "
               f"load_pool(DataSection.model_validate_json({cfg.model_dump_json()!r}))")
     builder = subprocess.Popen([sys.executable, "-c", script], env=cli_env(**{HOLD_ENV: f"cache:{release}"}),
                                stderr=subprocess.PIPE)
@@ -217,7 +217,7 @@ from pathlib import Path
 import torch
 
 from hpsearch.config import DataSection
-from hpsearch.data import load_pool, make_split, trial_data
+from hpsearch.data._datasets import load_pool, make_split, trial_data
 
 
 def anon_mib():
@@ -316,9 +316,9 @@ def test_the_study_lists_the_files_it_left_out_and_status_counts_them(tmp_path: 
     from rich.console import Console
 
     from hpsearch.config import load_study
-    from hpsearch.report import status_renderables
-    from hpsearch.search import open_study, prepare
-    from hpsearch.storage import open_storage
+    from hpsearch.monitor import status_renderables
+    from hpsearch.search._run import open_study, prepare
+    from hpsearch.store import open_storage
 
     root = _folder(tmp_path / "ds", {"train": 5})
     (root / "train" / "eel" / "broken.jpg").write_bytes(b"not a JPEG")

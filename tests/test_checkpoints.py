@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpsearch.checkpoints import EVERY_EPOCH, NEVER, CheckpointPolicy, CheckpointWriter
 from hpsearch.config import ConfigError, DataSection, ModelSection, StudyConfig, TrainSection, load_study
 from hpsearch.data import TrialData, load_pool, make_split, trial_data
 from hpsearch.train import Checkpoint, Hyperparams, train_trial
+from hpsearch.train._checkpoints import EVERY_EPOCH, NEVER, CheckpointPolicy, CheckpointWriter, checkpoint_policy
 
 CPU = torch.device("cpu")
 MODEL = ModelSection(arch="resnet18", weights="none")
@@ -27,22 +27,22 @@ HP = Hyperparams(lr=1e-3, optimizer="adam", scheduler="exponential", exp_gamma=3
 
 
 def test_by_minutes_by_default_every_n_epochs_or_never_when_told() -> None:
-    by_time = TrainSection().checkpoint_policy
+    by_time = checkpoint_policy(TrainSection())
     assert by_time == CheckpointPolicy(None, 5.0)
     assert not by_time.due(epochs_since=50, seconds_since=299.0)
     assert by_time.due(epochs_since=1, seconds_since=300.0)
     assert CheckpointPolicy(minutes=0).due(1, 0.0)  # 0 minutes: every epoch end
     assert EVERY_EPOCH.due(1, 0.0)
-    every_3 = TrainSection(checkpoint_every=3).checkpoint_policy
+    every_3 = checkpoint_policy(TrainSection(checkpoint_every=3))
     assert [every_3.due(n, 1e9) for n in (1, 2, 3)] == [False, False, True]  # epochs, whatever the clock
-    assert not NEVER.due(100, 1e9) and TrainSection(checkpoint_every=0).checkpoint_policy == NEVER
+    assert not NEVER.due(100, 1e9) and checkpoint_policy(TrainSection(checkpoint_every=0)) == NEVER
 
 
 def test_existing_study_files_keep_checkpoint_every_and_both_settings_are_one_line_error(tmp_path: Path) -> None:
     base = '[study]\nname = "c"\n[data]\ndataset = "digits"\n[model]\narch = "resnet18"\n[train]\n'
     old = tmp_path / "old.toml"
     old.write_text(base + "checkpoint_every = 1\n")
-    assert load_study(old).train.checkpoint_policy == EVERY_EPOCH
+    assert checkpoint_policy(load_study(old).train) == EVERY_EPOCH
     both = tmp_path / "both.toml"
     both.write_text(base + "checkpoint_every = 1\ncheckpoint_minutes = 2\n")
     with pytest.raises(ConfigError) as err:
@@ -84,7 +84,7 @@ def test_no_checkpoint_before_the_minutes_have_passed(tiny: TrialData) -> None:
     taken: list[Checkpoint] = []
     train = TrainSection(epochs=2, batch_size=16, eval_batch_size=64, device="cpu")  # default: 5 minutes
     train_trial(MODEL, train, tiny, HP, seed=0, device=CPU, on_checkpoint=taken.append,
-                checkpoint=train.checkpoint_policy)
+                checkpoint=checkpoint_policy(train))
     assert taken == []
 
 
@@ -140,4 +140,4 @@ def test_a_recorded_config_with_both_settings_still_validates(tmp_path: Path) ->
                     '[train]\ncheckpoint_every = 2\n')
     # What a study records (and the report and resume checks read back) holds every field, both of these.
     again = StudyConfig.model_validate(load_study(path).model_dump())
-    assert again.train.checkpoint_policy == CheckpointPolicy(every_epochs=2)
+    assert checkpoint_policy(again.train) == CheckpointPolicy(every_epochs=2)

@@ -22,8 +22,8 @@ from rich.console import Console
 
 from conftest import STORAGES, _postgres_database, cli_env, free_port, run_cli, tiny_tables, write_study
 from hpsearch import __version__
-from hpsearch.report import describe_trial
-from hpsearch.storage import open_storage
+from hpsearch.monitor import describe_trial
+from hpsearch.store import open_storage
 
 BIN = Path(sys.executable).parent
 STUDY = "clitiny"
@@ -211,8 +211,8 @@ def test_the_commands_that_read_a_study_import_no_torch(ran):
     is about 3 CPU-seconds to import): watching a study stays cheap beside the workers that train it."""
     probe = (
         "import sys\n"
-        "from hpsearch.cli import main\n"
-        "from hpsearch.dashboard import artifacts_for\n"
+        "from hpsearch.cli._main import main\n"
+        "from hpsearch.monitor._dashboard import artifacts_for\n"
         f"code = main(['status', {str(ran.study)!r}, '--storage', {ran.url!r}])\n"
         "loaded = sorted(m for m in ('torch', 'torchvision', 'scipy', 'sklearn') if m in sys.modules)\n"
         "print('LOADED', loaded)\n"
@@ -242,7 +242,7 @@ def test_optuna_cli_lists_the_trials_with_their_params(ran):
 @pytest.mark.slow
 def test_dashboard_serves_the_study_and_its_artifacts(ran):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "dashboard", str(ran.study), "--storage", ran.url,
+    proc = subprocess.Popen([sys.executable, "-m", "hpsearch", "dashboard", str(ran.study), "--storage", ran.url,
                              "--port", str(port)], cwd=ran.folder, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

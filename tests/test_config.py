@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from hpsearch.config import ConfigError, ModelSection, StudyConfig, load_study, parse_study
-from hpsearch.model import check_model_config
+from hpsearch.model._build import check_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_FILES = sorted((REPO / "studies").glob("*.toml"))
@@ -250,7 +250,7 @@ def test_fingerprint_ignores_unselected_scheduler_branch() -> None:
 def _hpsearch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "HPSEARCH_STORAGE"}
     env["COLUMNS"] = "60"  # a narrow terminal must not wrap the error line
-    return subprocess.run([sys.executable, "-m", "hpsearch.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hpsearch", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -281,7 +281,7 @@ def test_cli_main_refuses_bad_file_with_exit_2_and_one_line(
     overrides: dict[str, dict[str, Any]], words: tuple[str, ...],
 ) -> None:
     # In-process (fast) over every kind of refusal; the subprocess tests below cover the real process.
-    from hpsearch.cli import main
+    from hpsearch.cli._main import main
 
     path = study_file(**overrides)
     code = main([command, str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}"])

@@ -19,15 +19,14 @@ from safetensors.torch import load_file
 
 from conftest import tiny_tables, write_study
 from hpsearch import keys, load_ensemble
-from hpsearch.artifacts import StudyArtifacts, load_outputs, open_artifact_store
-from hpsearch.candidates import select_candidates
-from hpsearch.cli import main
+from hpsearch.cli._main import main
 from hpsearch.config import load_study
-from hpsearch.loading import MANIFEST, SUMS, sha256_file
-from hpsearch.objective import Objective, Prepared
+from hpsearch.ensemble._candidates import select_candidates
+from hpsearch.predict import MANIFEST, SUMS, sha256_file
 from hpsearch.preprocess import Preprocess
-from hpsearch.search import open_study, prepare, run_trials
-from hpsearch.storage import open_storage
+from hpsearch.search._objective import Objective, Prepared
+from hpsearch.search._run import open_study, prepare, run_trials
+from hpsearch.store import StudyArtifacts, load_outputs, open_artifact_store, open_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.inprocess]
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hpsearch.config import DataSection
-from hpsearch.data import (
+from hpsearch.data._datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImagePool,
@@ -64,7 +64,7 @@ def test_digits_are_scikit_learns_own_without_importing_it() -> None:
     bunch = load_digits()
     assert np.array_equal(grey, bunch.images) and grey.dtype == bunch.images.dtype
     assert np.array_equal(target, bunch.target) and target.dtype == np.int64
-    probe = ("import sys; from hpsearch.config import DataSection; from hpsearch.data import load_pool; "
+    probe = ("import sys; from hpsearch.config import DataSection; from hpsearch.data._datasets import load_pool; "
              "load_pool(DataSection(dataset='digits')); print('sklearn' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr

@@ -9,10 +9,10 @@ import optuna
 import pytest
 
 from conftest import dashboard_artifacts, dashboard_http
-from hpsearch.cli import main
+from hpsearch.cli._main import main
 from hpsearch.config import load_study
-from hpsearch.search import open_study, prepare
-from hpsearch.storage import open_storage
+from hpsearch.search._run import open_study, prepare
+from hpsearch.store import open_storage
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from hpsearch.artifacts import StudyArtifacts, TrialOutputs, open_artifact_store, upload_trial_artifacts
-from hpsearch.candidates import Candidate, select_candidates
-from hpsearch.cli import main
-from hpsearch.combine import (
+from hpsearch.cli._main import main
+from hpsearch.config import load_study
+from hpsearch.ensemble._candidates import Candidate, select_candidates
+from hpsearch.ensemble._combine import (
     ece_from,
     expected_calibration_error,
     fit_nll_weights,
@@ -34,14 +34,13 @@ from hpsearch.combine import (
     scale,
     true_class_log_probs,
 )
-from hpsearch.config import load_study
-from hpsearch.ensemble import build_ensemble
+from hpsearch.ensemble._fit import build_ensemble
 from hpsearch.errors import EnsembleError
 from hpsearch.export import RESULT_FILE, staged_dir
 from hpsearch.keys import OUTPUTS as ATTR_OUTPUTS
 from hpsearch.keys import WEIGHTS as ATTR_WEIGHTS
-from hpsearch.report import report_markdown, table_cells
-from hpsearch.storage import open_storage
+from hpsearch.monitor._tables import report_markdown, table_cells
+from hpsearch.store import StudyArtifacts, TrialOutputs, open_artifact_store, open_storage, upload_trial_artifacts
 
 SHA = "a" * 64
 
@@ -422,7 +421,7 @@ def test_cli_ensemble_writes_report_with_the_four_rows(tmp_path: Path, study_fil
     specs = [("good", .9), ("missing", .95), ("good", .85), ("good", .8), ("pruned", 0)]
     path, url, store = cli_study(tmp_path, study_file, specs)
     out = tmp_path / "best-ensemble"
-    proc = subprocess.run([sys.executable, "-m", "hpsearch.cli", "ensemble", str(path), "--storage", url,
+    proc = subprocess.run([sys.executable, "-m", "hpsearch", "ensemble", str(path), "--storage", url,
                            "--artifacts", str(store), "--out", str(out), "--no-export"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -22,22 +22,22 @@ from torch import nn
 
 import hpsearch
 from conftest import fit_head, tiny_tables, write_study
-from hpsearch.artifacts import (
+from hpsearch.cli._main import main
+from hpsearch.config import load_study
+from hpsearch.errors import ExportError
+from hpsearch.predict import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
+from hpsearch.predict._score import BY, entropy, select_csv, uncertainty
+from hpsearch.preprocess import Preprocess
+from hpsearch.search._objective import suggest
+from hpsearch.search._run import open_study, prepare
+from hpsearch.store import (
     StudyArtifacts,
     TrialOutputs,
     load_trial_weights,
     open_artifact_store,
+    open_storage,
     upload_trial_artifacts,
 )
-from hpsearch.cli import main
-from hpsearch.config import load_study
-from hpsearch.errors import ExportError
-from hpsearch.loading import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
-from hpsearch.objective import suggest
-from hpsearch.predict import BY, entropy, select_csv, uncertainty
-from hpsearch.preprocess import Preprocess
-from hpsearch.search import open_study, prepare
-from hpsearch.storage import open_storage
 
 N_MEMBERS = 2
 
@@ -326,8 +326,8 @@ def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_p
     one line naming the trial and what to do, exit 2, and the pins released."""
     import optuna
 
-    import hpsearch.export
-    from hpsearch.pins import pinned
+    import hpsearch.export._write
+    from hpsearch.store import pinned
 
     store = _copy(exported.store, tmp_path / "store")
     study = optuna.load_study(study_name="tiny", storage=open_storage(exported.url))
@@ -337,7 +337,7 @@ def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_p
         assert point == "ensemble" and len(pinned(study.user_attrs)) == N_MEMBERS
         doomed.unlink()
 
-    monkeypatch.setattr(hpsearch.export, "hold_at", worker_deletes)
+    monkeypatch.setattr(hpsearch.export._write, "hold_at", worker_deletes)
     rc = main(["ensemble", str(exported.tmp / "tiny.toml"), "--storage", exported.url, "--artifacts", str(store),
                "--out", str(tmp_path / "ens"), "--method", "soft"])
     err = capsys.readouterr().err
@@ -352,7 +352,7 @@ def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_p
 def test_a_hard_voting_export_breaks_ties_as_the_report_counts_them() -> None:
     """Two members that disagree: the vote is tied, and the class with the higher summed probability wins in the
     exported module (so `predict` and ONNX label a sample as the report's accuracy counted it), not the lowest."""
-    from hpsearch.combine import hard_vote
+    from hpsearch.ensemble._combine import hard_vote
 
     member_probs = torch.tensor([[[0.60, 0.00, 0.40], [0.10, 0.80, 0.10]],     # member 0: class 0, class 1
                                  [[0.05, 0.05, 0.90], [0.10, 0.85, 0.05]]],    # member 1: class 2, class 1

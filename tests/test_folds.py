@@ -14,13 +14,11 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from hpsearch import keys
-from hpsearch.artifacts import StudyArtifacts, load_outputs, open_artifact_store
 from hpsearch.config import ConfigError, StudyConfig, load_study
-from hpsearch.data import load_pool, make_split
-from hpsearch.folds import make_folds
-from hpsearch.objective import Objective, Prepared
-from hpsearch.search import open_study, prepare, run_trials
-from hpsearch.storage import open_storage
+from hpsearch.data import load_pool, make_folds, make_split
+from hpsearch.search._objective import Objective, Prepared
+from hpsearch.search._run import open_study, prepare, run_trials
+from hpsearch.store import StudyArtifacts, load_outputs, open_artifact_store, open_storage
 
 CPU = torch.device("cpu")
 

@@ -16,8 +16,8 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import cli_env, tiny_tables, write_study
-from hpsearch.artifacts import S3_FULL_CODES, store_full_reason
-from hpsearch.storage import open_storage
+from hpsearch.store import open_storage
+from hpsearch.store._artifacts import S3_FULL_CODES, store_full_reason
 
 FILLER_MB = 20  # 100 MB - 20 MB: room for one ResNet-18's weights (45 MB), not two
 
@@ -45,7 +45,7 @@ def test_a_full_store_stops_the_run_at_the_first_trial_without_room(tmp_path: Pa
     study_file = write_study(tmp_path / "full.toml", tiny_tables("full", study={
         "n_trials": 5, "max_consecutive_failures": 5}))
     url = f"sqlite:///{tmp_path / 'full.db'}"
-    done = _in_a_100mb_store(store, [sys.executable, "-m", "hpsearch.cli", "run", str(study_file), "--storage", url,
+    done = _in_a_100mb_store(store, [sys.executable, "-m", "hpsearch", "run", str(study_file), "--storage", url,
                                      "--artifacts", str(store)], tmp_path)
 
     assert "rc=2" in done.stderr, done.stderr  # bad input's exit code: the user frees space, nothing is broken

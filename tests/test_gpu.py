@@ -28,17 +28,17 @@ CUDA = torch.device("cuda")
 
 
 def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    from hpsearch.storage import open_storage
+    from hpsearch.store import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(url)).trials
 
 
 @pytest.mark.timeout(600)
 def test_a_two_trial_study_on_cuda_is_pinned_and_stores_fp32_outputs(tmp_path: Path) -> None:
-    from hpsearch.artifacts import load_trial_outputs, load_trial_weights, open_artifact_store
     from hpsearch.config import load_study
     from hpsearch.data import load_pool, make_split, trial_data
     from hpsearch.model import build_model
+    from hpsearch.store import load_trial_outputs, load_trial_weights, open_artifact_store
     from hpsearch.train import predict_logits
 
     study = write_study(tmp_path / "gpu.toml", tiny_tables("gpu", train={"device": "cuda", "epochs": 2}))
@@ -66,11 +66,11 @@ def test_a_two_trial_study_on_cuda_is_pinned_and_stores_fp32_outputs(tmp_path: P
 
 
 def test_the_step_loop_never_waits_for_the_device() -> None:
-    from hpsearch.accelerator import choose_precision
     from hpsearch.config import DataSection, ModelSection, TrainSection
     from hpsearch.data import load_pool, make_split, trial_data
     from hpsearch.model import build_model
-    from hpsearch.train import Hyperparams, make_optimizer, train_steps
+    from hpsearch.train._accelerator import choose_precision
+    from hpsearch.train._loop import Hyperparams, make_optimizer, train_steps
 
     cfg = DataSection(dataset="digits", image_size=32, subset=600, augment=["crop", "cutout"])
     pool = load_pool(cfg)
@@ -126,7 +126,7 @@ def test_a_real_cuda_out_of_memory_is_retried_once(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_a_device_side_error_fails_its_trial_and_restarts_its_worker(tmp_path: Path) -> None:
-    from hpsearch.hold import FAULT_ENV
+    from hpsearch._testhooks import FAULT_ENV
 
     study = write_study(tmp_path / "fault.toml", tiny_tables("fault", study={"n_trials": 2},
                                                              train={"device": "cuda"}))

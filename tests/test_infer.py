@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from hpsearch.infer import MemberRunner, resolve_strategy
-from hpsearch.loading import Ensemble
-from hpsearch.predict import uncertainty
+from hpsearch.predict import Ensemble
+from hpsearch.predict._members import MemberRunner, resolve_strategy
+from hpsearch.predict._score import uncertainty
 from hpsearch.preprocess import Preprocess
 
 PRE = Preprocess(32, (0.5,) * 3, (0.25,) * 3)

@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import cli_env, run_cli, tiny_tables, write_study
-from hpsearch.hold import HOLD_ENV
+from hpsearch._testhooks import HOLD_ENV
 
 # From the signal to the process gone, trial FAIL and retry queued: a broken handler leaves the trial RUNNING
 # (it would wait for the heartbeat grace) or the process alive; a loaded machine needs a few seconds.
@@ -31,7 +31,7 @@ def test_signal_fails_the_trial_at_once_and_its_retry_resumes_the_checkpoint(sig
     url = f"sqlite:///{tmp_path / 'stop.db'}"
     artifacts = tmp_path / "artifacts"
     release = tmp_path / "release"
-    argv = [sys.executable, "-m", "hpsearch.cli", "run", str(study), "--storage", url, "--artifacts", str(artifacts)]
+    argv = [sys.executable, "-m", "hpsearch", "run", str(study), "--storage", url, "--artifacts", str(artifacts)]
     # The trial waits after its first checkpoint until `release` exists: the signal lands mid-trial, every time.
     run = subprocess.Popen(argv, cwd=tmp_path, env=cli_env(**{HOLD_ENV: f"1:{release}"}),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision import models
 
 from hpsearch.config import ConfigError, ModelSection
-from hpsearch.model import (
+from hpsearch.model._build import (
     DropoutLinear,
     build_model,
     head_path,

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from hpsearch.cli import main
+from hpsearch.cli._main import main
 from hpsearch.errors import ExportError
-from hpsearch.loading import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
+from hpsearch.predict import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
 from hpsearch.preprocess import Preprocess
 from test_export import Exported
 from test_export import exported as exported  # the module fixture (re-exported: built once for this module)
@@ -103,7 +103,7 @@ def test_a_damaged_onnx_file_is_refused(onnx_folder: Path, tmp_path: Path, damag
 
 
 def test_hard_voting_exports_too(tmp_path: Path) -> None:
-    from hpsearch.onnx_export import write_onnx
+    from hpsearch.export._onnx import write_onnx
 
     _ort()
     torch.manual_seed(0)
@@ -122,8 +122,8 @@ def test_hard_voting_exports_too(tmp_path: Path) -> None:
 
 def test_weights_past_the_size_limit_go_to_listed_external_data(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpsearch.loading import onnx_files
-    from hpsearch.onnx_export import write_onnx
+    from hpsearch.export._onnx import write_onnx
+    from hpsearch.predict import onnx_files
 
     _ort()
     program = pytest.importorskip("torch.onnx._internal.exporter._onnx_program")

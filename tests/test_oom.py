@@ -25,8 +25,8 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import cli_env, tiny_tables, write_study
-from hpsearch.accelerator import is_out_of_memory as _out_of_memory
 from hpsearch.keys import WORKER as ATTR_WORKER
+from hpsearch.train import is_out_of_memory as _out_of_memory
 
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
 GiB = 2**30
@@ -99,7 +99,7 @@ def test_out_of_memory_trials_are_retried_once_and_the_run_stops_on_the_streak(t
     study_path = write_study(tmp_path / "oom.toml", tiny_tables("oom", **OOM_TABLES))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     code, pid, stdout, stderr, peak_rss = _run_capped(
-        [sys.executable, "-m", "hpsearch.cli", "run", str(study_path), "--storage", url,
+        [sys.executable, "-m", "hpsearch", "run", str(study_path), "--storage", url,
          "--artifacts", str(tmp_path / "store")], tmp_path, timeout=240)
 
     # A clean stop on the failure streak: exit 1, its one line, no traceback; and the huge batch was refused,

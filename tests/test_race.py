@@ -14,10 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import cli_env, run_cli, tiny_tables, write_study
-from hpsearch.hold import HOLD_ENV
-from hpsearch.loading import load_ensemble
-from hpsearch.pins import pinned
-from hpsearch.storage import open_storage
+from hpsearch._testhooks import HOLD_ENV
+from hpsearch.predict import load_ensemble
+from hpsearch.store import open_storage, pinned
 
 
 def _weights_on_disk(study: optuna.Study, store: Path) -> dict[int, bool]:
@@ -37,7 +36,7 @@ def test_an_export_keeps_its_members_while_a_worker_deletes_losers(tmp_path: Pat
     study = optuna.load_study(study_name="race", storage=open_storage(url))
     assert all(_weights_on_disk(study, store).values())
 
-    export = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "ensemble", str(roomy), *common, "--method",
+    export = subprocess.Popen([sys.executable, "-m", "hpsearch", "ensemble", str(roomy), *common, "--method",
                                "soft", "--out", str(out)], cwd=tmp_path,
                               env=cli_env(**{HOLD_ENV: f"ensemble:{release}"}),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

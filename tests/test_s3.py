@@ -27,16 +27,16 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from conftest import cli_env, free_port, run_cli, tiny_tables, write_study
-from hpsearch.artifacts import (
+from hpsearch.errors import ArtifactStoreError
+from hpsearch.keys import OUTPUTS as ATTR_OUTPUTS
+from hpsearch.keys import WEIGHTS as ATTR_WEIGHTS
+from hpsearch.store import (
     open_artifact_store,
+    open_storage,
     remove_artifact,
     resolve_artifacts,
     store_size_bytes,
 )
-from hpsearch.errors import ArtifactStoreError
-from hpsearch.keys import OUTPUTS as ATTR_OUTPUTS
-from hpsearch.keys import WEIGHTS as ATTR_WEIGHTS
-from hpsearch.storage import open_storage
 
 
 def _keys(bucket: str, prefix: str = "") -> dict[str, int]:
@@ -178,7 +178,7 @@ def test_parallel_workers_status_ensemble_and_dashboard_on_s3(s3_bucket: str, tm
 def _dashboard_serves_an_artifact_from_s3(study_path: Path, url: str, study: optuna.Study,
                                           trial: optuna.trial.FrozenTrial, bucket: str, cwd: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "dashboard", str(study_path), "--storage", url,
+    proc = subprocess.Popen([sys.executable, "-m", "hpsearch", "dashboard", str(study_path), "--storage", url,
                              "--port", str(port)], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     artifact_id = trial.user_attrs[ATTR_OUTPUTS]

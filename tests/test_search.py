@@ -15,13 +15,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import STORAGES_AND_PROXY, dashboard_artifacts, dashboard_http
-from hpsearch.artifacts import StudyArtifacts, load_trial_outputs, load_trial_weights, open_artifact_store
-from hpsearch.cli import main
+from hpsearch.cli._main import main
 from hpsearch.config import ConfigError, StudyConfig, load_study
-from hpsearch.objective import Objective, Prepared
-from hpsearch.search import StopAfterFailures, open_study, prepare, run_trials
-from hpsearch.storage import open_storage, redact
-from hpsearch.studies import best_trial, finished_trials
+from hpsearch.search._objective import Objective, Prepared
+from hpsearch.search._run import StopAfterFailures, open_study, prepare, run_trials
+from hpsearch.store import (
+    StudyArtifacts,
+    best_trial,
+    finished_trials,
+    load_trial_outputs,
+    load_trial_weights,
+    open_artifact_store,
+    open_storage,
+    redact,
+)
 from hpsearch.train import predict_logits
 
 CPU = torch.device("cpu")

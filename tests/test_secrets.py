@@ -57,7 +57,7 @@ def _session_argvs(sid: int) -> dict[int, str]:
 def test_a_storage_password_appears_in_no_argv_output_or_file(secret_url: str, tmp_path: Path) -> None:
     study = write_study(tmp_path / "secret.toml", tiny_tables("secret", study={"n_trials": 3}))
     env = {"HPSEARCH_STORAGE": secret_url}
-    run = subprocess.Popen([sys.executable, "-m", "hpsearch.cli", "run", str(study), "--workers", "2",
+    run = subprocess.Popen([sys.executable, "-m", "hpsearch", "run", str(study), "--workers", "2",
                             "--artifacts", str(tmp_path / "artifacts")], cwd=tmp_path, env=cli_env(**env),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     leaks: dict[int, str] = {}

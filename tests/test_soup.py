@@ -29,19 +29,18 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import fit_head, tiny_tables, write_study
-from hpsearch.artifacts import StudyArtifacts, TrialOutputs, open_artifact_store, upload_trial_artifacts
-from hpsearch.cli import main
+from hpsearch.cli._main import main
 from hpsearch.config import load_study
+from hpsearch.ensemble._soup import SoupError, SoupStep, average_states, check_same_start, greedy_soup, soup_decision
 from hpsearch.errors import TTAError
 from hpsearch.keys import INIT_WEIGHTS as ATTR_INIT_WEIGHTS
-from hpsearch.loading import MANIFEST, SUMS, load_ensemble, sha256_file
 from hpsearch.model import build_model, init_weights_tag
-from hpsearch.objective import suggest
+from hpsearch.predict import MANIFEST, SUMS, load_ensemble, sha256_file
+from hpsearch.predict._tta import crop_shifts, manifest_augment, shift, tta_views
 from hpsearch.preprocess import Preprocess, decode_image
-from hpsearch.search import open_study, prepare
-from hpsearch.soup import SoupError, SoupStep, average_states, check_same_start, greedy_soup, soup_decision
-from hpsearch.storage import open_storage
-from hpsearch.tta import crop_shifts, manifest_augment, shift, tta_views
+from hpsearch.search._objective import suggest
+from hpsearch.search._run import open_study, prepare
+from hpsearch.store import StudyArtifacts, TrialOutputs, open_artifact_store, open_storage, upload_trial_artifacts
 
 State = dict[str, torch.Tensor]
 

@@ -13,10 +13,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import run_cli, tiny_tables, write_study
-from hpsearch.cli import main
-from hpsearch.hold import HOLD_ENV
-from hpsearch.stopping import StopWhenAsked, pending, request_stop, stop_request
-from hpsearch.storage import open_storage
+from hpsearch._testhooks import HOLD_ENV
+from hpsearch.cli._main import main
+from hpsearch.store import StopWhenAsked, open_storage, pending, request_stop, stop_request
 from test_workers import Procs, _held, _hpsearch, _states, _trials
 from test_workers import procs as procs  # the fixture: every process started is killed at teardown
 

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import PG_ADMIN_URL, STORAGES_AND_PROXY, require_postgres
-from hpsearch.storage import DEFAULT_STORAGE, StorageError, open_storage, redact, resolve_storage_url
+from hpsearch.store._storage import DEFAULT_STORAGE, StorageError, open_storage, redact, resolve_storage_url
 
 POSTGRES_ONLY = pytest.mark.parametrize("storage_url", [pytest.param("postgresql", marks=pytest.mark.postgres)],
                                         indirect=True)

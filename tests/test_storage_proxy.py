@@ -16,10 +16,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import _postgres_database, dashboard_http, run_cli, storage_proxy
-from hpsearch import storage_proxy as proxy_module
-from hpsearch.cli import main
-from hpsearch.hold import HOLD_ENV
-from hpsearch.storage import StorageError, close_storage, open_storage
+from hpsearch._testhooks import HOLD_ENV
+from hpsearch.cli._main import main
+from hpsearch.store import _proxy as proxy_module
+from hpsearch.store._storage import StorageError, close_storage, open_storage
 from test_workers import Procs, _held, _hpsearch, _states, _trials
 
 

@@ -26,15 +26,12 @@ from PIL import Image
 from scipy.special import softmax
 
 from conftest import tiny_tables, write_study
-from hpsearch import keys, plots
-from hpsearch.artifacts import load_trial_outputs, open_artifact_store
-from hpsearch.cli import main
+from hpsearch import keys
+from hpsearch.cli._main import main
 from hpsearch.config import load_study
-from hpsearch.report_ensemble import RELIABILITY_FILE, WEIGHTS_FILE, ensemble_builders, read_ensemble
-from hpsearch.search import open_study, prepare
-from hpsearch.storage import open_storage
-from hpsearch.studies import ranked_trials
-from hpsearch.study_report import (
+from hpsearch.report import _plots as plots
+from hpsearch.report._ensemble import RELIABILITY_FILE, WEIGHTS_FILE, ensemble_builders, read_ensemble
+from hpsearch.report._study import (
     MISTAKES_FILE,
     PER_CLASS_FILE,
     REPORT_FILE,
@@ -45,6 +42,8 @@ from hpsearch.study_report import (
     trials_table,
     validation_images,
 )
+from hpsearch.search._run import open_study, prepare
+from hpsearch.store import load_trial_outputs, open_artifact_store, open_storage, ranked_trials
 
 NAME = "reporttiny"
 

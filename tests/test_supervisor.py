@@ -14,9 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import STORAGES_AND_PROXY, tiny_tables, write_study
-from hpsearch.forkserver import forkserver_launch, stop_forkserver
-from hpsearch.storage import open_storage
-from hpsearch.workers import (
+from hpsearch.store import open_storage
+from hpsearch.workers._forkserver import forkserver_launch, stop_forkserver
+from hpsearch.workers._supervisor import (
     EXIT_DEVICE_BROKEN,
     EXIT_FAILURE_STREAK,
     EXIT_STORE_FULL,

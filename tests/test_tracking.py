@@ -12,9 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import tiny_tables, write_study
-from hpsearch.cli import main
+from hpsearch.cli._main import main
 from hpsearch.config import ConfigError, TrackingSection, load_study
-from hpsearch.tracking import HPARAM_METRIC, NoTracking, TrialLog, TrialLogs
+from hpsearch.search._tracking import HPARAM_METRIC, NoTracking, TrialLog, TrialLogs
 from hpsearch.train import EpochMetrics
 
 

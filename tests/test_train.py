@@ -14,7 +14,7 @@ from torch import nn
 
 from hpsearch.config import DataSection, ModelSection, TrainSection
 from hpsearch.data import TrialData, load_pool, make_split, trial_data
-from hpsearch.train import (
+from hpsearch.train._loop import (
     EpochMetrics,
     Hyperparams,
     NonFiniteLoss,

@@ -33,7 +33,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 import hpsearch
-from hpsearch.hold import HOLD_ENV
+from hpsearch._testhooks import HOLD_ENV
 
 N_POPPERS = 8
 # Upper bounds, generous for a loaded 2-core machine: the supervisor polls its workers every 0.5 s; a lone
@@ -154,7 +154,7 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 def _hpsearch(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hpsearch.cli", *args]
+    return [sys.executable, "-m", "hpsearch", *args]
 
 
 def _trials(url: str, name: str) -> list[FrozenTrial]:
@@ -165,7 +165,7 @@ def _trials(url: str, name: str) -> list[FrozenTrial]:
     except KeyError:
         return []
     finally:
-        hpsearch.storage.close_storage(storage)
+        hpsearch.store._storage.close_storage(storage)
 
 
 def _states(trials: list[FrozenTrial]) -> dict[str, int]:
@@ -268,7 +268,7 @@ def _pop_enqueued(url: str, folder: Path, procs: Procs, *, hardened: bool, n_pop
     study = optuna.create_study(study_name="queue", storage=setup, direction="maximize")
     for x in range(N_ENQUEUED):
         study.enqueue_trial({"x": x})
-    hpsearch.storage.close_storage(setup)
+    hpsearch.store._storage.close_storage(setup)
     script = folder / "popper.py"
     script.write_text(POPPER)
 
@@ -630,7 +630,7 @@ def test_dropped_postgres_connections_do_not_fail_a_running_trial(study_file: Ca
 
 
 def test_workers_are_pinned_round_robin_to_gpus_or_share_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpsearch.workers import worker_env
+    from hpsearch.workers._supervisor import worker_env
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # every GPU visible: indices pass through
     gpus = [0, 1, 2]
@@ -660,7 +660,7 @@ def test_workers_are_pinned_round_robin_to_gpus_or_share_the_cpu(monkeypatch: py
 ])
 def test_gpu_pinning_maps_through_the_parents_visible_devices(monkeypatch: pytest.MonkeyPatch, parent: str,
                                                               children: list[str]) -> None:
-    from hpsearch.workers import worker_env
+    from hpsearch.workers._supervisor import worker_env
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
     assert [worker_env(i, 3, [0, 1], 1)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == children
@@ -668,7 +668,7 @@ def test_gpu_pinning_maps_through_the_parents_visible_devices(monkeypatch: pytes
 
 def test_a_gpu_index_the_parent_does_not_see_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from hpsearch.errors import UsageError
-    from hpsearch.workers import worker_env
+    from hpsearch.workers._supervisor import worker_env
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(UsageError, match=r"--gpus 2: this process sees 2 GPU\(s\)"):

@@ -13,17 +13,17 @@ __all__ = ["__version__", "load_ensemble", "load_study", "open_storage"]
 
 if TYPE_CHECKING:
     from hpsearch.config import load_study
-    from hpsearch.loading import load_ensemble
-    from hpsearch.storage import open_storage
+    from hpsearch.predict import load_ensemble
+    from hpsearch.store import open_storage
 
 
 def __getattr__(name: str) -> Any:
     if name == "open_storage":
-        from hpsearch.storage import open_storage
+        from hpsearch.store import open_storage
 
         return open_storage
     if name == "load_ensemble":
-        from hpsearch.loading import load_ensemble
+        from hpsearch.predict import load_ensemble
 
         return load_ensemble
     if name == "load_study":

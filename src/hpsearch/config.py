@@ -26,7 +26,6 @@ from pydantic import (
     model_validator,
 )
 
-from hpsearch.checkpoints import CheckpointPolicy
 from hpsearch.errors import HpsearchError
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adamw")
@@ -248,10 +247,6 @@ class TrainSection(_Strict):
     # torch.compile once per worker, reused by every later trial of the same architecture, image size and
     # batch size (a new dropout does not recompile); the first trial pays the compilation.
     compile: bool = False
-
-    @property
-    def checkpoint_policy(self) -> CheckpointPolicy:
-        return CheckpointPolicy(self.checkpoint_every, self.checkpoint_minutes)
 
 
 class StepSpace(_Strict):

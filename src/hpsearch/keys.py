@@ -9,6 +9,8 @@ trial are read through their public `user_attrs`.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -104,3 +106,7 @@ def config_value(study: HasUserAttrs, section: str, key: str, default: Any = Non
 def without_failure(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The user attrs a retry inherits: all but FAILURE_ATTRS."""
     return {k: v for k, v in user_attrs.items() if k not in FAILURE_ATTRS}
+
+def worker_tag(pid: int | None = None) -> str:
+    """Who runs a trial: host and pid, recorded on the trial so a supervisor can find a dead worker's trial."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"

@@ -1,0 +1,7 @@
+"""The `hpsearch` command: argument parsing, progress, tables and exit codes over the stages."""
+
+from __future__ import annotations
+
+from hpsearch.cli._main import main
+
+__all__ = ["main"]

@@ -1,0 +1,165 @@
+"""An ensemble's candidates: a study's best COMPLETE trials whose stored outputs are usable, read from its store.
+
+Candidates are the COMPLETE trials, best validation accuracy first (ties: lower trial number), whose weights
+can be opened and whose `outputs.safetensors` loads, carries the study's split sha256, has the study's classes
+and the best candidate's labels. A trial that fails any of these is passed over with a warning naming it and
+why, and the next one is tried. No model is re-run: the outputs are what each trial stored when it finished.
+
+A cross-validated study's (`[data] folds`) candidate is a trial with all K fold models: its validation outputs
+are out-of-fold (every train+val image predicted by the fold model that never saw it, in pool order), its test
+outputs the uniform average of its K fold models' softmaxes; the fold outputs must carry the study's folds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hpsearch import keys
+from hpsearch.ensemble._combine import Outputs, fold_average_log_probs, member_log_probs
+from hpsearch.errors import EnsembleError
+from hpsearch.store import TrialOutputs, load_outputs, load_trial_outputs, ranked_trials
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpsearch.store import ArtifactStore
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A usable trial: its rank data and its stored outputs."""
+
+    trial: int
+    params: Mapping[str, Any]
+    val_accuracy: float
+    weights_artifact: str  # "" for a cross-validated trial, whose weights are `fold_weights`
+    outputs: TrialOutputs
+    fold_weights: tuple[str, ...] = ()  # a cross-validated trial's fold models, fold 0 first
+
+
+@dataclass(frozen=True)
+class Selection:
+    candidates: tuple[Candidate, ...]  # best validation accuracy first
+    skipped: tuple[str, ...]  # one warning per trial passed over, naming it and why
+
+
+def select_candidates(study: optuna.Study, store: ArtifactStore, top_k: int,
+                      pin: Callable[[str], None] | None = None) -> Selection:
+    """The top_k usable trials, best validation accuracy first (ties: lower trial number).
+
+    A trial whose weights are missing, or whose outputs are missing, unreadable, from another split or shaped
+    unlike the study's classes, is passed over with a warning in `skipped`, and the next one is tried. With
+    `pin`, each trial's weights are pinned before they are checked (hpsearch.pins): running workers then keep
+    what was found.
+    """
+    expected_sha = keys.split_sha256(study)
+    if not expected_sha:
+        raise EnsembleError(f"study {study.study_name!r} records no split_sha256; it was not created by hpsearch")
+    n_classes = len(keys.classes(study)) or None
+    folds_sha = keys.folds_sha256(study)
+    n_folds = len(study.user_attrs.get(keys.FOLD_SIZES, []))
+    chosen: list[Candidate] = []
+    skipped: list[str] = []
+    for trial in ranked_trials(study):
+        if len(chosen) >= top_k:
+            break
+        records = keys.fold_records(trial)
+        weights = [str(r["weights_artifact"]) for r in records] or (
+            [str(trial.user_attrs[keys.WEIGHTS])] if trial.user_attrs.get(keys.WEIGHTS) else [])
+        for artifact in weights if pin is not None else ():
+            pin(artifact)
+        problem, outputs = _load(store, trial) if folds_sha is None else fold_outputs(store, trial, folds_sha, n_folds)
+        if outputs is not None:
+            problem = _mismatch(outputs, expected_sha, n_classes, chosen[0].outputs if chosen else None)
+        if problem is not None or outputs is None:
+            skipped.append(f"trial {trial.number} skipped: {problem}")
+            continue
+        chosen.append(Candidate(trial.number, dict(trial.params), float(trial.value or 0.0),
+                                str(trial.user_attrs.get(keys.WEIGHTS, "")), outputs,
+                                tuple(weights) if folds_sha is not None else ()))
+    return Selection(tuple(chosen), tuple(skipped))
+
+
+def _load(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> tuple[str | None, TrialOutputs | None]:
+    for attr in (keys.OUTPUTS, keys.WEIGHTS):
+        if attr not in trial.user_attrs:
+            return f"it has no {attr} user attr", None
+    try:
+        store.open_reader(trial.user_attrs[keys.WEIGHTS]).close()  # a member must be exportable
+    except Exception as err:
+        return f"its weights artifact {trial.user_attrs[keys.WEIGHTS]} cannot be opened ({type(err).__name__})", None
+    try:
+        return None, load_trial_outputs(store, trial)
+    except Exception as err:  # a missing or corrupt file skips this trial, whatever the store raised
+        name = type(err).__name__
+        return f"its outputs artifact {trial.user_attrs[keys.OUTPUTS]} cannot be read ({name}: {err})", None
+
+
+def fold_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial, folds_sha: str,
+                n_folds: int) -> tuple[str | None, TrialOutputs | None]:
+    """A cross-validated trial's outputs: out-of-fold validation (pool order) and its fold-averaged test."""
+    records = keys.fold_records(trial)
+    if [int(r["fold"]) for r in records] != list(range(n_folds)):
+        return f"it has {len(records)} of the study's {n_folds} folds", None
+    folds: list[TrialOutputs] = []
+    for record in records:
+        for attr in ("weights_artifact", "outputs_artifact"):
+            try:
+                store.open_reader(str(record[attr])).close()  # a member must be exportable
+            except Exception as err:
+                return f"fold {record['fold']}'s {attr} {record[attr]} cannot be opened ({type(err).__name__})", None
+        try:
+            outputs = load_outputs(store, str(record["outputs_artifact"]))
+        except Exception as err:  # a corrupt file skips this trial, whatever the store raised
+            return f"fold {record['fold']}'s outputs cannot be read ({type(err).__name__}: {err})", None
+        if outputs.folds_sha256 != folds_sha or outputs.fold != record["fold"] or outputs.val_index is None:
+            return f"fold {record['fold']}'s outputs are not from the study's folds {folds_sha[:12]}", None
+        if outputs.split_sha256 != (folds[0].split_sha256 if folds else outputs.split_sha256):
+            return "its fold outputs are from different splits", None
+        folds.append(outputs)
+    index = torch.cat([o.val_index for o in folds])  # type: ignore[misc]
+    order = torch.argsort(index)
+    if not bool((index[order][1:] > index[order][:-1]).all()):
+        return "its folds' validation images overlap", None
+    oof = torch.cat([torch.log_softmax(o.val_logits.double(), dim=-1) for o in folds])[order]
+    test = torch.from_numpy(fold_average_log_probs([o.test_logits.double().numpy() for o in folds]))
+    return None, TrialOutputs(oof, test, folds[0].split_sha256, torch.cat([o.val_labels for o in folds])[order],
+                              folds[0].test_labels, index[order], folds_sha)
+
+
+def _mismatch(outputs: TrialOutputs, sha: str, n_classes: int | None, first: TrialOutputs | None) -> str | None:
+    if outputs.split_sha256 != sha:
+        return f"its outputs are from split {outputs.split_sha256[:12] or '(none)'}, not the study's {sha[:12]}"
+    if n_classes is not None and outputs.val_logits.shape[-1] != n_classes:
+        return f"its outputs have {outputs.val_logits.shape[-1]} classes, the study {n_classes}"
+    if first is not None and not (outputs.val_labels.equal(first.val_labels)
+                                  and outputs.test_labels.equal(first.test_labels)):
+        return "its stored labels differ from the best candidate's"
+    if first is not None and outputs.val_index is not None and not outputs.val_index.equal(first.val_index):
+        return "its out-of-fold images differ from the best candidate's"
+    return None
+
+
+def stack_outputs(candidates: Sequence[Candidate]) -> Outputs:
+    """The candidates' outputs as log-probabilities, checked to line up sample by sample."""
+    if len(candidates) < 2:
+        raise EnsembleError(f"an ensemble needs at least 2 usable candidates, got {len(candidates)}")
+    first = candidates[0].outputs
+    for c in candidates[1:]:
+        o = c.outputs
+        if o.split_sha256 != first.split_sha256 or o.val_logits.shape != first.val_logits.shape \
+                or o.test_logits.shape != first.test_logits.shape or not o.val_labels.equal(first.val_labels) \
+                or not o.test_labels.equal(first.test_labels):
+            raise EnsembleError(f"trial {c.trial}'s outputs do not line up with trial {candidates[0].trial}'s "
+                                "(split, shape or labels differ)")
+    return Outputs(
+        val=member_log_probs([c.outputs.val_logits.double().numpy() for c in candidates]),
+        test=member_log_probs([c.outputs.test_logits.double().numpy() for c in candidates]),
+        y_val=first.val_labels.numpy().astype(np.int64),
+        y_test=first.test_labels.numpy().astype(np.int64),
+    )

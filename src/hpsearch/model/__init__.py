@@ -1,0 +1,25 @@
+"""torchvision models by name: weights (enum or local file), a new head with dropout, freezing. Knows nothing
+of Optuna.
+"""
+
+from __future__ import annotations
+
+from hpsearch.model._build import (
+    build_model,
+    builder_kwargs,
+    check_study_model,
+    init_weights_tag,
+    plain_state_dict,
+    set_dropout,
+    set_train_mode,
+)
+
+__all__ = [
+    "build_model",
+    "builder_kwargs",
+    "check_study_model",
+    "init_weights_tag",
+    "plain_state_dict",
+    "set_dropout",
+    "set_train_mode",
+]

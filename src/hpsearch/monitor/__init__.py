@@ -1,0 +1,25 @@
+"""Watching a study without torch: the trials and `status` tables, optuna-dashboard."""
+
+from __future__ import annotations
+
+from hpsearch.monitor._dashboard import serve
+from hpsearch.monitor._tables import (
+    describe_trial,
+    report_markdown,
+    result_table,
+    state_counts,
+    status_renderables,
+    top_trials_table,
+    trials_frame,
+)
+
+__all__ = [
+    "describe_trial",
+    "report_markdown",
+    "result_table",
+    "serve",
+    "state_counts",
+    "status_renderables",
+    "top_trials_table",
+    "trials_frame",
+]

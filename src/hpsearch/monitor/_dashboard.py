@@ -1,0 +1,49 @@
+"""optuna-dashboard on a study's storage and artifact store, opened exactly as the workers open them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+
+from hpsearch import keys
+from hpsearch.config import load_study
+from hpsearch.errors import ArtifactStoreError
+from hpsearch.store import (
+    is_s3,
+    load_existing,
+    open_artifact_store,
+    open_storage,
+    redact,
+    resolve_artifacts,
+    resolve_storage_url,
+)
+
+
+def artifacts_for(storage: optuna.storages.BaseStorage, study_name: str | None, cli: str | None,
+                  study_file: str | None) -> str:
+    """The study's recorded artifact store; without a study, the one all recorded studies share."""
+    if study_name is not None:
+        return resolve_artifacts(cli, load_existing(storage, study_name), study_file)
+    recorded = {s.user_attrs.get(keys.ARTIFACTS) for s in storage.get_all_studies()} - {None}
+    return resolve_artifacts(cli or (recorded.pop() if len(recorded) == 1 else None), None, study_file)
+
+
+def serve(study_path: str | None, *, storage: str | None, artifacts: str | None, host: str, port: int,
+          echo: Callable[[str], None] = print) -> None:
+    from optuna_dashboard import run_server
+
+    cfg = load_study(study_path) if study_path else None
+    url = resolve_storage_url(storage, cfg.study.storage if cfg else None)
+    opened = open_storage(url, reader=True)
+    location = artifacts_for(opened, cfg.study.name if cfg else None, artifacts,
+                             cfg.study.artifacts if cfg else None)
+    try:
+        store = open_artifact_store(location, create=False)
+    except ArtifactStoreError:
+        if is_s3(location):  # a named bucket that cannot be read is the user's to fix
+            raise
+        store = None  # no folder yet: the dashboard still shows the studies, without artifacts
+    echo(f"optuna-dashboard on http://{host}:{port}/ for {redact(url)}"
+         f" (artifacts: {location if store else 'none found'}); Ctrl-C stops it")
+    run_server(opened, host=host, port=port, artifact_store=store)

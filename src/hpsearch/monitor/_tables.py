@@ -1,0 +1,323 @@
+"""Tables and reports: a study's trials (pandas frames, rendered with rich), its status, and the ensemble's
+comparison (the terminal table and report.md)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.markup import escape
+from rich.table import Table
+
+from hpsearch import keys
+from hpsearch.store import best_trial, ranked_trials, redact, stop_request, store_size_bytes, target_reached
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.console import RenderableType
+
+    from hpsearch.ensemble import Candidate, EnsembleResult, Row
+
+HEADERS = {"val_accuracy": "val_acc", "optimizer": "optim", "seconds": "sec"}
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    return {state.name: counts.get(state.name, 0) for state in TrialState}
+
+
+def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
+    import pandas as pd  # imported here: a worker prints trial lines, never a table
+
+    rows = []
+    for t in trials:
+        p = t.params
+        seconds = t.duration.total_seconds() if t.duration is not None else None
+        rows.append({
+            "trial": t.number,
+            "state": t.state.name,
+            "val_accuracy": t.value if t.values else None,
+            "epoch": _epoch(t.user_attrs.get(keys.BEST_EPOCH)),
+            "lr": p.get("lr"),
+            "optimizer": p.get("optimizer"),
+            "scheduler": scheduler_label(p),
+            "dropout": p.get("dropout"),
+            "seconds": round(seconds, 1) if seconds is not None else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def scheduler_label(params: dict[str, object]) -> str:
+    """The scheduler with its own parameters, e.g. step(2, 0.31)."""
+    name = str(params.get("scheduler", ""))
+    args = {
+        "step": ("step_size", "step_gamma"),
+        "exponential": ("exp_gamma",),
+        "plateau": ("plateau_factor", "plateau_patience"),
+    }.get(name, ())
+    values = [_format("", params[a]) for a in args if a in params]
+    short = {"exponential": "exp"}.get(name, name)
+    return f"{short}({', '.join(values)})" if values else name
+
+
+def _epoch(value: object) -> int | None:
+    return int(value) + 1 if isinstance(value, int) else None  # shown 1-based, like the progress line
+
+
+def _format(column: str, value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if column in ("lr", "weight_decay") and isinstance(value, float):
+        return f"{value:.2e}"
+    if column == "val_accuracy" and isinstance(value, float):
+        return f"{value:.4f}"
+    if column == "dropout" and isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def frame_table(frame: pd.DataFrame, title: str) -> Table:
+    table = Table(title=title, header_style="bold")
+    for column in frame.columns:
+        text = column in ("state", "optimizer", "scheduler")
+        table.add_column(HEADERS.get(str(column), str(column)), justify="left" if text else "right",
+                         no_wrap=column == "scheduler")
+    for record in frame.to_dict("records"):
+        table.add_row(*(_format(str(c), record[c]) for c in frame.columns))
+    return table
+
+
+def top_trials_table(study: optuna.Study, k: int) -> Table:
+    top = ranked_trials(study)[:k]
+    frame = trials_frame(top).drop(columns=["state"], errors="ignore")
+    return frame_table(frame, f"top {len(top)} trials of {study.study_name!r} (COMPLETE)")
+
+
+def device_label(attrs: dict[str, Any]) -> str:
+    """`cpu`, or `cuda:0` with the physical GPU it is (name, and CUDA_VISIBLE_DEVICES' id) and the trial's peak
+    memory once known: what tells two workers' GPUs apart."""
+    device = str(attrs.get(keys.DEVICE, ""))
+    gpu = attrs.get(keys.GPU) or {}
+    if not gpu:
+        return device
+    parts = [str(gpu.get("name", "GPU"))]
+    if gpu.get("visible"):
+        parts.append(f"CUDA_VISIBLE_DEVICES={gpu['visible']}")
+    if attrs.get(keys.PEAK_GPU_MIB) is not None:
+        parts.append(f"peak {attrs[keys.PEAK_GPU_MIB]:.0f} MiB")
+    return f"{device} ({', '.join(parts)})"
+
+
+def gpu_memory_lines(study: optuna.Study) -> list[str]:
+    """Per physical GPU the finished trials ran on: the largest peak memory of a trial, against the GPU's own
+    (what --workers-per-gpu M and the batch size are chosen by: M x peak must fit)."""
+    by_gpu: dict[tuple[str, str], list[float]] = {}
+    total: dict[tuple[str, str], Any] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        gpu, peak = t.user_attrs.get(keys.GPU), t.user_attrs.get(keys.PEAK_GPU_MIB)
+        if gpu and peak is not None:
+            key = (str(gpu.get("name", "GPU")), str(gpu.get("uuid") or gpu.get("visible") or gpu.get("index")))
+            by_gpu.setdefault(key, []).append(float(peak))
+            total[key] = gpu.get("memory_mib")
+    return [f"GPU {name} ({ident}): peak {max(peaks):.0f} MiB per trial of {total[(name, ident)] or '?'} MiB, over "
+            f"{len(peaks)} trials" for (name, ident), peaks in sorted(by_gpu.items())]
+
+
+def running_trials_table(study: optuna.Study, epochs: int, now: datetime | None = None) -> Table | None:
+    """Who runs what now, across machines: each RUNNING trial's worker, last reported epoch and age."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return None
+    now = now or datetime.now()
+    table = Table(title=f"running trials of {study.study_name!r}", header_style="bold")
+    for column in ("trial", "worker", "device", "epoch", "val_acc", "running for", "resumed from"):
+        table.add_column(column, justify="right" if column in ("trial", "epoch", "val_acc") else "left")
+    folds = len(study.user_attrs.get(keys.FOLD_SIZES, []))  # cross-validated: a step is a fold, not an epoch
+    for t in sorted(running, key=lambda t: t.number):
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        resumed = t.user_attrs.get(keys.RESUMED_FROM) or {}
+        table.add_row(
+            str(t.number), str(t.user_attrs.get(keys.WORKER, "")), device_label(t.user_attrs),
+            (f"{last + 1}/{epochs}" if last is not None else f"0/{epochs}") if not folds else
+            f"fold {len(keys.fold_records(t)) + 1}/{folds}",
+            _format("val_accuracy", t.intermediate_values[last]) if last is not None else "",
+            _duration((now - t.datetime_start).total_seconds()) if t.datetime_start else "",
+            f"trial {resumed['trial']}, " + (f"fold {resumed['folds_done']}, " if "folds_done" in resumed else "")
+            + f"epoch {resumed['epochs_done']}" if resumed else "",
+        )
+    return table
+
+
+def failed_trials_table(study: optuna.Study, last: int = 5) -> Table | None:
+    """The most recent FAIL trials and why, and what became of each (retried by a later trial, or not)."""
+    trials = study.get_trials(deepcopy=False)
+    every = [t for t in trials if t.state == TrialState.FAIL]
+    if not every:
+        return None
+    failed = every[-last:]
+    original = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    retried_by = {original(t): t.number for t in trials if original(t) is not None}
+    shown = f" (the last {len(failed)} of {len(every)})" if len(every) > len(failed) else ""
+    table = Table(title=f"failed trials of {study.study_name!r}{shown}", header_style="bold")
+    table.add_column("trial", justify="right")
+    table.add_column("retried by", justify="right")
+    table.add_column("reason", overflow="fold")
+    for t in failed:
+        retry = retried_by.get(t.number)
+        table.add_row(str(t.number), "" if retry is None else f"trial {retry}", _reason(t, keys.FAIL_REASON))
+    return table
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def describe_trial(trial: FrozenTrial) -> str:
+    """One line per finished trial, for the run's log."""
+    p = trial.params
+    what = f"{p.get('optimizer', '?')} lr={p.get('lr', float('nan')):.2e} {p.get('scheduler', '?')} " \
+           f"dropout={p.get('dropout', float('nan')):.2f}"
+    if trial.state == TrialState.COMPLETE:
+        folds = trial.user_attrs.get(keys.FOLD_VAL_ACCURACY)
+        per_fold = f" (folds {' '.join(f'{v:.4f}' for v in folds)})" if isinstance(folds, list) else ""
+        return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}{per_fold}  ({what})"
+    if trial.state == TrialState.PRUNED:
+        return f"trial {trial.number} [yellow]PRUNED[/] {_reason(trial, keys.PRUNED_REASON)}  ({what})"
+    return f"trial {trial.number} [red]{trial.state.name}[/] {_reason(trial, keys.FAIL_REASON)}  ({what})"
+
+
+def _reason(trial: FrozenTrial, key: str) -> str:
+    # Free text (paths, "[study]"): escaped, or rich would drop its brackets or raise MarkupError on "[/x]".
+    return escape(str(trial.user_attrs.get(key, '')))
+
+
+def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, top_k: int,
+                       default_epochs: int) -> list[RenderableType]:
+    """`hpsearch status`: counts by state, the best trial, the store's size, the top-k table, the running trials
+    and the last failures."""
+    values = state_counts(study)
+    shown = [k for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if k in values]
+    counts = Table(title=f"study {study.study_name!r} in {redact(storage_url)}", header_style="bold")
+    for state in shown:
+        counts.add_column(state, justify="right")
+    counts.add_row(*(str(values[s]) for s in shown))
+    parts: list[RenderableType] = [counts]
+    best = best_trial(study)
+    if best is not None:
+        parts.append(f"best: trial {best.number} val_accuracy={best.value:.4f} params={best.params}")
+    else:  # a study `run` has just created, or whose first trials still run
+        parts.append("no trial yet" if not sum(values.values()) else "no finished trial yet")
+    target = keys.config_value(study, "study", "target")
+    if target is not None:
+        reached = target_reached(study, float(target))
+        parts.append(f"target {target}: " + (f"reached by trial {reached.number}" if reached else "not reached yet"))
+    request = stop_request(study.user_attrs)
+    if request is not None:
+        parts.append(f"last stop: {request.line()}")
+    parts.append(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
+    parts += gpu_memory_lines(study)
+    skipped = study.user_attrs.get(keys.SKIPPED_IMAGES) or []
+    if skipped:
+        parts.append(f"{len(skipped)} unreadable images left out (bad_images = \"skip\"), e.g. {skipped[0]}; all "
+                     f"in the study's {keys.SKIPPED_IMAGES!r} attr")
+    if best is not None:
+        parts.append(top_trials_table(study, top_k))
+    epochs = int(keys.config_value(study, "train", "epochs", default_epochs))
+    parts += [t for t in (running_trials_table(study, epochs), failed_trials_table(study)) if t is not None]
+    return parts
+
+
+# ----------------------------------------------------------------------------------- the ensemble's report
+
+# Every column but `val NLL` is measured on the test split; `(T)`: after temperature scaling.
+COMPARISON_HEADERS = ("method", "members", "weights", "val NLL", "acc", "NLL", "ECE", "T", "NLL (T)", "ECE (T)")
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _weights_cell(row: Row) -> str:
+    return " ".join(f"#{t}:{w:.2f}" for t, w in zip(row.trials, row.weights, strict=True))
+
+
+def table_cells(result: EnsembleResult) -> list[list[str]]:
+    """The comparison as text cells, shared by the terminal table and report.md."""
+    cells = []
+    for row in result.rows:
+        name = row.name + (" [chosen]" if row.key == result.method else "")
+        if row.key == "weighted" and result.collapsed:
+            name += " [collapsed to 1 member]"
+        if row.key == "soup" and result.soup is not None and not result.soup.kept:
+            name += " [not kept]"
+        t = _f(row.temperature, 3) + (" (bound)" if row.temperature_at_bound else "")
+        cells.append([name, str(len(row.trials)), _weights_cell(row), _f(row.val_nll), _f(row.accuracy),
+                      _f(row.nll), _f(row.ece), t, _f(row.nll_scaled), _f(row.ece_scaled)])
+    return cells
+
+
+def result_table(result: EnsembleResult, title: str) -> Table:
+    table = Table(title=escape(title), header_style="bold")
+    for i, header in enumerate(COMPARISON_HEADERS):
+        table.add_column(header, justify="left" if i in (0, 2) else "right")
+    for cells in table_cells(result):
+        table.add_row(*(escape(c) for c in cells))
+    return table
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    rule = "|" + "|".join(":---" if i in left else "---:" for i in range(len(headers))) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def report_markdown(result: EnsembleResult, study_name: str, candidates: Sequence[Candidate],
+                    skipped: Sequence[str]) -> str:
+    weights = dict(zip((c.trial for c in candidates), result.weight_fit.weights, strict=True))
+    cand_rows = [[f"#{c.trial}", f"{c.val_accuracy:.4f}", f"{weights[c.trial]:.3f}",
+                  ", ".join(f"{k}={_param(v)}" for k, v in c.params.items())] for c in candidates]
+    parts = [
+        f"# Ensemble of study `{study_name}`",
+        "",
+        f"Split `{result.split_sha256}`: {result.sizes['val']} validation, {result.sizes['test']} test samples. "
+        "Weights and temperatures are fitted on validation outputs only; every metric below except `val NLL` "
+        "is on the held-out test split.",
+        "",
+        f"Chosen method: **{result.method}** ({len(result.members)} members"
+        + (f", T = {result.temperature:.3f}" if result.temperature is not None else "") + ").",
+        "",
+    ]
+    if result.collapsed:
+        parts += [f"**The weighted ensemble collapsed to a single member (trial {result.row('weighted').trials[0]})"
+                  ": weighted soft voting is that one model, not an ensemble.**", ""]
+    parts += ["## Comparison", "", "`val NLL` is on validation; acc, NLL and ECE are on test, before and after "
+              "temperature scaling with the T fitted on validation.", "",
+              _markdown_table(COMPARISON_HEADERS, table_cells(result), left=(0, 2)), "",
+              "## Candidates (rank order)", "",
+              _markdown_table(["trial", "val acc", "fitted weight", "params"], cand_rows, left=(0, 3)), "",
+              "## Notes", "", *(f"- {n}" for n in result.notes)]
+    if result.soup is not None:
+        parts += ["", "## Greedy soup", "", f"{'Kept' if result.soup.kept else 'Not kept'}: {result.soup.reason}.",
+                  "", "Trials in rank order; each row is the soup's validation accuracy and NLL with that trial's "
+                  "weights averaged in (re-run on the validation split); the first row is the best trial alone.", "",
+                  _markdown_table(["trial", "val acc", "val NLL", "added"],
+                                  [[f"#{s.trial}", f"{s.val_accuracy:.4f}", f"{s.val_nll:.4f}",
+                                    "yes" if s.added else "no"] for s in result.soup.steps])]
+    if skipped:
+        parts += ["", "## Skipped trials", "", *(f"- {s}" for s in skipped)]
+    return "\n".join(parts) + "\n"
+
+
+def _param(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,214 @@
+"""Loading an exported ensemble folder: verify every checksum, build the members, combine them (no Optuna needed).
+
+`load_ensemble(DIR)` checks every checksum before reading anything (a flipped byte anywhere is refused), builds
+the members with plain torchvision and returns a module from preprocessed images to class probabilities; its
+members run one by one or, per architecture, as one vmapped forward (`strategy`, see hpsearch.infer).
+Nothing here unpickles: safetensors and JSON only. The checksums detect corruption, not tampering: whoever
+can rewrite the folder can rewrite SHA256SUMS too. This module imports neither Optuna nor the study config, so
+an export loads anywhere torch and torchvision do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpsearch.errors import ExportError
+from hpsearch.predict._members import STRATEGIES, MemberRunner, plain_model
+from hpsearch.preprocess import Preprocess
+
+FORMAT_VERSION = 1
+# A cross-validated export: a member is its fold models (`folds`: fold, file, sha256), p_m = mean_k softmax(z_mk).
+FOLDS_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, FOLDS_FORMAT_VERSION)
+MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_preprocess(manifest: Mapping[str, Any]) -> Preprocess:
+    p = manifest["preprocessing"]
+    return Preprocess.of(p["image_size"], p["mean"], p["std"], p["resize"]["interpolation"])
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check SHA256SUMS against every file, then the manifest's own member checksums; return the manifest."""
+    folder = Path(folder)
+    sums_path = folder / SUMS
+    if not folder.is_dir() or not sums_path.is_file() or not (folder / MANIFEST).is_file():
+        raise ExportError(f"{folder} is no exported ensemble (needs {MANIFEST} and {SUMS}); write one with "
+                          "`hpsearch ensemble STUDY.toml --out DIR`")
+    sums = _read_sums(sums_path)
+    if MANIFEST not in sums:
+        raise ExportError(f"{sums_path} lists no checksum for {MANIFEST}; re-export the ensemble")
+    for name, expected in sums.items():
+        _check(folder / name, expected)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{folder / MANIFEST} is not valid JSON ({err})") from None
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise ExportError(f"{folder / MANIFEST}: format_version {manifest.get('format_version')!r}, this hpsearch "
+                          f"reads {' and '.join(map(str, READABLE_VERSIONS))}")
+    for member in manifest["members"]:
+        for name, digest in member_files(member):
+            _check(_inside(folder, name, "members[].file"), digest)
+    for name, digest in onnx_files(manifest):
+        _check(_inside(folder, name, "onnx"), digest)
+    return manifest
+
+
+def _plain_name(name: object) -> bool:
+    """A file name inside the export folder: no folder part, no absolute path, no `..`, nothing hidden."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name \
+        and not name.startswith(".") and not Path(name).is_absolute()
+
+
+def _inside(folder: Path, name: object, field: str) -> Path:
+    """folder/name for a file the manifest names; any other path is refused like a bad checksum."""
+    if not _plain_name(name):
+        raise ExportError(f"{folder / MANIFEST}: {field} {name!r} is not a plain file name inside the export "
+                          "folder (absolute paths and .. are refused); re-export the ensemble")
+    return folder / str(name)
+
+
+def member_files(member: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(file, sha256) of a member's weights: its one file, or its fold models' files, fold 0 first."""
+    if "folds" in member:
+        return [(f["file"], f["sha256"]) for f in sorted(member["folds"], key=lambda f: int(f["fold"]))]
+    return [(member["file"], member["sha256"])]
+
+
+def onnx_files(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(file, sha256) of ensemble.onnx and its external data files, when the manifest has an `onnx` entry."""
+    entry = manifest.get("onnx")
+    if not entry:
+        return []
+    return [(entry["file"], entry["sha256"]), *((f["file"], f["sha256"]) for f in entry.get("external_data", []))]
+
+
+def _read_sums(path: Path) -> dict[str, str]:
+    sums: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not _plain_name(name):
+            raise ExportError(f"{path}: malformed line {line[:80]!r}; re-export the ensemble")
+        sums[name] = digest
+    return sums
+
+
+def _check(path: Path, expected: str) -> None:
+    if not path.is_file():
+        raise ExportError(f"{path} is missing; re-export the ensemble")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ExportError(f"{path} is corrupt: sha256 {actual[:16]}… does not match the recorded "
+                          f"{expected[:16]}…; re-export the ensemble")
+
+
+# How much of the members' mean probability a hard vote adds to break ties: below one vote's share (1/M) for up
+# to 1000 members, and above float32's rounding of the output (so predict and ONNX break ties alike).
+HARD_TIE_SHARE = 1e-3
+
+
+class Ensemble(nn.Module):
+    """Preprocessed images [N, 3, S, S] -> class probabilities [N, C] of the exported ensemble.
+
+    `members` are the models in manifest order; with `models_per_member` (a cross-validated export) member m is
+    the next models_per_member[m] of them, its probabilities the uniform average of their softmaxes."""
+
+    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float], method: str,
+                 temperature: float | None, classes: Sequence[str], preprocess: Preprocess,
+                 manifest: Mapping[str, Any], strategy: str = "loop",
+                 models_per_member: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float64))
+        counts = list(models_per_member) if models_per_member is not None else [1] * len(members)
+        if sum(counts) != len(members) or len(counts) != len(weights):
+            raise ExportError(f"{len(members)} models do not make {len(weights)} members of {counts} models")
+        self.folds = any(c != 1 for c in counts)
+        # [M, models]: row m averages member m's models uniformly (the identity when no member has folds).
+        average = torch.zeros(len(counts), len(members), dtype=torch.float64)
+        start = 0
+        for m, count in enumerate(counts):
+            average[m, start:start + count] = 1.0 / count
+            start += count
+        self.register_buffer("average", average)
+        self.method = method
+        self.temperature = float(temperature) if temperature else 1.0
+        self.classes = list(classes)
+        self.preprocess = preprocess
+        self.manifest = dict(manifest)
+        self.strategy = strategy  # auto | loop | vmap: how the members run (hpsearch.infer)
+        self._runner = MemberRunner(self.members, strategy)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Ensemble:
+        super()._apply(fn, recurse)  # .to(), .cuda(), .float(), ...: members moved, so restack for that device
+        self._runner = MemberRunner(self.members, self.strategy)
+        return self
+
+    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, N, C] float64: each member's softmax (no temperature); a cross-validated member's is the mean of
+        its fold models' softmaxes."""
+        probs = self._runner(x).double().softmax(dim=-1)
+        if not self.folds:
+            return probs
+        return torch.einsum("mf,fnc->mnc", self.average.to(probs.device), probs)
+
+    def combine(self, member_probs: torch.Tensor) -> torch.Tensor:
+        w = self.weights.to(member_probs.device)[:, None, None]
+        if self.method == "hard":
+            votes = nn.functional.one_hot(member_probs.argmax(dim=-1), member_probs.shape[-1]).double()
+            # Ties between the most-voted classes go to the highest summed probability (as the report counts
+            # them): a share far below one vote (1/M) of the mean probability decides them, then the lowest class.
+            mean = member_probs.mean(dim=0)
+            return ((votes * w).sum(dim=0) + HARD_TIE_SHARE * mean) / (1 + HARD_TIE_SHARE)
+        mix = (member_probs * w).sum(dim=0)
+        return (mix.clamp_min(1e-300).log() / self.temperature).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.member_probs(x)).float()
+
+
+def load_ensemble(folder: str | Path, device: str | torch.device = "cpu", strategy: str = "auto") -> Ensemble:
+    """Verify every checksum, build each member with plain torchvision (strict load), return the ensemble
+    in eval mode. Its input is what `ensemble.preprocess` makes of uint8 images; its output probabilities.
+
+    `strategy`: `loop` runs the members one by one, `vmap` the members of each architecture as one batched
+    forward, `auto` (default) whichever measured faster on the device: the loop on the CPU, vmap on CUDA.
+    All three give the same probabilities (up to float rounding)."""
+    if strategy not in STRATEGIES:
+        raise ExportError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    folder = Path(folder)
+    return ensemble_from_manifest(folder, verify(folder), strategy).to(device).eval()
+
+
+def ensemble_from_manifest(folder: Path, manifest: Mapping[str, Any], strategy: str = "loop") -> Ensemble:
+    """The ensemble module of a manifest and the member files next to it, on the CPU (checksums not checked:
+    `load_ensemble` verifies first; `write_export` builds from the files it just wrote)."""
+    from safetensors.torch import load_file
+
+    classes = manifest["classes"]
+    models, counts = [], []
+    for spec in manifest["members"]:
+        files = member_files(spec)
+        for name, _ in files:
+            model = plain_model(spec["arch"], len(classes), spec.get("builder_kwargs", {}))
+            model.load_state_dict(load_file(str(folder / name)), strict=True)
+            models.append(model)
+        counts.append(len(files))
+    total = sum(m["weight"] for m in manifest["members"])
+    return Ensemble(models, [m["weight"] / total for m in manifest["members"]], manifest["combine"]["method"],
+                    manifest.get("temperature"), classes, manifest_preprocess(manifest), manifest, strategy,
+                    counts).eval()

@@ -1,0 +1,9 @@
+"""The Optuna side of a study: the objective (suggest, train, report, store), cross-validated trials,
+samplers, pruners, study creation and resume checks, the callbacks around trials, TensorBoard tracking.
+"""
+
+from __future__ import annotations
+
+from hpsearch.search._run import open_run, run_trials, study_preprocess
+
+__all__ = ["open_run", "run_trials", "study_preprocess"]

@@ -1,0 +1,380 @@
+"""One trial: suggest → train → report every epoch (the pruner may stop it) → store its artifacts → value.
+
+With `[data] folds` the training is `hpsearch.cv_trial`'s: K fold models, one reported step per fold; the rest
+(seed, retries, how a trial ends) is the same.
+
+The objective is the only place a trial's training meets Optuna: `hpsearch.train` knows nothing of trials. A
+trial records who runs it, its seed and starting weights first; a retried trial trains with its original's
+seed and continues from its last checkpoint. A diverged trial ends PRUNED, one that ran out of memory FAIL with
+`out_of_memory` (and is retried once), one whose files found no room in the store FAIL with `store_full` (the
+run stops; retried once, from its kept checkpoint), any other crash FAIL with its reason and traceback.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+
+from hpsearch import keys
+from hpsearch._testhooks import hold_at
+from hpsearch.config import SpaceSection, StudyConfig
+from hpsearch.data import Folds, ImagePool, Split, trial_data
+from hpsearch.model import init_weights_tag
+from hpsearch.search._cv_trial import CrossValidation
+from hpsearch.search._tracking import TrialLogs, TrialTracker
+from hpsearch.store import (
+    OUTPUTS_FILE,
+    WEIGHTS_FILE,
+    StoreFull,
+    StudyArtifacts,
+    TrialOutputs,
+    download_to,
+    free_bytes,
+    remove_artifact,
+    store_full_reason,
+    upload_trial_artifacts,
+)
+from hpsearch.train import (
+    Checkpoint,
+    CheckpointWriter,
+    EpochMetrics,
+    Hyperparams,
+    NonFiniteLoss,
+    TrainResult,
+    checkpoint_policy,
+    gpu_identity,
+    is_out_of_memory,
+    is_sticky_device_error,
+    peak_memory_mib,
+    reset_peak_memory,
+    train_trial,
+)
+
+_log = logging.getLogger(__name__)
+
+
+
+# ------------------------------------------------------------------------------------------- the space
+
+
+def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
+    """lr (log), optimizer, scheduler with its own parameters (names unique per branch), dropout."""
+    params: dict[str, Any] = {
+        "lr": trial.suggest_float("lr", *space.lr, log=True),
+        "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
+        "scheduler": trial.suggest_categorical("scheduler", space.scheduler),
+        "dropout": trial.suggest_float("dropout", *space.dropout),
+    }
+    if space.weight_decay is not None:
+        params["weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
+    if params["scheduler"] == "step":
+        params["step_size"] = trial.suggest_int("step_size", *space.step.step_size)
+        params["step_gamma"] = trial.suggest_float("step_gamma", *space.step.gamma, log=True)
+    elif params["scheduler"] == "exponential":
+        params["exp_gamma"] = trial.suggest_float("exp_gamma", *space.exponential.gamma, log=True)
+    elif params["scheduler"] == "plateau":
+        params["plateau_factor"] = trial.suggest_float("plateau_factor", *space.plateau.factor, log=True)
+        params["plateau_patience"] = trial.suggest_int("plateau_patience", *space.plateau.patience)
+    return Hyperparams(**params)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every trial of a process shares: the data pool and the study's split."""
+
+    pool: ImagePool
+    split: Split
+    folds: Folds | None = None  # [data] folds: the study's stratified k-fold assignment of train+val
+
+
+# ------------------------------------------------------------------------------------------ objective
+
+
+class Objective:
+    """suggest → train → report every epoch (the pruner may stop it) → store artifacts → value."""
+
+    def __init__(self, cfg: StudyConfig, prepared: Prepared, device: torch.device, files: StudyArtifacts,
+                 on_epoch: Callable[[FrozenTrial | optuna.Trial, EpochMetrics], None] | None = None) -> None:
+        self.cfg = cfg
+        self.prepared = prepared
+        self.device = device
+        self.files = files
+        self.store = files.store
+        self.state_bytes = 0  # the model's weights in bytes, once a trial has saved some
+        self.on_epoch = on_epoch
+        self._writer: CheckpointWriter | None = None  # the running trial's background checkpoint writes
+        pretrained = cfg.model.pretrained
+        # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
+        self.init_weights = init_weights_tag(cfg.model)
+        # The splits move to the device once per process, not once per trial.
+        self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
+        # Built with the objective, when the run starts: a relative [tracking] log_dir is that moment's folder.
+        self.trial_logs = TrialLogs(cfg.tracking, cfg.study.name)
+        self.folds = None if prepared.folds is None else CrossValidation(
+            cfg, prepared.pool, prepared.split, prepared.folds, self.data, device, files, self._checkpoint,
+            self._drop_checkpoint, on_epoch)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        log = self.trial_logs.open(trial.number)
+        value: float | None = None
+        try:
+            value = self._run_trial(trial, log)
+            return value
+        finally:
+            # However the trial ends (pruned, crashed, interrupted): its parameters are written, the files flushed.
+            log.finish(trial.params, value)
+
+    def _run_trial(self, trial: optuna.Trial, log: TrialTracker) -> float:
+        # First: a supervisor finds a dead worker's trial by this tag.
+        trial.set_user_attr(keys.WORKER, keys.worker_tag())
+        hp = suggest(trial, self.cfg.space)
+        # A retry trains with its original's seed: the same configuration, and a checkpoint it continues
+        # reproduces the original exactly.
+        retried = self._retried_trials(trial)
+        seed = (int(retried[0].user_attrs.get(keys.SEED, self.cfg.study.seed + retried[0].number)) if retried
+                else self.cfg.study.seed + trial.number)
+        trial.set_user_attr(keys.SEED, seed)
+        trial.set_user_attr(keys.DEVICE, str(self.device))
+        if self.device.type == "cuda":  # which physical GPU: status tells GPUs apart
+            trial.set_user_attr(keys.GPU, {**gpu_identity(self.device),
+                                           "visible": os.environ.get("CUDA_VISIBLE_DEVICES")})
+        trial.set_user_attr(keys.MEMORY_AT_START, memory_in_use(self.device))
+        reset_peak_memory(self.device)
+        trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights)
+        resume, resumed_from = self._resume_point(trial, retried)
+        folds_done = len(keys.fold_records(trial))  # a retry inherits its original's finished folds
+        if resume is not None or folds_done:
+            epochs_done = resume.epoch + 1 if resume is not None else 0
+            trial.set_user_attr(keys.RESUMED_FROM, {"trial": resumed_from.number if resumed_from else
+                                                    (retried[-1].number if retried else None),
+                                                    "epochs_done": epochs_done,
+                                                    **({"folds_done": folds_done} if self.folds else {})})
+
+        def report(metrics: EpochMetrics) -> None:
+            log.epoch(metrics)
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(trial, metrics)
+            if trial.should_prune():
+                reason = (f"pruned at epoch {metrics.epoch + 1}: val_accuracy {metrics.val_accuracy:.4f} "
+                          f"by the {self.cfg.study.pruner} pruner")
+                trial.set_user_attr(keys.PRUNED_REASON, reason)
+                raise optuna.TrialPruned(reason)
+
+        def train_single() -> float:
+            result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
+                                 on_epoch=report, resume=resume, on_checkpoint=lambda c: self._checkpoint(trial, c),
+                                 checkpoint=checkpoint_policy(self.cfg.train))
+            # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
+            self._store(trial, result)
+            return result.best.val_accuracy
+
+        out_of_memory: str | None = None
+        try:
+            with self._checkpoint_writes():  # leaving it, the last checkpoint is written: the attrs below see it
+                value = (train_single() if self.folds is None else
+                         self.folds.run(trial, hp, seed, log, resume if trial.user_attrs.get(keys.CHECKPOINT_FOLD)
+                                        == folds_done else None))
+        except NonFiniteLoss as err:
+            # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
+            trial.set_user_attr(keys.PRUNED_REASON, str(err))
+            self._discard(trial)
+            raise optuna.TrialPruned(str(err)) from None
+        except optuna.TrialPruned:
+            self._discard(trial)
+            raise
+        except KeyboardInterrupt as stop:
+            # Ctrl-C or SIGTERM (the CLI turns both into this): Optuna ends the trial FAIL; its checkpoint is
+            # kept for the retry run_trials queues, which continues where this one stopped.
+            trial.set_user_attr(keys.FAIL_REASON, f"interrupted ({stop or 'Ctrl-C'}); queued for retry")
+            trial.set_user_attr(keys.INTERRUPTED, True)
+            raise
+        except Exception as err:
+            if isinstance(err, StoreFull) or store_full_reason(err) is not None:
+                # Not the trial's fault: it is queued again (StopOnFullStore), its checkpoint kept for it.
+                trial.set_user_attr(keys.FAIL_REASON, self._full_store_line(trial, err))
+                trial.set_user_attr(keys.STORE_FULL, True)
+                raise
+            if is_sticky_device_error(err):
+                # The CUDA context is unusable now: every later trial of this process would fail too.
+                trial.set_user_attr(keys.FAIL_REASON, f"device error ({type(err).__name__}): {err}"[:1000])
+                trial.set_user_attr(keys.DEVICE_BROKEN, True)
+                trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
+                self._discard(trial)  # not retried: its files would only take space
+                raise
+            if is_out_of_memory(err):
+                # Only a string leaves this block: the exception would keep the trial's tensors alive.
+                where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                out_of_memory = f"out of memory on {where}: {first[:500]}"
+            else:
+                trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
+                trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
+                self._discard(trial)  # nothing retries a crashed trial: its files would only take space
+                raise
+        if out_of_memory is not None:
+            # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
+            free_device_memory()
+            trial.set_user_attr(keys.FAIL_REASON, out_of_memory)
+            trial.set_user_attr(keys.OUT_OF_MEMORY, True)
+            raise TrialOutOfMemory(out_of_memory)
+        self._drop_checkpoint(trial)
+        if resumed_from is not None:
+            self._drop_checkpoint(resumed_from)
+        peak = peak_memory_mib(self.device)
+        if peak is not None:
+            trial.set_user_attr(keys.PEAK_GPU_MIB, peak)  # what --workers-per-gpu and batch_size are chosen by
+        return value
+
+    @staticmethod
+    def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:
+        """The trials this one retries (same parameters), the first original first; [] for a new trial."""
+        trials = trial.study.get_trials(deepcopy=False)  # numbered 0..n-1 in order: a list index is a number
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trials[trial.number])
+        return [trials[number] for number in history]
+
+    def _resume_point(self, trial: optuna.Trial,
+                      retried: list[FrozenTrial]) -> tuple[Checkpoint | None, FrozenTrial | None]:
+        """The last checkpoint among the trials this one retries, if any survived."""
+        for original in reversed(retried):
+            artifact = original.user_attrs.get(keys.CHECKPOINT)
+            if not artifact:
+                continue
+            with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+                try:
+                    path = download_to(self.store, artifact, Path(tmp), CHECKPOINT_FILE)
+                    return Checkpoint.load(str(path)), original
+                except Exception as err:  # a lost or unreadable checkpoint means starting over, not failing
+                    _log.warning("trial %s: checkpoint of trial %s unusable (%s); starting from epoch 1",
+                                 trial.number, original.number, err)
+        return None, None
+
+    @contextmanager
+    def _checkpoint_writes(self) -> Iterator[None]:
+        with CheckpointWriter() as self._writer:
+            try:
+                yield
+            finally:
+                self._writer = None
+
+    def _checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint, hold_point: str | None = None,
+                    **attrs: Any) -> None:
+        """Write `checkpoint` (and then `attrs`) on the trial's writer thread while the next epoch trains."""
+        writer = self._writer
+        assert writer is not None, "checkpoints are taken only inside _checkpoint_writes"
+        writer.submit(lambda: self._write_checkpoint(trial, checkpoint, attrs))
+        # A test holding the trial here wants the checkpoint written when it kills or signals the worker.
+        hold_at(hold_point or str(checkpoint.epoch + 1), before=writer.wait)
+
+    def _write_checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint, attrs: dict[str, Any]) -> None:
+        previous = trial.user_attrs.get(keys.CHECKPOINT)
+        self.state_bytes = _nbytes(checkpoint.model)
+        with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
+            path = Path(tmp) / CHECKPOINT_FILE
+            checkpoint.save(str(path))
+            # Not listed for the dashboard: a checkpoint lives only until the next one.
+            artifact = self.files.upload(trial.number, path, listed=False)
+        trial.set_user_attr(keys.CHECKPOINT, artifact)
+        trial.set_user_attr(keys.CHECKPOINT_EPOCH, checkpoint.epoch + 1)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if previous:
+            remove_artifact(self.store, previous)
+
+    def _discard(self, trial: optuna.Trial) -> None:
+        """A trial that ends without a retry and is no ensemble member: its checkpoint, and its fold weights."""
+        self._drop_checkpoint(trial)
+        if self.folds is not None:
+            self.folds.drop_weights(trial)
+
+    def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
+        if self._writer is not None and isinstance(trial, optuna.Trial):
+            self._writer.wait()  # a write still pending would bring the checkpoint back after the drop
+        artifact = trial.user_attrs.get(keys.CHECKPOINT)
+        if artifact:
+            remove_artifact(self.store, artifact)
+
+    def _store(self, trial: optuna.Trial, result: TrainResult) -> None:
+        # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere.
+        outputs = TrialOutputs(result.val_logits, result.test_logits, self.prepared.split.sha256(),
+                               self.data.val.labels.cpu(), self.data.test.labels.cpu())
+        metadata = {"arch": self.cfg.model.arch, "num_classes": str(self.data.num_classes),
+                    "trial": str(trial.number)}
+        self.state_bytes = _nbytes(result.state_dict)
+        upload_trial_artifacts(self.files, trial, result.state_dict, outputs, metadata)
+        for key, value in result.summary().items():
+            trial.set_user_attr(key, value)
+
+    def _full_store_line(self, trial: optuna.Trial, err: Exception) -> str:
+        """One line: the store, its free space, what a trial needs, the fix, and the retry."""
+        why = str(err) if isinstance(err, StoreFull) else f"{store_full_reason(err)} writing {err}"
+        free = free_bytes(self.files.location)
+        sizes = self.files.sizes
+        weights = sizes.get(WEIGHTS_FILE, self.state_bytes)
+        outputs = sizes.get(OUTPUTS_FILE, 0)
+        checkpoint = sizes.get(CHECKPOINT_FILE, 0)
+        # While a trial runs, its new checkpoint is written before the last one is deleted: two at once.
+        need = weights + outputs + 2 * checkpoint
+        parts = [f"weights {_mb(weights)}", f"outputs {_mb(outputs)}"] + (
+            [f"2 checkpoints of {_mb(checkpoint)}"] if checkpoint else [])
+        return (f"artifacts: the store is full ({why}): {_mb(free) if free is not None else 'its quota'} free, a "
+                f"trial needs about {_mb(need)} ({', '.join(parts)}); free space there or move the store "
+                f"(--artifacts or HPSEARCH_ARTIFACTS), then run again: trial {trial.number} is queued for retry")
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+class TrialOutOfMemory(RuntimeError):
+    """A trial ran out of memory, on its GPU or on the host (see `is_out_of_memory`); the worker lives on and the
+    trial is retried once."""
+
+
+def free_device_memory() -> None:
+    """Between trials (and after an OOM): drop what the last trial held, host and device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as err:  # a context a sticky error broke: the process is about to exit anyway
+            _log.warning("could not free GPU memory (%s)", str(err).splitlines()[0] if str(err) else err)
+
+
+def memory_in_use(device: torch.device) -> dict[str, float]:
+    """What this process holds now, in MiB: host resident set (Linux), and tensors on its CUDA device.
+
+    Recorded when each trial starts, it is what earlier trials left behind: flat over a worker's trials
+    unless something leaks (a user sees it per trial in the dashboard; the tests check it).
+    """
+    held: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as statm:
+            held["host_rss_mib"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # no procfs (not Linux): the host figure is simply absent
+        pass
+    if device.type == "cuda":
+        held["cuda_allocated_mib"] = torch.cuda.memory_allocated(device) / 2**20
+    return {k: round(v, 1) for k, v in held.items()}

@@ -1,0 +1,75 @@
+"""Reading a study: open one that `run` created, count and rank its trials, follow its retries.
+
+What `status`, `stop`, `dashboard`, the reports and the supervisor need, and nothing of training: this module
+imports no torch, so the commands that only read a study start in about a second (`hpsearch.search`, which
+creates studies and runs their trials, builds on it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch import keys
+from hpsearch.config import StudyConfig, load_study
+from hpsearch.errors import UsageError
+from hpsearch.store._storage import open_storage, redact, resolve_storage_url, retry_callback
+
+METRIC_NAME = "val_accuracy"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def study_storage_name(storage: optuna.storages.BaseStorage) -> str:
+    url = getattr(storage, "url", None)
+    return redact(url) if url else type(storage).__name__
+
+
+def load_existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def open_existing(study_file: str, storage: str | None = None) -> tuple[StudyConfig, optuna.Study, str]:
+    """(config, study, storage url) for the commands that read a study `run` created; one line if it is absent."""
+    cfg = load_study(study_file)
+    url = resolve_storage_url(storage, cfg.study.storage)
+    study = load_existing(open_storage(url), cfg.study.name)
+    if study is None:
+        raise UsageError(f"study {cfg.study.name!r} does not exist in {redact(url)}; start it with "
+                         f"`hpsearch run {study_file}` or pass the right --storage")
+    return cfg, study, url
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials with a finite value, best first (ties: lower trial number first)."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    return sorted(complete, key=lambda t: (sign * t.value, t.number))
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    ranked = ranked_trials(study)
+    return ranked[0] if ranked else None
+
+
+def has_retry(study: optuna.Study, number: int) -> bool:
+    """Whether some trial already retries trial `number`."""
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+    return any(history(t)[-1:] == [number] for t in study.get_trials(deepcopy=False))
+
+def retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue the one retry of a FAIL trial (same parameters and seed, resuming its checkpoint); the retry
+    inherits its user attrs but not why it failed nor the worker that ran it."""
+    failed = copy.copy(trial)
+    failed.user_attrs = keys.without_failure(trial.user_attrs)
+    retry_callback()(study, failed)

@@ -1,0 +1,17 @@
+"""Starting, pinning and supervising worker processes on one machine; failing and retrying a dead
+worker's trial.
+"""
+
+from __future__ import annotations
+
+from hpsearch.workers._forkserver import start_forkserver, stop_forkserver
+from hpsearch.workers._supervisor import EXIT_FAILURE_STREAK, EXIT_STORE_FULL, install_stop_handler, run_workers
+
+__all__ = [
+    "EXIT_FAILURE_STREAK",
+    "EXIT_STORE_FULL",
+    "install_stop_handler",
+    "run_workers",
+    "start_forkserver",
+    "stop_forkserver",
+]

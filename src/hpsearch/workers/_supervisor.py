@@ -1,0 +1,281 @@
+"""Starting, pinning and supervising worker processes on one machine.
+
+Each worker is a real `hpsearch worker` process that opens the storage itself (a storage object never
+crosses a process boundary). On the CPU the workers are forked from a preloaded forkserver (forkserver.py);
+workers pinned to GPUs are fresh processes, so that no CUDA state can ever cross a fork.
+
+The supervisor restarts a worker that dies, fails the trial it held at once (every trial records the worker
+that runs it) and queues one retry with the same parameters through
+Optuna's `RetryHeartbeatStaleTrialCallback`. SIGINT/SIGTERM stop every worker; their trials end FAIL, never
+RUNNING, each with one queued retry that resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+from hpsearch import keys
+from hpsearch.errors import DeviceBrokenError, UsageError
+from hpsearch.store import finished_trials, has_retry, pending, retry_failed, target_reached
+from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
+
+if TYPE_CHECKING:
+    from hpsearch.search import Run
+
+# A worker's exit code when it stopped because trials failed in a row (not a crash: not restarted).
+EXIT_FAILURE_STREAK = 4
+# ... and when the artifact store had no room for a trial's files: the supervisor stops the whole run.
+EXIT_STORE_FULL = 5
+# ... and when a sticky device error broke its GPU context: restarted (a fresh context), never a streak.
+EXIT_DEVICE_BROKEN = DeviceBrokenError.exit_code
+STOP_GRACE_S = 30.0
+
+
+def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, storage: str | None = None
+               ) -> dict[str, str]:
+    """Pin worker `index` to one GPU (round-robin), and give it its share of the CPU's threads (GPU workers too:
+    each feeds its GPU from the host). The storage URL travels in HPSEARCH_STORAGE, never in argv: any user on
+    the machine can read a process's argv, with the password a URL may carry.
+
+    `gpus` are indices among the GPUs this process sees: through its own CUDA_VISIBLE_DEVICES when it has one
+    (with CUDA_VISIBLE_DEVICES=4,5, GPU 0 is physical 4; UUIDs and MIG ids are passed on as they are)."""
+    env = dict(os.environ)
+    if storage is not None:
+        env["HPSEARCH_STORAGE"] = storage
+    env["HPSEARCH_WORKER"] = str(index)
+    env["HPSEARCH_APP_NAME"] = f"hpsearch-worker-{index}"
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpus[(index // per_gpu) % len(gpus)])
+    threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    env["HPSEARCH_THREADS"] = str(threads)
+    return env
+
+
+def _parent_visible() -> list[str] | None:
+    """This process's CUDA_VISIBLE_DEVICES entries, None when it has none (every GPU is visible)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
+
+
+def physical_gpu(index: int) -> str:
+    """What CUDA_VISIBLE_DEVICES must say for a child to see this process's GPU `index`."""
+    visible = _parent_visible()
+    if visible is None:
+        return str(index)
+    if not 0 <= index < len(visible):
+        raise UsageError(f"--gpus {index}: this process sees {len(visible)} GPU(s) (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ['CUDA_VISIBLE_DEVICES']}); give indices 0..{len(visible) - 1}")
+    return visible[index]
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the GPUs this process sees (0..n-1, whatever CUDA_VISIBLE_DEVICES maps them to)."""
+    try:
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    except Exception:
+        return []
+
+
+def fail_trials_of(storage: optuna.storages.BaseStorage, study: optuna.Study, tag: str, reason: str, *,
+                   retry: bool = True) -> list[int]:
+    """End the RUNNING trials of one (dead or stopped) worker FAIL and queue one retry of each (with `retry`);
+    returns their numbers. A trial that finished first, by its worker or a heartbeat check, is left alone."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(keys.WORKER) == tag and fail_running_trial(storage, study, trial, reason, retry=retry):
+            failed.append(trial.number)
+    return failed
+
+
+def fail_running_trial(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: FrozenTrial, reason: str,
+                       *, retry: bool) -> bool:
+    """End another process's RUNNING trial FAIL with `reason`, and queue its retry unless one exists; False,
+    changing nothing, when the trial finished first."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               trial.number)
+    try:
+        storage.set_trial_user_attr(trial_id, keys.FAIL_REASON, reason)  # a finished trial refuses it
+    except UpdateFinishedTrialError:
+        return False
+    told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    if told.state != TrialState.FAIL or told.user_attrs.get(keys.FAIL_REASON) != reason:
+        return False
+    if retry and not has_retry(study, trial.number):
+        retry_failed(study, told)
+    return True
+
+
+def popen(command: list[str], env: dict[str, str]) -> WorkerProcess:
+    """A fresh process running `command` (in the supervisor's process group: Ctrl-C reaches it too)."""
+    return subprocess.Popen(command, env=env, start_new_session=False)
+
+
+@dataclass
+class Worker:
+    index: int
+    command: list[str]  # what `launch` runs: a command line for `popen`, `hpsearch worker`'s arguments for a fork
+    env: dict[str, str]
+    launch: Launch = popen
+    process: WorkerProcess | None = None
+    restarts: int = 0
+    handled: bool = False  # its exit was dealt with (reaped, told) and it is not restarted: not again each poll
+
+    def start(self) -> None:
+        self.process = self.launch(self.command, self.env)
+        self.handled = False
+
+    @property
+    def tag(self) -> str:
+        assert self.process is not None
+        return keys.worker_tag(self.process.pid)
+
+
+@dataclass
+class Supervisor:
+    """Runs N workers until `done()` says the study holds its trials; restarts and cleans up after them."""
+
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    workers: list[Worker]
+    done: Callable[[], bool]
+    on_event: Callable[[str], None] = print
+    poll_s: float = 0.5
+    max_restarts: int = 10
+    _stopping: bool = field(default=False, init=False)
+
+    def run(self) -> int:
+        """0 when the study holds its trials, 1 when workers gave up, 2 on a full artifact store, 130 stopped."""
+        previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for worker in self.workers:
+                worker.start()
+            return self._watch()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._shutdown()
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+
+    def _watch(self) -> int:
+        while not self._stopping:
+            alive = 0
+            for worker in self.workers:
+                assert worker.process is not None
+                code = worker.process.poll()
+                if code is None:
+                    alive += 1
+                    continue
+                if code == 0 or worker.handled:
+                    continue  # a worker returns 0 once the study holds its trials
+                self._reap(worker, code)
+                worker.handled = True  # a restart below starts it anew
+                if code == EXIT_FAILURE_STREAK:
+                    # It stopped on purpose (its trials kept failing): restarting would only burn more trials.
+                    self.on_event(f"worker {worker.index} stopped: its trials failed in a row")
+                    continue
+                if code == EXIT_STORE_FULL:
+                    # Every worker writes to the same store: stop them all now (their trials are queued again).
+                    self.on_event(f"worker {worker.index} found the artifact store full; stopping every worker")
+                    return 2
+                if self.done() or worker.restarts >= self.max_restarts:
+                    continue
+                worker.restarts += 1
+                why = ("its GPU context broke (a sticky device error)" if code == EXIT_DEVICE_BROKEN
+                       else f"exited with {code}")
+                self.on_event(f"worker {worker.index} {why}; restarting it")
+                worker.start()
+                alive += 1
+            if alive == 0:
+                return 0 if self.done() else 1
+            time.sleep(self.poll_s)
+        return 130
+
+    def _reap(self, worker: Worker, code: int) -> None:
+        cause = f"signal {-code}" if code < 0 else f"exit code {code}"
+        failed = fail_trials_of(self.storage, self.study, worker.tag, f"worker {worker.tag} died ({cause})")
+        for number in failed:
+            self.on_event(f"trial {number} FAIL: its worker died ({cause}); queued a retry with the same params")
+
+    def _shutdown(self) -> None:
+        live = [w for w in self.workers if w.process is not None and w.process.poll() is None]
+        for worker in live:
+            assert worker.process is not None
+            worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for worker in live:
+            assert worker.process is not None
+            try:
+                worker.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        # Whatever a stopped worker could not mark itself ends FAIL here, never RUNNING.
+        for worker in self.workers:
+            if worker.process is not None:
+                fail_trials_of(self.storage, self.study, worker.tag, "stopped by a signal; queued for retry")
+
+
+def worker_command(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "hpsearch", "worker", *args]
+
+
+def install_stop_handler() -> None:
+    """SIGTERM interrupts the trial like Ctrl-C (a KeyboardInterrupt naming the signal), so Optuna marks it FAIL
+    and its retry is queued before the process exits (a worker, and a single-process `hpsearch run`)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        # Once: a second signal (Ctrl-C reaches the whole group, then the supervisor's SIGTERM) must not
+        # interrupt the clean-up that marks the trial FAIL.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, per_gpu: int = 1,
+                timeout: float | None = None, on_event: Callable[[str], None] = print) -> int:
+    """`run --workers N`: N `hpsearch worker` processes on this study, pinned round-robin to `gpus` (default:
+    every visible GPU unless the run is on the CPU), supervised until the study holds its trials."""
+    pinned = [] if run.device.type == "cpu" else list(gpus or visible_gpus())
+    passed = [str(run.cfg.source), "--artifacts", str(run.artifacts), "--n-trials", str(run.n_trials),
+              "--device", "cuda" if pinned else "cpu"]
+    if timeout:
+        passed += ["--timeout", str(timeout)]
+    # GPU workers are fresh processes: nothing CUDA may have touched in a forkserver crosses into them.
+    launch = popen if pinned else forkserver_launch()
+    args = [[*passed, "--worker-index", str(i)] for i in range(n_workers)]
+    workers = [Worker(i, worker_command(args[i]) if pinned else args[i],
+                      worker_env(i, n_workers, pinned, per_gpu, storage=run.url), launch)
+               for i in range(n_workers)]
+    started_at = time.time()
+
+    def done() -> bool:
+        # The budget, the target or `hpsearch stop`: a worker that returned 0 for any of them is not restarted.
+        return (finished_trials(run.study) >= run.n_trials
+                or target_reached(run.study, run.cfg.study.target) is not None
+                or pending(run.study.user_attrs, started_at) is not None)
+
+    try:
+        return Supervisor(run.study, run.storage, workers, done=done, on_event=on_event).run()
+    finally:
+        if not pinned:
+            stop_forkserver()
