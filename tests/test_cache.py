@@ -315,7 +315,7 @@ def test_a_supervised_run_decodes_its_folder_once_for_all_its_processes(tmp_path
 def test_the_study_lists_the_files_it_left_out_and_status_counts_them(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from hpsearch.config import load_study
+    from hpsearch.config import read_study_file
     from hpsearch.monitor import status_renderables
     from hpsearch.search._run import open_study, prepare
     from hpsearch.store import open_storage
@@ -325,7 +325,7 @@ def test_the_study_lists_the_files_it_left_out_and_status_counts_them(tmp_path: 
     study_path = write_study(tmp_path / "skip.toml", tiny_tables("skip", data={
         "dataset": "imagefolder", "root": str(root), "image_size": 16, "subset": 0, "bad_images": "skip",
         "cache_dir": str(tmp_path / "cache")}))
-    cfg = load_study(study_path)
+    cfg = read_study_file(study_path)
     prepared = prepare(cfg)
     study = open_study(cfg, open_storage(f"sqlite:///{tmp_path / 's.db'}"), prepared, tmp_path / "artifacts")
     assert study.user_attrs["skipped_images"] == ["train/eel/broken.jpg"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpsearch.config import ConfigError, DataSection, ModelSection, StudyConfig, TrainSection, load_study
+from hpsearch.config import ConfigError, DataSection, ModelSection, StudyConfig, TrainSection, read_study_file
 from hpsearch.data import TrialData, load_pool, make_split, trial_data
 from hpsearch.train import Checkpoint, Hyperparams, train_trial
 from hpsearch.train._checkpoints import EVERY_EPOCH, NEVER, CheckpointPolicy, CheckpointWriter, checkpoint_policy
@@ -42,11 +42,11 @@ def test_existing_study_files_keep_checkpoint_every_and_both_settings_are_one_li
     base = '[study]\nname = "c"\n[data]\ndataset = "digits"\n[model]\narch = "resnet18"\n[train]\n'
     old = tmp_path / "old.toml"
     old.write_text(base + "checkpoint_every = 1\n")
-    assert checkpoint_policy(load_study(old).train) == EVERY_EPOCH
+    assert checkpoint_policy(read_study_file(old).train) == EVERY_EPOCH
     both = tmp_path / "both.toml"
     both.write_text(base + "checkpoint_every = 1\ncheckpoint_minutes = 2\n")
     with pytest.raises(ConfigError) as err:
-        load_study(both)
+        read_study_file(both)
     line = str(err.value)
     assert "train.checkpoint_minutes" in line and "not both" in line and "\n" not in line
 
@@ -139,5 +139,5 @@ def test_a_recorded_config_with_both_settings_still_validates(tmp_path: Path) ->
     path.write_text('[study]\nname = "c"\n[data]\ndataset = "digits"\n[model]\narch = "resnet18"\n'
                     '[train]\ncheckpoint_every = 2\n')
     # What a study records (and the report and resume checks read back) holds every field, both of these.
-    again = StudyConfig.model_validate(load_study(path).model_dump())
+    again = StudyConfig.model_validate(read_study_file(path).model_dump())
     assert checkpoint_policy(again.train) == CheckpointPolicy(every_epochs=2)

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 import pytest
 
-from hpsearch.config import ConfigError, ModelSection, StudyConfig, load_study, parse_study
+from hpsearch.config import ConfigError, ModelSection, StudyConfig, parse_study, read_study_file
 from hpsearch.model._build import check_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_refusal_names_field_and_what_is_allowed(
     study_file: Callable[..., Path], overrides: dict[str, dict[str, Any]], field: str, allowed: tuple[str, ...]
 ) -> None:
     path = study_file(**overrides)
-    err = refusal(lambda: load_study(path))
+    err = refusal(lambda: read_study_file(path))
     assert_names(err, field, *allowed)
     # The message starts with the file it came from, so a user with several studies knows which.
     assert str(err).startswith(f"{path}: {field}"), str(err)
@@ -91,7 +91,7 @@ def test_refusal_names_field_and_what_is_allowed(
 
 def test_the_tiny_study_itself_is_valid(study_file: Callable[..., Path]) -> None:
     # Guards the table above: each refusal comes from its one override, not from a broken base study.
-    cfg = load_study(study_file())
+    cfg = read_study_file(study_file())
     assert cfg.study.name == "tiny"
     assert cfg.space.lr == (1e-3, 3e-3)
     assert cfg.space.optimizer == ["adam", "rmsprop"]
@@ -99,21 +99,21 @@ def test_the_tiny_study_itself_is_valid(study_file: Callable[..., Path]) -> None
 
 
 def test_flip_is_fine_for_other_datasets(study_file: Callable[..., Path]) -> None:
-    cfg = load_study(study_file(data={"dataset": "synthetic", "augment": ["crop", "flip"]}))
+    cfg = read_study_file(study_file(data={"dataset": "synthetic", "augment": ["crop", "flip"]}))
     assert cfg.data.augment == ["crop", "flip"]
 
 
 def test_existing_local_weights_file_is_accepted(study_file: Callable[..., Path], tmp_path: Path) -> None:
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"not checked until the model is built")
-    cfg = load_study(study_file(model={"weights": str(weights)}))
+    cfg = read_study_file(study_file(model={"weights": str(weights)}))
     assert cfg.model.weights_kind == "file"
 
 
 def test_invalid_toml_is_refused_with_its_position(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text('[study]\nname = "x"\nn_trials = \n', encoding="utf-8")
-    err = refusal(lambda: load_study(path))
+    err = refusal(lambda: read_study_file(path))
     assert_names(err, "(file)", "not valid TOML", "line 3")
     assert str(path) in str(err)
 
@@ -121,12 +121,12 @@ def test_invalid_toml_is_refused_with_its_position(tmp_path: Path) -> None:
 def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes('[study]\nname = "café"\n'.encode("latin-1"))
-    assert_names(refusal(lambda: load_study(path)), "(file)", "UTF-8")
+    assert_names(refusal(lambda: read_study_file(path)), "(file)", "UTF-8")
 
 
 def test_missing_study_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
-    assert_names(refusal(lambda: load_study(path)), "study file", "does not exist", str(path))
+    assert_names(refusal(lambda: read_study_file(path)), "study file", "does not exist", str(path))
 
 
 def test_missing_study_name_is_refused() -> None:
@@ -144,7 +144,7 @@ def test_parse_study_from_a_dict_uses_the_defaults() -> None:
 
 
 def _checked(study_file: Callable[..., Path], arch: str, image_size: int, weights: str = "none") -> None:
-    cfg = load_study(study_file(model={"arch": arch, "weights": weights}, data={"image_size": image_size}))
+    cfg = read_study_file(study_file(model={"arch": arch, "weights": weights}, data={"image_size": image_size}))
     check_model_config(cfg.model, cfg.data.image_size)
 
 
@@ -196,7 +196,7 @@ def test_studies_folder_is_not_empty() -> None:
 
 @pytest.mark.parametrize("path", STUDY_FILES, ids=[p.name for p in STUDY_FILES])
 def test_shipped_study_parses_and_passes_the_model_check(path: Path) -> None:
-    cfg = load_study(path)
+    cfg = read_study_file(path)
     assert cfg.source == str(path)
     assert cfg.study.name
     # Offline: enum weights are only named here, never fetched.

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import tiny_tables, write_study
 from hpsearch import keys, load_ensemble
 from hpsearch.cli._main import main
-from hpsearch.config import load_study
+from hpsearch.config import read_study_file
 from hpsearch.ensemble._candidates import select_candidates
 from hpsearch.predict import MANIFEST, SUMS, sha256_file
 from hpsearch.preprocess import Preprocess
@@ -59,7 +59,7 @@ def cv(tmp_path_factory: pytest.TempPathFactory) -> CVStudy:
     tmp = tmp_path_factory.mktemp("cv")
     path = write_study(tmp / "cv.toml", tiny_tables("cv", data={"subset": 300, "folds": K}, train={"epochs": 2},
                                                     space={"lr": [1e-3, 3e-3], "scheduler": ["none"]}))
-    cfg = load_study(path)
+    cfg = read_study_file(path)
     url, store = f"sqlite:///{tmp / 'study.db'}", tmp / "artifacts"
     prepared = prepare(cfg)
     storage = open_storage(url)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import dashboard_artifacts, dashboard_http
 from hpsearch.cli._main import main
-from hpsearch.config import load_study
+from hpsearch.config import read_study_file
 from hpsearch.search._run import open_study, prepare
 from hpsearch.store import open_storage
 
@@ -21,7 +21,7 @@ def empty(study_file, tmp_path: Path) -> tuple[Path, str, Path]:
     path = study_file("empty")
     url, store = f"sqlite:///{tmp_path / 'empty.db'}", tmp_path / "store"
     store.mkdir()
-    cfg = load_study(path)
+    cfg = read_study_file(path)
     open_study(cfg, open_storage(url), prepare(cfg), store)
     return path, url, store
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hpsearch.cli._main import main
-from hpsearch.config import load_study
+from hpsearch.config import read_study_file
 from hpsearch.ensemble._candidates import Candidate, select_candidates
 from hpsearch.ensemble._combine import (
     ece_from,
@@ -386,7 +386,7 @@ def test_staged_dir_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
 def cli_study(tmp_path: Path, study_file: Callable[..., Path], specs: Sequence[tuple[str, float]]
               ) -> tuple[Path, str, Path]:
     path = study_file("tiny")
-    config = load_study(path).model_dump(mode="json")
+    config = read_study_file(path).model_dump(mode="json")
     url, store_dir = make_study(tmp_path, specs, config=config)
     return path, url, store_dir
 

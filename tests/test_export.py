@@ -23,7 +23,7 @@ from torch import nn
 import hpsearch
 from conftest import fit_head, tiny_tables, write_study
 from hpsearch.cli._main import main
-from hpsearch.config import load_study
+from hpsearch.config import read_study_file
 from hpsearch.errors import ExportError
 from hpsearch.predict import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
 from hpsearch.predict._score import BY, entropy, select_csv, uncertainty
@@ -59,7 +59,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 
     tmp = tmp_path_factory.mktemp("export")
     path = write_study(tmp / "tiny.toml", tiny_tables("tiny", data={"subset": 300}))
-    cfg = load_study(path)
+    cfg = read_study_file(path)
     url, store_dir = f"sqlite:///{tmp / 'study.db'}", tmp / "artifacts"
     prepared = prepare(cfg)
     storage = open_storage(url)

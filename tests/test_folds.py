@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from hpsearch import keys
-from hpsearch.config import ConfigError, StudyConfig, load_study
+from hpsearch.config import ConfigError, StudyConfig, read_study_file
 from hpsearch.data import load_pool, make_folds, make_split
 from hpsearch.search._objective import Objective, Prepared
 from hpsearch.search._run import open_study, prepare, run_trials
@@ -67,7 +67,7 @@ def test_folds_are_fixed_by_the_seed(digits_split):
 
 def test_folds_are_recorded_in_the_study_and_checked_on_resume(study_file, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    cfg = load_study(study_file("cv", data={"folds": 3}))
+    cfg = read_study_file(study_file("cv", data={"folds": 3}))
     prepared = prepare(cfg)
     study = open_study(cfg, open_storage(url), prepared, tmp_path / "artifacts")
     assert prepared.folds is not None
@@ -76,7 +76,7 @@ def test_folds_are_recorded_in_the_study_and_checked_on_resume(study_file, tmp_p
     open_study(cfg, open_storage(url), prepare(cfg), tmp_path / "artifacts")  # the same folds resume
 
     for changed, why in (({"folds": 4}, "fold assignment differs"), ({"folds": 0}, "created with 3 folds")):
-        other = load_study(study_file("cv", data=changed))
+        other = read_study_file(study_file("cv", data=changed))
         with pytest.raises(ConfigError) as raised:
             open_study(other, open_storage(url), prepare(other), tmp_path / "artifacts")
         assert raised.value.field == "data.folds" and why in str(raised.value)
@@ -85,10 +85,10 @@ def test_folds_are_recorded_in_the_study_and_checked_on_resume(study_file, tmp_p
 
 def test_a_single_split_study_refuses_folds_on_resume(study_file, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    cfg = load_study(study_file("plain"))
+    cfg = read_study_file(study_file("plain"))
     open_study(cfg, open_storage(url), prepare(cfg), tmp_path / "artifacts")
     with pytest.raises(ConfigError, match="created without folds") as raised:
-        cv = load_study(study_file("plain", data={"folds": 3}))
+        cv = read_study_file(study_file("plain", data={"folds": 3}))
         open_study(cv, open_storage(url), prepare(cv), tmp_path / "artifacts")
     assert raised.value.field == "data.folds"
 
@@ -98,7 +98,7 @@ def test_a_single_split_study_refuses_folds_on_resume(study_file, tmp_path):
 
 def start(path: Path, tmp_path: Path, **kwargs) -> tuple[StudyConfig, Prepared, optuna.Study, Objective]:
     """What one `hpsearch run` process does before its first trial."""
-    cfg = load_study(path)
+    cfg = read_study_file(path)
     prepared = prepare(cfg)
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     artifacts = tmp_path / "artifacts"

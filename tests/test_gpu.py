@@ -35,7 +35,7 @@ def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 @pytest.mark.timeout(600)
 def test_a_two_trial_study_on_cuda_is_pinned_and_stores_fp32_outputs(tmp_path: Path) -> None:
-    from hpsearch.config import load_study
+    from hpsearch.config import read_study_file
     from hpsearch.data import load_pool, make_split, trial_data
     from hpsearch.model import build_model
     from hpsearch.store import load_trial_outputs, load_trial_weights, open_artifact_store
@@ -53,7 +53,7 @@ def test_a_two_trial_study_on_cuda_is_pinned_and_stores_fp32_outputs(tmp_path: P
         assert trial.user_attrs["gpu"]["name"] == torch.cuda.get_device_name(0)
         assert trial.user_attrs["peak_gpu_mib"] > 0
     # The stored validation outputs are what an fp32 forward of the stored weights gives.
-    cfg = load_study(study)
+    cfg = read_study_file(study)
     pool = load_pool(cfg.data)
     data = trial_data(pool, make_split(pool, cfg.data, cfg.study.seed), cfg.data, False, CUDA)
     store = open_artifact_store(str(tmp_path / "artifacts"), create=False)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import STORAGES_AND_PROXY, dashboard_artifacts, dashboard_http
 from hpsearch.cli._main import main
-from hpsearch.config import ConfigError, StudyConfig, load_study
+from hpsearch.config import ConfigError, StudyConfig, read_study_file
 from hpsearch.search._objective import Objective, Prepared
 from hpsearch.search._run import StopAfterFailures, open_study, prepare, run_trials
 from hpsearch.store import (
@@ -51,7 +51,7 @@ def one_torch_thread():
 
 def start(path: Path, url: str, artifacts: Path) -> tuple[StudyConfig, Prepared, optuna.Study, Objective]:
     """What one `hpsearch run` process does before its first trial."""
-    cfg = load_study(path)
+    cfg = read_study_file(path)
     prepared = prepare(cfg)
     storage = open_storage(url)
     study = open_study(cfg, storage, prepared, artifacts)
@@ -166,12 +166,12 @@ def test_tiny_study_end_to_end_then_resume(storage_url, study_file, tmp_path, ca
 
 @pytest.mark.parametrize("storage_url", STORAGES_AND_PROXY, indirect=True)
 def test_resume_refuses_a_changed_space(storage_url, study_file, tmp_path, capsys):
-    cfg = load_study(study_file("tiny"))
+    cfg = read_study_file(study_file("tiny"))
     prepared = prepare(cfg)
     artifacts = tmp_path / "artifacts"
     open_study(cfg, open_storage(storage_url), prepared, artifacts)
 
-    changed = load_study(study_file("tiny", space={"lr": [1e-4, 3e-3]}))
+    changed = read_study_file(study_file("tiny", space={"lr": [1e-4, 3e-3]}))
     with pytest.raises(ConfigError) as raised:
         open_study(changed, open_storage(storage_url), prepared, artifacts)
     message = str(raised.value)
@@ -197,13 +197,13 @@ def test_resume_refuses_a_changed_space(storage_url, study_file, tmp_path, capsy
 
 def test_resume_refuses_a_changed_split_but_accepts_a_new_budget(study_file, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    cfg = load_study(study_file("tiny"))
+    cfg = read_study_file(study_file("tiny"))
     open_study(cfg, open_storage(url), prepare(cfg), tmp_path / "artifacts")
 
-    more = load_study(study_file("tiny", study={"n_trials": 50}))
+    more = read_study_file(study_file("tiny", study={"n_trials": 50}))
     open_study(more, open_storage(url), prepare(more), tmp_path / "artifacts")
 
-    other = load_study(study_file("tiny", data={"subset": 200}))
+    other = read_study_file(study_file("tiny", data={"subset": 200}))
     with pytest.raises(ConfigError) as raised:
         open_study(other, open_storage(url), prepare(other), tmp_path / "artifacts")
     assert raised.value.field == "data"
@@ -309,7 +309,7 @@ def test_stop_after_failures_counts_only_failures_in_a_row():
 
 
 def test_a_study_with_no_finished_trials_has_no_best(study_file, tmp_path):
-    cfg = load_study(study_file("empty"))
+    cfg = read_study_file(study_file("empty"))
     prepared = prepare(cfg)
     study = open_study(cfg, open_storage(f"sqlite:///{tmp_path / 'study.db'}"), prepared, tmp_path / "artifacts")
     assert best_trial(study) is None

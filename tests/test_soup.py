@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from conftest import fit_head, tiny_tables, write_study
 from hpsearch.cli._main import main
-from hpsearch.config import load_study
+from hpsearch.config import read_study_file
 from hpsearch.ensemble._soup import SoupError, SoupStep, average_states, check_same_start, greedy_soup, soup_decision
 from hpsearch.errors import TTAError
 from hpsearch.keys import INIT_WEIGHTS as ATTR_INIT_WEIGHTS
@@ -74,7 +74,7 @@ def _make_study(lab: Lab, name: str, states: Sequence[State], weights: str | Non
     from torchvision import models
 
     path = _study_file(lab.tmp, name, weights or str(lab.init))
-    cfg = load_study(path)
+    cfg = read_study_file(path)
     prepared = prepare(cfg)
     storage = open_storage(lab.url)
     study = open_study(cfg, storage, prepared, lab.store)
@@ -106,7 +106,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     torch.manual_seed(0)
     init = tmp / "init.safetensors"
     save_file(models.resnet18().state_dict(), str(init))  # a "pretrained" ImageNet-shaped checkpoint
-    cfg = load_study(_study_file(tmp, "probe", str(init)))
+    cfg = read_study_file(_study_file(tmp, "probe", str(init)))
     prepared = prepare(cfg)
     pre = Preprocess(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # pretrained: ImageNet statistics
     pool, split = prepared.pool, prepared.split

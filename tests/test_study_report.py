@@ -28,7 +28,7 @@ from scipy.special import softmax
 from conftest import tiny_tables, write_study
 from hpsearch import keys
 from hpsearch.cli._main import main
-from hpsearch.config import load_study
+from hpsearch.config import read_study_file
 from hpsearch.report import _plots as plots
 from hpsearch.report._ensemble import RELIABILITY_FILE, WEIGHTS_FILE, ensemble_builders, read_ensemble
 from hpsearch.report._study import (
@@ -369,7 +369,7 @@ def test_out_that_is_no_report_folder_is_refused_and_left_alone(trained, tmp_pat
 def empty_study(tmp_path: Path) -> tuple[Path, str, optuna.Study]:
     path = write_study(tmp_path / "empty.toml", tiny_tables("emptyreport"))
     url = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = load_study(path)
+    cfg = read_study_file(path)
     store = tmp_path / "store"
     study = open_study(cfg, open_storage(url), prepare(cfg), store)
     store.mkdir(exist_ok=True)

@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import tiny_tables, write_study
 from hpsearch.cli._main import main
-from hpsearch.config import ConfigError, TrackingSection, load_study
+from hpsearch.config import ConfigError, TrackingSection, read_study_file
 from hpsearch.search._tracking import HPARAM_METRIC, NoTracking, TrialLog, TrialLogs
 from hpsearch.train import EpochMetrics
 
@@ -123,7 +123,7 @@ def test_tensorboard_must_be_a_bool(tmp_path):
     path = write_study(tmp_path / "tb.toml", tiny_tables("tb", tracking={"tensorboard": "yes"}))
 
     with pytest.raises(ConfigError) as err:
-        load_study(path)
+        read_study_file(path)
 
     assert err.value.field == "tracking.tensorboard"
     assert "\n" not in str(err.value)

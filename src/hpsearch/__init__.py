@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "load_ensemble", "load_study", "open_storage"]
+__all__ = ["__version__", "load_ensemble", "open_storage", "read_study_file"]
 
 if TYPE_CHECKING:
-    from hpsearch.config import load_study
+    from hpsearch.config import read_study_file
     from hpsearch.predict import load_ensemble
     from hpsearch.store import open_storage
 
@@ -26,8 +26,8 @@ def __getattr__(name: str) -> Any:
         from hpsearch.predict import load_ensemble
 
         return load_ensemble
-    if name == "load_study":
-        from hpsearch.config import load_study
+    if name == "read_study_file":
+        from hpsearch.config import read_study_file
 
-        return load_study
+        return read_study_file
     raise AttributeError(f"module 'hpsearch' has no attribute {name!r}")

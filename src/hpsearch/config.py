@@ -1,7 +1,7 @@
 """The study file: its typed schema and its validation.
 
 A study file is TOML with the tables `[study]`, `[data]`, `[model]`, `[train]`, `[space]`, `[ensemble]` and
-`[tracking]`. `load_study(path)` returns a `StudyConfig` or raises `ConfigError`, whose message is one
+`[tracking]`. `read_study_file(path)` returns a `StudyConfig` or raises `ConfigError`, whose message is one
 line that names the offending field and says what is allowed. This module imports no torch: checks that
 need the model itself (can this architecture take this image size?) live in `model.py`.
 """
@@ -423,7 +423,7 @@ def resolve_path(value: str, source: str | Path | None) -> Path:
     return Path(value).expanduser().resolve()
 
 
-def load_study(path: str | Path) -> StudyConfig:
+def read_study_file(path: str | Path) -> StudyConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("study file", f"{str(path)!r} does not exist; pass a studies/*.toml file")

@@ -35,9 +35,9 @@ out = Console()
 def _check_file_first(args: argparse.Namespace) -> Any:
     """The study file read and validated before torch is imported: a bad file is one line in a second, not
     after the several seconds torch and torchvision take to import."""
-    from hpsearch.config import load_study
+    from hpsearch.config import read_study_file
 
-    return load_study(args.study)
+    return read_study_file(args.study)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import optuna
 
 from hpsearch import keys
-from hpsearch.config import load_study
+from hpsearch.config import read_study_file
 from hpsearch.errors import ArtifactStoreError
 from hpsearch.store import (
     is_s3,
@@ -33,7 +33,7 @@ def serve(study_path: str | None, *, storage: str | None, artifacts: str | None,
           echo: Callable[[str], None] = print) -> None:
     from optuna_dashboard import run_server
 
-    cfg = load_study(study_path) if study_path else None
+    cfg = read_study_file(study_path) if study_path else None
     url = resolve_storage_url(storage, cfg.study.storage if cfg else None)
     opened = open_storage(url, reader=True)
     location = artifacts_for(opened, cfg.study.name if cfg else None, artifacts,

@@ -23,7 +23,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import __version__, keys
-from hpsearch.config import ConfigError, StudyConfig, StudySection, load_study
+from hpsearch.config import ConfigError, StudyConfig, StudySection, read_study_file
 from hpsearch.data import load_pool, make_folds, make_split, preprocess_for
 from hpsearch.errors import DeviceBrokenError, StoreFullError, StudyRecordError
 from hpsearch.model import build_model, check_study_model
@@ -210,7 +210,7 @@ def open_run(study_file: str, *, storage: str | None = None, artifacts: str | No
     """Read the study file, open its storage and artifact store, load the data, create or resume the study.
 
     Every check runs here, before any trial exists: a bad file, device, URL, store or dataset is one line."""
-    cfg = load_study(study_file)
+    cfg = read_study_file(study_file)
     check_study_model(cfg)
     resolved = resolve_device(device or cfg.train.device)
     threads = os.environ.get("HPSEARCH_THREADS")

@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
-from hpsearch.config import StudyConfig, load_study
+from hpsearch.config import StudyConfig, read_study_file
 from hpsearch.errors import UsageError
 from hpsearch.store._storage import open_storage, redact, resolve_storage_url, retry_callback
 
@@ -36,7 +36,7 @@ def load_existing(storage: optuna.storages.BaseStorage, name: str) -> optuna.Stu
 
 def open_existing(study_file: str, storage: str | None = None) -> tuple[StudyConfig, optuna.Study, str]:
     """(config, study, storage url) for the commands that read a study `run` created; one line if it is absent."""
-    cfg = load_study(study_file)
+    cfg = read_study_file(study_file)
     url = resolve_storage_url(storage, cfg.study.storage)
     study = load_existing(open_storage(url), cfg.study.name)
     if study is None:
