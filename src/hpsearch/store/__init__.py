@@ -28,9 +28,11 @@ from hpsearch.store._artifacts import (
     upload_trial_artifacts,
 )
 from hpsearch.store._pins import pin, pinned, unpin
-from hpsearch.store._proxy import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, DEFAULT_PORT, proxy_failure, serve
+from hpsearch.store._proxy import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, DEFAULT_PORT, proxy_failure
+from hpsearch.store._proxy_server import serve
+from hpsearch.store._redact import redact
 from hpsearch.store._stopping import StopWatch, StopWhenAsked, pending, request_stop, stop_request, target_reached
-from hpsearch.store._storage import open_storage, redact, resolve_storage_url
+from hpsearch.store._storage import open_storage, resolve_storage_url
 from hpsearch.store._studies import (
     FINISHED,
     METRIC_NAME,

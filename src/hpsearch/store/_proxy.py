@@ -1,4 +1,5 @@
-"""Optuna's gRPC storage proxy in front of the database: `grpc://HOST:PORT` storages and `hpsearch storage-proxy`.
+"""`grpc://HOST:PORT` storages: the client of Optuna's gRPC storage proxy (the server, `hpsearch storage-proxy`, is
+_proxy_server.py).
 
 Without the proxy every worker holds its own database pool (up to 5 PostgreSQL connections); behind it, the
 database sees only the proxy's pool, whatever the number of workers. Three things Optuna's proxy does not do
@@ -6,7 +7,7 @@ are added here:
 
 - Heartbeats. `GrpcStorageProxy` is a plain storage (its protocol has no heartbeat call), so a worker that
   died behind it would stay RUNNING. A worker here beats by writing the trial system attr `keys.PROXY_BEAT`;
-  the proxy's storage (`storage._RDBStorage`) records that as a heartbeat in the database, on the database's
+  the proxy's storage (`_storage._RDBStorage`) records that as a heartbeat in the database, on the database's
   clock, and the proxy fails trials whose beats stopped (`--heartbeat-grace`) and queues their retries, as
   a direct worker's heartbeat check does.
 - A proxy that restarts. Every call waits for the proxy to be reachable (gRPC's wait-for-ready) for at most
@@ -19,17 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-import optuna
-from optuna.storages import BaseStorage, GrpcStorageProxy
+from optuna.storages import GrpcStorageProxy
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.trial import FrozenTrial
 
 from hpsearch import keys
 from hpsearch.errors import StorageError
+from hpsearch.store._redact import redact
 
 _log = logging.getLogger(__name__)
 
@@ -52,8 +49,6 @@ def is_proxy_url(url: str) -> bool:
 
 def parse_proxy_url(url: str) -> tuple[str, int]:
     """`grpc://HOST[:PORT]` as (host, port); the port defaults to the proxy's."""
-    from hpsearch.store._storage import redact
-
     rest = url.removeprefix(SCHEME).rstrip("/")
     host, colon, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
     if not host or "/" in rest or "@" in rest:  # the proxy takes no credentials: a URL with some is a mistake
@@ -96,7 +91,7 @@ class ProxyClient(GrpcStorageProxy, BaseHeartbeat):
                          proxy_failure(err) or type(err).__name__)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return []  # the proxy finds stale trials itself, on the database's clock (see serve)
+        return []  # the proxy finds stale trials itself, on the database's clock (see _proxy_server.serve)
 
     def get_heartbeat_interval(self) -> int | None:
         return self._heartbeat_interval
@@ -128,59 +123,3 @@ def proxy_failure(err: BaseException) -> str | None:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"storage: the storage proxy did not answer for {PROXY_WAIT_S} s; is `hpsearch storage-proxy` running?"
     return f"storage: the storage proxy failed a call ({code.name}: {details}); is `hpsearch storage-proxy` running?"
-
-
-# ---------------------------------------------------------------------------------------------- server
-
-
-def serve(url: str, *, host: str, port: int, pool_size: int = DEFAULT_POOL_SIZE,
-          heartbeat_grace: int = DEFAULT_HEARTBEAT_GRACE_S, echo: Any = print) -> None:
-    """Run Optuna's proxy server for the database at `url` until interrupted (Ctrl-C or SIGTERM)."""
-    from hpsearch.store._storage import open_storage, redact
-
-    if is_proxy_url(url) or url.startswith("journal:"):
-        raise StorageError(f"storage-proxy: --storage {redact(url)} must be a database (postgresql+psycopg://... "
-                           "or sqlite:///...); Optuna's proxy cannot serve a journal file or another proxy")
-    check_s = max(1, heartbeat_grace // 10)
-    backing = open_storage(url, heartbeat_interval=check_s, heartbeat_grace=heartbeat_grace, pool_size=pool_size)
-    # Optuna's own advice: the proxy serves the cached storage (get_storage), not the bare RDBStorage.
-    storage = optuna.storages.get_storage(backing)
-    stop = threading.Event()
-    checker = threading.Thread(target=_fail_stale_trials_every, args=(storage, check_s, stop), daemon=True,
-                               name="hpsearch-stale-trials")
-    checker.start()
-    echo(f"storage proxy on grpc://{host}:{port} for {redact(url)} (at most {pool_size} database connections; "
-         f"trials silent for {heartbeat_grace} s fail and are retried); workers use --storage grpc://"
-         f"{host if host not in ('0.0.0.0', '::') else 'THIS-HOST'}:{port}; Ctrl-C stops it")
-    try:
-        optuna.storages.run_grpc_proxy_server(storage, host=host, port=port,
-                                              thread_pool=ThreadPoolExecutor(max_workers=2 * pool_size))
-    except RuntimeError as err:
-        if "bind" in str(err).lower() or "port" in str(err).lower():
-            raise StorageError(f"storage-proxy: cannot listen on {host}:{port} (in use?); pick another --port"
-                               ) from None
-        raise
-    finally:
-        stop.set()
-
-
-def _fail_stale_trials_every(storage: BaseStorage, every_s: float, stop: threading.Event) -> None:
-    """The heartbeat check the workers behind the proxy cannot run: fail their silent trials, queue retries."""
-    while not stop.wait(every_s):
-        try:
-            for summary in storage.get_all_studies():
-                study = optuna.load_study(study_name=summary.study_name, storage=storage)
-                for trial in _stale_failed(study):
-                    _log.warning("trial %s of %s FAIL: its worker stopped beating; queued a retry", trial.number,
-                                 summary.study_name)
-        except Exception as err:  # the database may be down for a while: check again later
-            _log.warning("stale-trial check failed (%s); retrying in %.0f s",
-                         str(err).splitlines()[0] if str(err) else type(err).__name__, every_s)
-
-
-def _stale_failed(study: optuna.Study) -> list[FrozenTrial]:
-    from optuna.trial import TrialState
-
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before]

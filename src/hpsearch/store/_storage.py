@@ -6,7 +6,7 @@
   otherwise find their pooled connection dropped) and a small pool per process.
 - `journal:///path/file.log`: Optuna's journal file storage, for shared filesystems without a database.
 - `grpc://host:13000`: Optuna's gRPC storage proxy in front of one of the above (`hpsearch storage-proxy`; see
-  storage_proxy.py), for many workers on one database.
+  _proxy.py and _proxy_server.py), for many workers on one database.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 
 from hpsearch import keys
 from hpsearch.errors import StorageError
+from hpsearch.store._redact import redact
 
 _log = logging.getLogger(__name__)
 
@@ -33,20 +34,6 @@ SQLITE_BUSY_TIMEOUT_S = 60
 def resolve_storage_url(cli: str | None, study_file: str | None) -> str:
     """--storage > HPSEARCH_STORAGE > [study] storage > sqlite:///hpsearch.db."""
     return cli or os.environ.get("HPSEARCH_STORAGE") or study_file or DEFAULT_STORAGE
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs, error lines, tables and manifests; also a URL that does not parse
-    (its text between `user:` and the last `@` is masked)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is no number
-        head, at, host = url.rpartition("@")
-        if not at:
-            return url
-        scheme, slashes, credentials = head.rpartition("//")
-        user, colon, _ = credentials.partition(":")
-        return f"{scheme}{slashes}{user}{':***' if colon else ''}@{host}"
 
 
 class _RDBStorage(optuna.storages.RDBStorage):
