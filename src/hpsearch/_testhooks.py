@@ -1,5 +1,6 @@
-"""A test's hold: a process-level test stops a command at a named point until the test releases it.
+"""The tests' hooks in a command: holds at named points (HPSEARCH_TEST_HOLD) and GPU faults (HPSEARCH_TEST_FAULT).
 
+A process-level test stops a command at a named point until the test releases it.
 `HPSEARCH_TEST_HOLD="POINT:PATH"` makes the process wait at POINT until PATH exists. The points: a number N
 (a trial, after writing its checkpoint of epoch N) and `ensemble` (`hpsearch ensemble`, after pinning and
 choosing its members, before writing them). A signal, a kill or a concurrent run then lands at the same moment

@@ -1,9 +1,10 @@
-"""`hpsearch report ... --ensemble DIR`: an exported ensemble (its ensemble.json, hpsearch.export.result_json)
-in the study's report: the members' weights, the test-split comparison table, and a reliability diagram of the
-shipped combination before and after its temperature.
+"""`hpsearch report ... --ensemble DIR`: an exported ensemble's members, comparison and reliability in the report.
+
+From its ensemble.json (export/_write.py's result_json): the members' weights, the test-split comparison table, and
+a reliability diagram of the shipped combination before and after its temperature.
 
 ensemble.json holds metrics, not outputs: the diagram recombines the members' stored test outputs with the
-weights and T it records, through hpsearch.combine, so it shows exactly what the export ships.
+weights and T it records, through hpsearch.ensemble's combine math, so it shows exactly what the export ships.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""report.html of `hpsearch report`: one self-contained page (images as data URIs, inline CSS, nothing fetched)
-with the summary, the tables, every figure and the notes. hpsearch.study_report gathers what it shows."""
+"""report.html of `hpsearch report`: one self-contained page with the summary, the tables, every figure and the notes.
+
+Images are data URIs and the CSS is inline: the page fetches nothing. report/_study.py gathers what it shows.
+"""
 
 from __future__ import annotations
 
