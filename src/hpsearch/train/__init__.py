@@ -10,18 +10,11 @@ from hpsearch.train._accelerator import (
     is_sticky_device_error,
     peak_memory_mib,
     reset_peak_memory,
+    resolve_device,
 )
 from hpsearch.train._checkpoints import CheckpointWriter, checkpoint_policy
-from hpsearch.train._loop import (
-    Checkpoint,
-    EpochMetrics,
-    Hyperparams,
-    NonFiniteLoss,
-    TrainResult,
-    predict_logits,
-    resolve_device,
-    train_trial,
-)
+from hpsearch.train._hyperparams import Hyperparams
+from hpsearch.train._loop import Checkpoint, EpochMetrics, NonFiniteLoss, TrainResult, predict_logits, train_trial
 
 __all__ = [
     "Checkpoint",
