@@ -11,18 +11,15 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from hpsearch.config import DataSection
 from hpsearch.data._datasets import ImagePool
+from hpsearch.data._settings import DataSettings, Placement
 from hpsearch.data._split import Split
 from hpsearch.data._stats import preprocess_for
 from hpsearch.preprocess import Preprocess
-
-Placement = Literal["resident", "stream"]
 
 
 class DeviceData:
@@ -118,7 +115,7 @@ class TrialData:
     num_classes: int
 
 
-def placement_for(pool: ImagePool, split: Split, cfg: DataSection, device: torch.device) -> Placement:
+def placement_for(pool: ImagePool, split: Split, cfg: DataSettings, device: torch.device) -> Placement:
     """Where a worker's splits live: `[data] placement`, or under auto resident on a GPU when all three fit
     device_memory_fraction of its free memory, streamed otherwise; on the CPU gathered from the pool (the
     shared cache), since a resident copy there would be one more private copy per process."""
@@ -132,7 +129,7 @@ def placement_for(pool: ImagePool, split: Split, cfg: DataSection, device: torch
     return "resident" if need <= cfg.device_memory_fraction * free else "stream"
 
 
-def trial_data(pool: ImagePool, split: Split, cfg: DataSection, pretrained: bool, device: torch.device
+def trial_data(pool: ImagePool, split: Split, cfg: DataSettings, pretrained: bool, device: torch.device
                ) -> TrialData:
     """Place the three splits once (resident or streamed); every trial of a worker reuses them."""
     placement = placement_for(pool, split, cfg, device)

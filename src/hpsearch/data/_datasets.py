@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpsearch.config import DataSection
 from hpsearch.data import _cache as cache
+from hpsearch.data._settings import DataSettings
 from hpsearch.errors import DataError
 from hpsearch.preprocess import IMAGE_SUFFIXES, decode_image
 
@@ -48,7 +48,7 @@ class ImagePool:
         return len(self.classes)
 
 
-def load_pool(cfg: DataSection, seed: int = 0) -> ImagePool:
+def load_pool(cfg: DataSettings, seed: int = 0) -> ImagePool:
     """All images of the dataset the study names, as one uint8 pool."""
     loaders = {
         "digits": _load_digits,
@@ -60,7 +60,7 @@ def load_pool(cfg: DataSection, seed: int = 0) -> ImagePool:
     return loaders[cfg.dataset](cfg, seed)
 
 
-def _load_digits(cfg: DataSection, seed: int) -> ImagePool:
+def _load_digits(cfg: DataSettings, seed: int) -> ImagePool:
     grey, target = digits_arrays()
     # 0..16 grey levels, 8x8; stored as uint8 in 0..255, upsampled per batch on the device.
     pixels = np.round(grey * (255.0 / 16.0)).astype(np.uint8)
@@ -83,7 +83,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
-def _load_synthetic(cfg: DataSection, seed: int) -> ImagePool:
+def _load_synthetic(cfg: DataSettings, seed: int) -> ImagePool:
     gen = torch.Generator().manual_seed(seed)
     n, k, size = cfg.synthetic_size, cfg.synthetic_classes, cfg.image_size
     labels = torch.arange(n) % k
@@ -94,11 +94,11 @@ def _load_synthetic(cfg: DataSection, seed: int) -> ImagePool:
     return ImagePool(images, labels, [f"class_{i}" for i in range(k)])
 
 
-def cache_folder(cfg: DataSection) -> Path:
+def cache_folder(cfg: DataSettings) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
 
 
-def _load_cifar(cfg: DataSection, seed: int) -> ImagePool:
+def _load_cifar(cfg: DataSettings, seed: int) -> ImagePool:
     root = Path(cfg.root).expanduser()
     folder, files = CIFAR_FILES[cfg.dataset]
     batches = [root / folder / name for name in files]
@@ -110,12 +110,12 @@ def _load_cifar(cfg: DataSection, seed: int) -> ImagePool:
     return _pool_from(found)
 
 
-def _cifar_key(cfg: DataSection, root: Path, batches: Sequence[Path]) -> str:
+def _cifar_key(cfg: DataSettings, root: Path, batches: Sequence[Path]) -> str:
     # Keyed by the batch files as they are; torchvision md5-checks them whenever it decodes them.
     return cache.cache_key({"kind": cfg.dataset, "files": _fingerprint(root, batches)})
 
 
-def cache_state(cfg: DataSection) -> tuple[Path, int | None] | None:
+def cache_state(cfg: DataSettings) -> tuple[Path, int | None] | None:
     """Where the study's decoded images are cached and their size in bytes (None: not built yet); None for data
     that is never cached (digits, synthetic) or not there to list."""
     if not cfg.cached:
@@ -133,7 +133,7 @@ def cache_state(cfg: DataSection) -> tuple[Path, int | None] | None:
     return cache.cache_paths(folder, key)[0], cache.cache_size(folder, key)
 
 
-def _decode_cifar(cfg: DataSection, out: np.ndarray | None) -> cache.Decoded:
+def _decode_cifar(cfg: DataSettings, out: np.ndarray | None) -> cache.Decoded:
     from torchvision import datasets
 
     root = Path(cfg.root).expanduser()
@@ -195,7 +195,7 @@ class FolderListing:
                                 "decoder": DECODER, "files": _fingerprint(self.root, self.files)})
 
 
-def _list_folder(cfg: DataSection) -> FolderListing:
+def _list_folder(cfg: DataSettings) -> FolderListing:
     root = Path(cfg.root).expanduser()
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -215,7 +215,7 @@ def _list_folder(cfg: DataSection) -> FolderListing:
                          np.repeat(np.arange(3), [len(files) for _, files, _ in parts]))
 
 
-def _load_imagefolder(cfg: DataSection, seed: int) -> ImagePool:
+def _load_imagefolder(cfg: DataSettings, seed: int) -> ImagePool:
     listing = _list_folder(cfg)
     root, size = listing.root, cfg.decoded_size
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpsearch.config import DataSection
 from hpsearch.data._datasets import ImagePool
+from hpsearch.data._settings import DataSettings
 from hpsearch.errors import DataError
 
 
@@ -33,7 +33,7 @@ class Split:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def make_split(pool: ImagePool, cfg: DataSection, seed: int) -> Split:
+def make_split(pool: ImagePool, cfg: DataSettings, seed: int) -> Split:
     """One stratified split, fixed by the seed. Parts the dataset fixes itself are kept as given."""
     rng = np.random.default_rng(seed)
     labels = pool.labels.numpy()

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import torch
 
-from hpsearch.config import DataSection
 from hpsearch.data._datasets import ImagePool
+from hpsearch.data._settings import DataSettings
 from hpsearch.data._split import Split
 from hpsearch.preprocess import Preprocess, triple
 
@@ -16,7 +16,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def preprocess_for(pool: ImagePool, split: Split, cfg: DataSection, pretrained: bool) -> Preprocess:
+def preprocess_for(pool: ImagePool, split: Split, cfg: DataSettings, pretrained: bool) -> Preprocess:
     """ImageNet statistics for pretrained weights; otherwise the training split's own channel stats."""
     if pretrained:
         return Preprocess(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)

@@ -15,6 +15,7 @@ from hpsearch.train._accelerator import (
 from hpsearch.train._checkpoints import CheckpointWriter, checkpoint_policy
 from hpsearch.train._hyperparams import Hyperparams
 from hpsearch.train._loop import Checkpoint, EpochMetrics, NonFiniteLoss, TrainResult, predict_logits, train_trial
+from hpsearch.train._settings import TrainSettings
 
 __all__ = [
     "Checkpoint",
@@ -23,6 +24,7 @@ __all__ = [
     "Hyperparams",
     "NonFiniteLoss",
     "TrainResult",
+    "TrainSettings",
     "checkpoint_policy",
     "gpu_identity",
     "is_out_of_memory",

@@ -19,15 +19,15 @@ from torch import nn
 
 from hpsearch import keys
 from hpsearch._testhooks import fault_at
-from hpsearch.config import ModelSection, TrainSection
 from hpsearch.data import DeviceData, TrialData, training_input
-from hpsearch.model import build_model, plain_state_dict, set_train_mode
+from hpsearch.model import ModelSettings, build_model, plain_state_dict, set_train_mode
 from hpsearch.preprocess import Preprocess
 from hpsearch.train._accelerator import Precision, choose_precision
 from hpsearch.train._checkpoints import EVERY_EPOCH, CheckpointPolicy, host_copy
 from hpsearch.train._compile import compiled_model
 from hpsearch.train._hyperparams import Hyperparams
 from hpsearch.train._optim import Scheduler, make_optimizer, make_scheduler, step_scheduler
+from hpsearch.train._settings import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class Checkpoint:
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                data: TrialData, train_cfg: TrainSection, precision: Precision, gen: torch.Generator,
+                data: TrialData, train_cfg: TrainSettings, precision: Precision, gen: torch.Generator,
                 aug: torch.Generator) -> torch.Tensor:
     """One epoch of optimizer steps; returns the summed loss, on the device: nothing in here waits for the
     device (the GPU test runs it under torch.cuda.set_sync_debug_mode("error")), except fp16's scaler, which
@@ -190,7 +190,7 @@ class _Run:
             scaler=self.scaler.state_dict() if self.precision.scaled else None)
 
 
-def _start_run(model_cfg: ModelSection, train_cfg: TrainSection, data: TrialData, hp: Hyperparams, seed: int,
+def _start_run(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialData, hp: Hyperparams, seed: int,
                device: torch.device) -> _Run:
     """Seed, build (and compile) the model on its device, and make its optimizer, scheduler and scaler; in
     this order, which the seeded initial weights depend on."""
@@ -218,7 +218,7 @@ def _start_run(model_cfg: ModelSection, train_cfg: TrainSection, data: TrialData
     return _Run(model, forward, optimizer, scheduler, precision.scaler(device), precision, gen, aug, device)
 
 
-def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSection, epoch: int) -> EpochMetrics:
+def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSettings, epoch: int) -> EpochMetrics:
     """One epoch's steps, then its validation and the scheduler's step; non-finite losses stop the trial."""
     start = time.perf_counter()
     set_train_mode(run.model)
@@ -245,8 +245,8 @@ def _is_better(metrics: EpochMetrics, best: EpochMetrics | None) -> bool:
 
 
 def train_trial(
-    model_cfg: ModelSection,
-    train_cfg: TrainSection,
+    model_cfg: ModelSettings,
+    train_cfg: TrainSettings,
     data: TrialData,
     hp: Hyperparams,
     *,
