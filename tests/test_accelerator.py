@@ -8,8 +8,9 @@ import torch
 from hpsearch.config import DataSection, ModelSection, TrainSection
 from hpsearch.data import load_pool, make_split, trial_data
 from hpsearch.model import build_model
+from hpsearch.train import Hyperparams, predict_logits, train_trial
 from hpsearch.train._accelerator import choose_precision, is_out_of_memory, is_sticky_device_error
-from hpsearch.train._loop import FP32, Hyperparams, predict_logits, train_trial
+from hpsearch.train._loop import FP32
 
 CPU = torch.device("cpu")
 

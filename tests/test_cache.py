@@ -19,8 +19,10 @@ from PIL import Image
 from conftest import cli_env, run_cli, tiny_tables, write_study
 from hpsearch._testhooks import HOLD_ENV
 from hpsearch.config import DataSection, ModelSection, TrainSection
+from hpsearch.data import DeviceData, cache_state, load_pool, make_split
 from hpsearch.data import _cache as cache
-from hpsearch.data._datasets import DeviceData, cache_state, channel_stats, load_pool, make_split, random_resized_crop
+from hpsearch.data._augment import random_resized_crop
+from hpsearch.data._stats import channel_stats
 from hpsearch.errors import DataError
 from hpsearch.preprocess import decode_image
 from hpsearch.train import Hyperparams, train_trial
@@ -113,7 +115,7 @@ def test_a_builder_killed_halfway_leaves_nothing_that_looks_finished(tmp_path: P
     root = _noisy_folder(tmp_path / "ds")
     cfg = _cfg(root, tmp_path)
     release = tmp_path / "never"
-    script = (f"from hpsearch.config import DataSection; from hpsearch.data._datasets import load_pool; "
+    script = (f"from hpsearch.config import DataSection; from hpsearch.data import load_pool; "
               f"load_pool(DataSection.model_validate_json({cfg.model_dump_json()!r}))")
     builder = subprocess.Popen([sys.executable, "-c", script], env=cli_env(**{HOLD_ENV: f"cache:{release}"}),
                                stderr=subprocess.PIPE)
@@ -217,7 +219,7 @@ from pathlib import Path
 import torch
 
 from hpsearch.config import DataSection
-from hpsearch.data._datasets import load_pool, make_split, trial_data
+from hpsearch.data import load_pool, make_split, trial_data
 
 
 def anon_mib():

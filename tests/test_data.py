@@ -12,20 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hpsearch.config import DataSection
-from hpsearch.data._datasets import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImagePool,
-    Split,
-    augment,
-    cutout,
-    digits_arrays,
-    load_pool,
-    make_split,
-    preprocess_for,
-    random_crop,
-    random_flip,
-)
+from hpsearch.data import ImagePool, Split, load_pool, make_split, preprocess_for
+from hpsearch.data._augment import augment, cutout, random_crop, random_flip
+from hpsearch.data._datasets import digits_arrays
+from hpsearch.data._stats import IMAGENET_MEAN, IMAGENET_STD
 from hpsearch.errors import DataError
 from hpsearch.preprocess import Preprocess
 
@@ -64,7 +54,7 @@ def test_digits_are_scikit_learns_own_without_importing_it() -> None:
     bunch = load_digits()
     assert np.array_equal(grey, bunch.images) and grey.dtype == bunch.images.dtype
     assert np.array_equal(target, bunch.target) and target.dtype == np.int64
-    probe = ("import sys; from hpsearch.config import DataSection; from hpsearch.data._datasets import load_pool; "
+    probe = ("import sys; from hpsearch.config import DataSection; from hpsearch.data import load_pool; "
              "load_pool(DataSection(dataset='digits')); print('sklearn' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr

@@ -69,8 +69,10 @@ def test_the_step_loop_never_waits_for_the_device() -> None:
     from hpsearch.config import DataSection, ModelSection, TrainSection
     from hpsearch.data import load_pool, make_split, trial_data
     from hpsearch.model import build_model
+    from hpsearch.train import Hyperparams
     from hpsearch.train._accelerator import choose_precision
-    from hpsearch.train._loop import Hyperparams, make_optimizer, train_steps
+    from hpsearch.train._loop import train_steps
+    from hpsearch.train._optim import make_optimizer
 
     cfg = DataSection(dataset="digits", image_size=32, subset=600, augment=["crop", "cutout"])
     pool = load_pool(cfg)

@@ -14,19 +14,17 @@ from torch import nn
 
 from hpsearch.config import DataSection, ModelSection, TrainSection
 from hpsearch.data import TrialData, load_pool, make_split, trial_data
-from hpsearch.train._loop import (
+from hpsearch.train import (
     EpochMetrics,
     Hyperparams,
     NonFiniteLoss,
     TrainResult,
-    evaluate,
-    make_optimizer,
-    make_scheduler,
     predict_logits,
     resolve_device,
-    step_scheduler,
     train_trial,
 )
+from hpsearch.train._loop import evaluate
+from hpsearch.train._optim import make_optimizer, make_scheduler, step_scheduler
 
 CPU = torch.device("cpu")
 

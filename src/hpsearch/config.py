@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,7 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from hpsearch.errors import HpsearchError
+from hpsearch.archs import FAMILIES, family_of, resolve_path
+from hpsearch.errors import ConfigError
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "adamw")
 SCHEDULERS = ("step", "exponential", "plateau", "none")
@@ -34,39 +34,6 @@ DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTATIONS = ("crop", "flip", "cutout")
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("median", "hyperband", "wilcoxon", "none")
-
-# Supported torchvision classification families: name pattern and the smallest input side they take.
-# ViT and Swin carry extra constraints (patch size, pretrained input size) checked in model.py.
-FAMILIES: dict[str, tuple[str, int]] = {
-    "resnet": (r"resnet\d+|resnext\d+_\w+|wide_resnet\d+_2", 32),
-    "regnet": (r"regnet_[xy]_\w+", 32),
-    "mobilenet": (r"mobilenet_v2|mobilenet_v3_(small|large)", 32),
-    "efficientnet": (r"efficientnet_(b[0-7]|v2_[sml])", 32),
-    "convnext": (r"convnext_(tiny|small|base|large)", 32),
-    "densenet": (r"densenet(121|161|169|201)", 32),
-    "vgg": (r"vgg(11|13|16|19)(_bn)?", 32),
-    "vit": (r"vit_[bhl]_(14|16|32)", 32),
-    "swin": (r"swin_(v2_)?[tsb]", 32),
-}
-
-
-def family_of(arch: str) -> str | None:
-    """The supported family an architecture name belongs to, or None."""
-    for family, (pattern, _) in FAMILIES.items():
-        if re.fullmatch(pattern, arch):
-            return family
-    return None
-
-
-class ConfigError(HpsearchError):
-    """A study file that cannot be run. `str(err)` is one line naming the field and the fix."""
-
-    def __init__(self, field: str, message: str, source: str | Path | None = None) -> None:
-        self.field = field
-        self.source = str(source) if source is not None else None
-        where = f"{self.source}: " if self.source else ""
-        super().__init__(f"{where}{field}: {message}")
-
 
 class _Strict(BaseModel):
     # Unknown keys are typos far more often than intent: refuse them.
@@ -416,11 +383,6 @@ def _check_tracking_installed(config: StudyConfig, source: str | Path | None) ->
     if config.tracking.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("tracking.tensorboard", "[tracking] tensorboard = true needs the tensorboard package, "
                           "which is not installed; run `pip install -e '.[tensorboard]'` or set it to false", source)
-
-
-def resolve_path(value: str, source: str | Path | None) -> Path:
-    """Relative paths in a study file are taken from the current directory, like every CLI path."""
-    return Path(value).expanduser().resolve()
 
 
 def read_study_file(path: str | Path) -> StudyConfig:

@@ -7,6 +7,8 @@ Each subclass keeps its module's name (`hpsearch.storage.StorageError` is this m
 
 from __future__ import annotations
 
+from pathlib import Path
+
 EXIT_BAD_INPUT = 2
 
 
@@ -14,6 +16,16 @@ class HpsearchError(ValueError):
     """Input hpsearch cannot use; `str(err)` is one line naming what and the fix."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(HpsearchError):
+    """A study file that cannot be run. `str(err)` is one line naming the field and the fix."""
+
+    def __init__(self, field: str, message: str, source: str | Path | None = None) -> None:
+        self.field = field
+        self.source = str(source) if source is not None else None
+        where = f"{self.source}: " if self.source else ""
+        super().__init__(f"{where}{field}: {message}")
 
 
 class UsageError(HpsearchError):

@@ -1,39 +1,28 @@
-"""Datasets by name, one seeded stratified split per study, device-resident batches, batched augmentation.
+"""Datasets by name: each one read into a single `ImagePool` of uint8 images and their labels.
 
-Every dataset becomes one `ImagePool`: all its images as one uint8 NCHW tensor plus labels. A `Split`
-is three index arrays into the pool. Train/val/test never overlap, are fixed by the study seed, and
-their sha256 is recorded in the study so every trial's outputs line up sample by sample.
-
-Images stay uint8 at their stored size until a batch is drawn; resizing to `image_size`,
-augmentation and normalization happen on whole batches on the training device (airbench style),
-never per image in Python. Image folders and CIFAR are decoded once per machine into a memory-mapped cache
-(`cache.py`) that every process shares; a split is resident on a GPU when it fits, streamed from the cache
-otherwise, and on the CPU gathered from it batch by batch: no process holds a copy of its own.
+Every dataset becomes one `ImagePool`: all its images as one uint8 NCHW tensor at their stored size plus
+labels. Image folders and CIFAR are decoded once per machine into a memory-mapped cache (`_cache.py`) that
+every process shares; the pool then is that memory map itself, so no process holds a copy of its own.
+Digits and synthetic data are made in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hpsearch.config import DataSection
 from hpsearch.data import _cache as cache
+from hpsearch.data._settings import DataSettings
 from hpsearch.errors import DataError
-from hpsearch.preprocess import IMAGE_SUFFIXES, Preprocess, decode_image, triple
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from hpsearch.preprocess import IMAGE_SUFFIXES, decode_image
 
 CIFAR_IMAGES = 60_000  # 50,000 train + 10,000 test, 32x32, in both CIFAR-10 and CIFAR-100
 CIFAR_FILES = {
@@ -59,27 +48,7 @@ class ImagePool:
         return len(self.classes)
 
 
-@dataclass(frozen=True)
-class Split:
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-    def sha256(self) -> str:
-        digest = hashlib.sha256()
-        for part in (self.train, self.val, self.test):
-            digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
-            digest.update(b"|")
-        return digest.hexdigest()
-
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-
-def load_pool(cfg: DataSection, seed: int = 0) -> ImagePool:
+def load_pool(cfg: DataSettings, seed: int = 0) -> ImagePool:
     """All images of the dataset the study names, as one uint8 pool."""
     loaders = {
         "digits": _load_digits,
@@ -91,7 +60,7 @@ def load_pool(cfg: DataSection, seed: int = 0) -> ImagePool:
     return loaders[cfg.dataset](cfg, seed)
 
 
-def _load_digits(cfg: DataSection, seed: int) -> ImagePool:
+def _load_digits(cfg: DataSettings, seed: int) -> ImagePool:
     grey, target = digits_arrays()
     # 0..16 grey levels, 8x8; stored as uint8 in 0..255, upsampled per batch on the device.
     pixels = np.round(grey * (255.0 / 16.0)).astype(np.uint8)
@@ -114,7 +83,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
-def _load_synthetic(cfg: DataSection, seed: int) -> ImagePool:
+def _load_synthetic(cfg: DataSettings, seed: int) -> ImagePool:
     gen = torch.Generator().manual_seed(seed)
     n, k, size = cfg.synthetic_size, cfg.synthetic_classes, cfg.image_size
     labels = torch.arange(n) % k
@@ -125,11 +94,11 @@ def _load_synthetic(cfg: DataSection, seed: int) -> ImagePool:
     return ImagePool(images, labels, [f"class_{i}" for i in range(k)])
 
 
-def cache_folder(cfg: DataSection) -> Path:
+def cache_folder(cfg: DataSettings) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
 
 
-def _load_cifar(cfg: DataSection, seed: int) -> ImagePool:
+def _load_cifar(cfg: DataSettings, seed: int) -> ImagePool:
     root = Path(cfg.root).expanduser()
     folder, files = CIFAR_FILES[cfg.dataset]
     batches = [root / folder / name for name in files]
@@ -141,12 +110,12 @@ def _load_cifar(cfg: DataSection, seed: int) -> ImagePool:
     return _pool_from(found)
 
 
-def _cifar_key(cfg: DataSection, root: Path, batches: Sequence[Path]) -> str:
+def _cifar_key(cfg: DataSettings, root: Path, batches: Sequence[Path]) -> str:
     # Keyed by the batch files as they are; torchvision md5-checks them whenever it decodes them.
     return cache.cache_key({"kind": cfg.dataset, "files": _fingerprint(root, batches)})
 
 
-def cache_state(cfg: DataSection) -> tuple[Path, int | None] | None:
+def cache_state(cfg: DataSettings) -> tuple[Path, int | None] | None:
     """Where the study's decoded images are cached and their size in bytes (None: not built yet); None for data
     that is never cached (digits, synthetic) or not there to list."""
     if not cfg.cached:
@@ -164,7 +133,7 @@ def cache_state(cfg: DataSection) -> tuple[Path, int | None] | None:
     return cache.cache_paths(folder, key)[0], cache.cache_size(folder, key)
 
 
-def _decode_cifar(cfg: DataSection, out: np.ndarray | None) -> cache.Decoded:
+def _decode_cifar(cfg: DataSettings, out: np.ndarray | None) -> cache.Decoded:
     from torchvision import datasets
 
     root = Path(cfg.root).expanduser()
@@ -226,7 +195,7 @@ class FolderListing:
                                 "decoder": DECODER, "files": _fingerprint(self.root, self.files)})
 
 
-def _list_folder(cfg: DataSection) -> FolderListing:
+def _list_folder(cfg: DataSettings) -> FolderListing:
     root = Path(cfg.root).expanduser()
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -246,7 +215,7 @@ def _list_folder(cfg: DataSection) -> FolderListing:
                          np.repeat(np.arange(3), [len(files) for _, files, _ in parts]))
 
 
-def _load_imagefolder(cfg: DataSection, seed: int) -> ImagePool:
+def _load_imagefolder(cfg: DataSettings, seed: int) -> ImagePool:
     listing = _list_folder(cfg)
     root, size = listing.root, cfg.decoded_size
 
@@ -307,301 +276,3 @@ def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int
                 files.append(path)
                 labels.append(classes.index(sub.name))
     return files, labels
-
-
-# ------------------------------------------------------------------------------------------------ split
-
-
-def make_split(pool: ImagePool, cfg: DataSection, seed: int) -> Split:
-    """One stratified split, fixed by the seed. Parts the dataset fixes itself are kept as given."""
-    rng = np.random.default_rng(seed)
-    labels = pool.labels.numpy()
-    fixed = np.zeros(len(labels), dtype=bool)
-    for given in (pool.given_val, pool.given_test):
-        if given is not None:
-            fixed[given] = True
-    free = np.flatnonzero(~fixed)
-    if cfg.subset:
-        free = _stratified_take(free, labels, cfg.subset, rng)
-    test = pool.given_test
-    if test is None:
-        free, test = _stratified_cut(free, labels, cfg.test_fraction, rng)
-    elif cfg.subset:
-        test = _stratified_take(test, labels, max(pool.num_classes, round(cfg.subset * cfg.test_fraction)), rng)
-    val = pool.given_val
-    if val is None:
-        free, val = _stratified_cut(free, labels, cfg.val_fraction / (1 - (cfg.test_fraction if pool.given_test
-                                                                          is None else 0)), rng)
-    elif cfg.subset:
-        val = _stratified_take(val, labels, max(pool.num_classes, round(cfg.subset * cfg.val_fraction)), rng)
-    split = Split(np.sort(free), np.sort(val), np.sort(test))
-    for name, part in (("train", split.train), ("val", split.val), ("test", split.test)):
-        if len(part) == 0:
-            raise DataError(f"data: the {name} split is empty; use more data or other val/test fractions")
-    return split
-
-
-def _stratified_cut(idx: np.ndarray, labels: np.ndarray, fraction: float,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Move `fraction` of each class of idx into a second part (at least one per class with 2+)."""
-    keep, cut = [], []
-    for c in np.unique(labels[idx]):
-        members = rng.permutation(idx[labels[idx] == c])
-        # At least one per part for a class of 2+, never the whole class.
-        n = min(max(round(len(members) * fraction), 1), len(members) - 1) if len(members) > 1 else 0
-        cut.append(members[:n])
-        keep.append(members[n:])
-    return np.concatenate(keep), np.concatenate(cut)
-
-
-def _stratified_take(idx: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    if n >= len(idx):
-        return idx
-    _, taken = _stratified_cut(idx, labels, n / len(idx), rng)
-    return taken
-
-
-# -------------------------------------------------------------------------------------- device batches
-
-
-def preprocess_for(pool: ImagePool, split: Split, cfg: DataSection, pretrained: bool) -> Preprocess:
-    """ImageNet statistics for pretrained weights; otherwise the training split's own channel stats."""
-    if pretrained:
-        return Preprocess(cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
-    mean, std = channel_stats(pool.images, split.train)
-    return Preprocess(cfg.image_size, triple(mean, digits=6), triple(std, digits=6))
-
-
-STATS_CHUNK_BYTES = 2 * 2**20
-
-
-def channel_stats(images: torch.Tensor, indices: np.ndarray, chunk: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (unbiased) std in 0..1 over `images[indices]`, a chunk at a time in float64 (at most
-    STATS_CHUNK_BYTES of it): never a float copy of the whole split."""
-    if chunk is None:
-        chunk = max(1, STATS_CHUNK_BYTES // (8 * math.prod(images.shape[1:])))
-    total = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    for start in range(0, len(indices), chunk):
-        x = images[torch.from_numpy(indices[start:start + chunk])].to(torch.float64).div_(255)
-        total += x.sum(dim=(0, 2, 3))
-        squares += x.square().sum(dim=(0, 2, 3))
-        count += x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count
-    var = (squares - count * mean.square()) / max(1, count - 1)
-    return mean.float(), var.clamp_min(0).sqrt().clamp_min(1e-3).float()
-
-
-Placement = Literal["resident", "stream"]
-
-
-class DeviceData:
-    """One split served as batches on the training device: resident (its images copied to the device once) or
-    streamed (each batch gathered from the pool, which may be the memory-mapped cache, then moved; on CUDA
-    through pinned memory, the next batch gathered while the device works on this one). Either way the same
-    order gives the same batches; labels are always resident. A streamed batch's images live in a buffer that
-    the next batch reuses: use them before drawing the next (every loop here does)."""
-
-    def __init__(self, pool: ImagePool, indices: np.ndarray, device: torch.device,
-                 placement: Placement = "resident") -> None:
-        self.device = device
-        self.placement = placement
-        self._index = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
-        self.labels = pool.labels[self._index].to(device, non_blocking=True)
-        if placement == "resident":
-            self._images = pool.images[self._index].to(device, non_blocking=True)
-        else:
-            self._images = pool.images  # the whole pool (a memory map when cached); gathered per batch
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self)
-        # The order is drawn on the CPU generator whatever the device: resident and streamed runs match.
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        on_device = order.to(self.device, non_blocking=True)
-        stop = (n // batch_size) * batch_size if drop_last and n >= batch_size else n
-        starts = range(0, stop, batch_size)
-        if self.placement == "resident":
-            for start in starts:
-                take = on_device[start:start + batch_size]
-                yield self._images[take], self.labels[take]
-        elif self.device.type == "cuda":
-            yield from self._streamed_cuda([order[s:s + batch_size] for s in starts],
-                                           [on_device[s:s + batch_size] for s in starts])
-        elif len(starts):
-            # One buffer for every batch: a fresh allocation per batch leaves the allocator holding tens of MB
-            # it never gives back (measured: +52 MiB over an epoch of 5 MB batches).
-            buffer = torch.empty((min(batch_size, n), *self._images.shape[1:]), dtype=self._images.dtype)
-            for start in starts:
-                take = order[start:start + batch_size]
-                images = buffer[:len(take)]
-                torch.index_select(self._images, 0, self._index[take], out=images)
-                yield images, self.labels[take]
-
-    def _streamed_cuda(self, takes: list[torch.Tensor], device_takes: list[torch.Tensor]
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Gather batch i+1 into pinned memory (a thread) while batch i is copied and used; two buffers, each
-        reused only once the copy out of it has finished (its CUDA event)."""
-        if not takes:
-            return
-        shape = (len(takes[0]), *self._images.shape[1:])
-        buffers = [torch.empty(shape, dtype=self._images.dtype).pin_memory() for _ in range(2)]
-        copied: list[torch.cuda.Event | None] = [None, None]
-
-        def gather(i: int) -> torch.Tensor:
-            slot = i % 2
-            if copied[slot] is not None:
-                copied[slot].synchronize()  # in this thread: the step loop never waits on the host
-            out = buffers[slot][:len(takes[i])]
-            torch.index_select(self._images, 0, self._index[takes[i]], out=out)
-            return out
-
-        with ThreadPoolExecutor(max_workers=1) as ahead:
-            pending = ahead.submit(gather, 0)
-            for i in range(len(takes)):
-                host = pending.result()
-                images = host.to(self.device, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                copied[i % 2] = event
-                if i + 1 < len(takes):
-                    pending = ahead.submit(gather, i + 1)
-                yield images, self.labels[device_takes[i]]
-
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        n = len(self)
-        return n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
-
-
-# -------------------------------------------------------------------------------------- augmentation
-
-
-def augment(x: torch.Tensor, names: Sequence[str], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Batched augmentation of preprocessed float images [N, C, H, W], on their device."""
-    for name in names:
-        if name != "rrc":  # applied before resizing, in training_input
-            x = _AUGMENT[name](x, generator)
-    return x
-
-
-def training_input(images: torch.Tensor, preprocess: Preprocess, names: Sequence[str],
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """A uint8 training batch at its stored size -> augmented, normalized model input at image_size. With rrc,
-    the random crop of the stored image is what gets resized (one batched resample), then normalized."""
-    if "rrc" in names:
-        x = random_resized_crop(images.float().div_(255), preprocess.image_size, generator)
-        x = preprocess.normalize(x)
-    else:
-        x = preprocess(images)
-    return augment(x, names, generator)
-
-
-RRC_SCALE = (0.25, 1.0)  # of the image's area
-RRC_RATIO = (3 / 4, 4 / 3)
-
-
-def random_resized_crop(x: torch.Tensor, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Per image, a random box (area and aspect as RRC_SCALE, RRC_RATIO) resized bilinearly to size x size:
-    one affine grid and one grid_sample for the batch."""
-    n = x.shape[0]
-    area = RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * _rand((n,), x, gen)
-    log_ratio = math.log(RRC_RATIO[0]) + (math.log(RRC_RATIO[1]) - math.log(RRC_RATIO[0])) * _rand((n,), x, gen)
-    ratio = log_ratio.exp()
-    width = (area * ratio).sqrt().clamp(max=1.0)  # fractions of the image's width and height
-    height = (area / ratio).sqrt().clamp(max=1.0)
-    # Box centres in [-1, 1] such that the box stays inside the image.
-    cx = (1 - width) * (2 * _rand((n,), x, gen) - 1)
-    cy = (1 - height) * (2 * _rand((n,), x, gen) - 1)
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def _rand(shape: tuple[int, ...], x: torch.Tensor, gen: torch.Generator | None, high: int | None = None
-          ) -> torch.Tensor:
-    # Drawn where the generator lives: a device generator on a GPU (no host round trip inside the step
-    # loop), the CPU one on the CPU; moved to x's device if they differ.
-    where = gen.device if gen is not None else torch.device("cpu")
-    if high is None:
-        return torch.rand(shape, generator=gen, device=where).to(x.device)
-    return torch.randint(0, high, shape, generator=gen, device=where).to(x.device)
-
-
-def random_crop(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Random translation by up to size/8 pixels with reflect padding: one gather for the batch."""
-    n, c, h, w = x.shape
-    pad = max(1, h // 8)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = _rand((n,), x, gen, 2 * pad + 1)
-    dx = _rand((n,), x, gen, 2 * pad + 1)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None].expand(n, c, h, w + 2 * pad)
-    out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :].expand(n, c, h, w)
-    return out.gather(3, cols)
-
-
-def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-    flip = _rand((x.shape[0],), x, gen) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def cutout(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Zero one square of side size/4 per image (zero = the channel mean after normalization)."""
-    n, _, h, w = x.shape
-    side = max(1, h // 4)
-    cy = _rand((n,), x, gen, h)[:, None, None]
-    cx = _rand((n,), x, gen, w)[:, None, None]
-    ys = torch.arange(h, device=x.device)[None, :, None]
-    xs = torch.arange(w, device=x.device)[None, None, :]
-    top, left = cy - side // 2, cx - side // 2
-    mask = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
-    return x.masked_fill(mask[:, None], 0.0)
-
-
-_AUGMENT = {"crop": random_crop, "flip": random_flip, "cutout": cutout}
-
-
-@dataclass(frozen=True)
-class TrialData:
-    """What a trial trains and evaluates on: device-resident splits and their preprocessing."""
-
-    train: DeviceData
-    val: DeviceData
-    test: DeviceData
-    preprocess: Preprocess
-    augment: tuple[str, ...]
-    num_classes: int
-
-
-def placement_for(pool: ImagePool, split: Split, cfg: DataSection, device: torch.device) -> Placement:
-    """Where a worker's splits live: `[data] placement`, or under auto resident on a GPU when all three fit
-    device_memory_fraction of its free memory, streamed otherwise; on the CPU gathered from the pool (the
-    shared cache), since a resident copy there would be one more private copy per process."""
-    if cfg.placement != "auto":
-        return cfg.placement
-    if device.type != "cuda":
-        return "stream"
-    row = math.prod(pool.images.shape[1:]) * pool.images.element_size()
-    need = row * (len(split.train) + len(split.val) + len(split.test))
-    free, _total = torch.cuda.mem_get_info(device)
-    return "resident" if need <= cfg.device_memory_fraction * free else "stream"
-
-
-def trial_data(pool: ImagePool, split: Split, cfg: DataSection, pretrained: bool, device: torch.device
-               ) -> TrialData:
-    """Place the three splits once (resident or streamed); every trial of a worker reuses them."""
-    placement = placement_for(pool, split, cfg, device)
-    return TrialData(
-        train=DeviceData(pool, split.train, device, placement),
-        val=DeviceData(pool, split.val, device, placement),
-        test=DeviceData(pool, split.test, device, placement),
-        preprocess=preprocess_for(pool, split, cfg, pretrained),
-        augment=tuple(cfg.augment),
-        num_classes=pool.num_classes,
-    )

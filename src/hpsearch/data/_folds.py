@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpsearch.data._datasets import Split
+from hpsearch.data._split import Split
 from hpsearch.errors import DataError
 
 

@@ -13,8 +13,11 @@ from hpsearch.model._build import (
     set_dropout,
     set_train_mode,
 )
+from hpsearch.model._settings import ModelSettings, StudyModelSettings
 
 __all__ = [
+    "ModelSettings",
+    "StudyModelSettings",
     "build_model",
     "builder_kwargs",
     "check_study_model",

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from hpsearch.config import ConfigError, ModelSection, StudyConfig, family_of, resolve_path
+from hpsearch.archs import family_of, resolve_path
+from hpsearch.errors import ConfigError
+from hpsearch.model._settings import ModelSettings, StudyModelSettings
 
 
 class DropoutLinear(nn.Linear):
@@ -104,14 +106,14 @@ def builder_kwargs(arch: str, image_size: int) -> dict[str, Any]:
     return {"image_size": image_size} if family_of(arch) == "vit" else {}
 
 
-def _arch_kwargs(cfg: ModelSection, image_size: int) -> dict[str, Any]:
+def _arch_kwargs(cfg: ModelSettings, image_size: int) -> dict[str, Any]:
     # Pretrained ViT weights fix the size they were trained at (check_model_config holds image_size to it).
     if family_of(cfg.arch) == "vit" and cfg.weights_kind == "torchvision":
         image_size = _weights_enum(cfg.arch, cfg.weights).meta["min_size"][0]
     return builder_kwargs(cfg.arch, image_size)
 
 
-def check_model_config(cfg: ModelSection, image_size: int) -> None:
+def check_model_config(cfg: ModelSettings, image_size: int) -> None:
     """Refuse, before any trial, weights names and image sizes this architecture cannot take."""
     if cfg.arch not in models.list_models(module=models):
         raise ConfigError("model.arch", f"{cfg.arch!r} is not in this torchvision's model registry")
@@ -172,7 +174,7 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=2)
-def _pretrained_state(cfg: ModelSection) -> dict[str, torch.Tensor] | None:
+def _pretrained_state(cfg: ModelSettings) -> dict[str, torch.Tensor] | None:
     """The starting weights, read (and hash-checked) once per process, not once per trial.
 
     Callers only read the tensors: load_state_dict copies them into each trial's model.
@@ -190,7 +192,7 @@ def _pretrained_state(cfg: ModelSection) -> dict[str, torch.Tensor] | None:
                           f"place {Path(weights.url).name} at {cache}, or give a local file") from None
 
 
-def init_weights_tag(cfg: ModelSection) -> str:
+def init_weights_tag(cfg: ModelSettings) -> str:
     """What a trial's weights start from, recorded per trial: "none" (its own random init), the resolved
     torchvision weights (DEFAULT becomes the enum it means), or "file sha256:<hex>" of a local file."""
     if cfg.weights_kind == "none":
@@ -202,7 +204,7 @@ def init_weights_tag(cfg: ModelSection) -> str:
     return f"{type(weights).__name__}.{weights.name}"
 
 
-def build_model(cfg: ModelSection, num_classes: int, image_size: int, dropout: float = 0.0, *,
+def build_model(cfg: ModelSettings, num_classes: int, image_size: int, dropout: float = 0.0, *,
                 tensor_dropout: bool = False) -> nn.Module:
     """The architecture with its weights loaded, a fresh head for `num_classes`, dropout before the head (with
     `tensor_dropout`, its probability a 0-d buffer that set_dropout changes in place: for torch.compile)."""
@@ -233,7 +235,7 @@ def build_model(cfg: ModelSection, num_classes: int, image_size: int, dropout: f
     return model
 
 
-def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head: str, cfg: ModelSection) -> None:
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head: str, cfg: ModelSettings) -> None:
     own = model.state_dict()
     head_keys = {k for k in own if k.startswith(head + ".")}
     # A checkpoint of the same head shape (e.g. a trial's own weights) loads whole; otherwise the head is new.
@@ -276,7 +278,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def check_study_model(cfg: StudyConfig) -> None:
+def check_study_model(cfg: StudyModelSettings) -> None:
     """`check_model_config` of a study file, its errors naming the file like the parse errors do."""
     try:
         check_model_config(cfg.model, cfg.data.image_size)

@@ -10,18 +10,12 @@ from hpsearch.train._accelerator import (
     is_sticky_device_error,
     peak_memory_mib,
     reset_peak_memory,
+    resolve_device,
 )
 from hpsearch.train._checkpoints import CheckpointWriter, checkpoint_policy
-from hpsearch.train._loop import (
-    Checkpoint,
-    EpochMetrics,
-    Hyperparams,
-    NonFiniteLoss,
-    TrainResult,
-    predict_logits,
-    resolve_device,
-    train_trial,
-)
+from hpsearch.train._hyperparams import Hyperparams
+from hpsearch.train._loop import Checkpoint, EpochMetrics, NonFiniteLoss, TrainResult, predict_logits, train_trial
+from hpsearch.train._settings import TrainSettings
 
 __all__ = [
     "Checkpoint",
@@ -30,6 +24,7 @@ __all__ = [
     "Hyperparams",
     "NonFiniteLoss",
     "TrainResult",
+    "TrainSettings",
     "checkpoint_policy",
     "gpu_identity",
     "is_out_of_memory",

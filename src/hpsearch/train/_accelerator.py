@@ -104,3 +104,12 @@ def peak_memory_mib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device `[train] device` names; auto is CUDA when one is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device: cuda was asked for but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from hpsearch.config import TrainSection
+import torch
+
+from hpsearch.train._settings import TrainSettings
 
 _log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ EVERY_EPOCH = CheckpointPolicy(every_epochs=1)
 NEVER = CheckpointPolicy(every_epochs=0)
 
 
-def checkpoint_policy(train: TrainSection) -> CheckpointPolicy:
+def checkpoint_policy(train: TrainSettings) -> CheckpointPolicy:
     """The policy a study's `[train]` section sets (checkpoint_every wins over checkpoint_minutes)."""
     return CheckpointPolicy(train.checkpoint_every, train.checkpoint_minutes)
 
@@ -50,8 +51,6 @@ def checkpoint_policy(train: TrainSection) -> CheckpointPolicy:
 def host_copy(state: Any) -> Any:
     """A deep copy of a (nested) state dict with every tensor copied to host memory: the optimizer's state
     dict holds its live tensors, which the next step changes while the copy is being written."""
-    import torch  # here: the config module imports the policy and must not pay for torch
-
     if isinstance(state, torch.Tensor):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):

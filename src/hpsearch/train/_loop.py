@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,35 +19,15 @@ from torch import nn
 
 from hpsearch import keys
 from hpsearch._testhooks import fault_at
-from hpsearch.config import ModelSection, TrainSection
 from hpsearch.data import DeviceData, TrialData, training_input
-from hpsearch.errors import UsageError
-from hpsearch.model import build_model, plain_state_dict, set_train_mode
+from hpsearch.model import ModelSettings, build_model, plain_state_dict, set_train_mode
 from hpsearch.preprocess import Preprocess
 from hpsearch.train._accelerator import Precision, choose_precision
 from hpsearch.train._checkpoints import EVERY_EPOCH, CheckpointPolicy, host_copy
 from hpsearch.train._compile import compiled_model
-
-
-@dataclass(frozen=True)
-class Hyperparams:
-    """One point of the search space. Field names are the Optuna parameter names (unique per branch)."""
-
-    lr: float
-    optimizer: str
-    scheduler: str
-    dropout: float = 0.0
-    weight_decay: float = 0.0
-    step_size: int = 1  # StepLR: epochs between decays
-    step_gamma: float = 0.1  # StepLR: decay factor
-    exp_gamma: float = 0.9  # ExponentialLR: decay per epoch
-    plateau_factor: float = 0.1  # ReduceLROnPlateau: decay factor
-    plateau_patience: int = 0  # ReduceLROnPlateau: epochs without val-loss improvement before decaying
-
-    @classmethod
-    def from_params(cls, params: dict[str, object]) -> Hyperparams:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in params.items() if k in known})  # type: ignore[arg-type]
+from hpsearch.train._hyperparams import Hyperparams
+from hpsearch.train._optim import Scheduler, make_optimizer, make_scheduler, step_scheduler
+from hpsearch.train._settings import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -78,60 +58,6 @@ class NonFiniteLoss(RuntimeError):
     def __init__(self, epoch: int, what: str) -> None:
         self.epoch = epoch
         super().__init__(f"non-finite {what} at epoch {epoch}")
-
-
-# ------------------------------------------------------------------------------------------ factories
-
-
-def make_optimizer(params: Iterable[nn.Parameter], hp: Hyperparams) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    # Fused kernels (one launch for all parameters) where torch has them: Adam and AdamW on a GPU.
-    fused = {"fused": True} if params and params[0].is_cuda else {}
-    if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused)
-    if hp.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, **fused)
-    if hp.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=hp.lr, weight_decay=hp.weight_decay, alpha=0.9, eps=1e-6)
-    if hp.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hp.lr, weight_decay=hp.weight_decay, momentum=0.9, nesterov=True)
-    raise ValueError(f"optimizer: {hp.optimizer!r} is not one of adam, rmsprop, sgd, adamw")
-
-
-Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparams) -> Scheduler | None:
-    """Epoch-level schedulers; ReduceLROnPlateau watches the validation loss."""
-    sched = torch.optim.lr_scheduler
-    if hp.scheduler == "step":
-        return sched.StepLR(optimizer, step_size=hp.step_size, gamma=hp.step_gamma)
-    if hp.scheduler == "exponential":
-        return sched.ExponentialLR(optimizer, gamma=hp.exp_gamma)
-    if hp.scheduler == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode="min", factor=hp.plateau_factor,
-                                       patience=hp.plateau_patience)
-    if hp.scheduler == "none":
-        return None
-    raise ValueError(f"scheduler: {hp.scheduler!r} is not one of step, exponential, plateau, none")
-
-
-def step_scheduler(scheduler: Scheduler | None, val_loss: float) -> None:
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(val_loss)
-    elif scheduler is not None:
-        scheduler.step()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device: cuda was asked for but no CUDA device is visible; use auto or cpu")
-    return torch.device(name)
-
-
-# ------------------------------------------------------------------------------------------ the loop
 
 
 FP32 = Precision(None, False)
@@ -194,12 +120,8 @@ class Checkpoint:
         return cls(**data)
 
 
-def _best(history: list[EpochMetrics]) -> EpochMetrics | None:
-    return max(history, key=lambda m: (m.val_accuracy, -m.val_loss, -m.epoch), default=None)
-
-
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                data: TrialData, train_cfg: TrainSection, precision: Precision, gen: torch.Generator,
+                data: TrialData, train_cfg: TrainSettings, precision: Precision, gen: torch.Generator,
                 aug: torch.Generator) -> torch.Tensor:
     """One epoch of optimizer steps; returns the summed loss, on the device: nothing in here waits for the
     device (the GPU test runs it under torch.cuda.set_sync_debug_mode("error")), except fp16's scaler, which
@@ -221,23 +143,57 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
     return loss_sum
 
 
-def train_trial(
-    model_cfg: ModelSection,
-    train_cfg: TrainSection,
-    data: TrialData,
-    hp: Hyperparams,
-    *,
-    seed: int,
-    device: torch.device,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
-    resume: Checkpoint | None = None,
-    on_checkpoint: Callable[[Checkpoint], None] | None = None,
-    checkpoint: CheckpointPolicy = EVERY_EPOCH,
-) -> TrainResult:
-    """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over.
+@dataclass
+class _Run:
+    """What one trial's epochs work on: the model and what the steps call (the compiled module when
+    `[train] compile` is on), its optimizer, scheduler and gradient scaler, the precision, and the two
+    generators: the batch order's (on the CPU on every device) and the augmentation's."""
 
-    `on_checkpoint` gets a host copy of the state at each epoch end `checkpoint` says is due (never after the
-    last epoch): it may write it on another thread while the next epoch trains."""
+    model: nn.Module
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler | None
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    gen: torch.Generator
+    aug: torch.Generator
+    device: torch.device
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def restore(self, resume: Checkpoint) -> None:
+        """Continue from a checkpoint: weights, optimizer, scheduler, scaler and every generator."""
+        self.model.load_state_dict(resume.model)
+        self.optimizer.load_state_dict(resume.optimizer)
+        if self.scheduler is not None and resume.scheduler is not None:
+            self.scheduler.load_state_dict(resume.scheduler)
+        self.gen.set_state(resume.generator)
+        torch.set_rng_state(resume.rng)
+        if self.cuda and resume.augment_generator is not None:
+            self.aug.set_state(resume.augment_generator)
+        if self.cuda and resume.cuda_rng is not None:
+            torch.cuda.set_rng_state(resume.cuda_rng, self.device)
+        if resume.scaler:
+            self.scaler.load_state_dict(resume.scaler)
+
+    def checkpoint(self, epoch: int, history: list[EpochMetrics], best_state: dict[str, torch.Tensor]
+                   ) -> Checkpoint:
+        """A host copy of the state after `epoch`: the caller may write it while the next epoch trains."""
+        return Checkpoint(
+            epoch, plain_state_dict(self.model), host_copy(self.optimizer.state_dict()),
+            host_copy(self.scheduler.state_dict()) if self.scheduler is not None else None, self.gen.get_state(),
+            torch.get_rng_state(), list(history), best_state,
+            augment_generator=self.aug.get_state() if self.cuda else None,
+            cuda_rng=torch.cuda.get_rng_state(self.device) if self.cuda else None,
+            scaler=self.scaler.state_dict() if self.precision.scaled else None)
+
+
+def _start_run(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialData, hp: Hyperparams, seed: int,
+               device: torch.device) -> _Run:
+    """Seed, build (and compile) the model on its device, and make its optimizer, scheduler and scaler; in
+    this order, which the seeded initial weights depend on."""
     precision = choose_precision(train_cfg.precision, device)
     cuda = device.type == "cuda"
     if cuda:
@@ -252,69 +208,83 @@ def train_trial(
         model = build_model(model_cfg, data.num_classes, data.preprocess.image_size, hp.dropout,
                             tensor_dropout=train_cfg.compile)
     model = model.to(device, memory_format=fmt)
-    forward = model  # what the steps and evaluation call: the compiled module when [train] compile is on
+    forward = model
     if train_cfg.compile:
         key = (model_cfg.arch, model_cfg.freeze, data.num_classes, data.preprocess.image_size,
                train_cfg.batch_size, str(device))
         model, forward = compiled_model(key, model, hp.dropout)
     optimizer = make_optimizer(model.parameters(), hp)
     scheduler = make_scheduler(optimizer, hp)
-    scaler = precision.scaler(device)
-    steps = data.train.num_batches(train_cfg.batch_size, drop_last=True)
+    return _Run(model, forward, optimizer, scheduler, precision.scaler(device), precision, gen, aug, device)
 
+
+def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSettings, epoch: int) -> EpochMetrics:
+    """One epoch's steps, then its validation and the scheduler's step; non-finite losses stop the trial."""
+    start = time.perf_counter()
+    set_train_mode(run.model)
+    loss_sum = train_steps(run.forward, run.optimizer, run.scaler, data, train_cfg, run.precision, run.gen, run.aug)
+    steps = data.train.num_batches(train_cfg.batch_size, drop_last=True)
+    train_loss = loss_sum.item() / max(1, steps)  # the epoch's one host synchronization
+    if not math.isfinite(train_loss):
+        raise NonFiniteLoss(epoch, "training loss")
+    val_logits = predict_logits(run.forward, data.val, data.preprocess, train_cfg.eval_batch_size, run.precision)
+    val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
+    if not math.isfinite(val_loss):
+        raise NonFiniteLoss(epoch, "validation loss")
+    lr = run.optimizer.param_groups[0]["lr"]
+    step_scheduler(run.scheduler, val_loss)
+    return EpochMetrics(epoch, train_loss, val_loss, val_accuracy, lr, time.perf_counter() - start)
+
+
+def _best(history: list[EpochMetrics]) -> EpochMetrics | None:
+    return max(history, key=lambda m: (m.val_accuracy, -m.val_loss, -m.epoch), default=None)
+
+
+def _is_better(metrics: EpochMetrics, best: EpochMetrics | None) -> bool:
+    return best is None or (metrics.val_accuracy, -metrics.val_loss) > (best.val_accuracy, -best.val_loss)
+
+
+def train_trial(
+    model_cfg: ModelSettings,
+    train_cfg: TrainSettings,
+    data: TrialData,
+    hp: Hyperparams,
+    *,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    resume: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    checkpoint: CheckpointPolicy = EVERY_EPOCH,
+) -> TrainResult:
+    """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over.
+
+    `on_checkpoint` gets a host copy of the state at each epoch end `checkpoint` says is due (never after the
+    last epoch): it may write it on another thread while the next epoch trains."""
+    run = _start_run(model_cfg, train_cfg, data, hp, seed, device)
     history: list[EpochMetrics] = []
     best_state: dict[str, torch.Tensor] = {}
     if resume is not None:
-        model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        if scheduler is not None and resume.scheduler is not None:
-            scheduler.load_state_dict(resume.scheduler)
-        gen.set_state(resume.generator)
-        torch.set_rng_state(resume.rng)
-        if cuda and resume.augment_generator is not None:
-            aug.set_state(resume.augment_generator)
-        if cuda and resume.cuda_rng is not None:
-            torch.cuda.set_rng_state(resume.cuda_rng, device)
-        if resume.scaler:
-            scaler.load_state_dict(resume.scaler)
+        run.restore(resume)
         history, best_state = list(resume.history), resume.best_state
     best = _best(history)
     last_checkpoint, epochs_since = time.monotonic(), 0
     for epoch in range(len(history), train_cfg.epochs):
-        start = time.perf_counter()
-        set_train_mode(model)
-        loss_sum = train_steps(forward, optimizer, scaler, data, train_cfg, precision, gen, aug)
-        train_loss = loss_sum.item() / max(1, steps)  # the epoch's one host synchronization
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(epoch, "training loss")
-        val_logits = predict_logits(forward, data.val, data.preprocess, train_cfg.eval_batch_size, precision)
-        val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
-        if not math.isfinite(val_loss):
-            raise NonFiniteLoss(epoch, "validation loss")
-        lr = optimizer.param_groups[0]["lr"]
-        step_scheduler(scheduler, val_loss)
-        metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy, lr, time.perf_counter() - start)
+        metrics = _train_epoch(run, data, train_cfg, epoch)
         history.append(metrics)
-        if best is None or (val_accuracy, -val_loss) > (best.val_accuracy, -best.val_loss):
-            best, best_state = metrics, plain_state_dict(model)
+        if _is_better(metrics, best):
+            best, best_state = metrics, plain_state_dict(run.model)
         if on_epoch is not None:
             on_epoch(metrics)
         epochs_since += 1
         last = epoch + 1 == train_cfg.epochs
         if (on_checkpoint is not None and not last
                 and checkpoint.due(epochs_since, time.monotonic() - last_checkpoint)):
-            on_checkpoint(Checkpoint(
-                epoch, plain_state_dict(model), host_copy(optimizer.state_dict()),
-                host_copy(scheduler.state_dict()) if scheduler is not None else None, gen.get_state(),
-                torch.get_rng_state(), list(history), best_state,
-                augment_generator=aug.get_state() if cuda else None,
-                cuda_rng=torch.cuda.get_rng_state(device) if cuda else None,
-                scaler=scaler.state_dict() if precision.scaled else None))
+            on_checkpoint(run.checkpoint(epoch, history, best_state))
             last_checkpoint, epochs_since = time.monotonic(), 0
-
     assert best is not None
-    model.load_state_dict(best_state)
+    run.model.load_state_dict(best_state)
     # The stored outputs: fp32 whatever the training precision (they are what the ensemble is fit on).
-    val_logits = predict_logits(forward, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
-    test_logits = predict_logits(forward, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
+    val_logits = predict_logits(run.forward, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
+    test_logits = predict_logits(run.forward, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
     return TrainResult(best, history, best_state, val_logits, test_logits)

@@ -1,0 +1,37 @@
+"""The torchvision architecture families hpsearch supports, and where a local weights file is; torch-free.
+
+Both the study file's schema (`config`, which validates `[model] arch` and the weights file) and the model
+builder (`model`, which builds and loads them) read these, so they live below both.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# Supported torchvision classification families: name pattern and the smallest input side they take.
+# ViT and Swin carry extra constraints (patch size, pretrained input size) checked in model/_build.py.
+FAMILIES: dict[str, tuple[str, int]] = {
+    "resnet": (r"resnet\d+|resnext\d+_\w+|wide_resnet\d+_2", 32),
+    "regnet": (r"regnet_[xy]_\w+", 32),
+    "mobilenet": (r"mobilenet_v2|mobilenet_v3_(small|large)", 32),
+    "efficientnet": (r"efficientnet_(b[0-7]|v2_[sml])", 32),
+    "convnext": (r"convnext_(tiny|small|base|large)", 32),
+    "densenet": (r"densenet(121|161|169|201)", 32),
+    "vgg": (r"vgg(11|13|16|19)(_bn)?", 32),
+    "vit": (r"vit_[bhl]_(14|16|32)", 32),
+    "swin": (r"swin_(v2_)?[tsb]", 32),
+}
+
+
+def family_of(arch: str) -> str | None:
+    """The supported family an architecture name belongs to, or None."""
+    for family, (pattern, _) in FAMILIES.items():
+        if re.fullmatch(pattern, arch):
+            return family
+    return None
+
+
+def resolve_path(value: str, source: str | Path | None) -> Path:
+    """Relative paths in a study file are taken from the current directory, like every CLI path."""
+    return Path(value).expanduser().resolve()

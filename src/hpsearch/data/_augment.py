@@ -1,0 +1,101 @@
+"""Batched augmentation: crop, flip, cutout and random resized crop of whole batches on the training device.
+
+Resizing to `image_size`, augmentation and normalization happen on whole batches on the device (airbench
+style), never per image in Python.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hpsearch.preprocess import Preprocess
+
+
+def augment(x: torch.Tensor, names: Sequence[str], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched augmentation of preprocessed float images [N, C, H, W], on their device."""
+    for name in names:
+        if name != "rrc":  # applied before resizing, in training_input
+            x = _AUGMENT[name](x, generator)
+    return x
+
+
+def training_input(images: torch.Tensor, preprocess: Preprocess, names: Sequence[str],
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uint8 training batch at its stored size -> augmented, normalized model input at image_size. With rrc,
+    the random crop of the stored image is what gets resized (one batched resample), then normalized."""
+    if "rrc" in names:
+        x = random_resized_crop(images.float().div_(255), preprocess.image_size, generator)
+        x = preprocess.normalize(x)
+    else:
+        x = preprocess(images)
+    return augment(x, names, generator)
+
+
+RRC_SCALE = (0.25, 1.0)  # of the image's area
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop(x: torch.Tensor, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Per image, a random box (area and aspect as RRC_SCALE, RRC_RATIO) resized bilinearly to size x size:
+    one affine grid and one grid_sample for the batch."""
+    n = x.shape[0]
+    area = RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * _rand((n,), x, gen)
+    log_ratio = math.log(RRC_RATIO[0]) + (math.log(RRC_RATIO[1]) - math.log(RRC_RATIO[0])) * _rand((n,), x, gen)
+    ratio = log_ratio.exp()
+    width = (area * ratio).sqrt().clamp(max=1.0)  # fractions of the image's width and height
+    height = (area / ratio).sqrt().clamp(max=1.0)
+    # Box centres in [-1, 1] such that the box stays inside the image.
+    cx = (1 - width) * (2 * _rand((n,), x, gen) - 1)
+    cy = (1 - height) * (2 * _rand((n,), x, gen) - 1)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _rand(shape: tuple[int, ...], x: torch.Tensor, gen: torch.Generator | None, high: int | None = None
+          ) -> torch.Tensor:
+    # Drawn where the generator lives: a device generator on a GPU (no host round trip inside the step
+    # loop), the CPU one on the CPU; moved to x's device if they differ.
+    where = gen.device if gen is not None else torch.device("cpu")
+    if high is None:
+        return torch.rand(shape, generator=gen, device=where).to(x.device)
+    return torch.randint(0, high, shape, generator=gen, device=where).to(x.device)
+
+
+def random_crop(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Random translation by up to size/8 pixels with reflect padding: one gather for the batch."""
+    n, c, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = _rand((n,), x, gen, 2 * pad + 1)
+    dx = _rand((n,), x, gen, 2 * pad + 1)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None].expand(n, c, h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :].expand(n, c, h, w)
+    return out.gather(3, cols)
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    flip = _rand((x.shape[0],), x, gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def cutout(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Zero one square of side size/4 per image (zero = the channel mean after normalization)."""
+    n, _, h, w = x.shape
+    side = max(1, h // 4)
+    cy = _rand((n,), x, gen, h)[:, None, None]
+    cx = _rand((n,), x, gen, w)[:, None, None]
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    top, left = cy - side // 2, cx - side // 2
+    mask = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+_AUGMENT = {"crop": random_crop, "flip": random_flip, "cutout": cutout}
