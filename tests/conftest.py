@@ -19,9 +19,11 @@ from tests.support import (
     ARTIFACT_STORES,
     STORAGES,
     Exported,
+    Lab,
     Procs,
     build_export,
     free_port,
+    make_lab,
     postgres_database,
     storage_proxy,
     tiny_tables,
@@ -176,3 +178,9 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """An exported ensemble of a real, untrained study (tests.support.build_export), built once per module."""
     return build_export(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """A fine-tuned model and its "pretrained" weights file (tests.support.make_lab), built once per module."""
+    return make_lab(tmp_path_factory.mktemp("soup"))

@@ -1,9 +1,10 @@
-"""Greedy model soups (`hpsearch ensemble --method soup`) and test-time augmentation (`predict --tta`).
+"""Greedy model soups (`hpsearch ensemble --method soup`); test-time augmentation is in tests/predict/test_tta.py.
 
 The studies are real (created by `search.open_study` on real digits, with a local "pretrained" weights file:
 a ResNet-18 state dict written to tmp) and their trials start from that file. Instead of training, each trial
 is the same fine-tuned model (backbone from the file, head fitted in closed form) moved by a known
-perturbation of its head, so the validation outcome of averaging is known in advance:
+perturbation of its head (the `lab` fixture, tests/support.py), so the validation outcome of averaging is known
+in advance:
 
 - trials A = base + d and B = base - d average exactly to base, which beats both (the soup is kept);
 - trial C = base + a large perturbation ruins any average it joins (greedy leaves it out);
@@ -15,114 +16,18 @@ the validation numbers the soup reports.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
 from hpsearch.cli._main import main
-from hpsearch.config import read_study_file
 from hpsearch.ensemble._soup import SoupError, SoupStep, average_states, check_same_start, greedy_soup, soup_decision
-from hpsearch.errors import TTAError
 from hpsearch.keys import INIT_WEIGHTS as ATTR_INIT_WEIGHTS
-from hpsearch.model import build_model, init_weights_tag
 from hpsearch.predict import MANIFEST, SUMS, load_ensemble, sha256_file
-from hpsearch.predict._tta import crop_shifts, manifest_augment, shift, tta_views
-from hpsearch.preprocess import Preprocess, decode_image
-from hpsearch.search._objective import suggest
-from hpsearch.search._run import open_study, prepare
-from hpsearch.store import StudyArtifacts, TrialOutputs, open_artifact_store, open_storage, upload_trial_artifacts
-from tests.support import fit_head, tiny_tables, write_study
-
-State = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Lab:
-    tmp: Path
-    init: Path  # the shared "pretrained" weights file
-    url: str
-    store: Path
-    base: State  # the fine-tuned model every perturbed trial is built around
-    pre: Preprocess
-    test_images: torch.Tensor  # uint8, split order
-    test_x: torch.Tensor  # preprocessed
-
-
-def _perturbed(base: State, sigma: float, seed: int, sign: float = 1.0) -> State:
-    state = {k: v.clone() for k, v in base.items()}
-    noise = torch.randn(state["fc.weight"].shape, generator=torch.Generator().manual_seed(seed))
-    state["fc.weight"] += sign * sigma * float(base["fc.weight"].std()) * noise
-    return state
-
-
-def _study_file(tmp: Path, name: str, weights: str) -> Path:
-    return write_study(tmp / f"{name}.toml", tiny_tables(name, data={"subset": 300}, model={"weights": weights}))
-
-
-def _make_study(lab: Lab, name: str, states: Sequence[State], weights: str | None = None,
-                init_tags: Sequence[str | None] | None = None, archs: Sequence[str] | None = None) -> Path:
-    """A real study whose trials carry `states` as their weights, outputs computed from them."""
-    from torchvision import models
-
-    path = _study_file(lab.tmp, name, weights or str(lab.init))
-    cfg = read_study_file(path)
-    prepared = prepare(cfg)
-    storage = open_storage(lab.url)
-    study = open_study(cfg, storage, prepared, lab.store)
-    pool, split = prepared.pool, prepared.split
-    x = {k: lab.pre(pool.images[torch.from_numpy(getattr(split, k))]) for k in ("val", "test")}
-    y = {k: pool.labels[torch.from_numpy(getattr(split, k))] for k in ("val", "test")}
-    files = StudyArtifacts(open_artifact_store(lab.store), storage, study.study_name, str(lab.store))
-    for i, state in enumerate(states):
-        trial = study.ask()
-        suggest(trial, cfg.space)
-        tag = init_tags[i] if init_tags is not None else init_weights_tag(cfg.model)
-        if tag is not None:
-            trial.set_user_attr(ATTR_INIT_WEIGHTS, tag)
-        model = models.get_model(archs[i] if archs else "resnet18", num_classes=10)
-        model.load_state_dict(state)
-        with torch.no_grad():
-            val, test = model.eval()(x["val"]), model(x["test"])
-        upload_trial_artifacts(files, trial, state, TrialOutputs(val, test, split.sha256(), y["val"], y["test"]),
-                               {"arch": "resnet18"})
-        study.tell(trial, float((val.argmax(1) == y["val"]).float().mean()))
-    return path
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
-    from torchvision import models
-
-    tmp = tmp_path_factory.mktemp("soup")
-    torch.manual_seed(0)
-    init = tmp / "init.safetensors"
-    save_file(models.resnet18().state_dict(), str(init))  # a "pretrained" ImageNet-shaped checkpoint
-    cfg = read_study_file(_study_file(tmp, "probe", str(init)))
-    prepared = prepare(cfg)
-    pre = Preprocess(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # pretrained: ImageNet statistics
-    pool, split = prepared.pool, prepared.split
-    model = build_model(cfg.model, 10, 32).eval()  # backbone from the file, new head
-    train = torch.from_numpy(split.train)
-    fit_head(model, pre(pool.images[train]), pool.labels[train], 10)
-    base = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    test_images = pool.images[torch.from_numpy(split.test)]
-    return Lab(tmp, init, f"sqlite:///{tmp / 'study.db'}", tmp / "artifacts", base, pre, test_images,
-               pre(test_images))
-
-
-def _ensemble(lab: Lab, path: Path, out: Path, *extra: str) -> int:
-    return main(["ensemble", str(path), "--storage", lab.url, "--artifacts", str(lab.store), "--out", str(out),
-                 "--device", "cpu", *extra])
-
+from hpsearch.store import open_storage
+from tests.support import Lab, State, lab_ensemble, lab_study, perturbed, tiny_tables, write_study
 
 # ------------------------------------------------------------------------------------------ pure parts
 
@@ -171,11 +76,11 @@ def test_trials_from_different_starting_weights_are_refused() -> None:
 
 
 def test_soup_that_beats_the_best_single_is_kept_and_exported_as_one_member(lab: Lab, tmp_path: Path) -> None:
-    a, b = _perturbed(lab.base, 0.2, seed=1), _perturbed(lab.base, 0.2, seed=1, sign=-1.0)
-    c = _perturbed(lab.base, 3.0, seed=2)
-    path = _make_study(lab, "soup-kept", [a, b, c])
+    a, b = perturbed(lab.base, 0.2, seed=1), perturbed(lab.base, 0.2, seed=1, sign=-1.0)
+    c = perturbed(lab.base, 3.0, seed=2)
+    path = lab_study(lab, "soup-kept", [a, b, c])
     out = tmp_path / "ens"
-    assert _ensemble(lab, path, out, "--method", "soup", "--top-k", "3") == 0
+    assert lab_ensemble(lab, path, out, "--method", "soup", "--top-k", "3") == 0
     result = json.loads((out / "ensemble.json").read_text())
     soup = result["soup"]
     assert result["method"] == "soup" and soup["kept"] is True
@@ -209,9 +114,9 @@ def test_soup_that_beats_the_best_single_is_kept_and_exported_as_one_member(lab:
 
 
 def test_soup_that_does_not_help_is_not_kept(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _make_study(lab, "soup-refused", [lab.base, _perturbed(lab.base, 3.0, seed=2)])
+    path = lab_study(lab, "soup-refused", [lab.base, perturbed(lab.base, 3.0, seed=2)])
     out = tmp_path / "ens"
-    assert _ensemble(lab, path, out, "--method", "soup") == 0
+    assert lab_ensemble(lab, path, out, "--method", "soup") == 0
     stdout = capsys.readouterr().out
     assert "greedy soup (#0) [not kept]" in stdout and "greedy soup not kept" in stdout
     result = json.loads((out / "ensemble.json").read_text())
@@ -224,9 +129,9 @@ def test_soup_that_does_not_help_is_not_kept(lab: Lab, tmp_path: Path, capsys: p
 
 
 def test_random_initialisations_are_refused(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _make_study(lab, "soup-none", [lab.base, _perturbed(lab.base, 0.1, seed=3)], weights="none")
+    path = lab_study(lab, "soup-none", [lab.base, perturbed(lab.base, 0.1, seed=3)], weights="none")
     out = tmp_path / "ens"
-    assert _ensemble(lab, path, out, "--method", "soup") == 2
+    assert lab_ensemble(lab, path, out, "--method", "soup") == 2
     err = capsys.readouterr().err
     assert "model.weights = none" in err and "meaningless" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
@@ -236,16 +141,16 @@ def test_another_architecture_is_refused(lab: Lab, tmp_path: Path, capsys: pytes
     from torchvision import models
 
     other = {k: v.contiguous() for k, v in models.resnet34(num_classes=10).state_dict().items()}
-    path = _make_study(lab, "soup-arch", [lab.base, other], archs=["resnet18", "resnet34"])
-    assert _ensemble(lab, path, tmp_path / "ens", "--method", "soup") == 2
+    path = lab_study(lab, "soup-arch", [lab.base, other], archs=["resnet18", "resnet34"])
+    assert lab_ensemble(lab, path, tmp_path / "ens", "--method", "soup") == 2
     err = capsys.readouterr().err
     assert "another architecture" in err and "Traceback" not in err
 
 
 def test_trials_that_recorded_other_starting_weights_are_refused(lab: Lab, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    path = _make_study(lab, "soup-start", [lab.base, lab.base], init_tags=["file sha256:aa", "file sha256:bb"])
-    assert _ensemble(lab, path, tmp_path / "ens", "--method", "soup") == 2
+    path = lab_study(lab, "soup-start", [lab.base, lab.base], init_tags=["file sha256:aa", "file sha256:bb"])
+    assert lab_ensemble(lab, path, tmp_path / "ens", "--method", "soup") == 2
     assert "started from file sha256:aa but trial 1 from file sha256:bb" in capsys.readouterr().err
 
 
@@ -283,101 +188,3 @@ def test_real_trials_from_one_weights_file(lab: Lab, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- TTA
 
 
-def _asymmetric(n: int = 2, size: int = 16) -> torch.Tensor:
-    return torch.arange(n * 3 * size * size, dtype=torch.float32).reshape(n, 3, size, size).sin()
-
-
-def _contains(views: Sequence[torch.Tensor], x: torch.Tensor) -> bool:
-    return any(torch.equal(v, x) for v in views)
-
-
-def test_tta_without_flip_never_flips() -> None:
-    x = _asymmetric()
-    for augment in (["crop"], ["crop", "cutout"], ["cutout"], []):
-        views = tta_views(x, augment)
-        assert torch.equal(views[0], x)
-        assert not _contains(views, x.flip(-1)), augment
-        for view in views:  # no view is a mirror image of any shift of x either
-            assert not any(torch.equal(view, shift(x, dy, dx).flip(-1)) for dy, dx in [(0, 0), *crop_shifts(16)])
-    assert len(tta_views(x, ["crop"])) == 5 and len(tta_views(x, ["cutout"])) == 1
-
-
-def test_tta_with_flip_mirrors_every_view() -> None:
-    x = _asymmetric()
-    assert len(tta_views(x, ["flip"])) == 2 and _contains(tta_views(x, ["flip"]), x.flip(-1))
-    views = tta_views(x, ["crop", "flip"])
-    assert len(views) == 10 and _contains(views, x.flip(-1))
-    assert all(_contains(views, v.flip(-1)) for v in views)
-    assert all(torch.equal(a, b) for a, b in zip(views, tta_views(x, ["flip", "crop"]), strict=True))  # fixed
-
-
-def test_shift_moves_content_with_reflect_padding() -> None:
-    x = _asymmetric(1, 8)
-    assert crop_shifts(8) == [(-1, 0), (1, 0), (0, -1), (0, 1)] and crop_shifts(32)[1] == (2, 0)
-    down = shift(x, 1, 0)
-    assert torch.equal(down[..., 1:, :], x[..., :-1, :]) and torch.equal(down[..., 0, :], x[..., 1, :])
-    right = shift(x, 0, -1)
-    assert torch.equal(right[..., :, :-1], x[..., :, 1:])
-
-
-def test_manifest_without_augment_is_refused_for_tta() -> None:
-    assert manifest_augment({"preprocessing": {"augment": ["crop", "flip"]}}) == ("crop", "flip")
-    with pytest.raises(TTAError, match="records no training augmentations"):
-        manifest_augment({"preprocessing": {}})
-
-
-def _pngs(lab: Lab, folder: Path, n: int = 12) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(lab.test_images[:n]):
-        paths.append(folder / f"{i:02d}.png")
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(paths[-1])
-    return paths
-
-
-@pytest.fixture(scope="module")
-def weighted_export(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = _make_study(lab, "tta", [lab.base, _perturbed(lab.base, 0.1, seed=4)])
-    out = tmp_path_factory.mktemp("tta") / "ens"
-    assert _ensemble(lab, path, out, "--method", "soft") == 0
-    return out
-
-
-def test_predict_tta_writes_the_csv(lab: Lab, weighted_export: Path, tmp_path: Path) -> None:
-    manifest = json.loads((weighted_export / MANIFEST).read_text())
-    assert manifest["preprocessing"]["augment"] == ["crop"]  # the study's own
-    pngs = _pngs(lab, tmp_path / "pngs")
-    plain, tta = tmp_path / "plain.csv", tmp_path / "tta.csv"
-    assert main(["predict", str(weighted_export), str(tmp_path / "pngs"), "--out", str(plain)]) == 0
-    assert main(["predict", str(weighted_export), str(tmp_path / "pngs"), "--tta", "--out", str(tta)]) == 0
-    rows = list(csv.DictReader(io.StringIO(tta.read_text())))
-    assert [r["path"] for r in rows] == [str(p) for p in pngs]
-    for r in rows:
-        assert sum(float(r[f"p_{c}"]) for c in range(10)) == pytest.approx(1.0, abs=1e-4)
-    assert tta.read_text() != plain.read_text()  # the shifted views change the probabilities
-    again = tmp_path / "again.csv"
-    assert main(["predict", str(weighted_export), *map(str, pngs), "--tta", "--out", str(again)]) == 0
-    assert again.read_text() == tta.read_text()  # deterministic
-    # By hand: each member's softmax averaged over the 5 crop views, then the manifest's combination.
-    ensemble = load_ensemble(weighted_export)
-    x = ensemble.preprocess(torch.stack([decode_image(p, 32) for p in pngs]))  # what predict decodes
-    with torch.no_grad():
-        member = torch.stack([ensemble.member_probs(v) for v in tta_views(x, ["crop"])]).mean(0)
-        expected = ensemble.combine(member)
-    got = torch.tensor([[float(r[f"p_{c}"]) for c in range(10)] for r in rows], dtype=torch.float64)
-    assert torch.allclose(got, expected, atol=1e-5)
-
-
-def test_predict_tta_on_an_export_without_augment_exits_2(lab: Lab, weighted_export: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    folder = tmp_path / "old"
-    shutil.copytree(weighted_export, folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    del manifest["preprocessing"]["augment"]
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    sums = [line.split("  ") for line in (folder / SUMS).read_text().splitlines()]
-    (folder / SUMS).write_text("".join(f"{sha256_file(folder / name)}  {name}\n" for _, name in sums))
-    pngs = _pngs(lab, tmp_path / "pngs", 2)
-    assert main(["predict", str(folder), *map(str, pngs), "--tta"]) == 2
-    assert "records no training augmentations" in capsys.readouterr().err
-    assert main(["predict", str(folder), *map(str, pngs)]) == 0  # without --tta the old export still works
