@@ -459,6 +459,14 @@ def build_export(tmp: Path) -> Exported:
     return Exported(out, url, store_dir, pool.images[test_idx], pool.labels[test_idx], pre, tmp)
 
 
+def member_state(ex: Exported, trial: int) -> dict[str, torch.Tensor]:
+    """The weights the study stored for `trial` of an export's study."""
+    from hpsearch.store import load_trial_weights, open_artifact_store, open_storage
+
+    study = optuna.load_study(study_name="tiny", storage=open_storage(ex.url))
+    return load_trial_weights(open_artifact_store(ex.store), study.trials[trial])
+
+
 # ------------------------------------------------- a lab: real studies of one fine-tuned model and perturbations
 # The soup and TTA tests' studies are real (search.open_study on real digits, with a local "pretrained" weights file)
 # and their trials start from that file; instead of training, each trial is the fine-tuned model moved by a known
