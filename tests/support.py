@@ -30,6 +30,7 @@ from torch import nn
 import hpsearch
 
 if TYPE_CHECKING:
+    from hpsearch.config import DataSection
     from hpsearch.preprocess import Preprocess
 
 PG_ADMIN_URL = os.environ.get("HPSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -262,6 +263,14 @@ def dashboard_http(url: str, artifacts: Path | str) -> Iterator[Callable[[str], 
     finally:
         server.shutdown()
         server.server_close()
+
+
+def s3_keys(bucket: str, prefix: str = "") -> dict[str, int]:
+    """Key -> size of every object under `prefix` in the test S3 server's `bucket`."""
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {obj["Key"]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
 
 
 def dashboard_artifacts(get: Callable[[str], tuple[int, bytes]], study_id: int) -> dict[int, set[str]]:
@@ -568,3 +577,12 @@ def lab_ensemble(lab: Lab, path: Path, out: Path, *extra: str) -> int:
 
     return main(["ensemble", str(path), "--storage", lab.url, "--artifacts", str(lab.store), "--out", str(out),
                  "--device", "cpu", *extra])
+
+
+def imagefolder_section(root: Path, tmp_path: Path, **extra: object) -> DataSection:
+    """An imagefolder [data] section over `root`, 16 px, its cache in tmp_path/cache."""
+    from hpsearch.config import DataSection
+
+    fields: dict[str, object] = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "augment": [],
+                                 "cache_dir": str(tmp_path / "cache"), **extra}
+    return DataSection.model_validate(fields)

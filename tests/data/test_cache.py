@@ -1,5 +1,6 @@
 """The decoded-image cache: built once, found again, rebuilt when the folder changes or the cache is damaged, never
-half-finished; batches streamed from it equal resident ones; EXIF orientation and unreadable files left out."""
+half-finished; batches streamed from it equal resident ones; EXIF orientation and unreadable files left out.
+Processes sharing one cache are in tests/process/test_cache.py."""
 
 from __future__ import annotations
 
@@ -17,19 +18,13 @@ import torch
 from PIL import Image
 
 from hpsearch._testhooks import HOLD_ENV
-from hpsearch.config import DataSection, ModelSection, TrainSection
+from hpsearch.config import ModelSection, TrainSection
 from hpsearch.data import _cache as cache
 from hpsearch.data._datasets import DeviceData, cache_state, channel_stats, load_pool, make_split, random_resized_crop
 from hpsearch.errors import DataError
 from hpsearch.preprocess import decode_image
 from hpsearch.train import Hyperparams, train_trial
-from tests.support import COLOURS, cli_env, colour_folder, run_cli, tiny_tables, write_study
-
-
-def _cfg(root: Path, tmp_path: Path, **extra: object) -> DataSection:
-    fields: dict[str, object] = {"dataset": "imagefolder", "root": str(root), "image_size": 16, "augment": [],
-                                 "cache_dir": str(tmp_path / "cache"), **extra}
-    return DataSection.model_validate(fields)
+from tests.support import COLOURS, cli_env, colour_folder, imagefolder_section, tiny_tables, write_study
 
 
 def _pixels(path: Path, pattern: int) -> Path:
@@ -49,7 +44,7 @@ def _noisy_folder(root: Path, per_class: int = 6) -> Path:
 
 def test_the_first_load_builds_the_cache_and_the_next_maps_it(tmp_path: Path) -> None:
     root = _noisy_folder(tmp_path / "ds")
-    cfg = _cfg(root, tmp_path)
+    cfg = imagefolder_section(root, tmp_path)
     assert cache_state(cfg) == (cache_state(cfg)[0], None)  # type: ignore[index]  # where, not built yet
     first = load_pool(cfg)
     second = load_pool(cfg)
@@ -77,7 +72,7 @@ def _mapped_from(address: int) -> str | None:
 
 def test_a_changed_folder_gets_a_new_cache(tmp_path: Path) -> None:
     root = _noisy_folder(tmp_path / "ds")
-    cfg = _cfg(root, tmp_path)
+    cfg = imagefolder_section(root, tmp_path)
     before = load_pool(cfg)
     changed = root / "train" / "cat" / "0.png"
     _pixels(changed, 999)
@@ -92,7 +87,7 @@ def test_a_changed_folder_gets_a_new_cache(tmp_path: Path) -> None:
 def test_a_damaged_cache_is_rebuilt_not_trained_on(tmp_path: Path, damage: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     root = _noisy_folder(tmp_path / "ds")
-    cfg = _cfg(root, tmp_path)
+    cfg = imagefolder_section(root, tmp_path)
     good = load_pool(cfg).images.clone()
     data = cache_state(cfg)[0]  # type: ignore[index]
     if damage == "truncate":
@@ -110,7 +105,7 @@ def test_a_damaged_cache_is_rebuilt_not_trained_on(tmp_path: Path, damage: str,
 
 def test_a_builder_killed_halfway_leaves_nothing_that_looks_finished(tmp_path: Path) -> None:
     root = _noisy_folder(tmp_path / "ds")
-    cfg = _cfg(root, tmp_path)
+    cfg = imagefolder_section(root, tmp_path)
     release = tmp_path / "never"
     script = (f"from hpsearch.config import DataSection; from hpsearch.data._datasets import load_pool; "
               f"load_pool(DataSection.model_validate_json({cfg.model_dump_json()!r}))")
@@ -134,16 +129,16 @@ def test_unreadable_files_fail_by_default_and_are_left_out_and_listed_with_skip(
     bad = root / "val" / "dog" / "broken.png"
     bad.write_bytes(b"\x00garbage, not a PNG at all" * 10)
     with pytest.raises(DataError) as info:
-        load_pool(_cfg(root, tmp_path))
+        load_pool(imagefolder_section(root, tmp_path))
     assert str(bad) in str(info.value) and 'bad_images = "skip"' in str(info.value)
 
-    pool = load_pool(_cfg(root, tmp_path, bad_images="skip"))  # the same cache: nothing decoded twice
+    pool = load_pool(imagefolder_section(root, tmp_path, bad_images="skip"))  # the same cache: nothing decoded twice
     assert pool.skipped == ("val/dog/broken.png",)
     assert pool.images.shape[0] == 3 * 4 + 3 * 2
     # The given val part is renumbered over the readable files: 6 images, after the 12 of train.
     assert pool.given_val is not None and list(pool.given_val) == list(range(12, 18))
     assert sorted(pool.labels[torch.from_numpy(pool.given_val)].tolist()) == [0, 0, 1, 1, 2, 2]
-    split = make_split(pool, _cfg(root, tmp_path, bad_images="skip"), seed=0)
+    split = make_split(pool, imagefolder_section(root, tmp_path, bad_images="skip"), seed=0)
     assert sorted(np.concatenate([split.train, split.val, split.test]).tolist()) == list(range(18))
 
 
@@ -187,7 +182,7 @@ def test_random_resized_crop_takes_a_box_of_the_stored_image() -> None:
 
 def test_streamed_and_resident_splits_give_the_same_trial(tmp_path: Path) -> None:
     root = _noisy_folder(tmp_path / "ds", per_class=10)
-    cfg = _cfg(root, tmp_path, augment=["crop"])
+    cfg = imagefolder_section(root, tmp_path, augment=["crop"])
     pool = load_pool(cfg)
     split = make_split(pool, cfg, seed=0)
     device = torch.device("cpu")
@@ -203,112 +198,6 @@ def test_streamed_and_resident_splits_give_the_same_trial(tmp_path: Path) -> Non
         return [(m.train_loss, m.val_accuracy) for m in result.history]
 
     assert run("stream") == run("resident")
-
-
-# ------------------------------------------------------------------- processes sharing one cache
-
-# One process loading a study's data as a worker does (pool, split, placement, an epoch of batches), after the
-# starting gun; it prints its own anonymous (unshared) resident memory before and after.
-PROBE = r'''
-import json, sys, time
-from pathlib import Path
-
-import torch
-
-from hpsearch.config import DataSection
-from hpsearch.data._datasets import load_pool, make_split, trial_data
-
-
-def anon_mib():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-
-
-cfg = DataSection.model_validate_json(sys.argv[1])
-ready, go = Path(sys.argv[2]), Path(sys.argv[3])
-before = anon_mib()
-ready.touch()
-while not go.exists():
-    time.sleep(0.01)
-pool = load_pool(cfg)
-data = trial_data(pool, make_split(pool, cfg, 0), cfg, False, torch.device("cpu"))
-seen = sum(len(x) for x, _ in data.train.batches(64, shuffle=True, generator=torch.Generator().manual_seed(0)))
-seen += sum(len(x) for part in (data.val, data.test) for x, _ in part.batches(256))
-print(json.dumps({"before": before, "after": anon_mib(), "seen": seen, "placement": data.train.placement}))
-'''
-
-
-def _jpeg_folder(root: Path, n: int, size: int) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        path = root / "train" / f"class{i % 4}" / f"{i}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        low = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)  # smooth enough for JPEG
-        Image.fromarray(low).resize((size, size), Image.Resampling.BILINEAR).save(path, quality=90)
-    return root
-
-
-def _probes(cfg: DataSection, tmp_path: Path, n: int, tag: str) -> list[tuple[dict[str, float], str]]:
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
-    go = tmp_path / f"go-{tag}"
-    probes = [subprocess.Popen([sys.executable, str(script), cfg.model_dump_json(), str(tmp_path / f"ready-{tag}{i}"),
-                                str(go)], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for i in range(n)]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"ready-{tag}{i}").exists() for i in range(n)):
-        assert all(p.poll() is None for p in probes) and time.monotonic() < deadline
-        time.sleep(0.05)
-    go.touch()
-    results = []
-    for probe in probes:
-        out, err = probe.communicate(timeout=300)
-        assert probe.returncode == 0, err
-        results.append((json.loads(out.strip().splitlines()[-1]), err))
-    return results
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_two_processes_starting_together_decode_once_and_hold_no_copy_of_their_own(tmp_path: Path) -> None:
-    n, size = 2000, 160
-    root = _jpeg_folder(tmp_path / "photos", n, size)
-    decoded_mib = n * 3 * size * size / 2**20
-    cfg = _cfg(root, tmp_path, image_size=64, stored_size=size)
-
-    together = _probes(cfg, tmp_path, 2, "stream")
-    logs = "".join(err for _, err in together)
-    assert logs.count(f"decoding {n} images") == 1, logs  # one build for both
-    for figures, _ in together:
-        assert figures["seen"] == n and figures["placement"] == "stream"
-        # Each holds the pixels through the shared page cache; its own memory grew by well under one copy.
-        assert figures["after"] - figures["before"] < 0.25 * decoded_mib, (figures, decoded_mib)
-
-    # The control: a resident copy on the CPU is one private copy of the decoded images per process.
-    (resident, err), = _probes(cfg.model_copy(update={"placement": "resident"}), tmp_path, 1, "resident")
-    assert "decoding" not in err  # mapped, not decoded again
-    assert resident["after"] - resident["before"] > 0.9 * decoded_mib, (resident, decoded_mib)
-    print(f"\nCACHE MEMORY [{n} images at {size} px, {decoded_mib:.0f} MiB decoded]: own memory added "
-          f"{[round(f['after'] - f['before'], 1) for f, _ in together]} MiB streamed (two processes), "
-          f"{resident['after'] - resident['before']:.1f} MiB resident")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_supervised_run_decodes_its_folder_once_for_all_its_processes(tmp_path: Path) -> None:
-    """`run --workers 2`: the supervisor and both workers load the data; the folder is decoded once between the
-    three, and `status` shows the cache."""
-    root = _jpeg_folder(tmp_path / "photos", 160, 32)
-    study = write_study(tmp_path / "photos.toml", tiny_tables("photos", data={
-        "dataset": "imagefolder", "root": str(root), "image_size": 16, "subset": 0, "augment": ["rrc"],
-        "stored_size": 32, "cache_dir": str(tmp_path / "cache")}))
-    args = ["--storage", f"sqlite:///{tmp_path / 'photos.db'}", "--artifacts", str(tmp_path / "artifacts")]
-    first = run_cli("run", str(study), "--workers", "2", *args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stderr.count("data: decoding 160 images") == 1, first.stderr
-    status = run_cli("status", str(study), *args, cwd=tmp_path)
-    assert f"data cache: {tmp_path / 'cache'}" in status.stdout and "MiB" in status.stdout, status.stdout
 
 
 def test_the_study_lists_the_files_it_left_out_and_status_counts_them(tmp_path: Path) -> None:
@@ -340,7 +229,7 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> No
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(DataError) as info:
-        load_pool(_cfg(root, tmp_path, cache_dir=str(blocker / "cache")))
+        load_pool(imagefolder_section(root, tmp_path, cache_dir=str(blocker / "cache")))
     message = str(info.value)
     assert message.startswith("data.cache_dir: cannot write the image cache") and "HPSEARCH_CACHE_DIR" in message
     assert "\n" not in message

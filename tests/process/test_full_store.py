@@ -16,7 +16,6 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch.store import open_storage
-from hpsearch.store._artifacts import S3_FULL_CODES, store_full_reason
 from tests.support import cli_env, tiny_tables, write_study
 
 FILLER_MB = 20  # 100 MB - 20 MB: room for one ResNet-18's weights (45 MB), not two
@@ -75,21 +74,3 @@ def test_a_full_store_stops_the_run_at_the_first_trial_without_room(tmp_path: Pa
     assert set(files) == {"filler", first.user_attrs["weights_artifact"], first.user_attrs["outputs_artifact"]}
 
 
-def test_store_full_reasons() -> None:
-    import errno
-
-    from botocore.exceptions import ClientError
-
-    assert store_full_reason(OSError(errno.ENOSPC, "No space left on device")) == "no space left"
-    assert store_full_reason(OSError(errno.EDQUOT, "Disk quota exceeded")) == "disk quota exceeded"
-    assert store_full_reason(OSError(errno.EACCES, "Permission denied")) is None
-    quota = ClientError({"Error": {"Code": "XMinioAdminBucketQuotaExceeded", "Message": "quota"}}, "PutObject")
-    assert store_full_reason(quota) == "S3 XMinioAdminBucketQuotaExceeded"
-    from boto3.exceptions import S3UploadFailedError
-
-    wrapped = S3UploadFailedError("Failed to upload f to b/k: An error occurred (XMinioStorageFull) when calling "
-                                  "the PutObject operation: Storage backend has reached its minimum free drive")
-    assert store_full_reason(wrapped) == "S3 XMinioStorageFull"
-    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "PutObject")
-    assert store_full_reason(denied) is None
-    assert "QuotaExceeded" in S3_FULL_CODES

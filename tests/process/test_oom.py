@@ -3,7 +3,8 @@
 `hpsearch run` runs in a process whose address space the kernel caps (RLIMIT_AS): the study asks for one batch
 far larger than the cap, so the first big allocation of every trial is refused at once (nothing is touched)
 and PyTorch's CPU allocator raises its RuntimeError. The worker must live on, each trial be retried once with
-the same parameters, and the run stop on the failure streak with its one-line message.
+the same parameters, and the run stop on the failure streak with its one-line message. Which errors count as out
+of memory is in tests/train/test_oom.py.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
 
 from hpsearch.keys import WORKER as ATTR_WORKER
-from hpsearch.train import is_out_of_memory as _out_of_memory
 from tests.support import cli_env, tiny_tables, write_study
 
 RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback
@@ -40,27 +39,6 @@ OOM_TABLES = {
     "train": {"batch_size": 2048},
 }
 STREAK = OOM_TABLES["study"]["max_consecutive_failures"]
-
-
-# ----------------------------------------------------------------------------------------- classifier
-
-
-def test_out_of_memory_is_the_accelerator_error_or_the_cpu_allocator_error():
-    assert _out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
-    assert _out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
-    try:  # a real refusal: 1 PiB is beyond any machine's address space
-        torch.empty(2**50, dtype=torch.uint8)
-    except RuntimeError as err:
-        assert not isinstance(err, torch.OutOfMemoryError)  # why the plain RuntimeError needs its own check
-        assert _out_of_memory(err), str(err)
-    else:
-        pytest.fail("allocating 1 PiB succeeded")
-
-
-def test_other_errors_are_no_out_of_memory():
-    assert not _out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
-    assert not _out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
-    assert not _out_of_memory(ValueError("DefaultCPUAllocator: can't allocate memory"))  # only the torch error
 
 
 # ---------------------------------------------------------------------------------------- end to end

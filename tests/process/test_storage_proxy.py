@@ -1,4 +1,5 @@
-"""`hpsearch storage-proxy` and `grpc://` storages: refusals in one line, and a real study through a real proxy.
+"""`hpsearch storage-proxy` and `grpc://` storages: a real study through a real proxy (their refusals in one line are
+in tests/store/test_proxy.py).
 
 The storage conformance tests run through the proxy too (STORAGES_AND_PROXY in test_storage, test_supervisor,
 test_search), and so do the 16-worker pop and the lone killed worker (test_workers).
@@ -7,7 +8,6 @@ test_search), and so do the 16-worker pop and the lone killed worker (test_worke
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,9 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch._testhooks import HOLD_ENV
-from hpsearch.cli._main import main
-from hpsearch.store import _proxy as proxy_module
-from hpsearch.store._storage import StorageError, close_storage, open_storage
+from hpsearch.store._storage import close_storage, open_storage
 from tests.support import (
     Procs,
     dashboard_http,
@@ -30,40 +28,6 @@ from tests.support import (
     storage_proxy,
     trials_of,
 )
-
-
-def test_a_proxy_url_nobody_answers_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy_module, "CONNECT_TIMEOUT_S", 0.5)
-    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with pytest.raises(StorageError) as raised:
-        open_storage(f"grpc://127.0.0.1:{port}")
-    message = str(raised.value)
-    assert f"grpc://127.0.0.1:{port}" in message and "hpsearch storage-proxy" in message and "\n" not in message
-
-
-@pytest.mark.parametrize(("url", "named"), [("grpc://db-host:port", "port 'port'"), ("grpc://:13000", "grpc://HOST"),
-                                            ("grpc://user:secret@db-host:13000", "grpc://HOST")])
-def test_a_malformed_proxy_url_is_refused(url: str, named: str) -> None:
-    with pytest.raises(StorageError) as raised:
-        open_storage(url)
-    assert named in str(raised.value) and "secret" not in str(raised.value)
-
-
-def test_storage_proxy_refuses_a_public_address_a_journal_and_a_busy_port(tmp_path: Path,
-                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["storage-proxy", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--host", "0.0.0.0"]) == 2
-    assert "--allow-remote" in capsys.readouterr().err
-    assert main(["storage-proxy", "--storage", f"journal:///{tmp_path / 's.log'}"]) == 2
-    assert "cannot serve a journal file" in capsys.readouterr().err
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        assert main(["storage-proxy", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--port", str(port)]) == 2
-    err = capsys.readouterr().err
-    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -120,4 +84,3 @@ def test_run_workers_through_a_proxy_restarted_midway_then_every_command(
                 code, body = get("/api/studies")
             assert code == 200 and [s["study_name"] for s in json.loads(body)["study_summaries"]] == ["proxied"]
             close_storage(direct._storage)
-
