@@ -1,4 +1,4 @@
-"""Inference strategies of an ensemble's members (hpsearch.infer): the loop and the vmapped groups agree."""
+"""Inference strategies of an ensemble's members (hpsearch.predict._members): the loop and the vmapped groups agree."""
 
 from __future__ import annotations
 
