@@ -7,7 +7,7 @@
 - a real device-side error (an out-of-range index in a kernel): the trial ends FAIL, its worker exits 6 and is
   restarted with a fresh context, and the study goes on;
 - streamed batches (pinned buffers, a batch ahead) equal resident ones on the device;
-- `[train] compile` on CUDA: one compilation over 5 trials of different dropout (in tests/test_accelerator.py,
+- `[train] compile` on CUDA: one compilation over 5 trials of different dropout (in tests/train/test_accelerator.py,
   parametrized over cpu and cuda; `-m gpu` selects its cuda case).
 """
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import run_cli, tiny_tables, write_study
+from tests.support import run_cli, tiny_tables, write_study
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -1,0 +1,401 @@
+"""Datasets, the seeded stratified split, preprocessing and batched augmentation (all on real data)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hpsearch.config import DataSection
+from hpsearch.data import ImagePool, Split, load_pool, make_split, preprocess_for
+from hpsearch.data._augment import augment, cutout, random_crop, random_flip
+from hpsearch.data._datasets import digits_arrays
+from hpsearch.data._stats import IMAGENET_MEAN, IMAGENET_STD
+from hpsearch.errors import DataError
+from hpsearch.preprocess import Preprocess
+from tests.support import COLOURS, colour_folder, solid_png
+
+# ------------------------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImagePool:
+    return load_pool(DataSection(dataset="digits"))
+
+
+def test_digits_pool_shape_dtype_labels(digits: ImagePool) -> None:
+    assert digits.images.shape == (1797, 3, 8, 8)
+    assert digits.images.dtype == torch.uint8
+    assert digits.labels.shape == (1797,)
+    assert digits.labels.dtype == torch.int64
+    assert digits.classes == [str(c) for c in range(10)]
+    assert digits.num_classes == 10
+    assert set(digits.labels.tolist()) == set(range(10))
+    # Grey digits: the three channels are equal, and the 0..16 levels span the full 0..255 range.
+    assert torch.equal(digits.images[:, 0], digits.images[:, 1])
+    assert torch.equal(digits.images[:, 0], digits.images[:, 2])
+    assert int(digits.images.min()) == 0 and int(digits.images.max()) == 255
+    assert digits.given_val is None and digits.given_test is None
+
+
+def test_digits_are_scikit_learns_own_without_importing_it() -> None:
+    """The pool reads sklearn's bundled CSV itself (a worker's start saves the sklearn import): the same arrays
+    as load_digits(), so every existing study's split and its sha256 stay what they were."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    grey, target = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(grey, bunch.images) and grey.dtype == bunch.images.dtype
+    assert np.array_equal(target, bunch.target) and target.dtype == np.int64
+    probe = ("import sys; from hpsearch.config import DataSection; from hpsearch.data import load_pool; "
+             "load_pool(DataSection(dataset='digits')); print('sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def _parts(split: Split) -> list[np.ndarray]:
+    return [split.train, split.val, split.test]
+
+
+def test_split_is_disjoint_covers_the_pool_and_is_stratified(digits: ImagePool) -> None:
+    cfg = DataSection(dataset="digits", val_fraction=0.2, test_fraction=0.2)
+    split = make_split(digits, cfg, seed=0)
+    train, val, test = _parts(split)
+    union = np.concatenate([train, val, test])
+    assert len(np.unique(union)) == len(union), "parts overlap"
+    assert np.array_equal(np.sort(union), np.arange(len(digits.labels)))
+    labels = digits.labels.numpy()
+    n = len(labels)
+    for part, fraction in ((train, 0.6), (val, 0.2), (test, 0.2)):
+        assert abs(len(part) / n - fraction) < 0.01
+        assert set(labels[part]) == set(range(10)), "a class is missing from a part"
+        for c in range(10):
+            share = (labels[part] == c).sum() / (labels == c).sum()
+            assert abs(share - fraction) < 0.02, (c, share, fraction)
+
+
+def test_split_other_fractions(digits: ImagePool) -> None:
+    split = make_split(digits, DataSection(dataset="digits", val_fraction=0.1, test_fraction=0.3), seed=0)
+    n = len(digits.labels)
+    assert abs(len(split.val) / n - 0.1) < 0.01
+    assert abs(len(split.test) / n - 0.3) < 0.01
+    assert abs(len(split.train) / n - 0.6) < 0.01
+
+
+def test_split_deterministic_per_seed_and_sha256_stable(digits: ImagePool) -> None:
+    cfg = DataSection(dataset="digits")
+    a, b = make_split(digits, cfg, seed=0), make_split(digits, cfg, seed=0)
+    for x, y in zip(_parts(a), _parts(b), strict=True):
+        assert np.array_equal(x, y)
+    assert a.sha256() == b.sha256()
+    # Pinned: a resumed study compares this hash, so the split of a seed must never change between versions.
+    assert a.sha256() == "0f67b37ce4f503310ccdf5632aa5dd94224fea12cb3b7c875bf7515d29cfe023"
+    c = make_split(digits, cfg, seed=1)
+    assert not np.array_equal(a.val, c.val)
+    assert not np.array_equal(a.test, c.test)
+    assert a.sha256() != c.sha256()
+    assert c.sizes() == a.sizes()
+
+
+def test_split_sha256_depends_on_content_not_dtype() -> None:
+    a = Split(np.array([0, 1, 2]), np.array([3]), np.array([4]))
+    same = Split(np.array([0, 1, 2], dtype=np.int32), np.array([3], dtype=np.int32), np.array([4]))
+    moved = Split(np.array([0, 1]), np.array([2, 3]), np.array([4]))
+    swapped = Split(np.array([0, 1, 2]), np.array([4]), np.array([3]))
+    assert a.sha256() == same.sha256()
+    assert len({a.sha256(), moved.sha256(), swapped.sha256()}) == 3
+
+
+def test_subset_is_honoured_stratified_and_deterministic(digits: ImagePool) -> None:
+    cfg = DataSection(dataset="digits", subset=300)
+    split = make_split(digits, cfg, seed=0)
+    union = np.concatenate(_parts(split))
+    assert len(np.unique(union)) == len(union)
+    assert abs(len(union) - 300) <= 10
+    assert abs(len(split.train) - 180) <= 10 and abs(len(split.val) - 60) <= 10 and abs(len(split.test) - 60) <= 10
+    labels = digits.labels.numpy()
+    counts = np.bincount(labels[union], minlength=10)
+    assert counts.min() >= 25 and counts.max() <= 35, counts
+    for part in _parts(split):
+        assert set(labels[part]) == set(range(10))
+    again = make_split(digits, cfg, seed=0)
+    assert split.sha256() == again.sha256()
+    assert split.sha256() == "5ab627a86062578363cd1febe2609e7cef2ec91c0fafedd71ce63c5a7f314021"
+    other = make_split(digits, cfg, seed=1)
+    assert not np.array_equal(np.sort(union), np.sort(np.concatenate(_parts(other))))
+
+
+def test_subset_larger_than_pool_uses_everything(digits: ImagePool) -> None:
+    split = make_split(digits, DataSection(dataset="digits", subset=100_000), seed=0)
+    assert sum(split.sizes().values()) == len(digits.labels)
+
+
+# -------------------------------------------------------------------------------------- imagefolder
+
+
+def test_imagefolder_with_given_val_and_test(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "ds", {"train": 6, "val": 2, "test": 3})
+    # A nested file, an upper-case suffix, and a non-image file that must be ignored.
+    solid_png(root / "train" / "dog" / "more" / "x.PNG", COLOURS["dog"], (9, 30))
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    cfg = DataSection(dataset="imagefolder", root=str(root), image_size=16, augment=[])
+    pool = load_pool(cfg)
+    assert pool.classes == ["cat", "dog", "eel"]
+    n_train, n_val, n_test = 3 * 6 + 1, 3 * 2, 3 * 3
+    assert pool.images.shape == (n_train + n_val + n_test, 3, 16, 16)
+    assert pool.images.dtype == torch.uint8
+    labels = pool.labels.numpy()
+    assert np.bincount(labels).tolist() == [6 + 2 + 3, 6 + 1 + 2 + 3, 6 + 2 + 3]
+    # Each image decodes to its class colour (bilinear resizing of a solid colour keeps it).
+    for i, label in enumerate(labels):
+        colour = torch.tensor(COLOURS[pool.classes[label]], dtype=torch.int16).view(3, 1, 1)
+        assert (pool.images[i].to(torch.int16) - colour).abs().max() <= 1, i
+    assert pool.given_val is not None and pool.given_test is not None
+    assert np.bincount(labels[pool.given_val]).tolist() == [2, 2, 2]
+    assert np.bincount(labels[pool.given_test]).tolist() == [3, 3, 3]
+    split = make_split(pool, cfg, seed=0)
+    assert np.array_equal(split.val, np.sort(pool.given_val))
+    assert np.array_equal(split.test, np.sort(pool.given_test))
+    assert np.array_equal(np.sort(split.train), np.arange(n_train))
+    assert make_split(pool, cfg, seed=5).sha256() == split.sha256()
+
+
+def test_imagefolder_train_only_is_split(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "ds", {"train": 10}, size=(40, 40))
+    cfg = DataSection(dataset="imagefolder", root=str(root), image_size=24)
+    pool = load_pool(cfg)
+    assert pool.images.shape == (30, 3, 24, 24)
+    assert pool.given_val is None and pool.given_test is None
+    split = make_split(pool, cfg, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(_parts(split))), np.arange(30))
+    for part in _parts(split):
+        assert set(pool.labels.numpy()[part]) == {0, 1, 2}
+
+
+def test_imagefolder_resizes_shorter_side_and_centre_crops(tmp_path: Path) -> None:
+    # 40x20 (w x h): left half red, right half blue -> shorter side 20 -> 16, width 32, centre crop of 16.
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))
+    for name in ("a", "b"):
+        path = tmp_path / "ds" / "train" / name / "0.png"
+        path.parent.mkdir(parents=True)
+        img.save(path)
+    pool = load_pool(DataSection(dataset="imagefolder", root=str(tmp_path / "ds"), image_size=16))
+    x = pool.images[0]
+    assert x.shape == (3, 16, 16)
+    assert x[0, :, 0].min() > 200 and x[2, :, 0].max() < 50  # left edge red
+    assert x[2, :, -1].min() > 200 and x[0, :, -1].max() < 50  # right edge blue
+
+
+def test_imagefolder_unreadable_image_names_the_file(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "ds", {"train": 4})
+    bad = root / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"\x00garbage, not a PNG at all" * 10)
+    with pytest.raises(DataError) as info:
+        load_pool(DataSection(dataset="imagefolder", root=str(root), image_size=16))
+    message = str(info.value)
+    assert str(bad) in message
+    assert "\n" not in message and "Traceback" not in message  # one clear line, not a worker's traceback
+
+
+def test_imagefolder_truncated_png_names_the_file(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "ds", {"train": 3})
+    good = solid_png(root / "train" / "eel" / "big.png", (1, 2, 3), (64, 64))
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"big\.png"):
+        load_pool(DataSection(dataset="imagefolder", root=str(root), image_size=16))
+
+
+def test_imagefolder_without_train_folder(tmp_path: Path) -> None:
+    colour_folder(tmp_path / "ds", {"val": 2})
+    with pytest.raises(DataError) as info:
+        load_pool(DataSection(dataset="imagefolder", root=str(tmp_path / "ds")))
+    message = str(info.value)
+    assert "data.root" in message and "train/" in message and str(tmp_path / "ds") in message
+
+
+def test_imagefolder_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="train/"):
+        load_pool(DataSection(dataset="imagefolder", root=str(tmp_path / "nowhere")))
+
+
+def test_imagefolder_val_class_not_in_train(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "ds", {"train": 2, "val": 1})
+    solid_png(root / "val" / "zebra" / "0.png", (0, 0, 0), (8, 8))
+    with pytest.raises(DataError, match="zebra"):
+        load_pool(DataSection(dataset="imagefolder", root=str(root)))
+
+
+def test_imagefolder_needs_two_classes(tmp_path: Path) -> None:
+    solid_png(tmp_path / "ds" / "train" / "only" / "0.png", (0, 0, 0), (8, 8))
+    with pytest.raises(DataError, match="two class"):
+        load_pool(DataSection(dataset="imagefolder", root=str(tmp_path / "ds")))
+
+
+# -------------------------------------------------------------------------------------------- CIFAR
+
+
+def _assert_cifar_error(err: DataError, root: Path) -> None:
+    message = str(err)
+    assert message.startswith("data.root")
+    assert str(root) in message
+    assert "cifar-10-batches-py" in message
+    for name in ("data_batch_1", "data_batch_5", "test_batch", "batches.meta"):
+        assert name in message
+
+
+def test_cifar_missing_root_fails_fast_with_clear_error(tmp_path: Path, dead_network: None) -> None:
+    root = tmp_path / "cifar"
+    start = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        load_pool(DataSection(dataset="cifar10", root=str(root)))
+    assert time.perf_counter() - start < 30, "the failed download attempt must not hang offline"
+    _assert_cifar_error(info.value, root)
+
+
+def test_cifar_corrupt_folder_is_refused_by_the_md5_check(tmp_path: Path, dead_network: None) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+             "batches.meta"]
+    for name in names:
+        (folder / name).write_bytes(b"not the official pickle")
+    start = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        load_pool(DataSection(dataset="cifar10", root=str(tmp_path)))
+    assert time.perf_counter() - start < 30
+    _assert_cifar_error(info.value, tmp_path)
+    # The user's files are left alone.
+    for name in names:
+        assert (folder / name).read_bytes() == b"not the official pickle"
+
+
+def test_cifar100_missing_names_its_files(tmp_path: Path, dead_network: None) -> None:
+    with pytest.raises(DataError) as info:
+        load_pool(DataSection(dataset="cifar100", root=str(tmp_path)))
+    message = str(info.value)
+    assert "cifar-100-python" in message and "train" in message and "meta" in message
+
+
+# ------------------------------------------------------------------------------------- augmentation
+
+
+def _images(n: int = 64, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fn", [random_crop, random_flip, cutout])
+def test_augmentations_keep_shape_and_are_reproducible(fn) -> None:
+    x = _images()
+    a = fn(x, torch.Generator().manual_seed(3))
+    b = fn(x, torch.Generator().manual_seed(3))
+    c = fn(x, torch.Generator().manual_seed(4))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, x)
+
+
+def test_random_crop_translates_content() -> None:
+    x = _images(n=64, size=16)
+    out = random_crop(x, torch.Generator().manual_seed(0))
+    pad = 16 // 8
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    shifts = []
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 16, dx:dx + 16])]
+        assert len(found) == 1, f"sample {i} is not a shifted copy of its input"
+        shifts.append(found[0])
+    # Many different translations occur, including real ones (not just the identity at (pad, pad)).
+    assert len(set(shifts)) >= 10
+    assert sum(s != (pad, pad) for s in shifts) > len(x) // 2
+    # A shifted sample's interior is the input moved by that offset.
+    i = next(k for k, s in enumerate(shifts) if s[0] != pad and s[1] != pad)
+    dy, dx = shifts[i][0] - pad, shifts[i][1] - pad
+    assert torch.equal(out[i, :, 4:12, 4:12], x[i, :, 4 + dy:12 + dy, 4 + dx:12 + dx])
+
+
+def test_random_flip_flips_only_some_samples() -> None:
+    x = _images(n=200)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(len(x))]
+    kept = [torch.equal(out[i], x[i]) for i in range(len(x))]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))
+    assert 60 < sum(flipped) < 140
+
+
+def test_cutout_zeros_one_square_per_image() -> None:
+    x = _images(n=32, size=16) + 10.0  # no zeros anywhere before cutout
+    out = cutout(x, torch.Generator().manual_seed(0))
+    zero = out == 0
+    assert torch.equal(zero[:, 0], zero[:, 1]) and torch.equal(zero[:, 0], zero[:, 2])
+    for i in range(len(x)):
+        mask = zero[i, 0]
+        assert mask.any()
+        assert torch.equal(out[i][~zero[i]], x[i][~zero[i]])
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        # A solid rectangle, at most side//2*2+1 = 5 pixels wide (clipped at borders).
+        assert mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert len(rows) <= 5 and len(cols) <= 5
+
+
+def test_augment_chains_by_name() -> None:
+    x = _images()
+    a = augment(x, ["crop", "flip", "cutout"], torch.Generator().manual_seed(1))
+    b = augment(x, ["crop", "flip", "cutout"], torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert torch.equal(augment(x, [], torch.Generator().manual_seed(1)), x)
+
+
+# ------------------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_normalizes_with_given_mean_and_std() -> None:
+    levels = torch.tensor([0, 51, 255], dtype=torch.uint8)
+    images = levels.view(1, 3, 1, 1).expand(2, 3, 8, 8).contiguous()
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    out = Preprocess(8, mean, std)(images)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 8, 8)
+    for c in range(3):
+        expected = (levels[c].item() / 255 - mean[c]) / std[c]
+        assert torch.allclose(out[:, c], torch.full_like(out[:, c], expected), atol=1e-6)
+
+
+def test_preprocess_resizes_digits_to_image_size(digits: ImagePool) -> None:
+    cfg = DataSection(dataset="digits", image_size=32)
+    split = make_split(digits, cfg, seed=0)
+    pre = preprocess_for(digits, split, cfg, pretrained=False)
+    assert pre.image_size == 32
+    out = pre(digits.images[:16])
+    assert out.shape == (16, 3, 32, 32)
+    assert torch.isfinite(out).all()
+    # Own statistics: the training split's channel mean/std, so normalized train images are ~centred.
+    train = pre(digits.images[torch.from_numpy(split.train)])
+    assert train.mean().abs() < 0.1
+    assert 0.7 < train.std() < 1.3
+    # Upsampling keeps the picture: downsampling back gives roughly the 8x8 original.
+    back = F.interpolate(out, size=(8, 8), mode="area")
+    original = Preprocess(8, pre.mean, pre.std)(digits.images[:16])
+    assert (back - original).abs().mean() < 0.25
+
+
+def test_preprocess_for_pretrained_uses_imagenet_stats(digits: ImagePool) -> None:
+    cfg = DataSection(dataset="digits", image_size=64)
+    split = make_split(digits, cfg, seed=0)
+    pre = preprocess_for(digits, split, cfg, pretrained=True)
+    assert pre.mean == IMAGENET_MEAN and pre.std == IMAGENET_STD and pre.image_size == 64
+    own = preprocess_for(digits, split, cfg, pretrained=False)
+    assert own.mean != IMAGENET_MEAN
+    train = digits.images[torch.from_numpy(split.train)].float() / 255
+    assert own.mean == pytest.approx(tuple(train.mean(dim=(0, 2, 3)).tolist()), abs=1e-5)
+    assert own.std == pytest.approx(tuple(train.std(dim=(0, 2, 3)).tolist()), abs=1e-5)

@@ -1,0 +1,140 @@
+"""The supervisor's own decisions, driven by real (tiny) worker processes and a real storage: a trial that
+finished first is left alone, a worker stopped by its failure streak is not restarted, restarts are capped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpsearch.store import open_storage
+from hpsearch.workers._forkserver import forkserver_launch, stop_forkserver
+from hpsearch.workers._supervisor import (
+    EXIT_DEVICE_BROKEN,
+    EXIT_FAILURE_STREAK,
+    EXIT_STORE_FULL,
+    Supervisor,
+    Worker,
+    fail_running_trial,
+    fail_trials_of,
+)
+from tests.support import STORAGES_AND_PROXY, tiny_tables, write_study
+
+
+def _study(url: str) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+    storage = open_storage(url)
+    return storage, optuna.create_study(study_name="sup", storage=storage)
+
+
+def _exits_with(code: int) -> list[str]:
+    return [sys.executable, "-c", f"import sys; sys.exit({code})"]
+
+
+@pytest.mark.parametrize("storage_url", STORAGES_AND_PROXY, indirect=True)
+def test_a_trial_its_worker_finished_first_is_left_alone(storage_url: str) -> None:
+    storage, study = _study(storage_url)
+    trial = study.ask()
+    trial.set_user_attr("worker", "host:1")
+    seen_running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[0]
+    study.tell(trial, 0.5)  # the worker told its result between the supervisor's read and its write
+
+    assert fail_running_trial(storage, study, seen_running, "worker died", retry=True) is False
+    [after] = study.get_trials()
+    assert after.state == TrialState.COMPLETE and after.value == 0.5
+    assert "fail_reason" not in after.user_attrs
+
+
+@pytest.mark.parametrize("storage_url", STORAGES_AND_PROXY, indirect=True)
+def test_a_dead_workers_trial_is_failed_and_retried_once(storage_url: str) -> None:
+    storage, study = _study(storage_url)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr("worker", "host:2")
+    assert fail_trials_of(storage, study, "host:2", "worker host:2 died (signal 9)") == [trial.number]
+    assert fail_trials_of(storage, study, "host:2", "again") == [], "a FAIL trial is not failed twice"
+    failed, retry = study.get_trials()
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "worker host:2 died (signal 9)"
+    assert retry.state == TrialState.WAITING and retry.params == failed.params
+    assert "fail_reason" not in retry.user_attrs and "worker" not in retry.user_attrs
+
+
+def _supervise(tmp_path, command: list[str], n: int = 2, max_restarts: int = 3) -> tuple[int, list[str], list[Worker]]:
+    storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
+    events: list[str] = []
+    workers = [Worker(i, command, {}) for i in range(n)]
+    code = Supervisor(study, storage, workers, done=lambda: False, on_event=events.append, poll_s=0.05,
+                      max_restarts=max_restarts).run()
+    return code, events, workers
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_stopped_by_its_failure_streak_is_not_restarted(tmp_path) -> None:
+    code, events, workers = _supervise(tmp_path, _exits_with(EXIT_FAILURE_STREAK))
+    assert code == 1, "the study did not reach its trials"
+    assert [w.restarts for w in workers] == [0, 0]
+    assert sorted(events) == [f"worker {i} stopped: its trials failed in a row" for i in range(2)], events
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_streak_is_told_once_while_another_worker_still_runs(tmp_path) -> None:
+    storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
+    events: list[str] = []
+    early = Worker(0, _exits_with(EXIT_FAILURE_STREAK), {})
+    late = Worker(1, [sys.executable, "-c", f"import sys, time; time.sleep(1); sys.exit({EXIT_FAILURE_STREAK})"], {})
+    code = Supervisor(study, storage, [early, late], done=lambda: False, on_event=events.append, poll_s=0.05).run()
+    assert code == 1
+    # Many polls see worker 0 gone while worker 1 sleeps: its exit is dealt with once, not at every poll.
+    assert events == [f"worker {i} stopped: its trials failed in a row" for i in range(2)], events
+
+
+@pytest.mark.timeout(60)
+def test_a_crashing_worker_is_restarted_up_to_the_cap(tmp_path) -> None:
+    code, events, workers = _supervise(tmp_path, _exits_with(3), max_restarts=3)
+    assert code == 1
+    assert [w.restarts for w in workers] == [3, 3]
+    assert sum("exited with 3; restarting it" in e for e in events) == 6, events
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_gpu_context_broke_is_restarted_not_taken_for_a_streak(tmp_path) -> None:
+    code, events, workers = _supervise(tmp_path, _exits_with(EXIT_DEVICE_BROKEN), max_restarts=2)
+    assert [w.restarts for w in workers] == [2, 2]
+    assert sum("its GPU context broke (a sticky device error); restarting it" in e for e in events) == 4, events
+    assert code == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_full_artifact_store_stops_every_worker_at_once(tmp_path) -> None:
+    storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
+    events: list[str] = []
+    full = Worker(0, [sys.executable, "-c", f"import sys, time; time.sleep(0.5); sys.exit({EXIT_STORE_FULL})"], {})
+    busy = Worker(1, [sys.executable, "-c", "import time; time.sleep(60)"], {})
+    started = time.monotonic()
+    code = Supervisor(study, storage, [full, busy], done=lambda: False, on_event=events.append, poll_s=0.05).run()
+    assert code == 2
+    assert time.monotonic() - started < 30, "the other worker was stopped, not waited for"
+    assert busy.process is not None and busy.process.returncode == -signal.SIGTERM
+    assert [w.restarts for w in (full, busy)] == [0, 0]
+    assert events == ["worker 0 found the artifact store full; stopping every worker"]
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_worker_gets_its_environment_and_reports_its_exit_code(tmp_path: Path,
+                                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """`run --workers` on the CPU forks its workers from a preloaded forkserver: each still gets the
+    environment a fresh process would (its storage URL travels there), its exit code and its output."""
+    study = write_study(tmp_path / "forked.toml", tiny_tables("forked"))
+    env = {**os.environ, "HPSEARCH_STORAGE": "nosuchdb://somewhere/x", "HPSEARCH_WORKER": "0"}
+    launch = forkserver_launch()
+    try:
+        worker = launch([str(study)], env)
+        assert worker.wait(timeout=90) == 2
+    finally:
+        stop_forkserver()
+    err = capfd.readouterr().err
+    assert "nosuchdb" in err and "Traceback" not in err, err
