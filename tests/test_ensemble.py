@@ -37,9 +37,9 @@ from hpsearch.ensemble._combine import (
 from hpsearch.ensemble._fit import build_ensemble
 from hpsearch.errors import EnsembleError
 from hpsearch.export import RESULT_FILE, staged_dir
+from hpsearch.export._comparison import report_markdown, table_cells
 from hpsearch.keys import OUTPUTS as ATTR_OUTPUTS
 from hpsearch.keys import WEIGHTS as ATTR_WEIGHTS
-from hpsearch.monitor._tables import report_markdown, table_cells
 from hpsearch.store import StudyArtifacts, TrialOutputs, open_artifact_store, open_storage, upload_trial_artifacts
 
 SHA = "a" * 64

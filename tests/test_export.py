@@ -29,7 +29,7 @@ from hpsearch.predict import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_fil
 from hpsearch.predict._score import BY, entropy, select_csv, uncertainty
 from hpsearch.preprocess import Preprocess
 from hpsearch.search._objective import suggest
-from hpsearch.search._run import open_study, prepare
+from hpsearch.search._study import open_study, prepare
 from hpsearch.store import (
     StudyArtifacts,
     TrialOutputs,
@@ -326,7 +326,7 @@ def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_p
     one line naming the trial and what to do, exit 2, and the pins released."""
     import optuna
 
-    import hpsearch.export._write
+    import hpsearch.export._ensemble_command
     from hpsearch.store import pinned
 
     store = _copy(exported.store, tmp_path / "store")
@@ -337,7 +337,7 @@ def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_p
         assert point == "ensemble" and len(pinned(study.user_attrs)) == N_MEMBERS
         doomed.unlink()
 
-    monkeypatch.setattr(hpsearch.export._write, "hold_at", worker_deletes)
+    monkeypatch.setattr(hpsearch.export._ensemble_command, "hold_at", worker_deletes)
     rc = main(["ensemble", str(exported.tmp / "tiny.toml"), "--storage", exported.url, "--artifacts", str(store),
                "--out", str(tmp_path / "ens"), "--method", "soft"])
     err = capsys.readouterr().err

@@ -39,7 +39,7 @@ from hpsearch.predict import MANIFEST, SUMS, load_ensemble, sha256_file
 from hpsearch.predict._tta import crop_shifts, manifest_augment, shift, tta_views
 from hpsearch.preprocess import Preprocess, decode_image
 from hpsearch.search._objective import suggest
-from hpsearch.search._run import open_study, prepare
+from hpsearch.search._study import open_study, prepare
 from hpsearch.store import StudyArtifacts, TrialOutputs, open_artifact_store, open_storage, upload_trial_artifacts
 
 State = dict[str, torch.Tensor]

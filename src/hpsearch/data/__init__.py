@@ -17,18 +17,23 @@ from hpsearch.data._datasets import (
     trial_data,
 )
 from hpsearch.data._folds import Folds, make_folds
+from hpsearch.data._recorded import RecordMismatch, StudyData, build_study_data, rebuild_study_data
 
 __all__ = [
     "DeviceData",
     "Folds",
     "ImagePool",
+    "RecordMismatch",
     "Split",
+    "StudyData",
     "TrialData",
+    "build_study_data",
     "cache_state",
     "load_pool",
     "make_folds",
     "make_split",
     "preprocess_for",
+    "rebuild_study_data",
     "training_input",
     "trial_data",
 ]
