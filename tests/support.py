@@ -433,7 +433,7 @@ def build_export(tmp: Path) -> Exported:
     from hpsearch.config import read_study_file
     from hpsearch.preprocess import Preprocess
     from hpsearch.search._objective import suggest
-    from hpsearch.search._run import open_study, prepare
+    from hpsearch.search._study import open_study, prepare
     from hpsearch.store import StudyArtifacts, TrialOutputs, open_artifact_store, open_storage, upload_trial_artifacts
 
     path = write_study(tmp / "tiny.toml", tiny_tables("tiny", data={"subset": 300}))
@@ -517,7 +517,7 @@ def lab_study(lab: Lab, name: str, states: Sequence[State], weights: str | None 
     from hpsearch.keys import INIT_WEIGHTS as ATTR_INIT_WEIGHTS
     from hpsearch.model import init_weights_tag
     from hpsearch.search._objective import suggest
-    from hpsearch.search._run import open_study, prepare
+    from hpsearch.search._study import open_study, prepare
     from hpsearch.store import StudyArtifacts, TrialOutputs, open_artifact_store, open_storage, upload_trial_artifacts
 
     path = lab_study_file(lab.tmp, name, weights or str(lab.init))
@@ -553,7 +553,7 @@ def make_lab(tmp: Path) -> Lab:
     from hpsearch.config import read_study_file
     from hpsearch.model import build_model
     from hpsearch.preprocess import Preprocess
-    from hpsearch.search._run import prepare
+    from hpsearch.search._study import prepare
 
     torch.manual_seed(0)
     init = tmp / "init.safetensors"

@@ -1,10 +1,9 @@
-"""Every study and trial attribute name hpsearch records, and small typed readers of them.
+"""Every study and trial attribute name hpsearch records.
 
 A study records, when it is created, what later stages rely on (the split every trial's outputs line up with,
 the classes, the config it was created from, the normalization its trials trained with, its artifact store);
 each trial records who ran it, from what, and where its artifacts are. Each name is written in exactly one
-place and read through this module, so a rename is one line. Imports nothing of Optuna: a study and a
-trial are read through their public `user_attrs`.
+place through this module and read back typed through `hpsearch.record`, so a rename is one line.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 # ------------------------------------------------------------------------------------------ study attrs
 SPACE_FINGERPRINT = "space_fingerprint"  # a resumed study must keep its search space
@@ -62,50 +61,10 @@ BEST_EPOCH = "best_epoch"  # 0-based; with val_accuracy, val_loss and epochs_run
 FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, INTERRUPTED, STORE_FULL, DEVICE_BROKEN, WORKER)
 
 
-class HasUserAttrs(Protocol):
-    """A study or a trial (Optuna's Study, Trial and FrozenTrial all qualify)."""
-
-    @property
-    def user_attrs(self) -> dict[str, Any]: ...
-
-
-# ---------------------------------------------------------------------------------------------- readers
-
-
-def classes(study: HasUserAttrs) -> list[str]:
-    return [str(c) for c in study.user_attrs.get(CLASSES, [])]
-
-
-def split_sha256(study: HasUserAttrs) -> str | None:
-    value = study.user_attrs.get(SPLIT_SHA256)
-    return str(value) if value else None
-
-
-def folds_sha256(study: HasUserAttrs) -> str | None:
-    value = study.user_attrs.get(FOLDS_SHA256)
-    return str(value) if value else None
-
-
-def fold_records(trial: HasUserAttrs) -> list[dict[str, Any]]:
-    """A cross-validated trial's finished folds, fold 0 first ([] for a single-split trial)."""
-    records = trial.user_attrs.get(FOLDS)
-    return sorted((dict(r) for r in records), key=lambda r: int(r["fold"])) if isinstance(records, list) else []
-
-
-def recorded_config(study: HasUserAttrs) -> dict[str, Any]:
-    """The study file the study was created from, as recorded ({} for a study hpsearch did not create)."""
-    config = study.user_attrs.get(CONFIG)
-    return dict(config) if isinstance(config, Mapping) else {}
-
-
-def config_value(study: HasUserAttrs, section: str, key: str, default: Any = None) -> Any:
-    """One recorded config value, e.g. config_value(study, "model", "arch"), or `default` when not recorded."""
-    return recorded_config(study).get(section, {}).get(key, default)
-
-
 def without_failure(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The user attrs a retry inherits: all but FAILURE_ATTRS."""
     return {k: v for k, v in user_attrs.items() if k not in FAILURE_ATTRS}
+
 
 def worker_tag(pid: int | None = None) -> str:
     """Who runs a trial: host and pid, recorded on the trial so a supervisor can find a dead worker's trial."""

@@ -207,7 +207,7 @@ def test_the_study_lists_the_files_it_left_out_and_status_counts_them(tmp_path: 
 
     from hpsearch.config import read_study_file
     from hpsearch.monitor import status_renderables
-    from hpsearch.search._run import open_study, prepare
+    from hpsearch.search._study import open_study, prepare
     from hpsearch.store import open_storage
 
     root = colour_folder(tmp_path / "ds", {"train": 5})

@@ -29,7 +29,7 @@ from hpsearch.ensemble._combine import (
 )
 from hpsearch.ensemble._fit import build_ensemble
 from hpsearch.errors import EnsembleError
-from hpsearch.monitor._tables import report_markdown, table_cells
+from hpsearch.export._comparison import report_markdown, table_cells
 from hpsearch.store import TrialOutputs
 
 SHA = "a" * 64

@@ -23,8 +23,10 @@ from hpsearch.config import read_study_file
 from hpsearch.ensemble._candidates import select_candidates
 from hpsearch.predict import MANIFEST, SUMS, sha256_file
 from hpsearch.preprocess import Preprocess
+from hpsearch.record import read_trial_record
 from hpsearch.search._objective import Objective, Prepared
-from hpsearch.search._run import open_study, prepare, run_trials
+from hpsearch.search._run import run_trials
+from hpsearch.search._study import open_study, prepare
 from hpsearch.store import StudyArtifacts, load_outputs, open_artifact_store, open_storage
 from tests.support import tiny_tables, write_study
 
@@ -75,7 +77,7 @@ def cv(tmp_path_factory: pytest.TempPathFactory) -> CVStudy:
 def stored_fold_test_probs(cv: CVStudy, trial: int) -> torch.Tensor:
     """[K, n_test, C] softmaxes of a trial's fold models on test, as the trial stored them."""
     store = open_artifact_store(cv.store)
-    records = keys.fold_records(cv.study.trials[trial])
+    records = list(read_trial_record(cv.study.trials[trial]).folds)
     return torch.stack([load_outputs(store, r["outputs_artifact"]).test_logits.double().softmax(-1) for r in records])
 
 
@@ -90,7 +92,7 @@ def test_candidates_are_out_of_fold_over_train_and_val(cv: CVStudy) -> None:
         assert o.val_labels.tolist() == pool.labels[torch.from_numpy(folds.pool)].tolist()
         assert len(o.val_logits) == len(cv.prepared.split.train) + len(cv.prepared.split.val)
         assert np.isclose(float((o.val_logits.argmax(1) == o.val_labels).double().mean()),
-                          np.average([r["val_accuracy"] for r in keys.fold_records(cv.study.trials[c.trial])],
+                          np.average([r["val_accuracy"] for r in read_trial_record(cv.study.trials[c.trial]).folds],
                                      weights=folds.sizes()))
         # Test: the uniform average of the K fold models' softmaxes.
         assert torch.allclose(o.test_logits.exp(), stored_fold_test_probs(cv, c.trial).mean(0), atol=1e-12)

@@ -62,7 +62,7 @@ def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_p
     one line naming the trial and what to do, exit 2, and the pins released."""
     import optuna
 
-    import hpsearch.export._write
+    import hpsearch.export._ensemble_command
     from hpsearch.store import pinned
 
     store = shutil.copytree(exported.store, tmp_path / "store")
@@ -73,7 +73,7 @@ def test_weights_deleted_during_an_export_are_one_line(exported: Exported, tmp_p
         assert point == "ensemble" and len(pinned(study.user_attrs)) == N_MEMBERS
         doomed.unlink()
 
-    monkeypatch.setattr(hpsearch.export._write, "hold_at", worker_deletes)
+    monkeypatch.setattr(hpsearch.export._ensemble_command, "hold_at", worker_deletes)
     rc = main(["ensemble", str(exported.tmp / "tiny.toml"), "--storage", exported.url, "--artifacts", str(store),
                "--out", str(tmp_path / "ens"), "--method", "soft"])
     err = capsys.readouterr().err

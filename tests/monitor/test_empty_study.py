@@ -10,7 +10,7 @@ import pytest
 
 from hpsearch.cli._main import main
 from hpsearch.config import read_study_file
-from hpsearch.search._run import open_study, prepare
+from hpsearch.search._study import open_study, prepare
 from hpsearch.store import open_storage
 from tests.support import dashboard_artifacts, dashboard_http
 

@@ -28,6 +28,7 @@ from scipy.special import softmax
 from hpsearch import keys
 from hpsearch.cli._main import main
 from hpsearch.config import read_study_file
+from hpsearch.record import read_study_record
 from hpsearch.report import _plots as plots
 from hpsearch.report._ensemble import RELIABILITY_FILE, WEIGHTS_FILE, ensemble_builders, read_ensemble
 from hpsearch.report._study import (
@@ -41,7 +42,7 @@ from hpsearch.report._study import (
     trials_table,
     validation_images,
 )
-from hpsearch.search._run import open_study, prepare
+from hpsearch.search._study import open_study, prepare
 from hpsearch.store import load_trial_outputs, open_artifact_store, open_storage, ranked_trials
 from tests.support import tiny_tables, write_study
 
@@ -199,7 +200,7 @@ def test_confusion_matrix_sums_to_the_validation_split_and_gives_the_best_value(
     assert np.trace(matrix) / n_val == pytest.approx(best.value, abs=1e-6)
 
     per_class = pd.read_csv(trained.out / PER_CLASS_FILE)
-    assert list(per_class["class"].astype(str)) == keys.classes(study)
+    assert list(per_class["class"].astype(str)) == read_study_record(study).class_names
     assert per_class["images"].sum() == n_val
     assert per_class["correct"].sum() / n_val == pytest.approx(best.value, abs=1e-6)
 
@@ -220,7 +221,7 @@ def test_confident_mistakes_are_the_most_confidently_wrong_validation_images(tra
     expected = sorted(wrong, key=lambda i: -confidence[i])[:16]
     assert expected, "the tiny study classifies every validation image right: nothing to show"
 
-    classes = keys.classes(study)
+    classes = read_study_record(study).class_names
     fig = confident_mistakes(study, outputs, classes)
     shown = [ax for ax in fig.axes if ax.images]
     assert len(shown) == min(16, len(wrong))
@@ -244,7 +245,7 @@ def test_confident_mistakes_are_skipped_with_a_note_when_the_split_differs(train
         moved.set_user_attr(key, value)
     moved.set_user_attr(keys.SPLIT_SHA256, "0" * 64)
     with pytest.raises(plots.PlotSkipped, match="another split"):
-        confident_mistakes(moved, outputs, keys.classes(study))
+        confident_mistakes(moved, outputs, read_study_record(study).class_names)
 
 
 # ------------------------------------------------------------------------------------------- --ensemble

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 from hpsearch import keys
 from hpsearch.config import ConfigError, StudyConfig, read_study_file
 from hpsearch.data import load_pool, make_folds, make_split
+from hpsearch.record import read_trial_record
 from hpsearch.search._objective import Objective, Prepared
-from hpsearch.search._run import open_study, prepare, run_trials
+from hpsearch.search._run import run_trials
+from hpsearch.search._study import open_study, prepare
 from hpsearch.store import StudyArtifacts, load_outputs, open_artifact_store, open_storage
 
 CPU = torch.device("cpu")
@@ -116,7 +118,7 @@ def test_a_cross_validated_trial_reports_each_fold_and_stores_each_fold_model(st
 
     (trial,) = study.trials
     assert trial.state == TrialState.COMPLETE
-    records = keys.fold_records(trial)
+    records = list(read_trial_record(trial).folds)
     assert [r["fold"] for r in records] == [0, 1, 2]
     # One step per fold, its value that fold's best-epoch validation accuracy; the trial's value their mean.
     assert trial.intermediate_values == {r["fold"]: r["val_accuracy"] for r in records}
@@ -165,7 +167,7 @@ def test_the_wilcoxon_pruner_stops_a_bad_trial_before_its_last_fold(study_file, 
     assert "after fold 2 of 3" in reason and "wilcoxon" in reason
     # A pruned trial is no ensemble member: its fold weights are gone, its outputs stay on record.
     store = open_artifact_store(tmp_path / "artifacts")
-    for record in keys.fold_records(bad):
+    for record in read_trial_record(bad).folds:
         with pytest.raises(Exception):  # noqa: B017 - the store's own not-found error
             store.open_reader(record["weights_artifact"])
         store.open_reader(record["outputs_artifact"]).close()
@@ -177,7 +179,7 @@ def test_a_retried_trial_resumes_at_its_first_unfinished_fold(study_file, tmp_pa
     path = study_file("resume", data={"folds": 3}, study={"n_trials": 1})
 
     def interrupt_in_fold_2(trial, metrics) -> None:
-        if len(keys.fold_records(trial)) == 2:
+        if len(read_trial_record(trial).folds) == 2:
             raise KeyboardInterrupt("test: stop in fold 2")
 
     _, _, study, objective = start(path, tmp_path, on_epoch=interrupt_in_fold_2)
@@ -186,17 +188,17 @@ def test_a_retried_trial_resumes_at_its_first_unfinished_fold(study_file, tmp_pa
     original, queued = study.trials
     assert original.state == TrialState.FAIL and original.user_attrs[keys.INTERRUPTED]
     assert queued.state == TrialState.WAITING
-    assert [r["fold"] for r in keys.fold_records(original)] == [0, 1]
+    assert [r["fold"] for r in read_trial_record(original).folds] == [0, 1]
 
     _, _, study, objective = start(path, tmp_path)
     run_trials(study, objective, 1)
     original, retry = study.trials
     assert retry.state == TrialState.COMPLETE
     assert retry.user_attrs[keys.RESUMED_FROM] == {"trial": 0, "epochs_done": 0, "folds_done": 2}
-    records = keys.fold_records(retry)
+    records = list(read_trial_record(retry).folds)
     assert [r["fold"] for r in records] == [0, 1, 2]
     # Folds 0 and 1 are the original's models (not retrained); fold 2 was trained by the retry.
-    assert records[:2] == keys.fold_records(original)
+    assert records[:2] == list(read_trial_record(original).folds)
     assert [r["uploaded_by"] for r in records] == [0, 0, 1]
     assert sorted(retry.intermediate_values) == [0, 1, 2]
     assert retry.value == pytest.approx(np.mean([r["val_accuracy"] for r in records]))
@@ -222,7 +224,7 @@ def test_keep_weights_deletes_every_fold_model_of_a_trial_outside_the_best(study
         return True
 
     for place, trial in enumerate(ranked):
-        records = keys.fold_records(trial)
+        records = list(read_trial_record(trial).folds)
         assert len(records) == 2
         assert [exists(r["weights_artifact"]) for r in records] == [place == 0] * 2, place
         assert all(exists(r["outputs_artifact"]) for r in records)  # outputs stay: the study's record is whole
@@ -234,7 +236,7 @@ def test_a_retry_continues_the_checkpoint_of_its_unfinished_fold(study_file, tmp
     path = study_file("ckpt", data={"folds": 2}, study={"n_trials": 1}, train={"epochs": 2, "checkpoint_every": 1})
 
     def interrupt_in_fold_1_epoch_2(trial, metrics) -> None:
-        if len(keys.fold_records(trial)) == 1 and metrics.epoch == 1:
+        if len(read_trial_record(trial).folds) == 1 and metrics.epoch == 1:
             raise KeyboardInterrupt("test: stop in fold 1, after its checkpoint of epoch 1")
 
     _, _, study, objective = start(path, tmp_path, on_epoch=interrupt_in_fold_1_epoch_2)
@@ -248,7 +250,7 @@ def test_a_retry_continues_the_checkpoint_of_its_unfinished_fold(study_file, tmp
     retry = study.trials[1]
     assert retry.state == TrialState.COMPLETE
     assert retry.user_attrs[keys.RESUMED_FROM] == {"trial": 0, "epochs_done": 1, "folds_done": 1}
-    fold_1 = keys.fold_records(retry)[1]
+    fold_1 = read_trial_record(retry).folds[1]
     assert fold_1["uploaded_by"] == 1 and fold_1["epochs_run"] == 2
     store = open_artifact_store(tmp_path / "artifacts")
     with pytest.raises(Exception):  # noqa: B017 - the continued checkpoint is deleted once the trial is done

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 
 from hpsearch.cli._main import main
 from hpsearch.config import ConfigError, StudyConfig, read_study_file
+from hpsearch.search._callbacks import StopAfterFailures
 from hpsearch.search._objective import Objective, Prepared
-from hpsearch.search._run import StopAfterFailures, open_study, prepare, run_trials
+from hpsearch.search._run import run_trials
+from hpsearch.search._study import open_study, prepare
 from hpsearch.store import (
     StudyArtifacts,
     best_trial,

@@ -89,8 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     import optuna
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hpsearch.keys import fold_records
     from hpsearch.monitor import describe_trial, top_trials_table
+    from hpsearch.record import read_trial_record
     from hpsearch.search import run_trials
     from hpsearch.store import best_trial, finished_trials, redact
     from hpsearch.train import EpochMetrics
@@ -119,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         epoch_task = progress.add_task("epochs", total=cfg.train.epochs * max(1, cfg.data.folds))
 
         def on_epoch(trial: Any, m: EpochMetrics) -> None:
-            done = len(fold_records(trial)) * cfg.train.epochs  # with folds: the epochs of its finished folds
+            done = len(read_trial_record(trial).folds) * cfg.train.epochs  # with folds: its finished folds' epochs
             progress.update(epoch_task, completed=done + m.epoch + 1,
                             description=f"trial {trial.number} val_acc {m.val_accuracy:.4f}")
 
@@ -210,8 +210,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from hpsearch.export import export_ensemble
-    from hpsearch.monitor import result_table
+    from hpsearch.export import export_ensemble, result_table
 
     exported = export_ensemble(
         args.study, storage=args.storage, artifacts=args.artifacts, top_k=args.top_k, method=args.method,

@@ -8,6 +8,7 @@ from hpsearch.data._augment import training_input
 from hpsearch.data._batches import DeviceData, TrialData, trial_data
 from hpsearch.data._datasets import ImagePool, cache_state, load_pool
 from hpsearch.data._folds import Folds, make_folds
+from hpsearch.data._recorded import RecordMismatch, StudyData, build_study_data, rebuild_study_data
 from hpsearch.data._settings import DataSettings, Placement
 from hpsearch.data._split import Split, make_split
 from hpsearch.data._stats import preprocess_for
@@ -18,13 +19,17 @@ __all__ = [
     "Folds",
     "ImagePool",
     "Placement",
+    "RecordMismatch",
     "Split",
+    "StudyData",
     "TrialData",
+    "build_study_data",
     "cache_state",
     "load_pool",
     "make_folds",
     "make_split",
     "preprocess_for",
+    "rebuild_study_data",
     "training_input",
     "trial_data",
 ]

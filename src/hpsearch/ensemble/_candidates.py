@@ -22,7 +22,8 @@ import torch
 from hpsearch import keys
 from hpsearch.ensemble._combine import Outputs, fold_average_log_probs, member_log_probs
 from hpsearch.errors import EnsembleError
-from hpsearch.store import TrialOutputs, load_outputs, load_trial_outputs, ranked_trials
+from hpsearch.record import read_study_record, read_trial_record
+from hpsearch.store import TrialOutputs, load_outputs, ranked_trials
 
 if TYPE_CHECKING:
     import optuna
@@ -57,53 +58,52 @@ def select_candidates(study: optuna.Study, store: ArtifactStore, top_k: int,
     `pin`, each trial's weights are pinned before they are checked (hpsearch.pins): running workers then keep
     what was found.
     """
-    expected_sha = keys.split_sha256(study)
-    if not expected_sha:
-        raise EnsembleError(f"study {study.study_name!r} records no split_sha256; it was not created by hpsearch")
-    n_classes = len(keys.classes(study)) or None
-    folds_sha = keys.folds_sha256(study)
-    n_folds = len(study.user_attrs.get(keys.FOLD_SIZES, []))
+    record = read_study_record(study)
+    expected_sha = record.require_split_sha256()
+    n_classes = len(record.classes or ()) or None
     chosen: list[Candidate] = []
     skipped: list[str] = []
     for trial in ranked_trials(study):
         if len(chosen) >= top_k:
             break
-        records = keys.fold_records(trial)
-        weights = [str(r["weights_artifact"]) for r in records] or (
-            [str(trial.user_attrs[keys.WEIGHTS])] if trial.user_attrs.get(keys.WEIGHTS) else [])
+        trial_record = read_trial_record(trial)
+        weights = [str(r["weights_artifact"]) for r in trial_record.folds] or (
+            [trial_record.weights] if trial_record.weights else [])
         for artifact in weights if pin is not None else ():
             pin(artifact)
-        problem, outputs = _load(store, trial) if folds_sha is None else fold_outputs(store, trial, folds_sha, n_folds)
+        problem, outputs = (_load(store, trial) if record.folds_sha256 is None
+                            else fold_outputs(store, trial, record.folds_sha256, record.n_folds))
         if outputs is not None:
             problem = _mismatch(outputs, expected_sha, n_classes, chosen[0].outputs if chosen else None)
         if problem is not None or outputs is None:
             skipped.append(f"trial {trial.number} skipped: {problem}")
             continue
         chosen.append(Candidate(trial.number, dict(trial.params), float(trial.value or 0.0),
-                                str(trial.user_attrs.get(keys.WEIGHTS, "")), outputs,
-                                tuple(weights) if folds_sha is not None else ()))
+                                trial_record.weights or "", outputs,
+                                tuple(weights) if record.folds_sha256 is not None else ()))
     return Selection(tuple(chosen), tuple(skipped))
 
 
 def _load(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> tuple[str | None, TrialOutputs | None]:
-    for attr in (keys.OUTPUTS, keys.WEIGHTS):
-        if attr not in trial.user_attrs:
+    record = read_trial_record(trial)
+    for attr, artifact in ((keys.OUTPUTS, record.outputs), (keys.WEIGHTS, record.weights)):
+        if artifact is None:
             return f"it has no {attr} user attr", None
     try:
-        store.open_reader(trial.user_attrs[keys.WEIGHTS]).close()  # a member must be exportable
+        store.open_reader(str(record.weights)).close()  # a member must be exportable
     except Exception as err:
-        return f"its weights artifact {trial.user_attrs[keys.WEIGHTS]} cannot be opened ({type(err).__name__})", None
+        return f"its weights artifact {record.weights} cannot be opened ({type(err).__name__})", None
     try:
-        return None, load_trial_outputs(store, trial)
+        return None, load_outputs(store, str(record.outputs))
     except Exception as err:  # a missing or corrupt file skips this trial, whatever the store raised
         name = type(err).__name__
-        return f"its outputs artifact {trial.user_attrs[keys.OUTPUTS]} cannot be read ({name}: {err})", None
+        return f"its outputs artifact {record.outputs} cannot be read ({name}: {err})", None
 
 
 def fold_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial, folds_sha: str,
                 n_folds: int) -> tuple[str | None, TrialOutputs | None]:
     """A cross-validated trial's outputs: out-of-fold validation (pool order) and its fold-averaged test."""
-    records = keys.fold_records(trial)
+    records = read_trial_record(trial).folds
     if [int(r["fold"]) for r in records] != list(range(n_folds)):
         return f"it has {len(records)} of the study's {n_folds} folds", None
     folds: list[TrialOutputs] = []

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from hpsearch import keys
 from hpsearch.ensemble._candidates import Candidate, Selection, select_candidates, stack_outputs
 from hpsearch.ensemble._combine import (
     ECE_BINS,
@@ -50,6 +49,7 @@ from hpsearch.ensemble._combine import (
 )
 from hpsearch.ensemble._soup import Soup, SoupInfo, make_soup
 from hpsearch.errors import EnsembleError, UsageError
+from hpsearch.record import read_study_record
 
 if TYPE_CHECKING:
     import optuna
@@ -182,7 +182,8 @@ def study_ensemble(study: optuna.Study, store: ArtifactStore, *, top_k: int, met
                    pin: Callable[[str], None] | None = None) -> tuple[EnsembleResult, Selection]:
     """The ensemble of a study's top_k usable trials; with method "soup", the greedy soup is tried too (re-run
     on `device()`). Each skipped trial is told to `on_warning`; fewer than 2 usable trials is an EnsembleError."""
-    if method == "soup" and keys.folds_sha256(study):
+    record = read_study_record(study)
+    if method == "soup" and record.folds_sha256:
         raise UsageError(f"--method soup: study {study.study_name!r} is cross-validated ([data] folds), its members "
                          "are K fold models each, not one model to average; use --method weighted, soft or hard")
     selection = select_candidates(study, store, top_k, pin=pin)
@@ -193,7 +194,7 @@ def study_ensemble(study: optuna.Study, store: ArtifactStore, *, top_k: int, met
         raise EnsembleError(f"study {study.study_name!r} has {len(selection.candidates)} usable trial(s) "
                             f"({len(selection.skipped)} skipped, see the warnings); an ensemble needs at least 2 "
                             "COMPLETE trials whose outputs are in the artifact store")
-    arch = str(keys.config_value(study, "model", "arch", arch))
+    arch = str(record.config_value("model", "arch", arch))
     result = build_ensemble(selection.candidates, arch, "weighted" if method == "soup" else method)
     if method == "soup":
         import torch

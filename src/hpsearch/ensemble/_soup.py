@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hpsearch import keys
 from hpsearch.config import StudyConfig
-from hpsearch.data import DeviceData, load_pool, make_split
+from hpsearch.data import DeviceData, ImagePool, RecordMismatch, Split, rebuild_study_data
 from hpsearch.ensemble._candidates import Candidate
 from hpsearch.ensemble._combine import Outputs, Row, accuracy, member_log_probs, nll, soft_row
 from hpsearch.errors import EnsembleError
 from hpsearch.model import builder_kwargs
 from hpsearch.predict import plain_model
+from hpsearch.record import StudyRecord, read_study_record, read_trial_record
 from hpsearch.search import study_preprocess
-from hpsearch.store import load_weights
+from hpsearch.store import TrialOutputs, load_weights
 from hpsearch.train import predict_logits
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class Soup:
 
 def soup_config(study: optuna.Study) -> StudyConfig:
     """The study's recorded config, when its trials can be souped; a one-line SoupError otherwise."""
-    recorded = keys.recorded_config(study)
+    recorded = read_study_record(study).config
     if not recorded:
         raise SoupError(f"--method soup: study {study.study_name!r} records no config (not created by hpsearch); "
                         "cannot tell which weights its trials started from")
@@ -192,6 +192,24 @@ def soup_decision(ingredients: Sequence[int], steps: Sequence[SoupStep]) -> tupl
 # ------------------------------------------------------------------------------------------ the study
 
 
+def _rebuilt(record: StudyRecord, cfg: StudyConfig, first: TrialOutputs) -> tuple[ImagePool, Split]:
+    """The study's pool and split as the data here gives them, checked against its record and the labels its
+    trials stored: averaged weights are re-run on the very images the trials were validated on."""
+    try:
+        data = rebuild_study_data(record, cfg.data, cfg.study.seed)
+    except RecordMismatch as err:
+        why = "sha256 differs" if err.part == "split" else f"its {err.part} differ"
+        raise SoupError(f"--method soup: the data study {record.study_name!r} recorded ({cfg.data.dataset} under "
+                        f"{cfg.data.root!r}) no longer gives its split ({why}); the soup must be "
+                        "validated on the study's own validation split") from None
+    val_labels = data.pool.labels[torch.from_numpy(data.split.val)]
+    test_labels = data.pool.labels[torch.from_numpy(data.split.test)]
+    if not (val_labels.equal(first.val_labels) and test_labels.equal(first.test_labels)):
+        raise SoupError(f"--method soup: the labels of study {record.study_name!r}'s split differ from the ones "
+                        "its trials stored; the data changed")
+    return data.pool, data.split
+
+
 def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Candidate],
               device: torch.device, on_start: Callable[[str], None] | None = None) -> Soup:
     """The greedy soup of `candidates` (rank order), re-run on the study's own validation and test splits.
@@ -201,29 +219,20 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
     cfg = soup_config(study)
     by_trial = {c.trial: c for c in candidates}
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
-    check_same_start({c.trial: frozen[c.trial].user_attrs.get(keys.INIT_WEIGHTS) if c.trial in frozen else None
+    check_same_start({c.trial: read_trial_record(frozen[c.trial]).init_weights if c.trial in frozen else None
                       for c in candidates})
     check_same_architecture([(c.trial, signature(load_weights(store, c.weights_artifact))) for c in candidates])
     if on_start is not None:
         on_start(f"greedy soup of {len(candidates)} trials: re-running averaged weights on {cfg.data.dataset}'s "
                  f"validation split ({device})")
-
-    pool = load_pool(cfg.data, cfg.study.seed)
-    split = make_split(pool, cfg.data, cfg.study.seed)
-    if split.sha256() != keys.split_sha256(study):
-        raise SoupError(f"--method soup: the data study {study.study_name!r} recorded ({cfg.data.dataset} under "
-                        f"{cfg.data.root!r}) no longer gives its split (sha256 differs); the soup must be "
-                        "validated on the study's own validation split")
-    first = candidates[0].outputs
-    val_labels, test_labels = pool.labels[torch.from_numpy(split.val)], pool.labels[torch.from_numpy(split.test)]
-    if not (val_labels.equal(first.val_labels) and test_labels.equal(first.test_labels)):
-        raise SoupError(f"--method soup: the labels of study {study.study_name!r}'s split differ from the ones "
-                        "its trials stored; the data changed")
+    record = read_study_record(study)
+    pool, split = _rebuilt(record, cfg, candidates[0].outputs)
     pre = study_preprocess(study)
     val, test = DeviceData(pool, split.val, device), DeviceData(pool, split.test, device)
-    y_val, y_test = val_labels.numpy().astype(np.int64), test_labels.numpy().astype(np.int64)
+    y_val = pool.labels[torch.from_numpy(split.val)].numpy().astype(np.int64)
+    y_test = pool.labels[torch.from_numpy(split.test)].numpy().astype(np.int64)
     arch = cfg.model.arch
-    n_classes = len(keys.classes(study)) or pool.num_classes
+    n_classes = len(record.classes or ()) or pool.num_classes
     model = plain_model(arch, n_classes, builder_kwargs(arch, pre.image_size)).to(device).eval()
 
     def log_probs(state: State, data: DeviceData) -> np.ndarray:

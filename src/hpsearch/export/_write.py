@@ -1,4 +1,5 @@
-"""Writing an ensemble folder: `hpsearch ensemble STUDY.toml --out DIR`.
+"""Writing an ensemble folder (what `hpsearch ensemble STUDY.toml --out DIR` writes, see
+hpsearch.export._ensemble_command).
 
 In one atomic rename (`staged_dir`) the folder gets report.md (hpsearch.report) and ensemble.json, and, unless
 `--no-export`, the deployable ensemble:
@@ -27,19 +28,17 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from hpsearch import __version__, keys
-from hpsearch._testhooks import hold_at
-from hpsearch.ensemble import HARD_TIE_RULE, Candidate, EnsembleResult, Member, Method, Selection, study_ensemble
-from hpsearch.errors import EnsembleError, ExportError, UsageError
+from hpsearch import __version__
+from hpsearch.ensemble import HARD_TIE_RULE, Candidate, EnsembleResult, Member
+from hpsearch.errors import EnsembleError, ExportError
+from hpsearch.export._comparison import report_markdown
 from hpsearch.model import builder_kwargs
-from hpsearch.monitor import report_markdown
 from hpsearch.predict import (
     FOLDS_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -52,18 +51,13 @@ from hpsearch.predict import (
     sha256_file,
 )
 from hpsearch.preprocess import Preprocess
+from hpsearch.record import read_study_record
 from hpsearch.search import study_preprocess
 from hpsearch.store import (
     load_trial_weights,
     load_weights,
-    open_artifact_store,
-    open_existing,
-    pin,
     redact,
-    resolve_artifacts,
-    unpin,
 )
-from hpsearch.train import resolve_device
 
 if TYPE_CHECKING:
     import optuna
@@ -89,56 +83,6 @@ FOLD_RULES = {
             "softmax(z_mk) is each class (votes; the small term breaks ties by the highest summed probability)",
 }
 FOLD_MEMBER_RULE = "p_m = mean_k softmax(z_mk): the uniform average of the fold models' softmaxes (no temperature)"
-
-
-# ------------------------------------------------------------------------------------------- the command
-
-
-@dataclass(frozen=True)
-class Exported:
-    study_name: str
-    result: EnsembleResult
-    selection: Selection
-    folder: Path
-
-
-def export_ensemble(study_file: str, *, storage: str | None = None, artifacts: str | None = None,
-                    top_k: int | None = None, method: Method = "weighted", out: str | Path = "best-ensemble",
-                    export: bool = True, onnx: bool = False, device: str | None = None,
-                    on_warning: Callable[[str], None] | None = None,
-                    on_start: Callable[[str], None] | None = None) -> Exported:
-    """`hpsearch ensemble`: the study's top-k trials combined and compared, written to `out` (report.md and
-    ensemble.json; with `export` the deployable ensemble; with `onnx` ensemble.onnx too)."""
-    if onnx:
-        if not export:
-            raise UsageError("--onnx exports the ensemble as a graph; it cannot go with --no-export")
-        from hpsearch.export._onnx import require_onnx
-
-        require_onnx()  # before any work: a missing optional package is bad input, not a late crash
-    cfg, study, url = open_existing(study_file, storage)
-    top_k = top_k or cfg.ensemble.top_k
-    if top_k < 2:
-        raise UsageError(f"top_k {top_k}: an ensemble needs at least 2 members; set --top-k or [ensemble] top_k")
-    store = open_artifact_store(resolve_artifacts(artifacts, study, cfg.study.artifacts), create=False)
-    pinned: list[str] = []  # workers running beside this export keep these weights until it is written
-
-    def pin_weights(artifact_id: str) -> None:
-        pinned.append(artifact_id)
-        pin(study, artifact_id)
-
-    try:
-        result, selection = study_ensemble(study, store, top_k=top_k, method=method, arch=cfg.model.arch,
-                                           device=lambda: resolve_device(device or cfg.train.device),
-                                           on_warning=on_warning, on_start=on_start, pin=pin_weights)
-        hold_at("ensemble")
-        folder = write_ensemble_dir(Path(out), result, study.study_name, keys.classes(study), selection.candidates,
-                                    selection.skipped,
-                                    export=None if not export else
-                                    lambda d, payload: write_export(d, result, study, store, url,
-                                                                    payload["metrics"], onnx=onnx))
-    finally:
-        unpin(study, pinned)
-    return Exported(study.study_name, result, selection, folder)
 
 
 # ------------------------------------------------------------------------------------------ the folder
@@ -238,9 +182,6 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
     }
 
 
-# ------------------------------------------------------------------------------------------ the folder
-
-
 # ------------------------------------------------------------------------------------------ the export
 
 
@@ -315,7 +256,8 @@ def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, stor
     """Write the member files, manifest.json and SHA256SUMS into `folder` (the staged ensemble folder);
     with `onnx`, ensemble.onnx too (the optional ONNX packages must be installed). A kept greedy soup is one
     member whose averaged weights the result carries."""
-    classes = keys.classes(study)
+    record = read_study_record(study)
+    classes = record.class_names
     pre = study_preprocess(study)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     members = []
@@ -332,7 +274,7 @@ def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, stor
         "format_version": FOLDS_FORMAT_VERSION if folds else FORMAT_VERSION, "hpsearch_version": __version__,
         "study": study.study_name, "storage": redact(storage_url),
         "split_sha256": result.split_sha256, "classes": classes,
-        "preprocessing": preprocessing_json(pre, keys.config_value(study, "data", "augment")),
+        "preprocessing": preprocessing_json(pre, record.config_value("data", "augment")),
         "combine": {"method": result.method, "temperature": result.temperature,
                     "rule": (FOLD_RULES if folds else COMBINE_RULES)[result.method]},
         "temperature": result.temperature, "members": members, "metrics": list(metrics),

@@ -5,8 +5,6 @@ from __future__ import annotations
 from hpsearch.monitor._dashboard import serve
 from hpsearch.monitor._tables import (
     describe_trial,
-    report_markdown,
-    result_table,
     state_counts,
     status_renderables,
     top_trials_table,
@@ -15,8 +13,6 @@ from hpsearch.monitor._tables import (
 
 __all__ = [
     "describe_trial",
-    "report_markdown",
-    "result_table",
     "serve",
     "state_counts",
     "status_renderables",

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import optuna
 
-from hpsearch import keys
 from hpsearch.config import read_study_file
 from hpsearch.errors import ArtifactStoreError
+from hpsearch.record import read_study_record
 from hpsearch.store import (
     is_s3,
     load_existing,
@@ -25,7 +25,7 @@ def artifacts_for(storage: optuna.storages.BaseStorage, study_name: str | None, 
     """The study's recorded artifact store; without a study, the one all recorded studies share."""
     if study_name is not None:
         return resolve_artifacts(cli, load_existing(storage, study_name), study_file)
-    recorded = {s.user_attrs.get(keys.ARTIFACTS) for s in storage.get_all_studies()} - {None}
+    recorded = {read_study_record(s).artifacts for s in storage.get_all_studies()} - {None}
     return resolve_artifacts(cli or (recorded.pop() if len(recorded) == 1 else None), None, study_file)
 
 

@@ -1,11 +1,9 @@
-"""Tables and reports: a study's trials (pandas frames, rendered with rich), its status, and the ensemble's
-comparison (the terminal table and report.md)."""
+"""Tables of a study: its trials (pandas frames, rendered with rich) and its status."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from hpsearch import keys
+from hpsearch.record import TrialRecord, read_study_record, read_trial_record
 from hpsearch.store import best_trial, ranked_trials, redact, stop_request, store_size_bytes, target_reached
 
 if TYPE_CHECKING:
     import pandas as pd
     from rich.console import RenderableType
-
-    from hpsearch.ensemble import Candidate, EnsembleResult, Row
 
 HEADERS = {"val_accuracy": "val_acc", "optimizer": "optim", "seconds": "sec"}
 
@@ -42,7 +39,7 @@ def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
             "trial": t.number,
             "state": t.state.name,
             "val_accuracy": t.value if t.values else None,
-            "epoch": _epoch(t.user_attrs.get(keys.BEST_EPOCH)),
+            "epoch": _epoch(read_trial_record(t).best_epoch),
             "lr": p.get("lr"),
             "optimizer": p.get("optimizer"),
             "scheduler": scheduler_label(p),
@@ -100,18 +97,18 @@ def top_trials_table(study: optuna.Study, k: int) -> Table:
     return frame_table(frame, f"top {len(top)} trials of {study.study_name!r} (COMPLETE)")
 
 
-def device_label(attrs: dict[str, Any]) -> str:
+def device_label(record: TrialRecord) -> str:
     """`cpu`, or `cuda:0` with the physical GPU it is (name, and CUDA_VISIBLE_DEVICES' id) and the trial's peak
     memory once known: what tells two workers' GPUs apart."""
-    device = str(attrs.get(keys.DEVICE, ""))
-    gpu = attrs.get(keys.GPU) or {}
+    device = record.device or ""
+    gpu = record.gpu or {}
     if not gpu:
         return device
     parts = [str(gpu.get("name", "GPU"))]
     if gpu.get("visible"):
         parts.append(f"CUDA_VISIBLE_DEVICES={gpu['visible']}")
-    if attrs.get(keys.PEAK_GPU_MIB) is not None:
-        parts.append(f"peak {attrs[keys.PEAK_GPU_MIB]:.0f} MiB")
+    if record.peak_gpu_mib is not None:
+        parts.append(f"peak {record.peak_gpu_mib:.0f} MiB")
     return f"{device} ({', '.join(parts)})"
 
 
@@ -121,7 +118,8 @@ def gpu_memory_lines(study: optuna.Study) -> list[str]:
     by_gpu: dict[tuple[str, str], list[float]] = {}
     total: dict[tuple[str, str], Any] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        gpu, peak = t.user_attrs.get(keys.GPU), t.user_attrs.get(keys.PEAK_GPU_MIB)
+        record = read_trial_record(t)
+        gpu, peak = record.gpu, record.peak_gpu_mib
         if gpu and peak is not None:
             key = (str(gpu.get("name", "GPU")), str(gpu.get("uuid") or gpu.get("visible") or gpu.get("index")))
             by_gpu.setdefault(key, []).append(float(peak))
@@ -139,14 +137,15 @@ def running_trials_table(study: optuna.Study, epochs: int, now: datetime | None 
     table = Table(title=f"running trials of {study.study_name!r}", header_style="bold")
     for column in ("trial", "worker", "device", "epoch", "val_acc", "running for", "resumed from"):
         table.add_column(column, justify="right" if column in ("trial", "epoch", "val_acc") else "left")
-    folds = len(study.user_attrs.get(keys.FOLD_SIZES, []))  # cross-validated: a step is a fold, not an epoch
+    folds = read_study_record(study).n_folds  # cross-validated: a step is a fold, not an epoch
     for t in sorted(running, key=lambda t: t.number):
         last = max(t.intermediate_values) if t.intermediate_values else None
-        resumed = t.user_attrs.get(keys.RESUMED_FROM) or {}
+        record = read_trial_record(t)
+        resumed = record.resumed_from or {}
         table.add_row(
-            str(t.number), str(t.user_attrs.get(keys.WORKER, "")), device_label(t.user_attrs),
+            str(t.number), record.worker or "", device_label(record),
             (f"{last + 1}/{epochs}" if last is not None else f"0/{epochs}") if not folds else
-            f"fold {len(keys.fold_records(t)) + 1}/{folds}",
+            f"fold {len(record.folds) + 1}/{folds}",
             _format("val_accuracy", t.intermediate_values[last]) if last is not None else "",
             _duration((now - t.datetime_start).total_seconds()) if t.datetime_start else "",
             f"trial {resumed['trial']}, " + (f"fold {resumed['folds_done']}, " if "folds_done" in resumed else "")
@@ -171,7 +170,8 @@ def failed_trials_table(study: optuna.Study, last: int = 5) -> Table | None:
     table.add_column("reason", overflow="fold")
     for t in failed:
         retry = retried_by.get(t.number)
-        table.add_row(str(t.number), "" if retry is None else f"trial {retry}", _reason(t, keys.FAIL_REASON))
+        reason = _escaped(read_trial_record(t).fail_reason)
+        table.add_row(str(t.number), "" if retry is None else f"trial {retry}", reason)
     return table
 
 
@@ -186,18 +186,19 @@ def describe_trial(trial: FrozenTrial) -> str:
     p = trial.params
     what = f"{p.get('optimizer', '?')} lr={p.get('lr', float('nan')):.2e} {p.get('scheduler', '?')} " \
            f"dropout={p.get('dropout', float('nan')):.2f}"
+    record = read_trial_record(trial)
     if trial.state == TrialState.COMPLETE:
-        folds = trial.user_attrs.get(keys.FOLD_VAL_ACCURACY)
-        per_fold = f" (folds {' '.join(f'{v:.4f}' for v in folds)})" if isinstance(folds, list) else ""
+        folds = record.fold_val_accuracy
+        per_fold = f" (folds {' '.join(f'{v:.4f}' for v in folds)})" if folds is not None else ""
         return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}{per_fold}  ({what})"
     if trial.state == TrialState.PRUNED:
-        return f"trial {trial.number} [yellow]PRUNED[/] {_reason(trial, keys.PRUNED_REASON)}  ({what})"
-    return f"trial {trial.number} [red]{trial.state.name}[/] {_reason(trial, keys.FAIL_REASON)}  ({what})"
+        return f"trial {trial.number} [yellow]PRUNED[/] {_escaped(record.pruned_reason)}  ({what})"
+    return f"trial {trial.number} [red]{trial.state.name}[/] {_escaped(record.fail_reason)}  ({what})"
 
 
-def _reason(trial: FrozenTrial, key: str) -> str:
+def _escaped(reason: str | None) -> str:
     # Free text (paths, "[study]"): escaped, or rich would drop its brackets or raise MarkupError on "[/x]".
-    return escape(str(trial.user_attrs.get(key, '')))
+    return escape(reason or "")
 
 
 def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, top_k: int,
@@ -216,7 +217,8 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
         parts.append(f"best: trial {best.number} val_accuracy={best.value:.4f} params={best.params}")
     else:  # a study `run` has just created, or whose first trials still run
         parts.append("no trial yet" if not sum(values.values()) else "no finished trial yet")
-    target = keys.config_value(study, "study", "target")
+    record = read_study_record(study)
+    target = record.config_value("study", "target")
     if target is not None:
         reached = target_reached(study, float(target))
         parts.append(f"target {target}: " + (f"reached by trial {reached.number}" if reached else "not reached yet"))
@@ -225,99 +227,12 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
         parts.append(f"last stop: {request.line()}")
     parts.append(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
     parts += gpu_memory_lines(study)
-    skipped = study.user_attrs.get(keys.SKIPPED_IMAGES) or []
+    skipped = record.skipped_images
     if skipped:
         parts.append(f"{len(skipped)} unreadable images left out (bad_images = \"skip\"), e.g. {skipped[0]}; all "
                      f"in the study's {keys.SKIPPED_IMAGES!r} attr")
     if best is not None:
         parts.append(top_trials_table(study, top_k))
-    epochs = int(keys.config_value(study, "train", "epochs", default_epochs))
+    epochs = int(record.config_value("train", "epochs", default_epochs))
     parts += [t for t in (running_trials_table(study, epochs), failed_trials_table(study)) if t is not None]
     return parts
-
-
-# ----------------------------------------------------------------------------------- the ensemble's report
-
-# Every column but `val NLL` is measured on the test split; `(T)`: after temperature scaling.
-COMPARISON_HEADERS = ("method", "members", "weights", "val NLL", "acc", "NLL", "ECE", "T", "NLL (T)", "ECE (T)")
-
-
-def _f(value: float | None, digits: int = 4) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _weights_cell(row: Row) -> str:
-    return " ".join(f"#{t}:{w:.2f}" for t, w in zip(row.trials, row.weights, strict=True))
-
-
-def table_cells(result: EnsembleResult) -> list[list[str]]:
-    """The comparison as text cells, shared by the terminal table and report.md."""
-    cells = []
-    for row in result.rows:
-        name = row.name + (" [chosen]" if row.key == result.method else "")
-        if row.key == "weighted" and result.collapsed:
-            name += " [collapsed to 1 member]"
-        if row.key == "soup" and result.soup is not None and not result.soup.kept:
-            name += " [not kept]"
-        t = _f(row.temperature, 3) + (" (bound)" if row.temperature_at_bound else "")
-        cells.append([name, str(len(row.trials)), _weights_cell(row), _f(row.val_nll), _f(row.accuracy),
-                      _f(row.nll), _f(row.ece), t, _f(row.nll_scaled), _f(row.ece_scaled)])
-    return cells
-
-
-def result_table(result: EnsembleResult, title: str) -> Table:
-    table = Table(title=escape(title), header_style="bold")
-    for i, header in enumerate(COMPARISON_HEADERS):
-        table.add_column(header, justify="left" if i in (0, 2) else "right")
-    for cells in table_cells(result):
-        table.add_row(*(escape(c) for c in cells))
-    return table
-
-
-def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    rule = "|" + "|".join(":---" if i in left else "---:" for i in range(len(headers))) + "|"
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
-
-
-def report_markdown(result: EnsembleResult, study_name: str, candidates: Sequence[Candidate],
-                    skipped: Sequence[str]) -> str:
-    weights = dict(zip((c.trial for c in candidates), result.weight_fit.weights, strict=True))
-    cand_rows = [[f"#{c.trial}", f"{c.val_accuracy:.4f}", f"{weights[c.trial]:.3f}",
-                  ", ".join(f"{k}={_param(v)}" for k, v in c.params.items())] for c in candidates]
-    parts = [
-        f"# Ensemble of study `{study_name}`",
-        "",
-        f"Split `{result.split_sha256}`: {result.sizes['val']} validation, {result.sizes['test']} test samples. "
-        "Weights and temperatures are fitted on validation outputs only; every metric below except `val NLL` "
-        "is on the held-out test split.",
-        "",
-        f"Chosen method: **{result.method}** ({len(result.members)} members"
-        + (f", T = {result.temperature:.3f}" if result.temperature is not None else "") + ").",
-        "",
-    ]
-    if result.collapsed:
-        parts += [f"**The weighted ensemble collapsed to a single member (trial {result.row('weighted').trials[0]})"
-                  ": weighted soft voting is that one model, not an ensemble.**", ""]
-    parts += ["## Comparison", "", "`val NLL` is on validation; acc, NLL and ECE are on test, before and after "
-              "temperature scaling with the T fitted on validation.", "",
-              _markdown_table(COMPARISON_HEADERS, table_cells(result), left=(0, 2)), "",
-              "## Candidates (rank order)", "",
-              _markdown_table(["trial", "val acc", "fitted weight", "params"], cand_rows, left=(0, 3)), "",
-              "## Notes", "", *(f"- {n}" for n in result.notes)]
-    if result.soup is not None:
-        parts += ["", "## Greedy soup", "", f"{'Kept' if result.soup.kept else 'Not kept'}: {result.soup.reason}.",
-                  "", "Trials in rank order; each row is the soup's validation accuracy and NLL with that trial's "
-                  "weights averaged in (re-run on the validation split); the first row is the best trial alone.", "",
-                  _markdown_table(["trial", "val acc", "val NLL", "added"],
-                                  [[f"#{s.trial}", f"{s.val_accuracy:.4f}", f"{s.val_nll:.4f}",
-                                    "yes" if s.added else "no"] for s in result.soup.steps])]
-    if skipped:
-        parts += ["", "## Skipped trials", "", *(f"- {s}" for s in skipped)]
-    return "\n".join(parts) + "\n"
-
-
-def _param(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

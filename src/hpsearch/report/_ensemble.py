@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
-from hpsearch import keys
 from hpsearch.ensemble import (
     ECE_BINS,
     Candidate,
@@ -33,6 +32,7 @@ from hpsearch.ensemble import (
 )
 from hpsearch.errors import EnsembleError, ReportError
 from hpsearch.export import RESULT_FILE
+from hpsearch.record import read_study_record
 from hpsearch.report import _plots as plots
 from hpsearch.store import ArtifactStore, TrialOutputs, load_trial_outputs
 
@@ -73,9 +73,9 @@ def comparison_table(result: Mapping[str, Any]) -> pd.DataFrame:
 
 def _stored_outputs(study: optuna.Study, store: ArtifactStore, trial: FrozenTrial) -> TrialOutputs:
     """A member's stored outputs (a cross-validated member's: out-of-fold val, fold-averaged test)."""
-    folds_sha = keys.folds_sha256(study)
-    if folds_sha is not None:
-        problem, outputs = fold_outputs(store, trial, folds_sha, len(study.user_attrs.get(keys.FOLD_SIZES, [])))
+    record = read_study_record(study)
+    if record.folds_sha256 is not None:
+        problem, outputs = fold_outputs(store, trial, record.folds_sha256, record.n_folds)
         if outputs is None:
             raise plots.PlotSkipped(f"member trial {trial.number}'s fold outputs are unusable: {problem}")
         return outputs
@@ -106,7 +106,7 @@ def reliability(result: Mapping[str, Any], study: optuna.Study, store: ArtifactS
         raise plots.PlotSkipped(f"method {method!r} ships no mixture of the members' stored probabilities")
     if temperature is None:
         raise plots.PlotSkipped("ensemble.json records no temperature")
-    if result.get("split_sha256") != keys.split_sha256(study):
+    if result.get("split_sha256") != read_study_record(study).split_sha256:
         raise plots.PlotSkipped("the ensemble was built on another split than the study's")
     members = list(result["members"])
     candidates = _member_outputs(study, store, members)

@@ -14,8 +14,8 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial
 
-from hpsearch import keys
 from hpsearch.monitor import state_counts
+from hpsearch.record import read_study_record
 from hpsearch.store import ranked_trials, redact
 
 
@@ -40,11 +40,12 @@ def _table(frame: pd.DataFrame) -> str:
 
 def _summary(study: optuna.Study, url: str, trial: FrozenTrial) -> str:
     counts = ", ".join(f"{state} {n}" for state, n in state_counts(study).items() if n)
-    sizes = study.user_attrs.get(keys.SPLIT_SIZES, {})
+    record = read_study_record(study)
+    sizes = record.split_sizes or {}
     best = ranked_trials(study)[0]  # a trial with outputs exists, so a COMPLETE one does
     rows = [("study", study.study_name), ("storage", redact(url)), ("direction", study.direction.name.lower()),
             ("trials", counts), ("split", ", ".join(f"{k} {v}" for k, v in sizes.items())),
-            ("classes", str(len(keys.classes(study)))),
+            ("classes", str(len(record.class_names))),
             ("best trial", f"trial {best.number}: val_accuracy {best.value:.4f}"),
             ("its params", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in best.params.items())),

@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import keys
+from hpsearch.record import read_study_record
 from hpsearch.store import best_trial
 
 MAX_CURVES = 200  # learning curves drawn; beyond that the plot is a grey blur and Optuna's legend explodes
@@ -167,7 +167,7 @@ def learning_curves(study: optuna.Study) -> Figure:
         legend.remove()  # one entry per trial: unreadable past a dozen; two entries say what matters
     ax.legend(handles=[Line2D([], [], color="tab:blue", label="COMPLETE (or RUNNING)"),
                        Line2D([], [], label="PRUNED", **PRUNED_STYLE)], loc="lower right")
-    folds = keys.folds_sha256(study) is not None  # cross-validated: a trial reports one step per fold
+    folds = read_study_record(study).folds_sha256 is not None  # cross-validated: a trial reports one step per fold
     ax.set_xlabel("fold (0-based): that fold's best-epoch val_accuracy" if folds else "epoch (0-based)")
     ax.set_ylabel("val_accuracy")
     _title(ax, "Fold accuracies" if folds else "Learning curves", len(originals), len(curves))

@@ -36,13 +36,13 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial
 
-from hpsearch import keys
 from hpsearch.config import StudyConfig
-from hpsearch.data import load_pool, make_folds, make_split
+from hpsearch.data import RecordMismatch, rebuild_study_data
 from hpsearch.ensemble import fold_outputs, member_log_probs
 from hpsearch.errors import ReportError
 from hpsearch.export import staged_dir
 from hpsearch.monitor import trials_frame
+from hpsearch.record import read_study_record, read_trial_record
 from hpsearch.report import _plots as plots
 from hpsearch.report._ensemble import comparison_table, ensemble_builders, read_ensemble
 from hpsearch.report._html import Drawn, page
@@ -105,9 +105,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         frame[name] = frame[name].astype("Int64")
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
     # Int64: a missing value is blank, not NaN turning 3 into 3.0, in the CSV
-    frame["best_epoch"] = pd.array([t.user_attrs.get(keys.BEST_EPOCH) for t in trials], dtype="Int64")
-    frame["pruned_reason"] = [t.user_attrs.get(keys.PRUNED_REASON) for t in trials]
-    frame["fail_reason"] = [t.user_attrs.get(keys.FAIL_REASON) for t in trials]
+    records = [read_trial_record(t) for t in trials]
+    frame["best_epoch"] = pd.array([r.best_epoch for r in records], dtype="Int64")
+    frame["pruned_reason"] = [r.pruned_reason for r in records]
+    frame["fail_reason"] = [r.fail_reason for r in records]
     frame["retry_of"] = pd.array([retried(t) for t in trials], dtype="Int64")
     return frame
 
@@ -117,15 +118,15 @@ def best_with_outputs(study: optuna.Study, store: ArtifactStore,
     """The best COMPLETE trial whose validation outputs the store still holds, its outputs, and a note for
     each better trial that had none (deleted, or a store other than the one the study ran with)."""
     notes: list[str] = []
-    folds_sha = keys.folds_sha256(study)
+    record = read_study_record(study)
     for trial in ranked_trials(study):
-        if folds_sha is not None:  # cross-validated: the trial's out-of-fold outputs over train+val
-            problem, outputs = fold_outputs(store, trial, folds_sha, len(study.user_attrs.get(keys.FOLD_SIZES, [])))
+        if record.folds_sha256 is not None:  # cross-validated: the trial's out-of-fold outputs over train+val
+            problem, outputs = fold_outputs(store, trial, record.folds_sha256, record.n_folds)
             if outputs is not None:
                 return trial, outputs, notes
             notes.append(f"trial {trial.number}'s out-of-fold outputs are unusable: {problem}")
             continue
-        if keys.OUTPUTS not in trial.user_attrs:
+        if read_trial_record(trial).outputs is None:
             notes.append(f"trial {trial.number} records no stored outputs")
             continue
         try:
@@ -174,28 +175,27 @@ def validation_images(study: optuna.Study, outputs: TrialOutputs | None = None) 
     rebuilt from the config it was created with: the data as it is on this machine must give the recorded split.
     A cross-validated study's out-of-fold `outputs` name their images (train+val, pool order); its folds are
     rebuilt and checked too. PlotSkipped where it cannot (data absent here, no recorded config, another split)."""
+    record = read_study_record(study)
     try:
-        cfg = StudyConfig.model_validate(keys.recorded_config(study))
-        pool = load_pool(cfg.data, cfg.study.seed)
-        split = make_split(pool, cfg.data, cfg.study.seed)
-        folds = make_folds(pool.labels.numpy(), split, cfg.data.folds, cfg.study.seed) if cfg.data.folds else None
+        cfg = StudyConfig.model_validate(record.config or {})
+        data = rebuild_study_data(record, cfg.data, cfg.study.seed)
+    except RecordMismatch as err:
+        raise plots.PlotSkipped(f"the data here no longer gives the study's recorded {err.part}") from None
     except (ValueError, OSError) as err:  # ConfigError, DataError and pydantic's ValidationError are ValueErrors
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise plots.PlotSkipped(f"the study's images cannot be loaded here ({reason})") from None
-    if split.sha256() != keys.split_sha256(study):
-        raise plots.PlotSkipped("the data here no longer gives the study's recorded split")
     if outputs is not None and outputs.val_index is not None:
-        if folds is None or folds.sha256() != keys.folds_sha256(study):
+        if data.folds is None:  # out-of-fold outputs of a study that records no folds
             raise plots.PlotSkipped("the data here no longer gives the study's recorded folds")
-        return pool.images[outputs.val_index].numpy()
-    return pool.images[torch.from_numpy(split.val)].numpy()
+        return data.pool.images[outputs.val_index].numpy()
+    return data.pool.images[torch.from_numpy(data.split.val)].numpy()
 
 
 def confident_mistakes(study: optuna.Study, outputs: TrialOutputs | None, classes: Sequence[str]) -> Figure:
     """The figure of hpsearch.plots.confident_mistakes for a trial's stored validation outputs."""
     if outputs is None:
         raise plots.PlotSkipped("no validation outputs")
-    if outputs.split_sha256 != keys.split_sha256(study):
+    if outputs.split_sha256 != read_study_record(study).split_sha256:
         raise plots.PlotSkipped("the trial's outputs are of another split than the study's")
     probs = np.exp(member_log_probs([outputs.val_logits.numpy()])[0])
     images = validation_images(study, outputs)
@@ -210,7 +210,7 @@ def figure_builders(study: optuna.Study, frame: pd.DataFrame, matrix: np.ndarray
         ("optimization_history.png", "Optimization history (COMPLETE trials, best so far)",
          lambda: plots.optimization_history(study)),
         ("learning_curves.png", "Fold accuracies: each fold's best-epoch validation accuracy, the steps the pruner "
-         "compares (PRUNED dashed grey)" if keys.folds_sha256(study) else
+         "compares (PRUNED dashed grey)" if read_study_record(study).folds_sha256 else
          "Learning curves: validation accuracy per epoch (PRUNED dashed grey)",
          lambda: plots.learning_curves(study)),
         ("param_importances.png", "Parameter importances", lambda: plots.param_importances(study)),
@@ -270,7 +270,7 @@ def write_report(study_file: str, *, storage: str | None = None, artifacts: str 
     trial, outputs, notes = best_with_outputs(study, store, location)
     frame = trials_table(study)
     matrix = confusion(outputs.val_labels.numpy(), outputs.val_logits.float().numpy())
-    classes = keys.classes(study) or [str(i) for i in range(matrix.shape[0])]
+    classes = read_study_record(study).class_names or [str(i) for i in range(matrix.shape[0])]
     per_class = per_class_table(matrix, classes)
     builders = figure_builders(study, frame, matrix, classes, trial.number, outputs)
     drawn, skipped = draw(builders + ([] if result is None else ensemble_builders(result, study, store)))

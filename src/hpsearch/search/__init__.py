@@ -4,6 +4,7 @@ samplers, pruners, study creation and resume checks, the callbacks around trials
 
 from __future__ import annotations
 
-from hpsearch.search._run import open_run, run_trials, study_preprocess
+from hpsearch.search._run import Run, open_run, run_trials
+from hpsearch.search._study import study_preprocess
 
-__all__ = ["open_run", "run_trials", "study_preprocess"]
+__all__ = ["Run", "open_run", "run_trials", "study_preprocess"]

@@ -24,6 +24,7 @@ from hpsearch import keys
 from hpsearch._testhooks import hold_at
 from hpsearch.config import StudyConfig
 from hpsearch.data import DeviceData, Folds, ImagePool, Split, TrialData
+from hpsearch.record import read_trial_record
 from hpsearch.search._tracking import TrialTracker
 from hpsearch.store import StudyArtifacts, TrialOutputs, upload_model_files
 from hpsearch.train import Checkpoint, EpochMetrics, Hyperparams, TrainResult, checkpoint_policy, train_trial
@@ -36,11 +37,10 @@ def fold_seed(seed: int, fold: int) -> int:
 
 def trial_weights(trial: FrozenTrial) -> list[tuple[int, str]]:
     """(trial number that uploaded it, artifact id) of every weights file a trial keeps: one, or one per fold."""
-    records = keys.fold_records(trial)
-    if records:
-        return [(int(r.get("uploaded_by", trial.number)), str(r["weights_artifact"])) for r in records]
-    artifact = trial.user_attrs.get(keys.WEIGHTS)
-    return [(trial.number, str(artifact))] if artifact else []
+    record = read_trial_record(trial)
+    if record.folds:
+        return [(int(r.get("uploaded_by", trial.number)), str(r["weights_artifact"])) for r in record.folds]
+    return [(trial.number, record.weights)] if record.weights else []
 
 
 class CrossValidation:
@@ -75,7 +75,7 @@ class CrossValidation:
     def run(self, trial: optuna.Trial, hp: Hyperparams, seed: int, log: TrialTracker,
             resume: Checkpoint | None) -> float:
         """Train the trial's unfinished folds (resuming the first from `resume`); the mean fold val accuracy."""
-        records = keys.fold_records(trial)
+        records = list(read_trial_record(trial).folds)
         reported = trial.study.get_trials(deepcopy=False)[trial.number].intermediate_values
         for record in records:  # a retry inherits its original's steps; report any it lacks
             if int(record["fold"]) not in reported:
@@ -133,7 +133,7 @@ class CrossValidation:
 
     def drop_weights(self, trial: optuna.Trial) -> None:
         """A pruned trial is no ensemble member: its fold weights go (its outputs, small, stay on record)."""
-        for record in keys.fold_records(trial):
+        for record in read_trial_record(trial).folds:
             self.files.delete(int(record.get("uploaded_by", trial.number)), str(record["weights_artifact"]))
 
 

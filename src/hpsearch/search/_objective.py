@@ -12,7 +12,6 @@ run stops; retried once, from its kept checkpoint), any other crash FAIL with it
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import tempfile
@@ -30,9 +29,11 @@ from optuna.trial import FrozenTrial
 from hpsearch import keys
 from hpsearch._testhooks import hold_at
 from hpsearch.config import SpaceSection, StudyConfig
-from hpsearch.data import Folds, ImagePool, Split, trial_data
+from hpsearch.data import StudyData, trial_data
 from hpsearch.model import init_weights_tag
+from hpsearch.record import read_trial_record
 from hpsearch.search._cv_trial import CrossValidation
+from hpsearch.search._memory import TrialOutOfMemory, free_device_memory, memory_in_use
 from hpsearch.search._tracking import TrialLogs, TrialTracker
 from hpsearch.store import (
     OUTPUTS_FILE,
@@ -90,13 +91,17 @@ def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
     return Hyperparams(**params)
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """What every trial of a process shares: the data pool and the study's split."""
+Prepared = StudyData  # what every trial of a process shares: the data pool, the study's split and folds
 
-    pool: ImagePool
-    split: Split
-    folds: Folds | None = None  # [data] folds: the study's stratified k-fold assignment of train+val
+
+@dataclass(frozen=True)
+class _TrialStart:
+    """How a trial starts: its hyperparameters and seed, the checkpoint it continues and the trial that wrote it."""
+
+    hp: Hyperparams
+    seed: int
+    resume: Checkpoint | None
+    resumed_from: FrozenTrial | None
 
 
 # ------------------------------------------------------------------------------------------ objective
@@ -137,56 +142,11 @@ class Objective:
             log.finish(trial.params, value)
 
     def _run_trial(self, trial: optuna.Trial, log: TrialTracker) -> float:
-        # First: a supervisor finds a dead worker's trial by this tag.
-        trial.set_user_attr(keys.WORKER, keys.worker_tag())
-        hp = suggest(trial, self.cfg.space)
-        # A retry trains with its original's seed: the same configuration, and a checkpoint it continues
-        # reproduces the original exactly.
-        retried = self._retried_trials(trial)
-        seed = (int(retried[0].user_attrs.get(keys.SEED, self.cfg.study.seed + retried[0].number)) if retried
-                else self.cfg.study.seed + trial.number)
-        trial.set_user_attr(keys.SEED, seed)
-        trial.set_user_attr(keys.DEVICE, str(self.device))
-        if self.device.type == "cuda":  # which physical GPU: status tells GPUs apart
-            trial.set_user_attr(keys.GPU, {**gpu_identity(self.device),
-                                           "visible": os.environ.get("CUDA_VISIBLE_DEVICES")})
-        trial.set_user_attr(keys.MEMORY_AT_START, memory_in_use(self.device))
-        reset_peak_memory(self.device)
-        trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights)
-        resume, resumed_from = self._resume_point(trial, retried)
-        folds_done = len(keys.fold_records(trial))  # a retry inherits its original's finished folds
-        if resume is not None or folds_done:
-            epochs_done = resume.epoch + 1 if resume is not None else 0
-            trial.set_user_attr(keys.RESUMED_FROM, {"trial": resumed_from.number if resumed_from else
-                                                    (retried[-1].number if retried else None),
-                                                    "epochs_done": epochs_done,
-                                                    **({"folds_done": folds_done} if self.folds else {})})
-
-        def report(metrics: EpochMetrics) -> None:
-            log.epoch(metrics)
-            trial.report(metrics.val_accuracy, metrics.epoch)
-            if self.on_epoch is not None:
-                self.on_epoch(trial, metrics)
-            if trial.should_prune():
-                reason = (f"pruned at epoch {metrics.epoch + 1}: val_accuracy {metrics.val_accuracy:.4f} "
-                          f"by the {self.cfg.study.pruner} pruner")
-                trial.set_user_attr(keys.PRUNED_REASON, reason)
-                raise optuna.TrialPruned(reason)
-
-        def train_single() -> float:
-            result = train_trial(self.cfg.model, self.cfg.train, self.data, hp, seed=seed, device=self.device,
-                                 on_epoch=report, resume=resume, on_checkpoint=lambda c: self._checkpoint(trial, c),
-                                 checkpoint=checkpoint_policy(self.cfg.train))
-            # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
-            self._store(trial, result)
-            return result.best.val_accuracy
-
+        start = self._start(trial)
         out_of_memory: str | None = None
         try:
             with self._checkpoint_writes():  # leaving it, the last checkpoint is written: the attrs below see it
-                value = (train_single() if self.folds is None else
-                         self.folds.run(trial, hp, seed, log, resume if trial.user_attrs.get(keys.CHECKPOINT_FOLD)
-                                        == folds_done else None))
+                value = self._train(trial, start, log)
         except NonFiniteLoss as err:
             # A diverged trial teaches the sampler "this region is bad": PRUNED, not FAIL (which TPE ignores).
             trial.set_user_attr(keys.PRUNED_REASON, str(err))
@@ -202,28 +162,7 @@ class Objective:
             trial.set_user_attr(keys.INTERRUPTED, True)
             raise
         except Exception as err:
-            if isinstance(err, StoreFull) or store_full_reason(err) is not None:
-                # Not the trial's fault: it is queued again (StopOnFullStore), its checkpoint kept for it.
-                trial.set_user_attr(keys.FAIL_REASON, self._full_store_line(trial, err))
-                trial.set_user_attr(keys.STORE_FULL, True)
-                raise
-            if is_sticky_device_error(err):
-                # The CUDA context is unusable now: every later trial of this process would fail too.
-                trial.set_user_attr(keys.FAIL_REASON, f"device error ({type(err).__name__}): {err}"[:1000])
-                trial.set_user_attr(keys.DEVICE_BROKEN, True)
-                trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
-                self._discard(trial)  # not retried: its files would only take space
-                raise
-            if is_out_of_memory(err):
-                # Only a string leaves this block: the exception would keep the trial's tensors alive.
-                where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                out_of_memory = f"out of memory on {where}: {first[:500]}"
-            else:
-                trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
-                trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
-                self._discard(trial)  # nothing retries a crashed trial: its files would only take space
-                raise
+            out_of_memory = self._crashed(trial, err)
         if out_of_memory is not None:
             # Out here the exception and its frames (holding the trial's tensors) are gone: free them.
             free_device_memory()
@@ -231,12 +170,95 @@ class Objective:
             trial.set_user_attr(keys.OUT_OF_MEMORY, True)
             raise TrialOutOfMemory(out_of_memory)
         self._drop_checkpoint(trial)
-        if resumed_from is not None:
-            self._drop_checkpoint(resumed_from)
+        if start.resumed_from is not None:
+            self._drop_checkpoint(start.resumed_from)
         peak = peak_memory_mib(self.device)
         if peak is not None:
             trial.set_user_attr(keys.PEAK_GPU_MIB, peak)  # what --workers-per-gpu and batch_size are chosen by
         return value
+
+    def _start(self, trial: optuna.Trial) -> _TrialStart:
+        """Record who runs the trial, on what, from which seed and weights; find where a retry resumes."""
+        # First: a supervisor finds a dead worker's trial by this tag.
+        trial.set_user_attr(keys.WORKER, keys.worker_tag())
+        hp = suggest(trial, self.cfg.space)
+        # A retry trains with its original's seed: the same configuration, and a checkpoint it continues
+        # reproduces the original exactly.
+        retried = self._retried_trials(trial)
+        seed = self.cfg.study.seed + (retried[0] if retried else trial).number
+        recorded_seed = read_trial_record(retried[0]).seed if retried else None
+        seed = recorded_seed if recorded_seed is not None else seed
+        trial.set_user_attr(keys.SEED, seed)
+        trial.set_user_attr(keys.DEVICE, str(self.device))
+        if self.device.type == "cuda":  # which physical GPU: status tells GPUs apart
+            trial.set_user_attr(keys.GPU, {**gpu_identity(self.device),
+                                           "visible": os.environ.get("CUDA_VISIBLE_DEVICES")})
+        trial.set_user_attr(keys.MEMORY_AT_START, memory_in_use(self.device))
+        reset_peak_memory(self.device)
+        trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights)
+        resume, resumed_from = self._resume_point(trial, retried)
+        record = read_trial_record(trial)
+        folds_done = len(record.folds)  # a retry inherits its original's finished folds
+        if resume is not None or folds_done:
+            epochs_done = resume.epoch + 1 if resume is not None else 0
+            trial.set_user_attr(keys.RESUMED_FROM, {"trial": resumed_from.number if resumed_from else
+                                                    (retried[-1].number if retried else None),
+                                                    "epochs_done": epochs_done,
+                                                    **({"folds_done": folds_done} if self.folds else {})})
+        # A checkpoint of another fold than the first unfinished one is not this run's to continue.
+        fold_resume = resume if record.checkpoint_fold == folds_done else None
+        return _TrialStart(hp, seed, resume if self.folds is None else fold_resume, resumed_from)
+
+    def _reporter(self, trial: optuna.Trial, log: TrialTracker) -> Callable[[EpochMetrics], None]:
+        """Each epoch's metrics to the log, to Optuna (whose pruner may stop the trial here) and to on_epoch."""
+        def report(metrics: EpochMetrics) -> None:
+            log.epoch(metrics)
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(trial, metrics)
+            if trial.should_prune():
+                reason = (f"pruned at epoch {metrics.epoch + 1}: val_accuracy {metrics.val_accuracy:.4f} "
+                          f"by the {self.cfg.study.pruner} pruner")
+                trial.set_user_attr(keys.PRUNED_REASON, reason)
+                raise optuna.TrialPruned(reason)
+
+        return report
+
+    def _train(self, trial: optuna.Trial, start: _TrialStart, log: TrialTracker) -> float:
+        """Train (a single split, or the unfinished folds) and store the artifacts; the trial's value."""
+        if self.folds is not None:
+            return self.folds.run(trial, start.hp, start.seed, log, start.resume)
+        result = train_trial(self.cfg.model, self.cfg.train, self.data, start.hp, seed=start.seed,
+                             device=self.device, on_epoch=self._reporter(trial, log), resume=start.resume,
+                             on_checkpoint=lambda c: self._checkpoint(trial, c),
+                             checkpoint=checkpoint_policy(self.cfg.train))
+        # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
+        self._store(trial, result)
+        return result.best.val_accuracy
+
+    def _crashed(self, trial: optuna.Trial, err: Exception) -> str:
+        """Record why the trial failed and re-raise `err`; an out-of-memory comes back as one line instead (the
+        exception would keep the trial's tensors alive: the caller frees them once it is gone)."""
+        if isinstance(err, StoreFull) or store_full_reason(err) is not None:
+            # Not the trial's fault: it is queued again (StopOnFullStore), its checkpoint kept for it.
+            trial.set_user_attr(keys.FAIL_REASON, self._full_store_line(trial, err))
+            trial.set_user_attr(keys.STORE_FULL, True)
+            raise err
+        if is_sticky_device_error(err):
+            # The CUDA context is unusable now: every later trial of this process would fail too.
+            trial.set_user_attr(keys.FAIL_REASON, f"device error ({type(err).__name__}): {err}"[:1000])
+            trial.set_user_attr(keys.DEVICE_BROKEN, True)
+            trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
+            self._discard(trial)  # not retried: its files would only take space
+            raise err
+        if is_out_of_memory(err):
+            where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            return f"out of memory on {where}: {first[:500]}"
+        trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
+        trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
+        self._discard(trial)  # nothing retries a crashed trial: its files would only take space
+        raise err
 
     @staticmethod
     def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:
@@ -249,7 +271,7 @@ class Objective:
                       retried: list[FrozenTrial]) -> tuple[Checkpoint | None, FrozenTrial | None]:
         """The last checkpoint among the trials this one retries, if any survived."""
         for original in reversed(retried):
-            artifact = original.user_attrs.get(keys.CHECKPOINT)
+            artifact = read_trial_record(original).checkpoint
             if not artifact:
                 continue
             with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
@@ -279,7 +301,7 @@ class Objective:
         hold_at(hold_point or str(checkpoint.epoch + 1), before=writer.wait)
 
     def _write_checkpoint(self, trial: optuna.Trial, checkpoint: Checkpoint, attrs: dict[str, Any]) -> None:
-        previous = trial.user_attrs.get(keys.CHECKPOINT)
+        previous = read_trial_record(trial).checkpoint
         self.state_bytes = _nbytes(checkpoint.model)
         with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
             path = Path(tmp) / CHECKPOINT_FILE
@@ -302,7 +324,7 @@ class Objective:
     def _drop_checkpoint(self, trial: optuna.Trial | FrozenTrial) -> None:
         if self._writer is not None and isinstance(trial, optuna.Trial):
             self._writer.wait()  # a write still pending would bring the checkpoint back after the drop
-        artifact = trial.user_attrs.get(keys.CHECKPOINT)
+        artifact = read_trial_record(trial).checkpoint
         if artifact:
             remove_artifact(self.store, artifact)
 
@@ -343,38 +365,3 @@ def _nbytes(state: dict[str, torch.Tensor]) -> int:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
-
-
-# ------------------------------------------------------------------------------------------- memory
-
-
-class TrialOutOfMemory(RuntimeError):
-    """A trial ran out of memory, on its GPU or on the host (see `is_out_of_memory`); the worker lives on and the
-    trial is retried once."""
-
-
-def free_device_memory() -> None:
-    """Between trials (and after an OOM): drop what the last trial held, host and device."""
-    gc.collect()
-    if torch.cuda.is_available():
-        try:
-            torch.cuda.empty_cache()
-        except RuntimeError as err:  # a context a sticky error broke: the process is about to exit anyway
-            _log.warning("could not free GPU memory (%s)", str(err).splitlines()[0] if str(err) else err)
-
-
-def memory_in_use(device: torch.device) -> dict[str, float]:
-    """What this process holds now, in MiB: host resident set (Linux), and tensors on its CUDA device.
-
-    Recorded when each trial starts, it is what earlier trials left behind: flat over a worker's trials
-    unless something leaks (a user sees it per trial in the dashboard; the tests check it).
-    """
-    held: dict[str, float] = {}
-    try:
-        with open("/proc/self/statm") as statm:
-            held["host_rss_mib"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):  # no procfs (not Linux): the host figure is simply absent
-        pass
-    if device.type == "cuda":
-        held["cuda_allocated_mib"] = torch.cuda.memory_allocated(device) / 2**20
-    return {k: round(v, 1) for k, v in held.items()}

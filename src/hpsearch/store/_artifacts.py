@@ -34,6 +34,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpsearch import keys
 from hpsearch.errors import ArtifactStoreError
+from hpsearch.record import read_study_record, read_trial_record
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +71,7 @@ def resolve_artifacts(cli: str | None, study: optuna.Study | None, study_file: s
 
     A folder comes back absolute (workers in other directories must agree on it); S3 as s3://bucket/prefix.
     """
-    recorded = study.user_attrs.get(keys.ARTIFACTS) if study is not None else None
+    recorded = read_study_record(study).artifacts if study is not None else None
     chosen = cli or os.environ.get("HPSEARCH_ARTIFACTS") or recorded or study_file or DEFAULT_ARTIFACTS
     if is_s3(chosen):
         bucket, prefix = split_s3(chosen)
@@ -348,12 +349,18 @@ def load_weights(store: ArtifactStore, artifact_id: str) -> dict[str, torch.Tens
         return load_file(str(download_to(store, artifact_id, Path(tmp), WEIGHTS_FILE)))
 
 
+def _required(artifact_id: str | None, attr: str) -> str:
+    if artifact_id is None:  # like a missing file to callers (the report catches KeyError), not a crash
+        raise KeyError(attr)
+    return artifact_id
+
+
 def load_trial_weights(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
-    return load_weights(store, trial.user_attrs[keys.WEIGHTS])
+    return load_weights(store, _required(read_trial_record(trial).weights, keys.WEIGHTS))
 
 
 def load_trial_outputs(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> TrialOutputs:
-    return load_outputs(store, trial.user_attrs[keys.OUTPUTS])
+    return load_outputs(store, _required(read_trial_record(trial).outputs, keys.OUTPUTS))
 
 
 def load_outputs(store: ArtifactStore, artifact_id: str) -> TrialOutputs:

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
 from hpsearch.errors import DeviceBrokenError, UsageError
+from hpsearch.record import read_trial_record
 from hpsearch.store import finished_trials, has_retry, pending, retry_failed, target_reached
 from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
 
@@ -97,7 +98,7 @@ def fail_trials_of(storage: optuna.storages.BaseStorage, study: optuna.Study, ta
     returns their numbers. A trial that finished first, by its worker or a heartbeat check, is left alone."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(keys.WORKER) == tag and fail_running_trial(storage, study, trial, reason, retry=retry):
+        if read_trial_record(trial).worker == tag and fail_running_trial(storage, study, trial, reason, retry=retry):
             failed.append(trial.number)
     return failed
 
@@ -113,7 +114,7 @@ def fail_running_trial(storage: optuna.storages.BaseStorage, study: optuna.Study
     except UpdateFinishedTrialError:
         return False
     told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-    if told.state != TrialState.FAIL or told.user_attrs.get(keys.FAIL_REASON) != reason:
+    if told.state != TrialState.FAIL or read_trial_record(told).fail_reason != reason:
         return False
     if retry and not has_retry(study, trial.number):
         retry_failed(study, told)

@@ -1,0 +1,95 @@
+"""An ensemble's comparison: the table `hpsearch ensemble` prints and the report.md it writes beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from hpsearch.ensemble import Candidate, EnsembleResult, Row
+
+# Every column but `val NLL` is measured on the test split; `(T)`: after temperature scaling.
+COMPARISON_HEADERS = ("method", "members", "weights", "val NLL", "acc", "NLL", "ECE", "T", "NLL (T)", "ECE (T)")
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _weights_cell(row: Row) -> str:
+    return " ".join(f"#{t}:{w:.2f}" for t, w in zip(row.trials, row.weights, strict=True))
+
+
+def table_cells(result: EnsembleResult) -> list[list[str]]:
+    """The comparison as text cells, shared by the terminal table and report.md."""
+    cells = []
+    for row in result.rows:
+        name = row.name + (" [chosen]" if row.key == result.method else "")
+        if row.key == "weighted" and result.collapsed:
+            name += " [collapsed to 1 member]"
+        if row.key == "soup" and result.soup is not None and not result.soup.kept:
+            name += " [not kept]"
+        t = _f(row.temperature, 3) + (" (bound)" if row.temperature_at_bound else "")
+        cells.append([name, str(len(row.trials)), _weights_cell(row), _f(row.val_nll), _f(row.accuracy),
+                      _f(row.nll), _f(row.ece), t, _f(row.nll_scaled), _f(row.ece_scaled)])
+    return cells
+
+
+def result_table(result: EnsembleResult, title: str) -> Table:
+    table = Table(title=escape(title), header_style="bold")
+    for i, header in enumerate(COMPARISON_HEADERS):
+        table.add_column(header, justify="left" if i in (0, 2) else "right")
+    for cells in table_cells(result):
+        table.add_row(*(escape(c) for c in cells))
+    return table
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = (0,)) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    rule = "|" + "|".join(":---" if i in left else "---:" for i in range(len(headers))) + "|"
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def report_markdown(result: EnsembleResult, study_name: str, candidates: Sequence[Candidate],
+                    skipped: Sequence[str]) -> str:
+    weights = dict(zip((c.trial for c in candidates), result.weight_fit.weights, strict=True))
+    cand_rows = [[f"#{c.trial}", f"{c.val_accuracy:.4f}", f"{weights[c.trial]:.3f}",
+                  ", ".join(f"{k}={_param(v)}" for k, v in c.params.items())] for c in candidates]
+    parts = [
+        f"# Ensemble of study `{study_name}`",
+        "",
+        f"Split `{result.split_sha256}`: {result.sizes['val']} validation, {result.sizes['test']} test samples. "
+        "Weights and temperatures are fitted on validation outputs only; every metric below except `val NLL` "
+        "is on the held-out test split.",
+        "",
+        f"Chosen method: **{result.method}** ({len(result.members)} members"
+        + (f", T = {result.temperature:.3f}" if result.temperature is not None else "") + ").",
+        "",
+    ]
+    if result.collapsed:
+        parts += [f"**The weighted ensemble collapsed to a single member (trial {result.row('weighted').trials[0]})"
+                  ": weighted soft voting is that one model, not an ensemble.**", ""]
+    parts += ["## Comparison", "", "`val NLL` is on validation; acc, NLL and ECE are on test, before and after "
+              "temperature scaling with the T fitted on validation.", "",
+              _markdown_table(COMPARISON_HEADERS, table_cells(result), left=(0, 2)), "",
+              "## Candidates (rank order)", "",
+              _markdown_table(["trial", "val acc", "fitted weight", "params"], cand_rows, left=(0, 3)), "",
+              "## Notes", "", *(f"- {n}" for n in result.notes)]
+    if result.soup is not None:
+        parts += ["", "## Greedy soup", "", f"{'Kept' if result.soup.kept else 'Not kept'}: {result.soup.reason}.",
+                  "", "Trials in rank order; each row is the soup's validation accuracy and NLL with that trial's "
+                  "weights averaged in (re-run on the validation split); the first row is the best trial alone.", "",
+                  _markdown_table(["trial", "val acc", "val NLL", "added"],
+                                  [[f"#{s.trial}", f"{s.val_accuracy:.4f}", f"{s.val_nll:.4f}",
+                                    "yes" if s.added else "no"] for s in result.soup.steps])]
+    if skipped:
+        parts += ["", "## Skipped trials", "", *(f"- {s}" for s in skipped)]
+    return "\n".join(parts) + "\n"
+
+
+def _param(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

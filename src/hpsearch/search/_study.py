@@ -1,0 +1,164 @@
+"""The study itself: its sampler and pruner, its creation (what it records) and the checks a resumed one passes.
+
+Everything about a study that later stages rely on is recorded in it as user attrs (names in `hpsearch.keys`,
+read back through `hpsearch.record`): the search-space fingerprint (a resumed study must keep its space), the
+split's sha256 and sizes, the folds, the classes, the normalization its trials train with, the artifact
+store's location, and the study file it was created from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from hpsearch import __version__, keys
+from hpsearch.config import ConfigError, StudyConfig, StudySection
+from hpsearch.data import RecordMismatch, StudyData, build_study_data, preprocess_for, rebuild_study_data
+from hpsearch.errors import StudyRecordError
+from hpsearch.model import build_model
+from hpsearch.preprocess import Preprocess
+from hpsearch.record import StudyRecord, read_study_record
+from hpsearch.store import METRIC_NAME, study_storage_name
+
+# ------------------------------------------------------------------------------------- sampler, pruner
+
+
+def make_sampler(cfg: StudySection, seed: int) -> optuna.samplers.BaseSampler:
+    if cfg.sampler == "tpe":
+        # group=True splits the conditional scheduler branches into their own joint spaces;
+        # constant_liar keeps parallel workers from proposing the same point.
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=min(10, max(3, cfg.n_trials // 4)))
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=min(10, max(3, cfg.n_trials // 4)))
+
+
+def make_pruner(cfg: StudySection, epochs: int, folds: int = 0) -> optuna.pruners.BasePruner:
+    """With folds, a trial's steps are its folds (step k: fold k's validation accuracy), not its epochs."""
+    if cfg.pruner == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=cfg.pruner_p_threshold)
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                           n_warmup_steps=cfg.pruner_warmup_epochs)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=folds or epochs)
+    return optuna.pruners.NopPruner()
+
+
+def sampler_seed(study_seed: int, worker: int, existing_trials: int) -> int:
+    """Distinct per worker and per resume, so no two samplers replay the same random startup points."""
+    return int(np.random.SeedSequence([study_seed, worker, existing_trials]).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------------------------------ the study
+
+
+def prepare(cfg: StudyConfig) -> StudyData:
+    """Load the data and check the model's weights once, before any trial exists."""
+    prepared = build_study_data(cfg.data, cfg.study.seed)
+    # Fails here (clear ConfigError), not in every trial, when weights cannot be loaded.
+    build_model(cfg.model, prepared.pool.num_classes, cfg.data.image_size)
+    return prepared
+
+
+def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared: StudyData,
+               artifacts: str | Path, worker: int = 0) -> optuna.Study:
+    """Create the study, or resume it if its search space and split are unchanged."""
+    study = optuna.create_study(
+        study_name=cfg.study.name, storage=storage, direction=cfg.study.direction,
+        pruner=make_pruner(cfg.study, cfg.train.epochs, cfg.data.folds), load_if_exists=True,
+    )
+    record = read_study_record(study)
+    if record.created_by_hpsearch:
+        _check_resume(cfg, storage, record, prepared)
+    else:
+        _record(cfg, study, prepared)
+    if record.artifacts is None:
+        study.set_user_attr(keys.ARTIFACTS, str(artifacts))
+    study.set_metric_names([METRIC_NAME])
+    existing = len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(cfg.study, sampler_seed(cfg.study.seed, worker, existing))
+    return study
+
+
+def _record(cfg: StudyConfig, study: optuna.Study, prepared: StudyData) -> None:
+    """What a new study records (hpsearch.record reads it back)."""
+    study.set_user_attr(keys.SPACE_FINGERPRINT, cfg.space_fingerprint())
+    study.set_user_attr(keys.SPACE, _space_json(cfg))
+    study.set_user_attr(keys.SPLIT_SHA256, prepared.split.sha256())
+    study.set_user_attr(keys.SPLIT_SIZES, prepared.split.sizes())
+    if prepared.folds is not None:
+        study.set_user_attr(keys.FOLDS_SHA256, prepared.folds.sha256())
+        study.set_user_attr(keys.FOLD_SIZES, prepared.folds.sizes())
+    study.set_user_attr(keys.CLASSES, prepared.pool.classes)
+    if prepared.pool.skipped:
+        study.set_user_attr(keys.SKIPPED_IMAGES, list(prepared.pool.skipped))
+    study.set_user_attr(keys.CONFIG, cfg.model_dump(mode="json"))
+    # The normalization every trial trains with, for exports (study_preprocess reads it back).
+    pre = preprocess_for(prepared.pool, prepared.split, cfg.data, cfg.model.pretrained)
+    study.set_user_attr(keys.PREPROCESS, pre.record())
+    study.set_user_attr(keys.HPSEARCH_VERSION, __version__)
+
+
+def _space_json(cfg: StudyConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(cfg.space.fingerprint_data()))
+
+
+def _space_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "space") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _space_diff(a, b, f"{prefix}.{key}")
+        elif a != b:
+            changes.append(f"{prefix}.{key} {json.dumps(a)} -> {json.dumps(b)}")
+    return changes
+
+
+def _check_resume(cfg: StudyConfig, storage: optuna.storages.BaseStorage, record: StudyRecord,
+                  prepared: StudyData) -> None:
+    """A resumed study keeps its search space, its split and its folds."""
+    if record.space_fingerprint != cfg.space_fingerprint():
+        changes = "; ".join(_space_diff(record.space or {}, _space_json(cfg))) or "space changed"
+        raise ConfigError("space", f"differs from study {cfg.study.name!r} in {study_storage_name(storage)} "
+                          f"({changes}); Optuna cannot mix the two spaces: give the study a new [study] name "
+                          f"or delete it (optuna delete-study --study-name {cfg.study.name} --storage URL)",
+                          cfg.source)
+    if record.split_sha256 not in (None, prepared.split.sha256()):
+        raise ConfigError("data", f"the split differs from the one study {cfg.study.name!r} recorded (the dataset, "
+                          "subset, fractions or seed changed); trials' outputs would not line up: use a new "
+                          "[study] name", cfg.source)
+    _check_folds(cfg, record, prepared.folds.sha256() if prepared.folds is not None else None)
+
+
+def _check_folds(cfg: StudyConfig, record: StudyRecord, folds_sha: str | None) -> None:
+    """A resumed study keeps its folds: the same K over the same images (or none, as it was created)."""
+    if record.folds_sha256 == folds_sha:
+        return
+    if record.folds_sha256 is None:
+        why = f"study {cfg.study.name!r} was created without folds, so its trials are single-split"
+    elif folds_sha is None:
+        why = f"study {cfg.study.name!r} was created with {record.n_folds} folds"
+    else:
+        why = f"the fold assignment differs from the one study {cfg.study.name!r} recorded (folds or seed changed)"
+    raise ConfigError("data.folds", f"{why}; trials' folds would not line up: restore the setting or use a new "
+                      "[study] name", cfg.source)
+
+
+def study_preprocess(study: optuna.Study) -> Preprocess:
+    """The Preprocess the study's trials trained with: recorded at creation, else recomputed from its config."""
+    record = read_study_record(study)
+    if record.preprocess:
+        return Preprocess.of(**record.preprocess)
+    cfg = StudyConfig.model_validate(record.config or {})
+    try:
+        data = rebuild_study_data(record, cfg.data, cfg.study.seed)
+    except RecordMismatch as err:
+        raise StudyRecordError(f"study {study.study_name!r} records no preprocessing and its data no longer gives "
+                               f"its {err.part}; cannot tell the normalization its trials used") from None
+    return preprocess_for(data.pool, data.split, cfg.data, cfg.model.pretrained)
