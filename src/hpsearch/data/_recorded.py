@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hpsearch.config import DataSection
-from hpsearch.data._datasets import ImagePool, Split, load_pool, make_split
+from hpsearch.data._datasets import ImagePool, load_pool
 from hpsearch.data._folds import Folds, make_folds
+from hpsearch.data._settings import DataSettings
+from hpsearch.data._split import Split, make_split
 from hpsearch.errors import StudyRecordError
 from hpsearch.record import StudyRecord
 
@@ -37,7 +38,7 @@ class RecordMismatch(StudyRecordError):
         self.part: RecordedPart = part
 
 
-def build_study_data(cfg: DataSection, seed: int) -> StudyData:
+def build_study_data(cfg: DataSettings, seed: int) -> StudyData:
     """Load the pool and cut the split (and folds) the way every trial of a study with this data and seed sees it."""
     pool = load_pool(cfg, seed)
     split = make_split(pool, cfg, seed)
@@ -57,7 +58,7 @@ def recorded_mismatch(record: StudyRecord, data: StudyData) -> RecordedPart | No
     return None
 
 
-def rebuild_study_data(record: StudyRecord, cfg: DataSection, seed: int) -> StudyData:
+def rebuild_study_data(record: StudyRecord, cfg: DataSettings, seed: int) -> StudyData:
     """The study's data as it is on this machine (`cfg`, `seed`: its recorded config's); RecordMismatch where it
     no longer gives the recorded split, folds or classes. Loading errors (DataError, OSError) pass through."""
     data = build_study_data(cfg, seed)
