@@ -1,8 +1,4 @@
-"""The `hpsearch` command: argument parsing, progress, tables and exit codes over the library.
-
-Exit codes: 0 done; 1 the run stopped on failing trials; 2 bad input (one line, no traceback); 3 the storage
-proxy stopped answering; 6 a sticky GPU error broke the process's CUDA context; 130 interrupted.
-"""
+"""The `hpsearch` command: argument parsing, progress, tables and exit codes (`errors.ExitCode`) over the library."""
 
 from __future__ import annotations
 
@@ -20,10 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from hpsearch import __version__
-from hpsearch.errors import HpsearchError, UsageError
-
-# The storage proxy stopped answering (a worker exits with it; `run --workers` restarts the worker).
-EXIT_STORAGE_DOWN = 3
+from hpsearch.errors import ExitCode, HpsearchError, UsageError
 
 console = Console(stderr=True)
 out = Console()
@@ -52,7 +45,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     out.print(f"storage: {redact(url)}")
     _print_cache(cfg)
     out.print_json(data=cfg.model_dump(mode="json"))
-    return 0
+    return ExitCode.OK
 
 
 def _open_run(args: argparse.Namespace, worker: int = 0) -> Any:
@@ -138,8 +131,8 @@ def _run(args: argparse.Namespace) -> int:
     if guard.tripped:
         console.print(f"[red]stopped[/]: {guard.limit} trials failed in a row; see `hpsearch status "
                       f"{args.study}` and each trial's fail_reason")
-        return 1
-    return 0
+        return ExitCode.FAILURE_STREAK
+    return ExitCode.OK
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -151,7 +144,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from hpsearch.errors import DeviceBrokenError, StoreFullError
     from hpsearch.monitor import describe_trial
     from hpsearch.search import run_trials
-    from hpsearch.workers import EXIT_FAILURE_STREAK, EXIT_STORE_FULL, install_stop_handler
+    from hpsearch.workers import install_stop_handler
 
     install_stop_handler()
     run = _open_run(args, worker=args.worker_index)
@@ -163,13 +156,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         guard = run_trials(run.study, run.objective(), run.n_trials, timeout=args.timeout, callbacks=[on_trial])
     except StoreFullError as full:
         console.print(f"[red]error[/]: {full}", highlight=False, soft_wrap=True)
-        return EXIT_STORE_FULL  # the supervisor stops every worker: their next trials would find no room either
+        return ExitCode.WORKER_STORE_FULL  # the supervisor stops every worker: their next trials find no room
     except DeviceBrokenError as broken:
         console.print(f"[red]error[/]: {broken}", highlight=False, soft_wrap=True)
         return broken.exit_code  # the supervisor restarts this worker with a fresh GPU context
     if guard.stopped:
         console.print(f"[dim]worker {args.worker_index}[/] stopped: {guard.stopped}", highlight=False, soft_wrap=True)
-    return EXIT_FAILURE_STREAK if guard.tripped else 0
+    return ExitCode.WORKER_FAILURE_STREAK if guard.tripped else ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -181,7 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for part in status_renderables(study, url, artifacts, args.top_k or cfg.ensemble.top_k, cfg.train.epochs):
         out.print(part)
     _print_cache(cfg)
-    return 0
+    return ExitCode.OK
 
 
 def _print_cache(cfg: Any) -> None:
@@ -206,7 +199,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
            else "after their current trials")
     console.print(f"asked every worker of study {study.study_name!r} to stop {how}; recorded as {request.line()}; "
                   f"a later `hpsearch run {args.study}` resumes it", highlight=False, soft_wrap=True)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -230,7 +223,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
                                          f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
                                          + (", ensemble.onnx" if args.onnx else "") + ")")
     console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -243,7 +236,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         console.print(f"- {note}", highlight=False, soft_wrap=True)
     console.print(f"report with {len(written.figures)} figures, per class from trial {written.trial}: "
                   f"{written.folder / REPORT_FILE}", highlight=False, soft_wrap=True)
-    return 0
+    return ExitCode.OK
 
 
 def _print_unwrapped(renderable: Any) -> None:
@@ -266,7 +259,7 @@ def _print_skipped(line: str) -> None:
 def _scored_csv(args: argparse.Namespace, write: Callable[..., int], what: str) -> int:
     """predict and select alike: open the export, write the CSV, name every skipped input.
 
-    Exit 0 when every input was read, 3 when some were skipped (each named on stderr), 2 bad DIR.
+    OK when every input was read, INPUTS_SKIPPED when some were (each named on stderr); a bad DIR raises.
     """
     from hpsearch.predict import open_for_scoring
     from hpsearch.train import resolve_device
@@ -285,7 +278,7 @@ def _scored_csv(args: argparse.Namespace, write: Callable[..., int], what: str) 
         n = write(ensemble, paths, sink, device, warn)
     console.print(f"{what} {n} image(s){f' into {args.out}' if args.out else ''}; {len(warnings)} skipped",
                   highlight=False)
-    return 3 if warnings else 0
+    return ExitCode.INPUTS_SKIPPED if warnings else ExitCode.OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -311,7 +304,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                          "bind 127.0.0.1 (default), or add --allow-remote to expose it on purpose")
     serve(args.study, storage=args.storage, artifacts=args.artifacts, host=args.host, port=args.port,
           echo=console.print)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_storage_proxy(args: argparse.Namespace) -> int:
@@ -334,7 +327,7 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
               heartbeat_grace=args.heartbeat_grace, echo=console.print)
     except KeyboardInterrupt:
         console.print("storage proxy stopped")
-    return 0
+    return ExitCode.OK
 
 
 def _is_loopback(host: str) -> bool:
@@ -445,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="test-time augmentation with the study's own augmentations (manifest preprocessing."
                        "augment): average over the original, fixed shifts (crop) and mirror images (flip)")
 
-    pred = sub.add_parser("predict", help="classify images with an exported ensemble (CSV; exit 3 if some skipped)")
+    pred = sub.add_parser("predict", help="classify images with an exported ensemble (CSV; exit 7 if some skipped)")
     exported(pred, "INPUT")
     pred.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: stdout)")
     pred.set_defaults(func=cmd_predict)
@@ -515,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: running trials were marked FAIL and queued for retry from their "
                       "checkpoints; `hpsearch run` resumes the study")
-        return 130
+        return ExitCode.INTERRUPTED
     except HpsearchError as err:
         from rich.markup import escape
 
@@ -527,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if line is None:
             raise
         console.print(f"[red]error[/]: {line}", highlight=False, soft_wrap=True, markup=False)
-        return EXIT_STORAGE_DOWN
+        return ExitCode.STORAGE_DOWN
 
 
 def _proxy_failure(err: Exception) -> str | None:

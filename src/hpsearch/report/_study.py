@@ -40,7 +40,7 @@ from hpsearch import keys
 from hpsearch.config import StudyConfig
 from hpsearch.data import load_pool, make_folds, make_split
 from hpsearch.ensemble import fold_outputs, member_log_probs
-from hpsearch.errors import ReportError
+from hpsearch.errors import ReportError, first_line
 from hpsearch.export import staged_dir
 from hpsearch.monitor import trials_frame
 from hpsearch.report import _plots as plots
@@ -180,7 +180,7 @@ def validation_images(study: optuna.Study, outputs: TrialOutputs | None = None) 
         split = make_split(pool, cfg.data, cfg.study.seed)
         folds = make_folds(pool.labels.numpy(), split, cfg.data.folds, cfg.study.seed) if cfg.data.folds else None
     except (ValueError, OSError) as err:  # ConfigError, DataError and pydantic's ValidationError are ValueErrors
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise plots.PlotSkipped(f"the study's images cannot be loaded here ({reason})") from None
     if split.sha256() != keys.split_sha256(study):
         raise plots.PlotSkipped("the data here no longer gives the study's recorded split")

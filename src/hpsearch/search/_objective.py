@@ -31,13 +31,13 @@ from hpsearch import keys
 from hpsearch._testhooks import hold_at
 from hpsearch.config import SpaceSection, StudyConfig
 from hpsearch.data import Folds, ImagePool, Split, trial_data
+from hpsearch.errors import StoreFullError, first_line
 from hpsearch.model import init_weights_tag
 from hpsearch.search._cv_trial import CrossValidation
 from hpsearch.search._tracking import TrialLogs, TrialTracker
 from hpsearch.store import (
     OUTPUTS_FILE,
     WEIGHTS_FILE,
-    StoreFull,
     StudyArtifacts,
     TrialOutputs,
     download_to,
@@ -202,7 +202,7 @@ class Objective:
             trial.set_user_attr(keys.INTERRUPTED, True)
             raise
         except Exception as err:
-            if isinstance(err, StoreFull) or store_full_reason(err) is not None:
+            if isinstance(err, StoreFullError) or store_full_reason(err) is not None:
                 # Not the trial's fault: it is queued again (StopOnFullStore), its checkpoint kept for it.
                 trial.set_user_attr(keys.FAIL_REASON, self._full_store_line(trial, err))
                 trial.set_user_attr(keys.STORE_FULL, True)
@@ -217,8 +217,7 @@ class Objective:
             if is_out_of_memory(err):
                 # Only a string leaves this block: the exception would keep the trial's tensors alive.
                 where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                out_of_memory = f"out of memory on {where}: {first[:500]}"
+                out_of_memory = f"out of memory on {where}: {first_line(err)[:500]}"
             else:
                 trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
                 trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
@@ -319,7 +318,7 @@ class Objective:
 
     def _full_store_line(self, trial: optuna.Trial, err: Exception) -> str:
         """One line: the store, its free space, what a trial needs, the fix, and the retry."""
-        why = str(err) if isinstance(err, StoreFull) else f"{store_full_reason(err)} writing {err}"
+        why = str(err) if isinstance(err, StoreFullError) else f"{store_full_reason(err)} writing {err}"
         free = free_bytes(self.files.location)
         sizes = self.files.sizes
         weights = sizes.get(WEIGHTS_FILE, self.state_bytes)
@@ -360,7 +359,7 @@ def free_device_memory() -> None:
         try:
             torch.cuda.empty_cache()
         except RuntimeError as err:  # a context a sticky error broke: the process is about to exit anyway
-            _log.warning("could not free GPU memory (%s)", str(err).splitlines()[0] if str(err) else err)
+            _log.warning("could not free GPU memory (%s)", first_line(err))
 
 
 def memory_in_use(device: torch.device) -> dict[str, float]:

@@ -29,7 +29,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial
 
 from hpsearch import keys
-from hpsearch.errors import StorageError
+from hpsearch.errors import StorageError, first_line
 
 _log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def _fail_stale_trials_every(storage: BaseStorage, every_s: float, stop: threadi
                                  summary.study_name)
         except Exception as err:  # the database may be down for a while: check again later
             _log.warning("stale-trial check failed (%s); retrying in %.0f s",
-                         str(err).splitlines()[0] if str(err) else type(err).__name__, every_s)
+                         first_line(err), every_s)
 
 
 def _stale_failed(study: optuna.Study) -> list[FrozenTrial]:
