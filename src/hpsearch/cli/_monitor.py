@@ -1,5 +1,5 @@
 """`status`, `stop` and `dashboard`: the commands that watch or steer a study. No torch at import, directly or
-through what this module imports: they run beside the workers and start in about a second."""
+through what this module imports: they run beside the workers, and watching a study must stay cheap."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def print_unwrapped(renderable: Any) -> None:
 def print_cache(cfg: Any) -> None:
     """The study's decoded-image cache, when its dataset has one: where, and how large."""
     if not cfg.data.cached:
-        return  # nothing to show, and no torch import: `status` of a digits study starts in about a second
+        return  # nothing to show, and no torch import: watching a study stays cheap
     from hpsearch.data import cache_state
 
     state = cache_state(cfg.data)

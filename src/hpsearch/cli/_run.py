@@ -1,7 +1,7 @@
 """`check`, `run` and `worker`: validating a study file and running its trials, here or in worker processes.
 
-Each command reads the study file before it imports torch: a bad file is one line in a second, not after the
-several seconds torch and torchvision take to import.
+Each command reads the study file before it imports torch: a bad file is refused at once, not after torch and
+torchvision are imported.
 """
 
 from __future__ import annotations
