@@ -1,21 +1,40 @@
-"""One error base for everything a user can fix: `HpsearchError` and the exit code it maps to.
+"""One error base for everything a user can fix (`HpsearchError`), the exit codes, and an error's first line.
 
 Every module raises a subclass whose message is one line naming the field, file or URL and the fix; the CLI
-catches the base, prints that line and exits with `exit_code` (2: bad input), never with a traceback.
-Each subclass keeps its module's name (`hpsearch.storage.StorageError` is this module's `StorageError`).
+catches the base, prints that line and exits with `exit_code` (`ExitCode.BAD_INPUT`), never with a traceback.
 """
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+
+class ExitCode(enum.IntEnum):
+    """Every code the `hpsearch` command and its workers exit with; each has one meaning."""
+
+    OK = 0
+    FAILURE_STREAK = 1  # `run` stopped: max_consecutive_failures trials failed in a row
+    BAD_INPUT = 2  # one line naming the field, file or URL and the fix (a full artifact store too)
+    STORAGE_DOWN = 3  # the storage proxy stopped answering (a supervised worker is restarted)
+    WORKER_FAILURE_STREAK = 4  # a worker stopped on a failure streak: its supervisor does not restart it
+    WORKER_STORE_FULL = 5  # a worker found the artifact store full: its supervisor stops every worker
+    DEVICE_BROKEN = 6  # a sticky device error broke the process's GPU context: a supervisor restarts the worker
+    INPUTS_SKIPPED = 7  # predict/select wrote their CSV, but some inputs were unreadable or missing
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM, the shell's code for SIGINT
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an error's message, stripped; its type's name when the message is blank.
+
+    Library errors (torch, drivers, pydantic) can span many lines; a one-line message quotes only the first."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 class HpsearchError(ValueError):
     """Input hpsearch cannot use; `str(err)` is one line naming what and the fix."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code: ExitCode = ExitCode.BAD_INPUT
 
 
 class ConfigError(HpsearchError):
@@ -45,14 +64,15 @@ class ArtifactStoreError(HpsearchError):
 
 
 class StoreFullError(ArtifactStoreError):
-    """The artifact store has no room for a trial's files: the run stopped, the trial is queued for retry."""
+    """A write found no room in the artifact store (ENOSPC, a quota): not the trial's fault, so the run stops at
+    once and the trial is queued for retry."""
 
 
 class DeviceBrokenError(HpsearchError):
     """A sticky device error (an illegal address, a device-side assert) left this process's GPU unusable: its
     trial ended FAIL; the process must exit (a supervisor restarts a worker with a fresh context)."""
 
-    exit_code = 6
+    exit_code = ExitCode.DEVICE_BROKEN
 
 
 class StudyRecordError(HpsearchError):

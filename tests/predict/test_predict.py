@@ -22,7 +22,7 @@ from torch import nn
 
 import hpsearch
 from hpsearch.cli._main import main
-from hpsearch.errors import ExportError
+from hpsearch.errors import ExitCode, ExportError
 from hpsearch.predict import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
 from hpsearch.predict._score import BY, entropy, select_csv, uncertainty
 from hpsearch.preprocess import Preprocess
@@ -130,7 +130,7 @@ def test_predict_pngs_agrees_with_in_process(exported: Exported, tmp_path: Path,
     rc = main(["predict", str(exported.folder), str(pngs), "--batch-size", "16", "--device", "cpu",
                "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 3
+    assert rc == ExitCode.INPUTS_SKIPPED
     assert "broken.png" in err and "not a readable image" in err and "Traceback" not in err
     rows = _read_csv(out.read_text())
     assert [r["path"] for r in rows] == [str(p) for p in paths]

@@ -13,12 +13,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from hpsearch.errors import ExitCode
 from hpsearch.store import open_storage
 from hpsearch.workers._forkserver import forkserver_launch, stop_forkserver
 from hpsearch.workers._supervisor import (
-    EXIT_DEVICE_BROKEN,
-    EXIT_FAILURE_STREAK,
-    EXIT_STORE_FULL,
     Supervisor,
     Worker,
     fail_running_trial,
@@ -32,8 +30,8 @@ def _study(url: str) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
     return storage, optuna.create_study(study_name="sup", storage=storage)
 
 
-def _exits_with(code: int) -> list[str]:
-    return [sys.executable, "-c", f"import sys; sys.exit({code})"]
+def _exits_with(code: int, after_s: float = 0.0) -> list[str]:
+    return [sys.executable, "-c", f"import sys, time; time.sleep({after_s}); sys.exit({int(code)})"]
 
 
 @pytest.mark.parametrize("storage_url", STORAGES_AND_PROXY, indirect=True)
@@ -74,8 +72,8 @@ def _supervise(tmp_path, command: list[str], n: int = 2, max_restarts: int = 3) 
 
 @pytest.mark.timeout(60)
 def test_a_worker_stopped_by_its_failure_streak_is_not_restarted(tmp_path) -> None:
-    code, events, workers = _supervise(tmp_path, _exits_with(EXIT_FAILURE_STREAK))
-    assert code == 1, "the study did not reach its trials"
+    code, events, workers = _supervise(tmp_path, _exits_with(ExitCode.WORKER_FAILURE_STREAK))
+    assert code == ExitCode.FAILURE_STREAK, "the study did not reach its trials"
     assert [w.restarts for w in workers] == [0, 0]
     assert sorted(events) == [f"worker {i} stopped: its trials failed in a row" for i in range(2)], events
 
@@ -84,8 +82,8 @@ def test_a_worker_stopped_by_its_failure_streak_is_not_restarted(tmp_path) -> No
 def test_a_failure_streak_is_told_once_while_another_worker_still_runs(tmp_path) -> None:
     storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
     events: list[str] = []
-    early = Worker(0, _exits_with(EXIT_FAILURE_STREAK), {})
-    late = Worker(1, [sys.executable, "-c", f"import sys, time; time.sleep(1); sys.exit({EXIT_FAILURE_STREAK})"], {})
+    early = Worker(0, _exits_with(ExitCode.WORKER_FAILURE_STREAK), {})
+    late = Worker(1, _exits_with(ExitCode.WORKER_FAILURE_STREAK, after_s=1), {})
     code = Supervisor(study, storage, [early, late], done=lambda: False, on_event=events.append, poll_s=0.05).run()
     assert code == 1
     # Many polls see worker 0 gone while worker 1 sleeps: its exit is dealt with once, not at every poll.
@@ -102,7 +100,7 @@ def test_a_crashing_worker_is_restarted_up_to_the_cap(tmp_path) -> None:
 
 @pytest.mark.timeout(60)
 def test_a_worker_whose_gpu_context_broke_is_restarted_not_taken_for_a_streak(tmp_path) -> None:
-    code, events, workers = _supervise(tmp_path, _exits_with(EXIT_DEVICE_BROKEN), max_restarts=2)
+    code, events, workers = _supervise(tmp_path, _exits_with(ExitCode.DEVICE_BROKEN), max_restarts=2)
     assert [w.restarts for w in workers] == [2, 2]
     assert sum("its GPU context broke (a sticky device error); restarting it" in e for e in events) == 4, events
     assert code == 1
@@ -112,7 +110,7 @@ def test_a_worker_whose_gpu_context_broke_is_restarted_not_taken_for_a_streak(tm
 def test_a_full_artifact_store_stops_every_worker_at_once(tmp_path) -> None:
     storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
     events: list[str] = []
-    full = Worker(0, [sys.executable, "-c", f"import sys, time; time.sleep(0.5); sys.exit({EXIT_STORE_FULL})"], {})
+    full = Worker(0, _exits_with(ExitCode.WORKER_STORE_FULL, after_s=0.5), {})
     busy = Worker(1, [sys.executable, "-c", "import time; time.sleep(60)"], {})
     started = time.monotonic()
     code = Supervisor(study, storage, [full, busy], done=lambda: False, on_event=events.append, poll_s=0.05).run()
@@ -129,7 +127,7 @@ def test_a_forked_worker_gets_its_environment_and_reports_its_exit_code(tmp_path
     """`run --workers` on the CPU forks its workers from a preloaded forkserver: each still gets the
     environment a fresh process would (its storage URL travels there), its exit code and its output."""
     study = write_study(tmp_path / "forked.toml", tiny_tables("forked"))
-    env = {**os.environ, "HPSEARCH_STORAGE": "nosuchdb://somewhere/x", "HPSEARCH_WORKER": "0"}
+    env = {**os.environ, "HPSEARCH_STORAGE": "nosuchdb://somewhere/x"}
     launch = forkserver_launch()
     try:
         worker = launch([str(study)], env)

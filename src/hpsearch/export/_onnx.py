@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hpsearch.errors import ExportError
+from hpsearch.errors import ExportError, first_line
 from hpsearch.predict import sha256_file
 
 if TYPE_CHECKING:
@@ -68,8 +68,8 @@ def write_onnx(folder: Path, ensemble: Ensemble) -> dict[str, Any]:
                                         output_names=[OUTPUT_NAME], dynamic_shapes={"x": {0: batch}},
                                         verbose=False)
     except Exception as err:  # the exporter raises many types; one line naming the step is what the CLI needs
-        first = next(iter(str(err).strip().splitlines()), "")
-        raise ExportError(f"torch.onnx could not export the ensemble ({type(err).__name__}: {first})") from None
+        raise ExportError(f"torch.onnx could not export the ensemble ({type(err).__name__}: "
+                          f"{first_line(err)})") from None
     if program is None:
         raise ExportError("torch.onnx returned no program for the ensemble")
     path = folder / ONNX_FILE

@@ -36,7 +36,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpsearch import __version__
 from hpsearch.ensemble import HARD_TIE_RULE, Candidate, EnsembleResult, Member
-from hpsearch.errors import EnsembleError, ExportError
+from hpsearch.errors import EnsembleError, ExportError, first_line
 from hpsearch.export._comparison import report_markdown
 from hpsearch.model import builder_kwargs
 from hpsearch.predict import (
@@ -216,7 +216,7 @@ def _write_member(folder: Path, store: ArtifactStore, trial: optuna.trial.Frozen
         plain_model(arch, n_classes, kwargs).load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ExportError(f"trial {trial.number}'s weights do not load into torchvision {arch} "
-                          f"({str(err).splitlines()[0]})") from None
+                          f"({first_line(err)})") from None
     name = f"member-{trial.number}.safetensors" if fold is None else f"member-{trial.number}-fold-{fold[0]}.safetensors"
     metadata = {"arch": arch, "trial": str(trial.number), "num_classes": str(n_classes),
                 **({"fold": str(fold[0])} if fold is not None else {})}

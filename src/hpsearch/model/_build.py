@@ -18,7 +18,7 @@ from torch import nn
 from torchvision import models
 
 from hpsearch.archs import family_of, resolve_path
-from hpsearch.errors import ConfigError
+from hpsearch.errors import ConfigError, first_line
 from hpsearch.model._settings import ModelSettings, StudyModelSettings
 
 
@@ -142,7 +142,7 @@ def check_model_config(cfg: ModelSettings, image_size: int) -> None:
         try:
             model.eval()(torch.empty(2, 3, image_size, image_size))
         except (RuntimeError, ValueError, AssertionError) as err:
-            reason = str(err).splitlines()[0][:160]
+            reason = first_line(err)[:160]
             raise ConfigError("data.image_size", f"{cfg.arch} cannot take {image_size}x{image_size} images "
                               f"({reason}); use a larger size such as 224") from None
 

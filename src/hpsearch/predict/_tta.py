@@ -24,8 +24,6 @@ import torch.nn.functional as F
 
 from hpsearch.errors import TTAError
 
-TTA_AUGMENTATIONS = ("crop", "flip")  # the recorded augmentations that give views; others are ignored
-
 
 def manifest_augment(manifest: Mapping[str, Any]) -> tuple[str, ...]:
     """The study's training augmentations as the manifest records them; TTAError when it records none."""

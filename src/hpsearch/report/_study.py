@@ -39,7 +39,7 @@ from optuna.trial import FrozenTrial
 from hpsearch.config import StudyConfig
 from hpsearch.data import RecordMismatch, rebuild_study_data
 from hpsearch.ensemble import fold_outputs, member_log_probs
-from hpsearch.errors import ReportError
+from hpsearch.errors import ReportError, first_line
 from hpsearch.export import staged_dir
 from hpsearch.monitor import trials_frame
 from hpsearch.record import read_study_record, read_trial_record
@@ -182,7 +182,7 @@ def validation_images(study: optuna.Study, outputs: TrialOutputs | None = None) 
     except RecordMismatch as err:
         raise plots.PlotSkipped(f"the data here no longer gives the study's recorded {err.part}") from None
     except (ValueError, OSError) as err:  # ConfigError, DataError and pydantic's ValidationError are ValueErrors
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise plots.PlotSkipped(f"the study's images cannot be loaded here ({reason})") from None
     if outputs is not None and outputs.val_index is not None:
         if data.folds is None:  # out-of-fold outputs of a study that records no folds

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from hpsearch.errors import first_line
+
 _log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ def free_device_memory() -> None:
         try:
             torch.cuda.empty_cache()
         except RuntimeError as err:  # a context a sticky error broke: the process is about to exit anyway
-            _log.warning("could not free GPU memory (%s)", str(err).splitlines()[0] if str(err) else err)
+            _log.warning("could not free GPU memory (%s)", first_line(err))
 
 
 def memory_in_use(device: torch.device) -> dict[str, float]:

@@ -30,6 +30,7 @@ from hpsearch import keys
 from hpsearch._testhooks import hold_at
 from hpsearch.config import SpaceSection, StudyConfig
 from hpsearch.data import StudyData, trial_data
+from hpsearch.errors import StoreFullError, first_line
 from hpsearch.model import init_weights_tag
 from hpsearch.record import read_trial_record
 from hpsearch.search._cv_trial import CrossValidation
@@ -38,7 +39,6 @@ from hpsearch.search._tracking import TrialLogs, TrialTracker
 from hpsearch.store import (
     OUTPUTS_FILE,
     WEIGHTS_FILE,
-    StoreFull,
     StudyArtifacts,
     TrialOutputs,
     download_to,
@@ -239,7 +239,7 @@ class Objective:
     def _crashed(self, trial: optuna.Trial, err: Exception) -> str:
         """Record why the trial failed and re-raise `err`; an out-of-memory comes back as one line instead (the
         exception would keep the trial's tensors alive: the caller frees them once it is gone)."""
-        if isinstance(err, StoreFull) or store_full_reason(err) is not None:
+        if isinstance(err, StoreFullError) or store_full_reason(err) is not None:
             # Not the trial's fault: it is queued again (StopOnFullStore), its checkpoint kept for it.
             trial.set_user_attr(keys.FAIL_REASON, self._full_store_line(trial, err))
             trial.set_user_attr(keys.STORE_FULL, True)
@@ -253,8 +253,7 @@ class Objective:
             raise err
         if is_out_of_memory(err):
             where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            return f"out of memory on {where}: {first[:500]}"
+            return f"out of memory on {where}: {first_line(err)[:500]}"
         trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
         trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
         self._discard(trial)  # nothing retries a crashed trial: its files would only take space
@@ -341,7 +340,7 @@ class Objective:
 
     def _full_store_line(self, trial: optuna.Trial, err: Exception) -> str:
         """One line: the store, its free space, what a trial needs, the fix, and the retry."""
-        why = str(err) if isinstance(err, StoreFull) else f"{store_full_reason(err)} writing {err}"
+        why = str(err) if isinstance(err, StoreFullError) else f"{store_full_reason(err)} writing {err}"
         free = free_bytes(self.files.location)
         sizes = self.files.sizes
         weights = sizes.get(WEIGHTS_FILE, self.state_bytes)

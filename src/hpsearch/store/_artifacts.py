@@ -33,7 +33,7 @@ from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, downlo
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpsearch import keys
-from hpsearch.errors import ArtifactStoreError
+from hpsearch.errors import ArtifactStoreError, StoreFullError
 from hpsearch.record import read_study_record, read_trial_record
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class StudyArtifacts:
     _ids: dict[int, int] = field(default_factory=dict, repr=False)  # trial number -> trial id
 
     def upload(self, trial_number: int, path: Path, *, listed: bool = True) -> str:
-        """Write the file at `path` to the store; its artifact id. A store without room raises StoreFull."""
+        """Write the file at `path` to the store; its artifact id. A store without room raises StoreFullError."""
         artifact_id = str(uuid.uuid4())
         self.sizes[path.name] = path.stat().st_size
         try:
@@ -218,7 +218,7 @@ class StudyArtifacts:
             reason = store_full_reason(err)
             if reason is None:
                 raise
-            raise StoreFull(f"{reason} writing {path.name} to {self.location}") from None
+            raise StoreFullError(f"{reason} writing {path.name} to {self.location}") from None
         if listed:
             meta = {"artifact_id": artifact_id, "filename": path.name, "mimetype": OCTET_STREAM, "encoding": None}
             self._list(trial_number, artifact_id, meta)
@@ -243,9 +243,6 @@ class StudyArtifacts:
 
 # ----------------------------------------------------------------------------------------- a full store
 
-
-class StoreFull(Exception):
-    """A write found no room in the store (ENOSPC, a quota): not the trial's fault, so the run stops."""
 
 
 # S3 error codes that mean "no room" (AWS, MinIO, Ceph): the run stops at once instead of failing trial after trial.

@@ -16,7 +16,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
-from hpsearch.errors import StorageError
+from hpsearch.errors import StorageError, first_line
 from hpsearch.store._proxy import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, is_proxy_url
 from hpsearch.store._redact import redact
 from hpsearch.store._storage import open_storage
@@ -64,7 +64,7 @@ def _fail_stale_trials_every(storage: BaseStorage, every_s: float, stop: threadi
                                  summary.study_name)
         except Exception as err:  # the database may be down for a while: check again later
             _log.warning("stale-trial check failed (%s); retrying in %.0f s",
-                         str(err).splitlines()[0] if str(err) else type(err).__name__, every_s)
+                         first_line(err), every_s)
 
 
 def _stale_failed(study: optuna.Study) -> list[FrozenTrial]:

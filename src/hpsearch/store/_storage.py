@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from hpsearch import keys
-from hpsearch.errors import StorageError
+from hpsearch.errors import StorageError, first_line
 from hpsearch.store._redact import redact
 
 _log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class _RDBStorage(optuna.storages.RDBStorage):
             super().record_heartbeat(trial_id)
         except Exception as err:  # the thread must live on whatever the driver raised
             _log.warning("heartbeat of trial id %s missed (%s); retrying at the next beat", trial_id,
-                         str(err).splitlines()[0] if str(err) else type(err).__name__)
+                         first_line(err))
 
 
 def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
@@ -119,8 +119,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_g
     except StorageError:
         raise
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StorageError(f"storage: cannot open {redact(url)} ({first})") from None
+        raise StorageError(f"storage: cannot open {redact(url)} ({first_line(err)})") from None
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:

@@ -5,11 +5,9 @@ worker's trial.
 from __future__ import annotations
 
 from hpsearch.workers._forkserver import start_forkserver, stop_forkserver
-from hpsearch.workers._supervisor import EXIT_FAILURE_STREAK, EXIT_STORE_FULL, install_stop_handler, run_workers
+from hpsearch.workers._supervisor import install_stop_handler, run_workers
 
 __all__ = [
-    "EXIT_FAILURE_STREAK",
-    "EXIT_STORE_FULL",
     "install_stop_handler",
     "run_workers",
     "start_forkserver",

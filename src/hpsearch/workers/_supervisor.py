@@ -26,7 +26,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
-from hpsearch.errors import DeviceBrokenError, UsageError
+from hpsearch.errors import ExitCode, UsageError
 from hpsearch.record import read_trial_record
 from hpsearch.store import finished_trials, has_retry, pending, retry_failed, target_reached
 from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
@@ -34,12 +34,6 @@ from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launc
 if TYPE_CHECKING:
     from hpsearch.search import Run
 
-# A worker's exit code when it stopped because trials failed in a row (not a crash: not restarted).
-EXIT_FAILURE_STREAK = 4
-# ... and when the artifact store had no room for a trial's files: the supervisor stops the whole run.
-EXIT_STORE_FULL = 5
-# ... and when a sticky device error broke its GPU context: restarted (a fresh context), never a streak.
-EXIT_DEVICE_BROKEN = DeviceBrokenError.exit_code
 STOP_GRACE_S = 30.0
 
 
@@ -54,7 +48,6 @@ def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, st
     env = dict(os.environ)
     if storage is not None:
         env["HPSEARCH_STORAGE"] = storage
-    env["HPSEARCH_WORKER"] = str(index)
     env["HPSEARCH_APP_NAME"] = f"hpsearch-worker-{index}"
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpus[(index // per_gpu) % len(gpus)])
@@ -159,8 +152,9 @@ class Supervisor:
     max_restarts: int = 10
     _stopping: bool = field(default=False, init=False)
 
-    def run(self) -> int:
-        """0 when the study holds its trials, 1 when workers gave up, 2 on a full artifact store, 130 stopped."""
+    def run(self) -> ExitCode:
+        """OK when the study holds its trials, FAILURE_STREAK when workers gave up, BAD_INPUT on a full artifact
+        store, INTERRUPTED when stopped."""
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for worker in self.workers:
@@ -174,7 +168,7 @@ class Supervisor:
     def _stop(self, signum: int, _frame: object) -> None:
         self._stopping = True
 
-    def _watch(self) -> int:
+    def _watch(self) -> ExitCode:
         while not self._stopping:
             alive = 0
             for worker in self.workers:
@@ -187,26 +181,26 @@ class Supervisor:
                     continue  # a worker returns 0 once the study holds its trials
                 self._reap(worker, code)
                 worker.handled = True  # a restart below starts it anew
-                if code == EXIT_FAILURE_STREAK:
+                if code == ExitCode.WORKER_FAILURE_STREAK:
                     # It stopped on purpose (its trials kept failing): restarting would only burn more trials.
                     self.on_event(f"worker {worker.index} stopped: its trials failed in a row")
                     continue
-                if code == EXIT_STORE_FULL:
+                if code == ExitCode.WORKER_STORE_FULL:
                     # Every worker writes to the same store: stop them all now (their trials are queued again).
                     self.on_event(f"worker {worker.index} found the artifact store full; stopping every worker")
-                    return 2
+                    return ExitCode.BAD_INPUT  # as a single-process run on a full store
                 if self.done() or worker.restarts >= self.max_restarts:
                     continue
                 worker.restarts += 1
-                why = ("its GPU context broke (a sticky device error)" if code == EXIT_DEVICE_BROKEN
+                why = ("its GPU context broke (a sticky device error)" if code == ExitCode.DEVICE_BROKEN
                        else f"exited with {code}")
                 self.on_event(f"worker {worker.index} {why}; restarting it")
                 worker.start()
                 alive += 1
             if alive == 0:
-                return 0 if self.done() else 1
+                return ExitCode.OK if self.done() else ExitCode.FAILURE_STREAK
             time.sleep(self.poll_s)
-        return 130
+        return ExitCode.INTERRUPTED
 
     def _reap(self, worker: Worker, code: int) -> None:
         cause = f"signal {-code}" if code < 0 else f"exit code {code}"
@@ -253,7 +247,7 @@ def install_stop_handler() -> None:
 
 
 def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, per_gpu: int = 1,
-                timeout: float | None = None, on_event: Callable[[str], None] = print) -> int:
+                timeout: float | None = None, on_event: Callable[[str], None] = print) -> ExitCode:
     """`run --workers N`: N `hpsearch worker` processes on this study, pinned round-robin to `gpus` (default:
     every visible GPU unless the run is on the CPU), supervised until the study holds its trials."""
     pinned = [] if run.device.type == "cpu" else list(gpus or visible_gpus())

@@ -1,0 +1,91 @@
+"""`ensemble`, `report`, `predict` and `select`: what a finished study gives: an exported ensemble, a report, and
+predictions or uncertainty sampling with that export."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable
+
+from hpsearch.cli._output import console, out, print_unwrapped
+from hpsearch.errors import ExitCode
+
+
+def cmd_ensemble(args: argparse.Namespace) -> ExitCode:
+    from hpsearch.export import export_ensemble, result_table
+
+    exported = export_ensemble(
+        args.study, storage=args.storage, artifacts=args.artifacts, top_k=args.top_k, method=args.method,
+        out=args.out, export=not args.no_export, onnx=args.onnx, device=args.device,
+        on_warning=lambda line: console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True),
+        on_start=lambda line: console.print(line, highlight=False))
+    result, folder = exported.result, exported.folder
+    folds = any(m.fold_artifacts for m in result.members)
+    print_unwrapped(result_table(result, f"top {len(exported.selection.candidates)} trials of "
+                                         f"{exported.study_name!r}: val NLL on "
+                                         f"{'out-of-fold train+val' if folds else 'validation'}, the rest on test; "
+                                         "(T) after temperature scaling"))
+    for note in result.notes:
+        out.print(f"- {note}", highlight=False, soft_wrap=True)
+    written = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
+                                         f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
+                                         + (", ensemble.onnx" if args.onnx else "") + ")")
+    console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
+    return ExitCode.OK
+
+
+def cmd_report(args: argparse.Namespace) -> ExitCode:
+    from hpsearch.report import REPORT_FILE, write_report
+
+    written = write_report(args.study, storage=args.storage, artifacts=args.artifacts, out=args.out,
+                           on_file=lambda path: console.print(f"wrote {path}", highlight=False, soft_wrap=True),
+                           ensemble=args.ensemble)
+    for note in written.notes:
+        console.print(f"- {note}", highlight=False, soft_wrap=True)
+    console.print(f"report with {len(written.figures)} figures, per class from trial {written.trial}: "
+                  f"{written.folder / REPORT_FILE}", highlight=False, soft_wrap=True)
+    return ExitCode.OK
+
+
+def cmd_predict(args: argparse.Namespace) -> ExitCode:
+    from hpsearch.predict import predict_csv
+
+    return _scored_csv(args, lambda ensemble, paths, sink, device, warn: predict_csv(
+        ensemble, paths, sink, args.batch_size, device, warn, tta=args.tta), "predicted")
+
+
+def cmd_select(args: argparse.Namespace) -> ExitCode:
+    from hpsearch.predict import select_csv
+
+    return _scored_csv(args, lambda ensemble, paths, sink, device, warn: select_csv(
+        ensemble, paths, sink, args.n, args.by, args.batch_size, device, warn, tta=args.tta),
+        f"selected by {args.by}:")
+
+
+def _scored_csv(args: argparse.Namespace, write: Callable[..., int], what: str) -> ExitCode:
+    """predict and select alike: open the export, write the CSV, name every skipped input on stderr."""
+    from hpsearch.predict import open_for_scoring
+    from hpsearch.train import resolve_device
+
+    device = resolve_device(args.device)
+    ensemble, paths, skipped = open_for_scoring(args.dir, args.inputs, device, tta=args.tta)
+    for line in skipped:
+        _print_skipped(line)
+
+    def skip(line: str) -> None:
+        skipped.append(line)
+        _print_skipped(line)
+
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(args.out, "w", newline="", encoding="utf-8")) if args.out else sys.stdout
+        n = write(ensemble, paths, sink, device, skip)
+    console.print(f"{what} {n} image(s){f' into {args.out}' if args.out else ''}; {len(skipped)} skipped",
+                  highlight=False)
+    return ExitCode.INPUTS_SKIPPED if skipped else ExitCode.OK
+
+
+def _print_skipped(line: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[yellow]skipped[/]: {escape(line)}", highlight=False, soft_wrap=True)

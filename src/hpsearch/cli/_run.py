@@ -1,0 +1,162 @@
+"""`check`, `run` and `worker`: validating a study file and running its trials, here or in worker processes.
+
+Each command reads the study file before it imports torch: a bad file is refused at once, not after torch and
+torchvision are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING, Any
+
+from hpsearch.cli._output import console, out, print_cache, print_error
+from hpsearch.errors import DeviceBrokenError, ExitCode, StoreFullError
+
+if TYPE_CHECKING:
+    from hpsearch.config import StudyConfig
+    from hpsearch.search import Run
+
+
+def _read_file_first(args: argparse.Namespace) -> StudyConfig:
+    from hpsearch.config import read_study_file
+
+    return read_study_file(args.study)
+
+
+def cmd_check(args: argparse.Namespace) -> ExitCode:
+    cfg = _read_file_first(args)
+
+    from hpsearch.model import check_study_model
+    from hpsearch.store import redact, resolve_storage_url
+
+    check_study_model(cfg)
+    url = resolve_storage_url(args.storage, cfg.study.storage)
+    out.print(f"[bold]{args.study}[/] is valid")
+    out.print(f"storage: {redact(url)}")
+    print_cache(cfg)
+    out.print_json(data=cfg.model_dump(mode="json"))
+    return ExitCode.OK
+
+
+def cmd_run(args: argparse.Namespace) -> ExitCode:
+    cfg = _read_file_first(args)
+    if args.workers > 1 and _cpu_workers_likely(args.device or cfg.train.device):
+        from hpsearch.workers import start_forkserver, stop_forkserver
+
+        start_forkserver()  # it imports torch for the workers while this process imports its own
+        try:
+            return _run(args)
+        finally:
+            stop_forkserver()
+    return _run(args)
+
+
+def _cpu_workers_likely(device: str) -> bool:
+    """Whether `run --workers` will fork CPU workers, told without importing torch: a CPU device, or `auto` on
+    a machine with no NVIDIA device node. Only a head start: `run_workers` decides from the resolved device."""
+    return device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl"))
+
+
+def _open_run(args: argparse.Namespace, worker: int = 0) -> Run:
+    import optuna
+
+    from hpsearch.search import open_run
+
+    run = open_run(args.study, storage=args.storage, artifacts=args.artifacts, device=args.device,
+                   n_trials=args.n_trials, worker=worker)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return run
+
+
+def _run(args: argparse.Namespace) -> ExitCode:
+    from hpsearch.monitor import top_trials_table
+    from hpsearch.store import finished_trials, redact
+
+    run = _open_run(args)
+    cfg, study = run.cfg, run.study
+    folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
+    console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{run.n_trials} "
+                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}{folds}, "
+                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}")
+    if args.workers > 1:
+        from hpsearch.workers import run_workers
+
+        code = run_workers(run, args.workers, gpus=args.gpus, per_gpu=args.workers_per_gpu, timeout=args.timeout,
+                           on_event=lambda line: console.print(line, highlight=False))
+        console.print(f"{finished_trials(study)}/{run.n_trials} finished trials")
+        out.print(top_trials_table(study, cfg.ensemble.top_k))
+        return code
+    return _run_here(args, run)
+
+
+def _run_here(args: argparse.Namespace, run: Run) -> ExitCode:
+    """The trials in this process, with a progress bar of trials and of the running trial's epochs."""
+    import optuna
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hpsearch.monitor import describe_trial, top_trials_table
+    from hpsearch.record import read_trial_record
+    from hpsearch.search import run_trials
+    from hpsearch.store import best_trial, finished_trials
+    from hpsearch.train import EpochMetrics
+    from hpsearch.workers import install_stop_handler
+
+    cfg, study, n_trials = run.cfg, run.study, run.n_trials
+    install_stop_handler()  # SIGTERM, like Ctrl-C, ends the running trial FAIL now and queues its retry
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        trials_task = progress.add_task("trials", total=n_trials, completed=finished_trials(study))
+        epoch_task = progress.add_task("epochs", total=cfg.train.epochs * max(1, cfg.data.folds))
+
+        def on_epoch(trial: Any, m: EpochMetrics) -> None:
+            done = len(read_trial_record(trial).folds) * cfg.train.epochs  # with folds: its finished folds' epochs
+            progress.update(epoch_task, completed=done + m.epoch + 1,
+                            description=f"trial {trial.number} val_acc {m.val_accuracy:.4f}")
+
+        def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            progress.console.print(describe_trial(trial))
+            best = best_trial(study)
+            progress.update(trials_task, completed=min(n_trials, finished_trials(study)),
+                            description=f"trials (best {f'{best.value:.4f}' if best is not None else '-'})")
+            progress.reset(epoch_task)
+
+        guard = run_trials(study, run.objective(on_epoch=on_epoch), n_trials, timeout=args.timeout,
+                           callbacks=[on_trial])
+    out.print(top_trials_table(study, cfg.ensemble.top_k))
+    if guard.stopped:
+        console.print(f"stopped: {guard.stopped}", highlight=False, soft_wrap=True)
+    if guard.tripped:
+        console.print(f"[red]stopped[/]: {guard.limit} trials failed in a row; see `hpsearch status "
+                      f"{args.study}` and each trial's fail_reason")
+        return ExitCode.FAILURE_STREAK
+    return ExitCode.OK
+
+
+def cmd_worker(args: argparse.Namespace) -> ExitCode:
+    """One worker: what `run --workers N` starts, and what other machines run against one storage."""
+    _read_file_first(args)
+
+    import optuna
+
+    from hpsearch.monitor import describe_trial
+    from hpsearch.search import run_trials
+    from hpsearch.workers import install_stop_handler
+
+    install_stop_handler()
+    run = _open_run(args, worker=args.worker_index)
+
+    def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        console.print(f"[dim]worker {args.worker_index}[/] " + describe_trial(trial), highlight=False)
+
+    try:
+        guard = run_trials(run.study, run.objective(), run.n_trials, timeout=args.timeout, callbacks=[on_trial])
+    except StoreFullError as full:
+        print_error(str(full))
+        return ExitCode.WORKER_STORE_FULL  # the supervisor stops every worker: their next trials find no room
+    except DeviceBrokenError as broken:
+        print_error(str(broken))
+        return broken.exit_code  # the supervisor restarts this worker with a fresh GPU context
+    if guard.stopped:
+        console.print(f"[dim]worker {args.worker_index}[/] stopped: {guard.stopped}", highlight=False, soft_wrap=True)
+    return ExitCode.WORKER_FAILURE_STREAK if guard.tripped else ExitCode.OK

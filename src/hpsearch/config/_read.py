@@ -1,0 +1,107 @@
+"""Reading a study file: TOML to a validated `StudyConfig`, the checks that span tables or look outside the file,
+and pydantic's errors turned into one `ConfigError` line naming the field and the fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from hpsearch.archs import resolve_path
+from hpsearch.config._study import StudyConfig
+from hpsearch.errors import ConfigError
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith(("function-", "function_")))]
+    # pydantic puts the validator's name or a union member in `loc`; keep the user's key path.
+    parts = [p for p in parts if p not in {"tuple[float, float]", "list[...]", "function-after", "function-before"}]
+    return ".".join(parts) if parts else "(file)"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table at `loc` takes, for naming them when a key is unknown."""
+    model: type[BaseModel] = StudyConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return [name for name, field in model.model_fields.items() if not field.exclude]
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        return f"unknown key; allowed here: {', '.join(allowed)}" if allowed else (
+            "unknown key; check its spelling against the study-file reference in README.md")
+    if kind == "missing":
+        return "is required"
+    if kind == "literal_error":
+        allowed = error.get("ctx", {}).get("expected", "")
+        return f"{error['input']!r} is not allowed; use one of {allowed}"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def parse_study(data: dict[str, Any], source: str | Path | None = None) -> StudyConfig:
+    _check_one_checkpoint_rule(data, source)
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(_field_path(first["loc"]), _message(first), source) from None
+    _check_weights_file(config, source)
+    _check_pruner_folds(config, source)
+    _check_tracking_installed(config, source)
+    return config.model_copy(update={"source": str(source) if source else None})
+
+
+def _check_one_checkpoint_rule(data: dict[str, Any], source: str | Path | None) -> None:
+    train = data.get("train")
+    if isinstance(train, dict) and "checkpoint_every" in train and "checkpoint_minutes" in train:
+        raise ConfigError("train.checkpoint_minutes", "set checkpoint_every (epochs) or checkpoint_minutes, not "
+                          "both; remove one", source)
+
+
+def _check_weights_file(config: StudyConfig, source: str | Path | None) -> None:
+    if config.model.weights_kind == "file":
+        path = resolve_path(config.model.weights, source)
+        if not path.is_file():
+            raise ConfigError(
+                "model.weights", f"local weights file {str(path)!r} does not exist; give an existing "
+                ".safetensors/.pt file, a torchvision weights name such as DEFAULT, or none", source
+            )
+
+
+def _check_pruner_folds(config: StudyConfig, source: str | Path | None) -> None:
+    if config.study.pruner == "wilcoxon" and not config.data.folds:
+        raise ConfigError("study.pruner", "'wilcoxon' compares trials fold by fold and needs [data] folds = K "
+                          "(K >= 2); set folds, or use median, hyperband or none", source)
+
+
+def _check_tracking_installed(config: StudyConfig, source: str | Path | None) -> None:
+    # Here, not in a validator: a recorded config re-validated by `ensemble` or `report` needs no TensorBoard.
+    # find_spec imports nothing (this module stays free of torch and tensorboard).
+    if config.tracking.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tracking.tensorboard", "[tracking] tensorboard = true needs the tensorboard package, "
+                          "which is not installed; run `pip install -e '.[tensorboard]'` or set it to false", source)
+
+
+
+
+def read_study_file(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("study file", f"{str(path)!r} does not exist; pass a studies/*.toml file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("(file)", f"is not valid TOML: {err}", path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("(file)", "is not UTF-8 text; save it as UTF-8 TOML", path) from None
+    return parse_study(data, path)

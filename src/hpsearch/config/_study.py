@@ -1,0 +1,34 @@
+"""`StudyConfig`: a whole study file, its tables as typed sections."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import Field
+
+from hpsearch.config._sections import (
+    DataSection,
+    EnsembleSection,
+    ModelSection,
+    Strict,
+    StudySection,
+    TrackingSection,
+    TrainSection,
+)
+from hpsearch.config._space import SpaceSection
+
+
+class StudyConfig(Strict):
+    study: StudySection
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    space: SpaceSection = Field(default_factory=SpaceSection)
+    ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    # Where the file was read from; relative paths in it resolve against its folder's parent project.
+    source: str | None = Field(None, exclude=True)
+
+    def space_fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.space.fingerprint_data(), sort_keys=True).encode()).hexdigest()[:16]
