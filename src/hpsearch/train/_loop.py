@@ -201,7 +201,7 @@ def _start_run(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialDa
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # the batch order, drawn on the CPU on every device
     # Augmentation draws on the device itself on a GPU (no host round trip per step); on the CPU the same
-    # generator as the order, as before.
+    # generator as the order: one random stream, so a CPU trial gives what existing studies recorded.
     aug = torch.Generator(device=device).manual_seed(seed) if cuda else gen
     fmt = torch.channels_last if cuda else torch.contiguous_format
     with device:  # built on its device: no host copy of the weights first
