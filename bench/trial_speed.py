@@ -10,7 +10,7 @@ On one device, model and batch size, after a warm-up, the median images/s over `
    item), PIL transforms (random crop with 4 px padding, flip, ToTensor, Normalize), `DataLoader(num_workers=
    min(8, cpus), pin_memory=True, shuffle=True)`, fp32, `loss.item()` every step;
 2. naive-bf16: the same under bf16 autocast;
-3. ours: hpsearch's trial loop (`hpsearch.train.train_steps` on `trial_data`: uint8 batches on the device,
+3. ours: hpsearch's trial loop (`hpsearch.train._loop.train_steps` on `trial_data`: uint8 batches on the device,
    batched crop + flip, the study's precision), resident and streamed;
 4. bare: the optimizer step alone on random tensors already on the device.
 
