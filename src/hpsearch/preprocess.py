@@ -9,6 +9,7 @@ This module imports no config and no Optuna, so an exported ensemble loads and p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,10 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             width, height = img.size
-            if width * height > MAX_IMAGE_PIXELS or min(width, height) < 1:
-                raise _TooLarge(width, height)
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _TooLarge(f"{width} x {height} = {width * height:,} pixels")
+            if min(width, height) < 1:
+                raise ValueError("no pixels")
             # A phone's photo stores its rotation in EXIF: applied, as every viewer does.
             img = ImageOps.exif_transpose(img).convert("RGB")
             scale = size / min(img.size)
@@ -89,21 +92,19 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
             left, top = (new[0] - size) // 2, (new[1] - size) // 2
             img = img.crop((left, top, left + size, top + size))
             array = np.asarray(img, dtype=np.uint8)
-    except _TooLarge as err:
-        raise DataError(f"{path}: not a readable image ({err.width} x {err.height} pixels, over the limit of "
-                        f"{MAX_IMAGE_PIXELS:,}; a decompression bomb?); shrink or remove the file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # PIL's own limit, when it is lower
-        raise DataError(f"{path}: not a readable image (over PIL's pixel limit; a decompression bomb?); shrink or "
-                        "remove the file") from None
+    except (_TooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Image.open itself refuses (or, as an error, warns about) sizes over PIL's limit, before our check.
+        pil = re.search(r"\((\d+) pixels\)", str(err))  # PIL: "Image size (N pixels) exceeds limit of ..."
+        declared = str(err) if isinstance(err, _TooLarge) else f"{int(pil[1]):,} pixels" if pil else "more pixels"
+        raise DataError(f"{path}: not a readable image (it declares {declared}, more than the limit of "
+                        f"{MAX_IMAGE_PIXELS:,}: a decompression bomb?); shrink or remove the file") from None
     except Exception as err:  # any decoder error is this file's: a bad image, never a traceback
         raise DataError(f"{path}: not a readable image ({err.__class__.__name__}); fix or remove the file") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 class _TooLarge(Exception):
-    def __init__(self, width: int, height: int) -> None:
-        super().__init__(width, height)
-        self.width, self.height = width, height
+    """A header declaring more than MAX_IMAGE_PIXELS pixels (decode_image's own check)."""
 
 
 def image_files(folder: Path, refuse: Callable[[Path, Path], None], within: Path | None = None) -> list[Path]:
