@@ -10,10 +10,12 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -393,6 +395,21 @@ def held_trials(url: str, name: str, n: int, proc: subprocess.Popen[bytes], proc
 def solid_png(path: Path, colour: tuple[int, int, int], size: tuple[int, int]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def bomb_png(path: Path, side: int = 20_000) -> Path:
+    """A real, valid PNG of a few tens of KiB whose header declares side x side pixels (1-bit grey, all black):
+    a decompression bomb (20,000 x 20,000 = 400 megapixels, 1.2 GB as RGB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    rows = (b"\x00" * (1 + (side + 7) // 8)) * 1000  # filter byte 0, then the row's packed bits
+    body = b"".join(packer.compress(rows) for _ in range(side // 1000)) + packer.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
     return path
 
 

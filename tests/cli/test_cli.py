@@ -23,7 +23,17 @@ from rich.console import Console
 from hpsearch import __version__
 from hpsearch.monitor import describe_trial
 from hpsearch.store import open_storage
-from tests.support import STORAGES, cli_env, free_port, postgres_database, run_cli, tiny_tables, write_study
+from tests.support import (
+    STORAGES,
+    bomb_png,
+    cli_env,
+    colour_folder,
+    free_port,
+    postgres_database,
+    run_cli,
+    tiny_tables,
+    write_study,
+)
 
 BIN = Path(sys.executable).parent
 STUDY = "clitiny"
@@ -113,6 +123,21 @@ def test_run_with_an_unusable_storage_exits_2_before_training(tmp_path):
     assert done.returncode == 2
     assert "does not exist; create it first" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize("hostile", ["bomb", "link"])
+def test_run_on_a_folder_with_a_bomb_or_a_link_out_exits_2_naming_it(tmp_path, hostile):
+    root = colour_folder(tmp_path / "ds", {"train": 3})
+    if hostile == "bomb":
+        bad = bomb_png(root / "train" / "dog" / "bomb.png")  # 48 KiB declaring 20,000 x 20,000
+    else:
+        bad = root / "train" / "everything"
+        bad.symlink_to("/")  # a class folder linked to /: refused, never crawled
+    study = write_study(tmp_path / "t.toml", tiny_tables("t", data={
+        "dataset": "imagefolder", "root": str(root), "image_size": 16, "subset": 0, "cache_dir": str(tmp_path / "c")}))
+    done = run_cli("run", str(study), "--storage", f"sqlite:///{tmp_path / 'x.db'}", cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"{bad}:" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_failure_reason_with_brackets_prints_as_written():

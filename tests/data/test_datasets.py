@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -11,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from hpsearch import preprocess
 from hpsearch.config import DataSection
 from hpsearch.data import ImagePool, Split, load_pool, make_split, preprocess_for
 from hpsearch.data._augment import augment, cutout, random_crop, random_flip
 from hpsearch.data._datasets import digits_arrays
 from hpsearch.data._stats import IMAGENET_MEAN, IMAGENET_STD
 from hpsearch.errors import DataError
-from hpsearch.preprocess import Preprocess
-from tests.support import COLOURS, colour_folder, solid_png
+from hpsearch.preprocess import Preprocess, decode_image
+from tests.support import COLOURS, bomb_png, colour_folder, solid_png
 
 # ------------------------------------------------------------------------------------------- digits
 
@@ -213,6 +215,66 @@ def test_imagefolder_truncated_png_names_the_file(tmp_path: Path) -> None:
     good.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"big\.png"):
         load_pool(DataSection(dataset="imagefolder", root=str(root), image_size=16))
+
+
+def test_imagefolder_decompression_bomb_is_a_bad_image(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "ds", {"train": 2})
+    bomb = bomb_png(root / "train" / "dog" / "bomb.png")  # 48 KiB declaring 20,000 x 20,000
+    data = dict(dataset="imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as info:
+        load_pool(DataSection(**data))
+    message = str(info.value)
+    assert str(bomb) in message and "\n" not in message
+    pool = load_pool(DataSection(**data, bad_images="skip"))
+    assert pool.skipped == ("train/dog/bomb.png",) and len(pool.labels) == 6
+
+
+def test_decode_image_refuses_above_the_documented_pixel_limit(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    png = solid_png(tmp_path / "wide.png", (9, 9, 9), (30, 20))  # 600 pixels
+    assert decode_image(png, 8).shape == (3, 8, 8)
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 599)  # checked from the header, before decoding
+    with pytest.raises(DataError, match=r"wide\.png.*30 x 20.*599"):
+        decode_image(png, 8)
+
+
+def _linked_folder(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A folder whose dog/ class links out (a folder elsewhere), with a file linked out and links kept inside."""
+    root = colour_folder(tmp_path / "ds", {"train": 2})
+    outside = colour_folder(tmp_path / "elsewhere", {"train": 2})
+    os.symlink(outside / "train" / "cat", root / "train" / "dog-out")  # a class folder linked elsewhere
+    os.symlink(outside / "train" / "eel" / "0.png", root / "train" / "cat" / "out.png")  # a file linked elsewhere
+    os.symlink(root / "train" / "eel" / "0.png", root / "train" / "cat" / "in.png")  # inside: followed
+    os.symlink(root / "train" / "eel", root / "train" / "cat" / "sub")  # inside: followed
+    return root, root / "train" / "dog-out", root / "train" / "cat" / "out.png"
+
+
+def test_imagefolder_links_out_of_the_folder_are_refused(tmp_path: Path) -> None:
+    root, class_link, file_link = _linked_folder(tmp_path)
+    data = dict(dataset="imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as info:
+        load_pool(DataSection(**data))
+    message = str(info.value)
+    assert (str(class_link) in message or str(file_link) in message) and "\n" not in message
+    assert "link out of data.root" in message and "bad_images = \"skip\"" in message
+    pool = load_pool(DataSection(**data, bad_images="skip"))
+    assert set(pool.skipped) == {"train/dog-out", "train/cat/out.png"}
+    assert pool.classes == ["cat", "dog", "eel"]
+    # cat: its 2 own, in.png and sub/ (eel's 2), all inside; out.png left out
+    assert len(pool.labels) == 5 + 2 + 2 and int((pool.labels == 0).sum()) == 5
+
+
+def test_imagefolder_class_folder_linked_to_the_root_is_not_crawled(tmp_path: Path) -> None:
+    root = colour_folder(tmp_path / "ds", {"train": 2})
+    os.symlink("/", root / "train" / "everything")
+    os.symlink(root / "train" / "cat", root / "train" / "cat" / "loop")  # inside, a loop: walked once
+    data = dict(dataset="imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="everything"):
+        load_pool(DataSection(**data))
+    start = time.perf_counter()
+    pool = load_pool(DataSection(**data, bad_images="skip"))
+    assert pool.skipped == ("train/everything",) and len(pool.labels) == 6
+    assert time.perf_counter() - start < 30
 
 
 def test_imagefolder_without_train_folder(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from hpsearch.errors import ExitCode, ExportError
 from hpsearch.predict import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
 from hpsearch.predict._score import BY, entropy, select_csv, uncertainty
 from hpsearch.preprocess import Preprocess
-from tests.support import N_MEMBERS, Exported, member_state
+from tests.support import N_MEMBERS, Exported, bomb_png, member_state
 
 # ------------------------------------------------------------------------------------- loading an export
 
@@ -155,6 +156,25 @@ def test_predict_all_good_exits_0(exported: Exported, tmp_path: Path, capsys: py
     assert main(["predict", str(exported.folder), *map(str, paths)]) == 0
     rows = _read_csv(capsys.readouterr().out)
     assert len(rows) == 3
+
+
+def test_predict_skips_a_bomb_and_links_out_of_its_folder(exported: Exported, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    pngs = tmp_path / "pngs"
+    good, outside = _write_pngs(exported, pngs)[:2], _write_pngs(exported, tmp_path / "elsewhere")[:2]
+    for extra in sorted(pngs.iterdir())[2:]:
+        extra.unlink()
+    bomb = bomb_png(pngs / "bomb.png")  # 48 KiB declaring 20,000 x 20,000
+    os.symlink(outside[0], pngs / "out.png")  # a file linked out of the folder
+    os.symlink(outside[0].parent, pngs / "out")  # a folder linked out of it
+    os.symlink("/", pngs / "everything")  # never crawled
+    os.symlink(good[0], pngs / "in.png")  # inside: followed
+    rc = main(["predict", str(exported.folder), str(pngs), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == ExitCode.INPUTS_SKIPPED and "Traceback" not in captured.err
+    for path in (bomb, pngs / "out.png", pngs / "out", pngs / "everything"):
+        assert f"{path}:" in captured.err
+    assert [r["path"] for r in _read_csv(captured.out)] == [str(p) for p in (*good, pngs / "in.png")]
 
 
 # ---------------------------------------------------------------------------------------------- select

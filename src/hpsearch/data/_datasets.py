@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from hpsearch.data import _cache as cache
 from hpsearch.data._settings import DataSettings
 from hpsearch.errors import DataError
-from hpsearch.preprocess import IMAGE_SUFFIXES, decode_image
+from hpsearch.preprocess import IMAGE_SUFFIXES, decode_image, image_files
 
 CIFAR_IMAGES = 60_000  # 50,000 train + 10,000 test, 32x32, in both CIFAR-10 and CIFAR-100
 CIFAR_FILES = {
@@ -189,6 +189,7 @@ class FolderListing:
     files: list[Path]  # train/, then val/, then test/
     labels: np.ndarray
     part_of: np.ndarray  # 0 train, 1 val, 2 test, per file
+    refused: tuple[tuple[Path, Path], ...] = ()  # (link, target): links out of data.root, left out of files
 
     def key(self, size: int) -> str:
         return cache.cache_key({"kind": "imagefolder", "root": str(self.root.resolve()), "size": size,
@@ -196,23 +197,37 @@ class FolderListing:
 
 
 def _list_folder(cfg: DataSettings) -> FolderListing:
+    """Every image under data.root/{train,val,test}/<class>/; links are followed only while they stay inside
+    data.root (preprocess.image_files), one leading out is refused: `fail` names it, `skip` leaves it out."""
     root = Path(cfg.root).expanduser()
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(f"data.root: {str(root)!r} has no train/ folder; imagefolder expects "
                         f"{root}/train/<class>/<image> (and optional val/ and test/ alike)")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    refused: list[tuple[Path, Path]] = []
+    inside = root.resolve()
+    for part in ("train", "val", "test"):
+        if (root / part).is_symlink() and not (root / part).resolve().is_relative_to(inside):
+            raise DataError(f"data.root: {root / part} is a link out of {str(root)!r} (to {(root / part).resolve()}), "
+                            "not followed; set data.root to a folder that holds train/ (val/, test/) itself")
+    classes = sorted(p.name for p in _class_folders(root, train_dir, refused.append))
     if len(classes) < 2:
         raise DataError(f"data.root: {str(train_dir)!r} needs at least two class folders, found {len(classes)}")
     parts: list[tuple[str, list[Path], list[int]]] = []
     for part in ("train", "val", "test"):
-        files, labels = _list_images(root / part, classes)
+        files, labels = _list_images(root, root / part, classes, refused.append)
         if part == "train" and not files:
             raise DataError(f"data.root: {str(train_dir)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         parts.append((part, files, labels))
+    unique = tuple(dict.fromkeys(refused))  # train/'s class links are met twice
+    if unique and cfg.bad_images == "fail":
+        link, target = unique[0]
+        raise DataError(f"{link}: a link out of data.root {str(root)!r} (to {target}), not followed "
+                        f"({len(unique)} such links); move or copy what it points to into the folder, or set "
+                        '[data] bad_images = "skip" to leave them out')
     return FolderListing(root, classes, [f for _, files, _ in parts for f in files],
                          np.array([label for _, _, labels in parts for label in labels], dtype=np.int64),
-                         np.repeat(np.arange(3), [len(files) for _, files, _ in parts]))
+                         np.repeat(np.arange(3), [len(files) for _, files, _ in parts]), unique)
 
 
 def _load_imagefolder(cfg: DataSettings, seed: int) -> ImagePool:
@@ -228,7 +243,10 @@ def _load_imagefolder(cfg: DataSettings, seed: int) -> ImagePool:
         first = found.meta["skipped"][0]
         raise DataError(f"{root / first}: not a readable image ({len(found.meta['skipped'])} such files); fix or "
                         'remove them, or set [data] bad_images = "skip" to leave them out')
-    return _pool_from(found)
+    pool = _pool_from(found)
+    if listing.refused:  # links out of the folder, left out and listed with the unreadable files
+        pool = replace(pool, skipped=(*(str(link.relative_to(root)) for link, _ in listing.refused), *pool.skipped))
+    return pool
 
 
 # How folder images are decoded (preprocess.decode_image); a change here must change the cache key.
@@ -263,16 +281,34 @@ def _decode_folder(root: Path, files: Sequence[Path], labels: np.ndarray, part_o
     return cache.Decoded(labels[kept], {"classes": classes, **given, "skipped": skipped}, len(kept))
 
 
-def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+def _class_folders(root: Path, folder: Path, refuse: Callable[[tuple[Path, Path]], None]) -> list[Path]:
+    """The folders in `folder` (sorted), a link among them only while it stays inside data.root."""
+    inside = root.resolve()
+    found = []
+    for sub in sorted(folder.iterdir()):
+        if sub.is_symlink():
+            try:
+                target = sub.resolve()
+            except (OSError, RuntimeError):  # a link loop: it leads nowhere
+                continue
+            if not target.is_relative_to(inside):
+                refuse((sub, target))
+                continue
+        if sub.is_dir():
+            found.append(sub)
+    return found
+
+
+def _list_images(root: Path, folder: Path, classes: list[str], refuse: Callable[[tuple[Path, Path]], None]
+                 ) -> tuple[list[Path], list[int]]:
     files: list[Path] = []
     labels: list[int] = []
     if not folder.is_dir():
         return files, labels
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in _class_folders(root, folder, refuse):
         if sub.name not in classes:
             raise DataError(f"data.root: class folder {str(sub)!r} is not among the train/ classes {classes}")
-        for path in sorted(sub.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(path)
-                labels.append(classes.index(sub.name))
+        found = image_files(sub, lambda link, target: refuse((link, target)), within=root)
+        files += found
+        labels += [classes.index(sub.name)] * len(found)
     return files, labels

@@ -2,7 +2,8 @@
 
 Image files are decoded as the manifest's preprocessing says (hpsearch.preprocess), run through the loaded
 ensemble (hpsearch.loading), optionally over test-time augmentation views (hpsearch.tta), and written as CSV.
-An unreadable or missing input is named to `warn` and skipped; the rest are still written.
+An unreadable or missing input (a decompression bomb, a link out of a folder given) is named to `warn` and
+skipped; the rest are still written.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from hpsearch.errors import DataError
 from hpsearch.predict._load import Ensemble, load_ensemble
 from hpsearch.predict._tta import manifest_augment, tta_member_probs
-from hpsearch.preprocess import IMAGE_SUFFIXES, decode_image
+from hpsearch.preprocess import decode_image, image_files
 
 Uncertainty = Literal["entropy", "margin", "disagreement"]
 BY: tuple[Uncertainty, ...] = ("entropy", "margin", "disagreement")
@@ -37,11 +38,17 @@ def open_for_scoring(folder: str | Path, inputs: Iterable[str | Path], device: t
 
 
 def find_images(inputs: Iterable[str | Path], warn: Callable[[str], None]) -> list[Path]:
-    """Files as given (any suffix), folders recursively (image suffixes only), in order; missing ones warned."""
+    """Files as given (any suffix), folders recursively (image suffixes only), in order; missing ones warned, and
+    so are links in a folder that lead out of it (not followed: hpsearch.preprocess.image_files)."""
     found: list[Path] = []
+
+    def refuse(link: Path, target: Path) -> None:
+        warn(f"{link}: a link out of {item} (to {target}), not followed; copy what it points to into the folder "
+             "or name it as an input")
+
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += image_files(item, refuse)
         elif item.is_file():
             found.append(item)
         else:
