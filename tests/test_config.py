@@ -98,6 +98,7 @@ PASSWORD_URLS = [
     "postgresql+psycopg://hp:s3cret@db:notaport/hp",  # a URL SQLAlchemy cannot parse
     "postgresql+psycopg://hp@db/hp?password=s3cret",  # libpq's query parameter
     "postgresql+psycopg://hp:@db/hp",  # an empty one is a password too: it belongs elsewhere
+    "hp:s3cret@db/hp",  # no scheme
 ]
 
 

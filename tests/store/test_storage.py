@@ -266,6 +266,7 @@ def test_redact_hides_a_password_with_special_characters():
     ("postgresql+psycopg://hp@server:s3cret@db/hp", "postgresql+psycopg://hp@server:***@db/hp"),
     ("postgresql+psycopg://hp@db/hp?sslmode=require&password=s3cret",
      "postgresql+psycopg://hp@db/hp?sslmode=require&password=***"),
+    ("hp:p@ss-s3cret@db/hp", "hp:***@db/hp"),  # no scheme
 ])
 def test_redact_hides_a_password_holding_an_unencoded_at(url, shown):
     assert redact(url) == shown

@@ -67,8 +67,8 @@ class StudySection(Strict):
 def _has_password(url: str) -> bool:
     """Whether a storage URL holds a password: in its user part (`user:PASSWORD@`, up to the last `@`, as
     `hpsearch.store.redact` reads it) or as libpq's `password=` query parameter."""
-    _, slashes, rest = url.partition("://")
-    credentials = rest.rpartition("@")[0] if slashes and not rest.startswith("/") else ""
+    rest = url.partition("://")[2] or url  # also a URL without its scheme
+    credentials = "" if rest.startswith("/") else rest.rpartition("@")[0]
     return ":" in credentials or re.search(r"[?&](?:ssl)?password=", url, re.IGNORECASE) is not None
 
 

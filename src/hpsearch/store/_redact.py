@@ -21,10 +21,12 @@ def redact(url: str) -> str:
     the password, never less."""
     url = _QUERY_PASSWORD.sub(r"\1***", url)
     scheme, slashes, rest = url.partition("://")
-    if not slashes or rest.startswith("/"):  # not a URL, or no host part (sqlite:///path, journal:///path)
+    if not slashes:  # no scheme (a mistyped URL): its user part, if any, starts the text
+        scheme, rest = "", url
+    if rest.startswith("/"):  # no host part (sqlite:///path, journal:///path)
         return url
     credentials, at, host = rest.rpartition("@")
     user, colon, _ = credentials.partition(":")
     if not at or not colon:  # no user, or a user without a password
         return url
-    return f"{scheme}://{user}:***@{host}"
+    return f"{scheme}{slashes}{user}:***@{host}"
