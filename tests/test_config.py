@@ -75,6 +75,8 @@ REFUSALS: list[tuple[str, dict[str, dict[str, Any]], str, tuple[str, ...]]] = [
     ("one-fold", {"data": {"folds": 1}}, "data.folds", ("no cross-validation", "2 or more", "0")),
     ("wilcoxon-without-folds", {"study": {"pruner": "wilcoxon"}}, "study.pruner", ("[data] folds", "median", "none")),
     ("unknown-pruner", {"study": {"pruner": "patient"}}, "study.pruner", ("'patient'", "median", "wilcoxon")),
+    ("storage-password", {"study": {"storage": "postgresql+psycopg://hp:s3cret@db/hp"}}, "study.storage",
+     ("password", "$HPSEARCH_STORAGE", "$PGPASSWORD", "~/.pgpass")),
 ]
 
 
@@ -87,6 +89,49 @@ def test_refusal_names_field_and_what_is_allowed(
     assert_names(err, field, *allowed)
     # The message starts with the file it came from, so a user with several studies knows which.
     assert str(err).startswith(f"{path}: {field}"), str(err)
+
+
+PASSWORD_URLS = [
+    "postgresql+psycopg://hp:s3cret@db.example:5432/hp",
+    "postgresql+psycopg://hp:p@ss-s3cret@db/hp",  # an unencoded @ in the password
+    "postgresql+psycopg://hp:p%40ss-s3cret@db/hp",
+    "postgresql+psycopg://hp:s3cret@db:notaport/hp",  # a URL SQLAlchemy cannot parse
+    "postgresql+psycopg://hp@db/hp?password=s3cret",  # libpq's query parameter
+    "postgresql+psycopg://hp:@db/hp",  # an empty one is a password too: it belongs elsewhere
+    "hp:s3cret@db/hp",  # no scheme
+]
+
+
+@pytest.mark.parametrize("url", PASSWORD_URLS)
+def test_a_password_in_the_study_file_is_refused_without_repeating_it(
+    study_file: Callable[..., Path], url: str
+) -> None:
+    err = refusal(lambda: read_study_file(study_file(study={"storage": url})))
+    assert_names(err, "study.storage", "password", "$HPSEARCH_STORAGE", "$PGPASSWORD", "~/.pgpass")
+    assert "s3cret" not in str(err) and url not in str(err), str(err)
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://hp@db.example:5432/hp",  # the password comes from $PGPASSWORD or ~/.pgpass
+    "postgresql+psycopg://db.example/hp",
+    "sqlite:///studies/hp.db",
+    "sqlite:////abs/with:colon@and-at.db",
+    "journal:///shared/hp.log",
+    "grpc://10.0.0.5:13000",
+])
+def test_a_storage_without_a_password_is_accepted(study_file: Callable[..., Path], url: str) -> None:
+    assert read_study_file(study_file(study={"storage": url})).study.storage == url
+
+
+def test_a_recorded_config_holding_a_password_still_validates() -> None:
+    from hpsearch.record import StudyRecord
+
+    # A study created before the refusal recorded its file's storage; the record leaves it out when read back.
+    recorded = parse_study({"study": {"name": "old"}}).model_dump(mode="json")
+    recorded["study"]["storage"] = "postgresql+psycopg://hp:s3cret@db/hp"
+    config = StudyRecord.of({"config": recorded}).config
+    assert config is not None and "storage" not in config["study"]
+    assert StudyConfig.model_validate(config).study.storage is None
 
 
 def test_the_tiny_study_itself_is_valid(study_file: Callable[..., Path]) -> None:
@@ -296,6 +341,18 @@ def test_cli_check_refuses_bad_file_in_a_real_process(study_file: Callable[..., 
     proc = _hpsearch("check", str(path), cwd=tmp_path)
     _assert_one_line_error(proc, "data.image_size", "vgg11 cannot take 16x16", "larger size")
     assert proc.stdout == ""
+
+
+def test_cli_check_refuses_a_storage_password_in_a_real_process(
+    study_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    secret = "p@ss-9f3e-SECRET"
+    path = study_file(study={"storage": f"postgresql+psycopg://hp:{secret}@db.example/hp"})
+    proc = _hpsearch("check", str(path), cwd=tmp_path)
+    _assert_one_line_error(proc, "study.storage", "password", "$HPSEARCH_STORAGE", "$PGPASSWORD", "~/.pgpass")
+    assert proc.stdout == ""
+    for part in (secret, "9f3e", "SECRET"):
+        assert part not in proc.stderr, proc.stderr
 
 
 def test_cli_check_refuses_invalid_toml_in_a_real_process(tmp_path: Path) -> None:

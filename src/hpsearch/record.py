@@ -44,6 +44,16 @@ def _mapping(value: Any) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, Mapping) else None
 
 
+def _recorded_config(value: Any) -> dict[str, Any] | None:
+    """The recorded config without `[study] storage`: where the study lives is where it was read from, and a
+    study created before the study file refused a password in it may have recorded one (which its re-validation
+    would now refuse)."""
+    config = _mapping(value)
+    if config is not None and isinstance(config.get("study"), Mapping):
+        config["study"] = {k: v for k, v in config["study"].items() if k != "storage"}
+    return config
+
+
 # ------------------------------------------------------------------------------------------------ a study
 
 
@@ -78,7 +88,7 @@ class StudyRecord:
             fold_sizes=tuple(int(n) for n in fold_sizes) if isinstance(fold_sizes, list) else None,
             classes=tuple(str(c) for c in classes) if isinstance(classes, list) else None,
             skipped_images=tuple(str(s) for s in attrs.get(keys.SKIPPED_IMAGES) or ()),
-            config=_mapping(attrs.get(keys.CONFIG)),
+            config=_recorded_config(attrs.get(keys.CONFIG)),
             preprocess=_mapping(attrs.get(keys.PREPROCESS)) or None,
             hpsearch_version=_text(attrs.get(keys.HPSEARCH_VERSION)),
             artifacts=_text(attrs.get(keys.ARTIFACTS)),

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,104 @@ def test_dashboard_refuses_a_remote_host_without_allow_remote(tmp_path):
     assert len(lines) == 1, done.stderr
     assert "--host 0.0.0.0" in lines[0] and "--allow-remote" in lines[0] and "authentication" in lines[0]
     assert done.stdout == ""
+
+
+@dataclass
+class Dashboard:
+    """A real `hpsearch dashboard` process on a free port; `log` holds its stderr (the URL line, the requests)."""
+
+    port: int
+    log: Path
+    proc: subprocess.Popen[str]
+
+    def request(self, path: str, host: str | None = None, **headers: str) -> tuple[int, dict[str, str], bytes]:
+        """One real HTTP GET to 127.0.0.1:PORT with this Host header (default: 127.0.0.1:PORT)."""
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("GET", path, headers={"Host": f"127.0.0.1:{self.port}" if host is None else host, **headers})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+
+@contextmanager
+def dashboard(tmp_path: Path, *args: str) -> Iterator[Dashboard]:
+    """`hpsearch dashboard ARGS` on an empty SQLite storage, answering within 60 s; stopped by Ctrl-C (exit 0)."""
+    port = free_port()
+    log = tmp_path / "dashboard.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "hpsearch", "dashboard", "--storage",
+                                 f"sqlite:///{tmp_path / 'dash.db'}", "--port", str(port), *args],
+                                cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err, text=True)
+    running = Dashboard(port, log, proc)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"dashboard exited {proc.returncode}: {log.read_text()}"
+            try:
+                running.request("/api/studies")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "dashboard did not answer within 60 s"
+                time.sleep(0.25)
+        yield running
+    finally:
+        time.sleep(0.5)  # wsgiref swallows a Ctrl-C that lands while it answers (see the test below)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("dashboard did not stop on Ctrl-C within 30 s")
+    assert proc.returncode == 0, log.read_text()
+
+
+def test_dashboard_answers_only_requests_for_its_own_address(tmp_path):
+    """DNS rebinding: a page from attacker.example, its name pointed at 127.0.0.1, sends Host attacker.example."""
+    with dashboard(tmp_path) as dash:
+        for host in (f"127.0.0.1:{dash.port}", f"localhost:{dash.port}", f"LOCALHOST:{dash.port}"):
+            status, _, body = dash.request("/api/studies", host)
+            assert status == 200 and json.loads(body) == {"study_summaries": []}, (host, status, body)
+        for host in (f"attacker.example:{dash.port}", "attacker.example", f"127.0.0.1:{dash.port + 1}",
+                     f"127.0.0.1.attacker.example:{dash.port}", ""):
+            status, _, body = dash.request("/api/studies", host)
+            assert status == 403 and b"study_summaries" not in body, (host, status, body)
+        # The right Host, but sent by another site's page (its Origin): no cross-site request either.
+        status, _, _ = dash.request("/api/studies", Origin="http://attacker.example")
+        assert status == 403
+        assert dash.request("/api/studies", Origin=f"http://127.0.0.1:{dash.port}")[0] == 200
+    text = dash.log.read_text()
+    assert f"optuna-dashboard on http://127.0.0.1:{dash.port}/ for sqlite:///" in text, text
+    assert "token=" not in text and "Traceback" not in text, text
+
+
+def test_dashboard_with_allow_remote_needs_the_token_it_printed(tmp_path):
+    with dashboard(tmp_path, "--host", "0.0.0.0", "--allow-remote") as dash:
+        printed = re.search(rf"optuna-dashboard on http://0\.0\.0\.0:{dash.port}/\?token=([\w-]+) for ",
+                            dash.log.read_text())
+        assert printed, dash.log.read_text()
+        token = printed[1]
+        assert len(token) >= 32
+        # Without it, or with another, nothing is answered.
+        for path, headers in [("/api/studies", {}), ("/api/studies?token=wrong", {}),
+                              ("/api/studies", {"Cookie": f"hpsearch_dashboard_{dash.port}=wrong"}),
+                              ("/api/studies", {"Authorization": "Bearer wrong"})]:
+            status, _, body = dash.request(path, **headers)
+            assert status == 401 and b"study_summaries" not in body and b"token=" in body, (path, headers, status)
+        # The printed URL's token sets a cookie and sends the browser on without it in its address bar.
+        status, headers, _ = dash.request(f"/dashboard?token={token}&x=1", host="10.0.0.5:8080")
+        assert status == 303 and headers["Location"] == "/dashboard?x=1", (status, headers)
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert cookie == f"hpsearch_dashboard_{dash.port}={token}" and "HttpOnly" in headers["Set-Cookie"]
+        for extra in ({"Cookie": cookie}, {"Authorization": f"Bearer {token}"}):
+            status, _, body = dash.request("/api/studies", host="10.0.0.5:8080", **extra)
+            assert status == 200 and json.loads(body) == {"study_summaries": []}, (extra, status, body)
+    text = dash.log.read_text()
+    assert text.count(token) == 1, f"the token is printed once, in the URL; the request log masks it:\n{text}"
 
 
 def test_status_of_a_study_that_does_not_exist_exits_2(tmp_path):

@@ -251,6 +251,28 @@ def test_redact_hides_a_password_with_special_characters():
     assert shown == "postgresql+psycopg://hp:***@db/hp"
 
 
+@pytest.mark.parametrize("url, shown", [
+    # SQLAlchemy parses this one, but ends the password at its first @ (its host would be "ss-s3cret@db").
+    ("postgresql+psycopg://hp:p@ss-s3cret@db/hp", "postgresql+psycopg://hp:***@db/hp"),
+    ("postgresql+psycopg://hp:p@ss-s3cret@db:5432/hp", "postgresql+psycopg://hp:***@db:5432/hp"),
+    # ...and cannot parse these (a port that is no number; a : after the @ in the password).
+    ("postgresql+psycopg://hp:p@ss-s3cret@db:port/hp", "postgresql+psycopg://hp:***@db:port/hp"),
+    ("postgresql+psycopg://hp:p@s:s-s3cret@db/hp", "postgresql+psycopg://hp:***@db/hp"),
+    # A / or ? in the password besides the @ (SQLAlchemy would read "s/ss-s3cret@db" as host and database).
+    ("postgresql+psycopg://hp:p@s/ss-s3cret@db/hp", "postgresql+psycopg://hp:***@db/hp"),
+    ("postgresql+psycopg://hp:p@s?s-s3cret@db/hp", "postgresql+psycopg://hp:***@db/hp"),
+    ("postgresql+psycopg://hp:p@ss-s3cret@@db/hp", "postgresql+psycopg://hp:***@db/hp"),
+    # A user name with an @ (user@server), and libpq's password query parameter.
+    ("postgresql+psycopg://hp@server:s3cret@db/hp", "postgresql+psycopg://hp@server:***@db/hp"),
+    ("postgresql+psycopg://hp@db/hp?sslmode=require&password=s3cret",
+     "postgresql+psycopg://hp@db/hp?sslmode=require&password=***"),
+    ("hp:p@ss-s3cret@db/hp", "hp:***@db/hp"),  # no scheme
+])
+def test_redact_hides_a_password_holding_an_unencoded_at(url, shown):
+    assert redact(url) == shown
+    assert "s3cret" not in redact(url)
+
+
 def test_relative_sqlite_path_is_taken_from_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_trial(open_storage("sqlite:///relative.db"))

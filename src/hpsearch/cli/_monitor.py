@@ -38,8 +38,11 @@ def cmd_dashboard(args: argparse.Namespace) -> ExitCode:
     from hpsearch.monitor import serve
 
     if not args.allow_remote and not is_loopback(args.host):
-        raise UsageError(f"--host {args.host}: optuna-dashboard has no authentication and can delete studies; "
-                         "bind 127.0.0.1 (default), or add --allow-remote to expose it on purpose")
+        raise UsageError(f"--host {args.host}: optuna-dashboard has no authentication of its own and can delete "
+                         "studies; bind 127.0.0.1 (default), or add --allow-remote to expose it on purpose (every "
+                         "request then needs the token in the URL it prints)")
     serve(args.study, storage=args.storage, artifacts=args.artifacts, host=args.host, port=args.port,
-          echo=console.print)
+          loopback=is_loopback(args.host), allow_remote=args.allow_remote,
+          # One line, never wrapped (the URL may carry the token) nor read as markup.
+          echo=lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False))
     return ExitCode.OK

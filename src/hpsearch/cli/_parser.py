@@ -165,7 +165,7 @@ def _add_dashboard(commands: Commands) -> None:
     dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     dash.add_argument("--port", type=int, default=8080)
     dash.add_argument("--allow-remote", action="store_true",
-                      help="allow a non-loopback --host (the dashboard has no authentication)")
+                      help="allow a non-loopback --host; every request then needs the token in the URL it prints")
     dash.set_defaults(handler="hpsearch.cli._monitor:cmd_dashboard")
 
 

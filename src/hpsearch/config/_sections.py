@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -43,6 +44,16 @@ class StudySection(Strict):
     # The study stops once a trial's validation accuracy reaches this (every worker, after its current trial).
     target: float | None = Field(None, gt=0, le=1)
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_without_password(cls, storage: str | None) -> str | None:
+        # The study file is committed, printed by `check` and recorded in the study (where optuna-dashboard
+        # shows it): a password written here would leak. The message never repeats the URL.
+        if storage is not None and _has_password(storage):
+            raise ValueError("holds a password; remove it from the study file and give it in $HPSEARCH_STORAGE "
+                             "(the whole URL), $PGPASSWORD or ~/.pgpass (with a URL that has none)")
+        return storage
+
     @field_validator("artifacts")
     @classmethod
     def _artifacts_location(cls, artifacts: str | None) -> str | None:
@@ -51,6 +62,14 @@ class StudySection(Strict):
             if not bucket or " " in artifacts:
                 raise ValueError(f"{artifacts!r} is not an S3 location; write s3://BUCKET or s3://BUCKET/PREFIX")
         return artifacts
+
+
+def _has_password(url: str) -> bool:
+    """Whether a storage URL holds a password: in its user part (`user:PASSWORD@`, up to the last `@`, as
+    `hpsearch.store.redact` reads it) or as libpq's `password=` query parameter."""
+    rest = url.partition("://")[2] or url  # also a URL without its scheme
+    credentials = "" if rest.startswith("/") else rest.rpartition("@")[0]
+    return ":" in credentials or re.search(r"[?&](?:ssl)?password=", url, re.IGNORECASE) is not None
 
 
 class DataSection(Strict):

@@ -5,19 +5,28 @@ Its own module: both the storage (`_storage`) and the proxy client (`_proxy`) re
 
 from __future__ import annotations
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+import re
+
+# libpq also takes a password as a query parameter (`?password=...`, `sslpassword=...`).
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs, error lines, tables and manifests; also a URL that does not parse
-    (its text between `user:` and the last `@` is masked)."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is no number
-        head, at, host = url.rpartition("@")
-        if not at:
-            return url
-        scheme, slashes, credentials = head.rpartition("//")
-        user, colon, _ = credentials.partition(":")
-        return f"{scheme}{slashes}{user}{':***' if colon else ''}@{host}"
+    """The URL without its password, for logs, error lines, tables and manifests, whether it parses or not.
+
+    Read as text, not through SQLAlchemy's `make_url`: that ends the password at its FIRST `@`, so of
+    `postgresql://u:p@ss@host/db` it hides `p` and shows `ss@host` as the host. Here the credentials run to the
+    LAST `@` (a password may hold `@`, `:`, `/` or `?` unencoded; a user name may hold `@`): everything between
+    the first `:` of the user part and that `@` is masked. An `@` after the host (in the query) masks more than
+    the password, never less."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
+    scheme, slashes, rest = url.partition("://")
+    if not slashes:  # no scheme (a mistyped URL): its user part, if any, starts the text
+        scheme, rest = "", url
+    if rest.startswith("/"):  # no host part (sqlite:///path, journal:///path)
+        return url
+    credentials, at, host = rest.rpartition("@")
+    user, colon, _ = credentials.partition(":")
+    if not at or not colon:  # no user, or a user without a password
+        return url
+    return f"{scheme}{slashes}{user}:***@{host}"
