@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,40 @@ def trials_of(url: str, name: str) -> list[FrozenTrial]:
 
 def states_of(trials: list[FrozenTrial]) -> dict[str, int]:
     return dict(Counter(t.state.name for t in trials))
+
+
+def pid_of(tag: str) -> int:
+    host, pid = tag.rsplit(":", 1)
+    assert host == socket.gethostname(), tag
+    return int(pid)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def is_descendant(pid: int, ancestor: int) -> bool:
+    """Whether `ancestor` started `pid`, itself or through its children (a forkserver's workers)."""
+    parent = _parent_of(pid)
+    while parent not in (None, 0, 1):
+        if parent == ancestor:
+            return True
+        parent = _parent_of(parent)
+    return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds the pid
+        return False
+    return True
 
 
 def session_members(sid: int) -> list[int]:
