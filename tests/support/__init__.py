@@ -1,13 +1,15 @@
 """What the tests share besides fixtures (those are in conftest.py): tiny study files and the `hpsearch` command in
 a fresh process (_studies), the storages and artifact stores tests run against (_storages) and the dashboard over
-them (_dashboard), the processes the process-level tests start and kill (_processes), image folders (_images), and
-the small real studies and exports the ensemble, export and predict tests build without training (_exports, _lab).
+them (_dashboard), the processes the process-level tests start and kill (_processes), image folders (_images), what a
+drawn figure shows (_figures), and the small real studies and exports the ensemble, export and predict tests build
+without training (_exports, _lab).
 
 Test modules import these as `from tests.support import ...` (this package re-exports them all); no test module
 imports another's helpers."""
 
 from tests.support._dashboard import dashboard_artifacts, dashboard_http
 from tests.support._exports import N_MEMBERS, Exported, build_export, fit_head, member_state
+from tests.support._figures import scatter_points
 from tests.support._images import COLOURS, colour_folder, imagefolder_section, solid_png
 from tests.support._lab import Lab, State, lab_ensemble, lab_study, lab_study_file, make_lab, perturbed
 from tests.support._processes import (
@@ -77,6 +79,7 @@ __all__ = [
     "require_postgres",
     "run_cli",
     "s3_keys",
+    "scatter_points",
     "session_members",
     "solid_png",
     "states_of",
