@@ -1,6 +1,6 @@
 """Shared fixtures: tiny study files, every storage and artifact store the product supports (one list, one
 fixture each), the processes a test starts, and the exports the export and predict tests read; the hooks that run
-the process-level tests one at a time. Plain helpers are in tests/support.py."""
+the process-level tests one at a time. Plain helpers are in tests/support/."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The studies are real (created by `search.open_study` on real digits, with a local "pretrained" weights file:
 a ResNet-18 state dict written to tmp) and their trials start from that file. Instead of training, each trial
 is the same fine-tuned model (backbone from the file, head fitted in closed form) moved by a known
-perturbation of its head (the `lab` fixture, tests/support.py), so the validation outcome of averaging is known
+perturbation of its head (the `lab` fixture, tests/support/_lab.py), so the validation outcome of averaging is known
 in advance:
 
 - trials A = base + d and B = base - d average exactly to base, which beats both (the soup is kept);

@@ -2,8 +2,8 @@
 strategies, its refusal of a damaged or escaping folder; `predict` on image files and `select` ranking by
 uncertainty; a hard-voting module breaking ties as the report counted them.
 
-The export is the `exported` fixture (conftest.py, tests/support.py: build_export): a real study on real digits,
-not trained, each member a randomly initialised ResNet-18 whose head is fitted in closed form.
+The export is the `exported` fixture (conftest.py, tests/support/_exports.py: build_export): a real study on real
+digits, not trained, each member a randomly initialised ResNet-18 whose head is fitted in closed form.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the manifest refusing TTA without recorded augmentations, and `predict --tta` on a real export checked by hand.
 
 The export is built from a real study whose trials carry a fine-tuned model and a perturbation of it (the `lab`
-fixture, tests/support.py: make_lab), as in tests/ensemble/test_soup.py.
+fixture, tests/support/_lab.py: make_lab), as in tests/ensemble/test_soup.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 in tests/store/test_proxy.py).
 
 The storage conformance tests run through the proxy too (STORAGES_AND_PROXY in test_storage, test_supervisor,
-test_search), and so do the 16-worker pop and the lone killed worker (test_workers).
+test_search), and so do the 16-worker pop (test_queue) and the lone killed worker (test_killed_workers).
 """
 
 from __future__ import annotations

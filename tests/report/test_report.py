@@ -2,7 +2,8 @@
 
 One tiny real study (4 trials, median pruner) is trained once for the module; every figure's points are
 counted against the trials read back from storage with a fresh `optuna.load_study`, never against the frame
-the figure was drawn from.
+the figure was drawn from. The plots on studies built in memory, without training, are in
+tests/report/test_plots.py.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import optuna
 import pandas as pd
 import pytest
 from matplotlib.axes import Axes
-from matplotlib.collections import LineCollection, PathCollection
-from matplotlib.figure import Figure
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from matplotlib.collections import LineCollection
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from PIL import Image
 from scipy.special import softmax
@@ -44,7 +44,7 @@ from hpsearch.report._study import (
 )
 from hpsearch.search._study import open_study, prepare
 from hpsearch.store import load_trial_outputs, open_artifact_store, open_storage, ranked_trials
-from tests.support import tiny_tables, write_study
+from tests.support import scatter_points, tiny_tables, write_study
 
 NAME = "reporttiny"
 
@@ -153,10 +153,6 @@ def test_trials_csv_has_one_row_per_trial_with_values_from_storage(trained):
 
 
 # ---------------------------------------------------------------------------------- figures vs storage
-
-
-def scatter_points(fig: Figure) -> int:
-    return sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections if isinstance(c, PathCollection))
 
 
 @pytest.mark.slow
@@ -394,71 +390,3 @@ def test_a_study_without_complete_trials_is_one_line_and_exit_2(empty_study, tmp
     err = one_line_exit_2(capsys, ["report", str(path), "--storage", url, "--out", str(out)])
     assert "no COMPLETE trial with stored validation outputs" in err
     assert not out.exists()
-
-
-# ----------------------------------------------------------------------- small and large studies, no training
-
-SPACE = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "optimizer": CategoricalDistribution(["adam", "rmsprop"]),
-         "scheduler": CategoricalDistribution(["step", "plateau"]), "dropout": FloatDistribution(0.0, 0.5)}
-
-
-def synthetic_study(n: int, pruned_every: int = 3) -> optuna.Study:
-    """n trials in memory: every `pruned_every`-th PRUNED after 2 epochs, the rest COMPLETE after 5."""
-    rng = np.random.default_rng(0)
-    study = optuna.create_study(direction="maximize")
-    trials = []
-    for i in range(n):
-        params = {"lr": float(10 ** rng.uniform(-4, -1)), "optimizer": ["adam", "rmsprop"][i % 2],
-                  "scheduler": ["step", "plateau"][(i // 2) % 2], "dropout": float(rng.uniform(0, 0.5))}
-        pruned = i % pruned_every == pruned_every - 1
-        curve = {e: float(rng.uniform(0.1, 0.99)) for e in range(2 if pruned else 5)}
-        trials.append(create_trial(state=TrialState.PRUNED if pruned else TrialState.COMPLETE, params=params,
-                                   distributions=SPACE, intermediate_values=curve,
-                                   value=None if pruned else curve[4]))
-    study.add_trials(trials)
-    return study
-
-
-def test_thousands_of_trials_are_sampled_where_lines_would_choke():
-    study = synthetic_study(3000)
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    curves = plots.learning_curves(study)
-    lines = [ln for ln in curves.axes[0].get_lines() if ln.get_label().startswith("Trial")]
-    assert len(lines) == plots.MAX_CURVES
-    assert "200 of 3000 trials, sampled" in curves.axes[0].get_title()
-    best = max(complete, key=lambda t: t.value)
-    assert f"Trial{best.number}" in {ln.get_label() for ln in lines}  # the sample keeps the best
-    states = {t.number: t.state for t in study.get_trials()}  # labels are the study's numbers, not the sample's
-    assert all((ln.get_linestyle() == "--") == (states[int(ln.get_label()[5:])] == TrialState.PRUNED) for ln in lines)
-    coords = plots.parallel_coordinate(study)
-    assert sum(len(c.get_segments()) for ax in coords.axes for c in ax.collections
-               if isinstance(c, LineCollection)) == plots.MAX_LINES
-    frame = trials_table(study)
-    assert scatter_points(plots.lr_vs_accuracy(frame)) == len(complete)  # a scatter takes them all
-    assert scatter_points(plots.optimization_history(study)) == len(complete)
-    plots.param_importances(study)
-
-
-def test_one_complete_trial_skips_what_needs_more():
-    study = synthetic_study(2, pruned_every=2)  # trial 0 COMPLETE, trial 1 PRUNED
-    assert scatter_points(plots.optimization_history(study)) == 1
-    for needs_two in (plots.param_importances, plots.parallel_coordinate):
-        with pytest.raises(plots.PlotSkipped, match="at least 2 COMPLETE"):
-            needs_two(study)
-    lines = plots.learning_curves(study).axes[0].get_lines()
-    assert sum(ln.get_linestyle() == "--" for ln in lines if ln.get_label().startswith("Trial")) == 1
-
-
-def test_a_parameter_with_one_value_is_left_out_of_importances():
-    study = synthetic_study(12)
-    assert plots.varying_params(study) == ["dropout", "lr", "optimizer", "scheduler"]
-    constant = optuna.create_study(direction="maximize")
-    constant.add_trials([create_trial(value=0.5 + i / 10, params={"optimizer": "adam", "lr": 1e-3 * (i + 1)},
-                                      distributions={k: SPACE[k] for k in ("optimizer", "lr")})
-                         for i in range(3)])
-    assert plots.varying_params(constant) == ["lr"]
-    single = optuna.create_study(direction="maximize")
-    single.add_trials([create_trial(value=0.5 + i / 10, params={"optimizer": "adam"},
-                                    distributions={"optimizer": SPACE["optimizer"]}) for i in range(3)])
-    with pytest.raises(plots.PlotSkipped, match="more than one value"):
-        plots.param_importances(single)
