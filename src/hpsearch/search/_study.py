@@ -163,9 +163,9 @@ RESUMABLE_KEYS = frozenset({
 
 
 def config_change(recorded: dict[str, Any], new: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
-    """The first key (dotted, in the file's order) whose value differs between a recorded config and a new one,
-    with the two values; None when they agree. Keys in RESUMABLE_KEYS, and keys only one side has (a study
-    recorded by an hpsearch with other settings), are left out."""
+    """The first key (dotted, in the schema's order: [study], [data], [model], [train]) whose value differs
+    between a recorded config and a new one, with the two values; None when they agree. Keys in RESUMABLE_KEYS,
+    and keys only one side has (a study recorded by an hpsearch with other settings), are left out."""
     for key, new_value in new.items():
         dotted = f"{prefix}{key}"
         if dotted in RESUMABLE_KEYS or key not in recorded:
