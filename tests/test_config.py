@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,18 @@ REFUSALS: list[tuple[str, dict[str, dict[str, Any]], str, tuple[str, ...]]] = [
     ("unknown-pruner", {"study": {"pruner": "patient"}}, "study.pruner", ("'patient'", "median", "wilcoxon")),
     ("storage-password", {"study": {"storage": "postgresql+psycopg://hp:s3cret@db/hp"}}, "study.storage",
      ("password", "$HPSEARCH_STORAGE", "$PGPASSWORD", "~/.pgpass")),
+    # Strict types: a quoted number or a word for a bool is refused, not read as 3 or true.
+    ("quoted-int", {"study": {"n_trials": "3"}}, "study.n_trials", ("integer", "'3'", "without quotes")),
+    ("quoted-float", {"data": {"val_fraction": "0.2"}}, "data.val_fraction", ("number", "'0.2'", "without quotes")),
+    ("word-for-bool", {"train": {"compile": "yes"}}, "train.compile", ("true or false", "'yes'")),
+    ("word-for-bool-tracking", {"tracking": {"tensorboard": "off"}}, "tracking.tensorboard",
+     ("true or false", "'off'")),
+    ("float-for-int", {"train": {"epochs": 2.0}}, "train.epochs", ("integer",)),
+    ("number-for-string", {"model": {"weights": 0}}, "model.weights", ("string",)),
+    ("grace-below-interval", {"study": {"heartbeat_interval": 60, "heartbeat_grace": 30}}, "study.heartbeat_grace",
+     ("30 s", "heartbeat_interval 60 s", "heartbeat_interval = 0")),
+    ("grace-equal-interval", {"study": {"heartbeat_interval": 5, "heartbeat_grace": 5}}, "study.heartbeat_grace",
+     ("5 s", "heartbeat_interval 5 s")),
 ]
 
 
@@ -141,6 +154,27 @@ def test_the_tiny_study_itself_is_valid(study_file: Callable[..., Path]) -> None
     assert cfg.space.lr == (1e-3, 3e-3)
     assert cfg.space.optimizer == ["adam", "rmsprop"]
     assert cfg.model.weights_kind == "none"
+
+
+def test_strict_types_keep_what_toml_writes(study_file: Callable[..., Path]) -> None:
+    # TOML has no tuples and writes whole numbers as integers: an integer for a float field, lists for the
+    # ranges (integers in a float range too) and strings for choices still load, as the numbers they mean.
+    cfg = read_study_file(study_file(
+        train={"checkpoint_minutes": 5, "label_smoothing": 0, "checkpoint_every": None},
+        data={"val_fraction": 0.25},
+        study={"pruner_p_threshold": 0.2, "heartbeat_interval": 0, "heartbeat_grace": 1},
+        space={"lr": [1, 2], "dropout": [0, 0.5], "scheduler": ["step"], "step": {"gamma": [1, 2]}},
+    ))
+    assert cfg.train.checkpoint_minutes == 5.0 and isinstance(cfg.train.checkpoint_minutes, float)
+    assert cfg.space.lr == (1.0, 2.0) and cfg.space.dropout == (0.0, 0.5) and cfg.space.step.gamma == (1.0, 2.0)
+    assert cfg.study.heartbeat_grace == 1  # heartbeats off: any grace
+    # A recorded config (JSON: lists, floats) validates again, as `ensemble` and `report` read it.
+    assert StudyConfig.model_validate(json.loads(json.dumps(cfg.model_dump(mode="json")))).space == cfg.space
+
+
+def test_heartbeat_grace_above_the_interval_is_accepted(study_file: Callable[..., Path]) -> None:
+    cfg = read_study_file(study_file(study={"heartbeat_interval": 1, "heartbeat_grace": 3}))
+    assert (cfg.study.heartbeat_interval, cfg.study.heartbeat_grace) == (1, 3)
 
 
 def test_flip_is_fine_for_other_datasets(study_file: Callable[..., Path]) -> None:

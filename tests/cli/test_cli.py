@@ -224,6 +224,34 @@ def test_run_with_an_unusable_storage_exits_2_before_training(tmp_path):
     assert not (tmp_path / "artifacts").exists()
 
 
+@pytest.mark.slow
+def test_run_resumes_only_the_file_the_study_was_created_with(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first = run_cli("run", str(write_study(tmp_path / "t.toml", tiny_tables("t", study={"n_trials": 1}))),
+                    "--storage", url, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+
+    # Another model and more epochs under the same [study] name: refused before any trial, naming the first key.
+    other = write_study(tmp_path / "other.toml", tiny_tables("t", model={"arch": "resnet34"}, train={"epochs": 2}))
+    done = run_cli("run", str(other), "--storage", url, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].endswith(f"{other}: study 't' was created with model.arch = 'resnet18'; this file says "
+                              "'resnet34': use another [study] name, or the original file"), done.stderr
+    assert "Traceback" not in done.stderr and "trial 1" not in done.stderr
+    epochs = write_study(tmp_path / "epochs.toml", tiny_tables("t", train={"epochs": 2}))
+    done = run_cli("run", str(epochs), "--storage", url, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "train.epochs = 1; this file says 2" in done.stderr, done.stderr
+    assert len(optuna.load_study(study_name="t", storage=url).trials) == 1
+
+    # Only the budget changed: the study resumes and runs its second trial.
+    more = write_study(tmp_path / "more.toml", tiny_tables("t", study={"n_trials": 2}))
+    done = run_cli("run", str(more), "--storage", url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "trial 1 COMPLETE" in done.stderr
+    assert len(optuna.load_study(study_name="t", storage=url).trials) == 2
+
+
 @pytest.mark.parametrize("hostile", ["bomb", "link"])
 def test_run_on_a_folder_with_a_bomb_or_a_link_out_exits_2_naming_it(tmp_path, hostile):
     root = colour_folder(tmp_path / "ds", {"train": 3})

@@ -14,12 +14,14 @@ from optuna.trial import TrialState
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from hpsearch import keys
 from hpsearch.cli._main import main
-from hpsearch.config import ConfigError, StudyConfig, read_study_file
+from hpsearch.config import ConfigError, StudyConfig, parse_study, read_study_file
+from hpsearch.errors import StudyRecordError
 from hpsearch.search._callbacks import StopAfterFailures
 from hpsearch.search._objective import Objective, Prepared
 from hpsearch.search._run import run_trials
-from hpsearch.search._study import open_study, prepare
+from hpsearch.search._study import config_change, open_study, prepare
 from hpsearch.store import (
     StudyArtifacts,
     best_trial,
@@ -31,7 +33,7 @@ from hpsearch.store import (
     redact,
 )
 from hpsearch.train import predict_logits
-from tests.support import STORAGES_AND_PROXY, dashboard_artifacts, dashboard_http
+from tests.support import STORAGES_AND_PROXY, dashboard_artifacts, dashboard_http, tiny_tables
 
 CPU = torch.device("cpu")
 BRANCH_PARAMS = {
@@ -210,6 +212,70 @@ def test_resume_refuses_a_changed_split_but_accepts_a_new_budget(study_file, tmp
         open_study(other, open_storage(url), prepare(other), tmp_path / "artifacts")
     assert raised.value.field == "data"
     assert "split differs" in str(raised.value)
+
+
+def _dumped(**overrides: dict) -> dict:
+    return parse_study(tiny_tables("tiny", **overrides)).model_dump(mode="json")
+
+
+@pytest.mark.parametrize(("overrides", "key", "old", "new"), [
+    ({"model": {"arch": "resnet34"}}, "model.arch", "resnet18", "resnet34"),
+    ({"model": {"weights": "DEFAULT"}}, "model.weights", "none", "DEFAULT"),
+    ({"train": {"epochs": 3}}, "train.epochs", 1, 3),
+    ({"train": {"batch_size": 16}}, "train.batch_size", 32, 16),
+    ({"train": {"label_smoothing": 0.1}}, "train.label_smoothing", 0.0, 0.1),
+    ({"data": {"image_size": 64}}, "data.image_size", 32, 64),
+    ({"data": {"augment": ["crop", "cutout"]}}, "data.augment", ["crop"], ["crop", "cutout"]),
+    ({"study": {"seed": 3}}, "study.seed", 0, 3),
+])
+def test_config_change_names_the_first_differing_key(overrides, key, old, new):
+    assert config_change(_dumped(), _dumped(**overrides)) == (key, old, new)
+    # The first in the file's order: [data] before [model] before [train].
+    both = _dumped(model={"arch": "resnet34"}, train={"epochs": 3}, data={"image_size": 64})
+    assert config_change(_dumped(), both)[0] == "data.image_size"
+
+
+def test_config_change_leaves_out_what_may_change_between_runs(tmp_path):
+    changed = _dumped(
+        study={"n_trials": 50, "storage": "sqlite:///elsewhere.db", "artifacts": str(tmp_path), "target": 0.9,
+               "max_consecutive_failures": 2, "keep_weights": 0, "heartbeat_interval": 5, "heartbeat_grace": 50,
+               "sampler": "tpe", "pruner": "median", "pruner_startup_trials": 1, "pruner_warmup_epochs": 0},
+        data={"cache_dir": str(tmp_path), "placement": "stream", "device_memory_fraction": 0.3},
+        train={"device": "cuda", "precision": "fp32", "eval_batch_size": 7, "checkpoint_every": 0, "compile": True},
+        ensemble={"top_k": 4}, tracking={"log_dir": "elsewhere"},
+        space={"step": {"gamma": [0.2, 0.3]}, "scheduler": ["exponential", "plateau"]},  # the fingerprint's job
+    )
+    assert config_change(_dumped(), changed) is None
+    # A key one side does not record (an older or newer hpsearch) is not a change either.
+    older = _dumped()
+    del older["data"]["bad_images"], older["tracking"]
+    assert config_change(older, _dumped()) is None
+    assert config_change(older, _dumped(model={"freeze": "backbone"})) == ("model.freeze", "none", "backbone")
+
+
+def test_resume_refuses_another_configuration_before_any_trial(study_file, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    cfg = read_study_file(study_file("tiny"))
+    prepared = prepare(cfg)
+    open_study(cfg, open_storage(url), prepared, tmp_path / "artifacts")
+
+    other = read_study_file(study_file("tiny", model={"arch": "resnet34"}, train={"epochs": 2}))
+    with pytest.raises(StudyRecordError) as raised:
+        open_study(other, open_storage(url), prepared, tmp_path / "artifacts")
+    assert str(raised.value) == (f"{tmp_path / 'tiny.toml'}: study 'tiny' was created with model.arch = 'resnet18'; "
+                                 "this file says 'resnet34': use another [study] name, or the original file")
+    with pytest.raises(StudyRecordError, match=r"train\.epochs = 1; this file says 2"):
+        open_study(read_study_file(study_file("tiny", train={"epochs": 2})), open_storage(url), prepared,
+                   tmp_path / "artifacts")
+
+    # What may change between runs is accepted, and the recorded config stays the creator's.
+    moved = read_study_file(study_file("tiny", study={"n_trials": 9, "target": 0.5}, train={"device": "auto"}))
+    study = open_study(moved, open_storage(url), prepared, tmp_path / "elsewhere")
+    assert study.user_attrs[keys.CONFIG]["study"]["n_trials"] == 2 and study.trials == []
+
+    # A study that recorded no config (an older hpsearch) resumes as before.
+    study.set_user_attr(keys.CONFIG, None)
+    open_study(other, open_storage(url), prepared, tmp_path / "artifacts")
 
 
 # ------------------------------------------------------------------------------- trials that go wrong

@@ -44,8 +44,22 @@ def _message(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         allowed = error.get("ctx", {}).get("expected", "")
         return f"{error['input']!r} is not allowed; use one of {allowed}"
+    if kind == "bool_type":
+        return f"must be true or false (unquoted), got {error['input']!r}"
     message = str(error["msg"])
+    if kind in ("int_type", "float_type") and isinstance(error["input"], str):
+        # Strict types (config._sections.Strict): a quoted number is a string, not a number.
+        quoted = _is_number(error["input"])
+        return f"{message}, got the string {error['input']!r}" + ("; write it without quotes" if quoted else "")
     return message.removeprefix("Value error, ")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_study(data: dict[str, Any], source: str | Path | None = None) -> StudyConfig:

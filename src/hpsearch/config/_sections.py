@@ -12,8 +12,11 @@ from hpsearch.archs import FAMILIES, family_of
 
 
 class Strict(BaseModel):
-    # Unknown keys are typos far more often than intent: refuse them.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are typos far more often than intent: refuse them. Types are strict too: pydantic would read
+    # "3" as 3 and "yes" or "off" as a bool, and a study file's quoted number or word is a mistake, not a value.
+    # What TOML gives for each field still passes: an integer for a float field, a string for a Literal; `[low,
+    # high]` lists become tuples in the range validators (config._space), before the strict check.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class StudySection(Strict):
@@ -53,6 +56,17 @@ class StudySection(Strict):
             raise ValueError("holds a password; remove it from the study file and give it in $HPSEARCH_STORAGE "
                              "(the whole URL), $PGPASSWORD or ~/.pgpass (with a URL that has none)")
         return storage
+
+    @field_validator("heartbeat_grace")
+    @classmethod
+    def _grace_above_interval(cls, grace: int, info: ValidationInfo) -> int:
+        # A field validator (heartbeat_interval comes first, so it is in info.data) so the error names the field.
+        interval = info.data.get("heartbeat_interval")
+        if interval and grace <= interval:
+            raise ValueError(f"{grace} s is not above heartbeat_interval {interval} s: live trials would be failed "
+                             f"as stale between two beats; set it to several intervals (e.g. {10 * interval}), or "
+                             "heartbeat_interval = 0 to turn heartbeats off")
+        return grace
 
     @field_validator("artifacts")
     @classmethod
@@ -198,8 +212,8 @@ class EnsembleSection(Strict):
 
 class TrackingSection(Strict):
     # TensorBoard is an optional extra: off by default, so a plain install runs every study.
-    # Strict: pydantic would read "yes" or "off" as a bool, and a study file's typo should not switch logging.
-    tensorboard: bool = Field(False, strict=True)
+    # Strict (as every field): a study file's "yes" or "off" should not switch logging.
+    tensorboard: bool = False
     # Each trial writes under <log_dir>/<study>/trial-<n>. A relative folder is taken from the current directory
     # when `run` starts; workers on several machines need one shared absolute folder to see each other's trials.
     log_dir: str = Field("runs", min_length=1)

@@ -3,7 +3,7 @@
 Everything about a study that later stages rely on is recorded in it as user attrs (names in `hpsearch.keys`,
 read back through `hpsearch.record`): the search-space fingerprint (a resumed study must keep its space), the
 split's sha256 and sizes, the folds, the classes, the normalization its trials train with, the artifact
-store's location, and the study file it was created from.
+store's location, and the study file it was created from (a resumed study must keep it, but for RESUMABLE_KEYS).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def prepare(cfg: StudyConfig) -> StudyData:
 
 def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared: StudyData,
                artifacts: str | Path, worker: int = 0) -> optuna.Study:
-    """Create the study, or resume it if its search space and split are unchanged."""
+    """Create the study, or resume it if its search space, split and config (but for RESUMABLE_KEYS) are unchanged."""
     study = optuna.create_study(
         study_name=cfg.study.name, storage=storage, direction=cfg.study.direction,
         pruner=make_pruner(cfg.study, cfg.train.epochs, cfg.data.folds), load_if_exists=True,
@@ -122,7 +122,7 @@ def _space_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "space")
 
 def _check_resume(cfg: StudyConfig, storage: optuna.storages.BaseStorage, record: StudyRecord,
                   prepared: StudyData) -> None:
-    """A resumed study keeps its search space, its split and its folds."""
+    """A resumed study keeps its search space, its split, its folds and the rest of its config."""
     if record.space_fingerprint != cfg.space_fingerprint():
         changes = "; ".join(_space_diff(record.space or {}, _space_json(cfg))) or "space changed"
         raise ConfigError("space", f"differs from study {cfg.study.name!r} in {study_storage_name(storage)} "
@@ -134,6 +134,63 @@ def _check_resume(cfg: StudyConfig, storage: optuna.storages.BaseStorage, record
                           "subset, fractions or seed changed); trials' outputs would not line up: use a new "
                           "[study] name", cfg.source)
     _check_folds(cfg, record, prepared.folds.sha256() if prepared.folds is not None else None)
+    _check_config(cfg, record)
+
+
+# Keys of the recorded config a resumed study may change: where it runs and how the run proceeds, never what a
+# trial computes. Everything else (the data and its split, the model, the epochs, the batch size, ...) must match
+# the file the study was created from, or the study's trials would mix two experiments.
+RESUMABLE_KEYS = frozenset({
+    "study.name",  # the same by construction: it is how the study was found
+    "study.n_trials",  # the budget: a resume usually raises it
+    "study.storage", "study.artifacts",  # locations: the study records its artifact store itself
+    "study.target",  # when to stop, not what a trial computes
+    "study.max_consecutive_failures", "study.keep_weights",  # how failures and old weights are handled
+    "study.heartbeat_interval", "study.heartbeat_grace",  # liveness of running trials
+    # Which points are tried and which trials stop early; Optuna keeps neither with the study (each run passes
+    # its own), and a finished trial's value does not depend on them.
+    "study.sampler", "study.pruner", "study.pruner_startup_trials", "study.pruner_warmup_epochs",
+    "study.pruner_p_threshold",
+    "data.cache_dir", "data.placement", "data.device_memory_fraction",  # where decoded images live and are fed from
+    # The machine and how it trains fast: `precision = "auto"` already differs by device, the evaluation batch
+    # gives the same outputs, checkpoints only shorten a retry, compile only speeds it up.
+    "train.device", "train.precision", "train.eval_batch_size", "train.checkpoint_every", "train.checkpoint_minutes",
+    "train.compile",
+    "space",  # checked by its fingerprint (_check_resume), which ignores branches no scheduler can choose
+    "ensemble",  # read after the search, from the file given to `ensemble`/`status`
+    "tracking",  # logging only
+})
+
+
+def config_change(recorded: dict[str, Any], new: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first key (dotted, in the schema's order: [study], [data], [model], [train]) whose value differs
+    between a recorded config and a new one, with the two values; None when they agree. Keys in RESUMABLE_KEYS,
+    and keys only one side has (a study recorded by an hpsearch with other settings), are left out."""
+    for key, new_value in new.items():
+        dotted = f"{prefix}{key}"
+        if dotted in RESUMABLE_KEYS or key not in recorded:
+            continue
+        old_value = recorded[key]
+        if isinstance(old_value, dict) and isinstance(new_value, dict):
+            change = config_change(old_value, new_value, f"{dotted}.")
+            if change is not None:
+                return change
+        elif old_value != new_value:
+            return dotted, old_value, new_value
+    return None
+
+
+def _check_config(cfg: StudyConfig, record: StudyRecord) -> None:
+    """A resumed study keeps the config it was created with, but for RESUMABLE_KEYS (an older study that
+    recorded none is resumed as before)."""
+    if record.config is None:
+        return
+    change = config_change(record.config, cfg.model_dump(mode="json"))
+    if change is not None:
+        key, old, new = change
+        where = f"{cfg.source}: " if cfg.source else ""
+        raise StudyRecordError(f"{where}study {cfg.study.name!r} was created with {key} = {old!r}; this file says "
+                               f"{new!r}: use another [study] name, or the original file")
 
 
 def _check_folds(cfg: StudyConfig, record: StudyRecord, folds_sha: str | None) -> None:
