@@ -32,12 +32,14 @@ from hpsearch.record import read_study_record
 from hpsearch.report import _plots as plots
 from hpsearch.report._ensemble import RELIABILITY_FILE, WEIGHTS_FILE, ensemble_builders, read_ensemble
 from hpsearch.report._study import (
+    CONFUSION_FILE,
     MISTAKES_FILE,
     PER_CLASS_FILE,
     REPORT_FILE,
     TRIALS_FILE,
     confident_mistakes,
     confusion,
+    draw,
     figure_builders,
     trials_table,
     validation_images,
@@ -462,3 +464,32 @@ def test_a_parameter_with_one_value_is_left_out_of_importances():
                                     distributions={"optimizer": SPACE["optimizer"]}) for i in range(3)])
     with pytest.raises(plots.PlotSkipped, match="more than one value"):
         plots.param_importances(single)
+
+
+# ------------------------------------------------------------------------------- user-named text, drawn literally
+
+MATH_CLASS = r"$\foo$"  # mathtext would parse \foo as a symbol and fail: "Unknown symbol: \foo"
+
+
+def drawn_texts(fig: Figure) -> set[str]:
+    """Every text the figure draws, as matplotlib draws it (its mathtext escapes undone), after a real render."""
+    fig.canvas.draw()
+    return {t._preprocess_math(t.get_text())[0] for t in fig.findobj(lambda a: hasattr(a, "_preprocess_math"))
+            if t.get_text()}
+
+
+def test_a_class_named_like_mathtext_is_drawn_literally():
+    classes = [MATH_CLASS, "a$b", "plain"]
+    matrix = np.array([[3, 1, 0], [2, 4, 0], [0, 0, 5]])
+    study = synthetic_study(12)
+    frame = trials_table(study)
+    drawn, notes = draw(figure_builders(study, frame, matrix, classes, 0))  # a crash is not a note: it raises
+    assert CONFUSION_FILE in {d.name for d in drawn}, notes
+    texts = drawn_texts(plots.confusion_matrix(matrix, classes, "trial 0"))
+    assert {MATH_CLASS, "a$b"} <= texts
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 3, 8, 8), dtype=np.uint8)
+    mistakes = plots.confident_mistakes(images, np.array([0, 1, 0, 2]), np.array([1, 0, 0, 0]),
+                                        np.array([0.9, 0.8, 0.7, 0.6]), classes, n=4)
+    assert f"true {MATH_CLASS} / pred a$b (p=0.90)" in drawn_texts(mistakes)
+    assert "Ensemble members' weights ($x$)" in drawn_texts(plots.member_weights([1, 2], [0.5, 0.5], "$x$"))
