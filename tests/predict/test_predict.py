@@ -302,3 +302,64 @@ def test_predict_and_select_write_formula_names_with_a_leading_quote(
     rows = list(csv.reader(io.StringIO(sel.read_text())))
     assert sorted(r[1] for r in rows[1:]) == sorted("'" + n for n in names)
     assert all(r[2].startswith("'") and r[2][1:] in FORMULAS for r in rows[1:])
+
+
+def _member(field: str, value: object) -> Callable[[dict[str, Any]], object]:
+    def change(manifest: dict[str, Any]) -> None:
+        manifest["members"][0][field] = value
+    return change
+
+
+def _vit(image_size: object) -> Callable[[dict[str, Any]], object]:
+    return _member("arch", "vit_b_16") if image_size is None else \
+        lambda m: m["members"][0].update(arch="vit_b_16", builder_kwargs={"image_size": image_size})
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (_member("arch", "alexnet"), "members[0].arch"),  # in torchvision, not a supported family
+    (_member("arch", "resnet99999"), "members[0].arch"),  # a supported family's name, not in torchvision
+    (_member("arch", ["resnet18"]), "members[0].arch"),
+    (_member("builder_kwargs", {"weights": "DEFAULT"}), "members[0].builder_kwargs"),  # a download
+    (_member("builder_kwargs", {"image_size": 224}), "members[0].builder_kwargs"),  # only ViT takes one
+    (_member("builder_kwargs", {"dropout": 0.5}), "members[0].builder_kwargs"),
+    (_member("builder_kwargs", ["weights"]), "members[0].builder_kwargs"),
+    (_vit(10**6), "members[0].builder_kwargs.image_size"),  # a position embedding of billions of floats
+    (_vit(True), "members[0].builder_kwargs.image_size"),
+    (_vit(40), "members[0].builder_kwargs.image_size"),  # not a multiple of the patch size
+    (_member("num_classes", 10**9), "members[0].num_classes"),
+    (lambda m: m.__setitem__("classes", [str(i) for i in range(100_001)]), "classes"),
+    (lambda m: m.__setitem__("classes", [0, 1]), "classes"),
+    (lambda m: m["preprocessing"].__setitem__("image_size", 10**6), "preprocessing.image_size"),
+    (lambda m: m.__setitem__("members", {}), "members"),
+])
+def test_a_crafted_manifest_never_reaches_the_model_builder(
+        exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        change: Callable[[dict[str, Any]], object], field: str) -> None:
+    """Checksums recomputed, as a crafted export would: the loader refuses the field in one line, and torchvision's
+    builder is never called."""
+    from torchvision import models
+
+    folder = crafted_export(exported, tmp_path, change)
+    built: list[str] = []
+    real = models.get_model
+    monkeypatch.setattr(models, "get_model", lambda name, **kw: built.append(name) or real(name, **kw))
+    with pytest.raises(ExportError) as refused:
+        load_ensemble(folder)
+    message = str(refused.value)
+    assert "\n" not in message and f"{MANIFEST}: {field} " in message, message
+    assert built == []
+    assert main(["predict", str(folder), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+    assert built == []
+
+
+def test_members_are_built_without_torchvision_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision import models
+
+    from hpsearch.predict import plain_model
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(models, "get_model", lambda name, **kw: seen.append(kw))
+    plain_model("resnet18", 3, {})
+    assert seen == [{"weights": None, "num_classes": 3}]
