@@ -525,3 +525,27 @@ def test_trials_csv_quotes_formula_text_and_leaves_negative_numbers():
     assert [r["choice"] for r in rows] == ["'=cmd|x", "'@SUM(1)"]
     assert [r["shift"] for r in rows] == ["-0.5", "0.25"]
     assert [r["value"] for r in rows] == ["0.5", "-0.25"]
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_report_of_a_study_with_hostile_class_names(trained, tmp_path):
+    """The trained study's classes renamed `$\\foo$`, `=cmd|x`, `@SUM(1)`: `hpsearch report` draws every figure
+    it drew before (mathtext would crash on the first) and per_class.csv quotes the formulas."""
+    import sqlite3
+    from contextlib import closing
+
+    db = tmp_path / "s.db"
+    with closing(sqlite3.connect(trained.url.removeprefix("sqlite:///"))) as source, \
+            closing(sqlite3.connect(db)) as copy:
+        source.backup(copy)  # the WAL's pages too
+    url = f"sqlite:///{db}"
+    study = optuna.load_study(study_name=NAME, storage=open_storage(url))
+    hostile = [MATH_CLASS, "=cmd|x", "@SUM(1)", *map(str, range(3, 10))]
+    study.set_user_attr(keys.CLASSES, hostile)
+    out = tmp_path / "report"
+    assert main(["report", str(trained.study_file), "--storage", url, "--artifacts", str(trained.store),
+                 "--out", str(out)]) == 0
+    assert {p.name for p in pngs(trained.out)} - {MISTAKES_FILE} <= {p.name for p in pngs(out)}
+    rows = read_rows((out / PER_CLASS_FILE).read_bytes())
+    assert [r["class"] for r in rows[:3]] == [MATH_CLASS, "'=cmd|x", "'@SUM(1)"]
