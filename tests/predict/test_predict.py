@@ -363,3 +363,14 @@ def test_members_are_built_without_torchvision_weights(monkeypatch: pytest.Monke
     monkeypatch.setattr(models, "get_model", lambda name, **kw: seen.append(kw))
     plain_model("resnet18", 3, {})
     assert seen == [{"weights": None, "num_classes": 3}]
+
+
+def test_what_hpsearch_writes_for_a_vit_passes_the_member_checks(exported: Exported) -> None:
+    """builder_kwargs as hpsearch.model.builder_kwargs writes them: ViT's image size, nothing for the others."""
+    from hpsearch.model import builder_kwargs
+    from hpsearch.predict._load import check_members
+
+    manifest = json.loads((exported.folder / MANIFEST).read_text())
+    for arch in ("vit_b_16", "vit_b_32", "resnet18", "efficientnet_b0", "swin_t"):
+        manifest["members"][0].update(arch=arch, builder_kwargs=builder_kwargs(arch, 32))
+        check_members(exported.folder, manifest)
