@@ -13,7 +13,9 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ from torch import nn
 import hpsearch
 from hpsearch.cli._main import main
 from hpsearch.errors import ExitCode, ExportError
-from hpsearch.predict import MANIFEST, SUMS, Ensemble, load_ensemble, sha256_file
+from hpsearch.predict import MANIFEST, SUMS, Ensemble, csv_text, load_ensemble, sha256_file
 from hpsearch.predict._score import BY, entropy, select_csv, uncertainty
 from hpsearch.preprocess import Preprocess
 from tests.support import N_MEMBERS, Exported, bomb_png, member_state
@@ -251,3 +253,124 @@ def test_a_hard_voting_export_breaks_ties_as_the_report_counts_them() -> None:
     expected, _, ties = hard_vote(member_probs.log().numpy())
     assert ties == 1 and probs.argmax(1).tolist() == expected.tolist() == [2, 1]
     assert torch.allclose(probs.sum(1), torch.ones(2)) and abs(float(probs[1, 1]) - 1.0) < 2e-3  # still vote shares
+
+
+# --------------------------------------------------------------------------------- hostile names and manifests
+
+
+def crafted_export(exported: Exported, tmp_path: Path, change: Callable[[dict[str, Any]], object]) -> Path:
+    """A copy of the export whose manifest `change` edited in place, with SHA256SUMS recomputed as a crafted
+    export would: the checksums pass, so only the loader's own checks stand between it and the builder."""
+    folder = shutil.copytree(exported.folder, tmp_path / "crafted")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    change(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    sums = [line for line in (folder / SUMS).read_text().splitlines() if not line.endswith(f"  {MANIFEST}")]
+    (folder / SUMS).write_text("\n".join([f"{sha256_file(folder / MANIFEST)}  {MANIFEST}", *sums]) + "\n")
+    return folder
+
+
+FORMULAS = ["=cmd|x", "@SUM(1)", "+1+cmd", "-2+cmd", "\tx", "=HYPERLINK(1)", "@a", "+b", "-c", "=d"]
+
+
+def test_csv_text_prefixes_formulas_and_leaves_numbers() -> None:
+    assert [csv_text(v) for v in FORMULAS] == ["'" + v for v in FORMULAS]
+    assert [csv_text(v) for v in ("-0.5", "+3", "-1e-3", "a=b", "x@y", "", "/abs/path.png")] == \
+        ["-0.5", "+3", "-1e-3", "a=b", "x@y", "", "/abs/path.png"]
+
+
+def test_predict_and_select_write_formula_names_with_a_leading_quote(
+        exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every class named like a formula (the manifest's classes) and image files named `=cmd|x.png` and
+    `@SUM(1).png`, given relative to the current directory: each such cell of either CSV starts with '."""
+    folder = crafted_export(exported, tmp_path, lambda m: m.__setitem__("classes", FORMULAS))
+    images = tmp_path / "images"
+    images.mkdir()
+    names = ["=cmd|x.png", "@SUM(1).png"]
+    for name, img in zip(names, exported.pool_images, strict=False):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(images / name)
+    monkeypatch.chdir(images)
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(folder), *names, "--out", str(out)]) == 0
+    rows = list(csv.reader(io.StringIO(out.read_text())))
+    assert rows[0][4:] == [f"p_{c}" for c in FORMULAS]
+    assert [r[0] for r in rows[1:]] == ["'" + n for n in names]
+    assert all(r[1].startswith("'") and r[1][1:] in FORMULAS for r in rows[1:])
+    assert all(float(cell) >= 0 for r in rows[1:] for cell in r[2:])  # the numbers stay numbers
+    sel = tmp_path / "sel.csv"
+    assert main(["select", str(folder), *names, "--n", "2", "--out", str(sel)]) == 0
+    rows = list(csv.reader(io.StringIO(sel.read_text())))
+    assert sorted(r[1] for r in rows[1:]) == sorted("'" + n for n in names)
+    assert all(r[2].startswith("'") and r[2][1:] in FORMULAS for r in rows[1:])
+
+
+def _member(field: str, value: object) -> Callable[[dict[str, Any]], object]:
+    def change(manifest: dict[str, Any]) -> None:
+        manifest["members"][0][field] = value
+    return change
+
+
+def _vit(image_size: object) -> Callable[[dict[str, Any]], object]:
+    return _member("arch", "vit_b_16") if image_size is None else \
+        lambda m: m["members"][0].update(arch="vit_b_16", builder_kwargs={"image_size": image_size})
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (_member("arch", "alexnet"), "members[0].arch"),  # in torchvision, not a supported family
+    (_member("arch", "resnet99999"), "members[0].arch"),  # a supported family's name, not in torchvision
+    (_member("arch", ["resnet18"]), "members[0].arch"),
+    (_member("builder_kwargs", {"weights": "DEFAULT"}), "members[0].builder_kwargs"),  # a download
+    (_member("builder_kwargs", {"image_size": 224}), "members[0].builder_kwargs"),  # only ViT takes one
+    (_member("builder_kwargs", {"dropout": 0.5}), "members[0].builder_kwargs"),
+    (_member("builder_kwargs", ["weights"]), "members[0].builder_kwargs"),
+    (_vit(10**6), "members[0].builder_kwargs.image_size"),  # a position embedding of billions of floats
+    (_vit(True), "members[0].builder_kwargs.image_size"),
+    (_vit(40), "members[0].builder_kwargs.image_size"),  # not a multiple of the patch size
+    (_member("num_classes", 10**9), "members[0].num_classes"),
+    (lambda m: m.__setitem__("classes", [str(i) for i in range(100_001)]), "classes"),
+    (lambda m: m.__setitem__("classes", [0, 1]), "classes"),
+    (lambda m: m["preprocessing"].__setitem__("image_size", 10**6), "preprocessing.image_size"),
+    (lambda m: m.__setitem__("members", {}), "members"),
+])
+def test_a_crafted_manifest_never_reaches_the_model_builder(
+        exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        change: Callable[[dict[str, Any]], object], field: str) -> None:
+    """Checksums recomputed, as a crafted export would: the loader refuses the field in one line, and torchvision's
+    builder is never called."""
+    from torchvision import models
+
+    folder = crafted_export(exported, tmp_path, change)
+    built: list[str] = []
+    real = models.get_model
+    monkeypatch.setattr(models, "get_model", lambda name, **kw: built.append(name) or real(name, **kw))
+    with pytest.raises(ExportError) as refused:
+        load_ensemble(folder)
+    message = str(refused.value)
+    assert "\n" not in message and f"{MANIFEST}: {field} " in message, message
+    assert built == []
+    assert main(["predict", str(folder), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "Traceback" not in err
+    assert built == []
+
+
+def test_members_are_built_without_torchvision_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision import models
+
+    from hpsearch.predict import plain_model
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(models, "get_model", lambda name, **kw: seen.append(kw))
+    plain_model("resnet18", 3, {})
+    assert seen == [{"weights": None, "num_classes": 3}]
+
+
+def test_what_hpsearch_writes_for_a_vit_passes_the_member_checks(exported: Exported) -> None:
+    """builder_kwargs as hpsearch.model.builder_kwargs writes them: ViT's image size, nothing for the others."""
+    from hpsearch.model import builder_kwargs
+    from hpsearch.predict._load import check_members
+
+    manifest = json.loads((exported.folder / MANIFEST).read_text())
+    for arch in ("vit_b_16", "vit_b_32", "resnet18", "efficientnet_b0", "swin_t"):
+        manifest["members"][0].update(arch=arch, builder_kwargs=builder_kwargs(arch, 32))
+        check_members(exported.folder, manifest)

@@ -6,36 +6,14 @@ The plots of a real trained study, counted against its storage, are in tests/rep
 
 from __future__ import annotations
 
-import numpy as np
 import optuna
 import pytest
 from matplotlib.collections import LineCollection
-from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from hpsearch.report import _plots as plots
 from hpsearch.report._study import trials_table
-from tests.support import scatter_points
-
-SPACE = {"lr": FloatDistribution(1e-4, 1e-1, log=True), "optimizer": CategoricalDistribution(["adam", "rmsprop"]),
-         "scheduler": CategoricalDistribution(["step", "plateau"]), "dropout": FloatDistribution(0.0, 0.5)}
-
-
-def synthetic_study(n: int, pruned_every: int = 3) -> optuna.Study:
-    """n trials in memory: every `pruned_every`-th PRUNED after 2 epochs, the rest COMPLETE after 5."""
-    rng = np.random.default_rng(0)
-    study = optuna.create_study(direction="maximize")
-    trials = []
-    for i in range(n):
-        params = {"lr": float(10 ** rng.uniform(-4, -1)), "optimizer": ["adam", "rmsprop"][i % 2],
-                  "scheduler": ["step", "plateau"][(i // 2) % 2], "dropout": float(rng.uniform(0, 0.5))}
-        pruned = i % pruned_every == pruned_every - 1
-        curve = {e: float(rng.uniform(0.1, 0.99)) for e in range(2 if pruned else 5)}
-        trials.append(create_trial(state=TrialState.PRUNED if pruned else TrialState.COMPLETE, params=params,
-                                   distributions=SPACE, intermediate_values=curve,
-                                   value=None if pruned else curve[4]))
-    study.add_trials(trials)
-    return study
+from tests.support import SYNTHETIC_SPACE, scatter_points, synthetic_study
 
 
 def test_thousands_of_trials_are_sampled_where_lines_would_choke():
@@ -73,11 +51,11 @@ def test_a_parameter_with_one_value_is_left_out_of_importances():
     assert plots.varying_params(study) == ["dropout", "lr", "optimizer", "scheduler"]
     constant = optuna.create_study(direction="maximize")
     constant.add_trials([create_trial(value=0.5 + i / 10, params={"optimizer": "adam", "lr": 1e-3 * (i + 1)},
-                                      distributions={k: SPACE[k] for k in ("optimizer", "lr")})
+                                      distributions={k: SYNTHETIC_SPACE[k] for k in ("optimizer", "lr")})
                          for i in range(3)])
     assert plots.varying_params(constant) == ["lr"]
     single = optuna.create_study(direction="maximize")
     single.add_trials([create_trial(value=0.5 + i / 10, params={"optimizer": "adam"},
-                                    distributions={"optimizer": SPACE["optimizer"]}) for i in range(3)])
+                                    distributions={"optimizer": SYNTHETIC_SPACE["optimizer"]}) for i in range(3)])
     with pytest.raises(plots.PlotSkipped, match="more than one value"):
         plots.param_importances(single)

@@ -44,7 +44,7 @@ from hpsearch.report._study import (
 )
 from hpsearch.search._study import open_study, prepare
 from hpsearch.store import load_trial_outputs, open_artifact_store, open_storage, ranked_trials
-from tests.support import scatter_points, tiny_tables, write_study
+from tests.support import MATH_CLASS, csv_rows, scatter_points, tiny_tables, write_study
 
 NAME = "reporttiny"
 
@@ -390,3 +390,27 @@ def test_a_study_without_complete_trials_is_one_line_and_exit_2(empty_study, tmp
     err = one_line_exit_2(capsys, ["report", str(path), "--storage", url, "--out", str(out)])
     assert "no COMPLETE trial with stored validation outputs" in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+def test_report_of_a_study_with_hostile_class_names(trained, tmp_path):
+    """The trained study's classes renamed `$\\foo$`, `=cmd|x`, `@SUM(1)`: `hpsearch report` draws every figure
+    it drew before (mathtext would crash on the first) and per_class.csv quotes the formulas."""
+    import sqlite3
+    from contextlib import closing
+
+    db = tmp_path / "s.db"
+    with closing(sqlite3.connect(trained.url.removeprefix("sqlite:///"))) as source, \
+            closing(sqlite3.connect(db)) as copy:
+        source.backup(copy)  # the WAL's pages too
+    url = f"sqlite:///{db}"
+    study = optuna.load_study(study_name=NAME, storage=open_storage(url))
+    hostile = [MATH_CLASS, "=cmd|x", "@SUM(1)", *map(str, range(3, 10))]
+    study.set_user_attr(keys.CLASSES, hostile)
+    out = tmp_path / "report"
+    assert main(["report", str(trained.study_file), "--storage", url, "--artifacts", str(trained.store),
+                 "--out", str(out)]) == 0
+    assert {p.name for p in pngs(trained.out)} - {MISTAKES_FILE} <= {p.name for p in pngs(out)}
+    rows = csv_rows((out / PER_CLASS_FILE).read_bytes())
+    assert [r["class"] for r in rows[:3]] == [MATH_CLASS, "'=cmd|x", "'@SUM(1)"]

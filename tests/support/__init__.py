@@ -9,7 +9,7 @@ imports another's helpers."""
 
 from tests.support._dashboard import dashboard_artifacts, dashboard_http
 from tests.support._exports import N_MEMBERS, Exported, build_export, fit_head, member_state
-from tests.support._figures import scatter_points
+from tests.support._figures import MATH_CLASS, SYNTHETIC_SPACE, csv_rows, drawn_texts, scatter_points, synthetic_study
 from tests.support._images import COLOURS, bomb_png, colour_folder, imagefolder_section, solid_png
 from tests.support._lab import Lab, State, lab_ensemble, lab_study, lab_study_file, make_lab, perturbed
 from tests.support._processes import (
@@ -44,12 +44,14 @@ from tests.support._studies import cli_env, run_cli, tiny_tables, write_study
 __all__ = [
     "ARTIFACT_STORES",
     "COLOURS",
+    "MATH_CLASS",
     "N_MEMBERS",
     "PG_ADMIN_URL",
     "PROXIED",
     "PROXY_GRACE_S",
     "STORAGES",
     "STORAGES_AND_PROXY",
+    "SYNTHETIC_SPACE",
     "Exported",
     "Lab",
     "Procs",
@@ -60,8 +62,10 @@ __all__ = [
     "build_export",
     "cli_env",
     "colour_folder",
+    "csv_rows",
     "dashboard_artifacts",
     "dashboard_http",
+    "drawn_texts",
     "fit_head",
     "free_port",
     "held_trials",
@@ -85,6 +89,7 @@ __all__ = [
     "solid_png",
     "states_of",
     "storage_proxy",
+    "synthetic_study",
     "tiny_tables",
     "trials_of",
     "wait_until",

@@ -17,7 +17,7 @@ from hpsearch.predict._load import (
     sha256_file,
 )
 from hpsearch.predict._members import plain_model
-from hpsearch.predict._score import open_for_scoring, predict_csv, select_csv
+from hpsearch.predict._score import csv_text, open_for_scoring, predict_csv, select_csv
 
 __all__ = [
     "FOLDS_FORMAT_VERSION",
@@ -25,6 +25,7 @@ __all__ = [
     "MANIFEST",
     "SUMS",
     "Ensemble",
+    "csv_text",
     "ensemble_from_manifest",
     "load_ensemble",
     "member_files",

@@ -4,7 +4,10 @@
 the members with plain torchvision and returns a module from preprocessed images to class probabilities; its
 members run one by one or, per architecture, as one vmapped forward (`strategy`, see hpsearch.infer).
 Nothing here unpickles: safetensors and JSON only. The checksums detect corruption, not tampering: whoever
-can rewrite the folder can rewrite SHA256SUMS too. This module imports neither Optuna nor the study config, so
+can rewrite the folder can rewrite SHA256SUMS too, so before building a member the loader also refuses what
+hpsearch never writes (`check_members`): an architecture outside the supported families, builder arguments other
+than ViT's image size, sizes past the study file's bounds; members are always built with `weights=None`, so a
+manifest cannot make torchvision download anything. This module imports neither Optuna nor the study config, so
 an export loads anywhere torch and torchvision do.
 """
 
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpsearch.archs import FAMILIES, family_of
 from hpsearch.errors import ExportError
 from hpsearch.predict._members import STRATEGIES, MemberRunner, plain_model
 from hpsearch.preprocess import Preprocess
@@ -29,6 +33,9 @@ FOLDS_FORMAT_VERSION = 2
 READABLE_VERSIONS = (FORMAT_VERSION, FOLDS_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
+MAX_CLASSES = 100_000
+# The study file's bounds on data.image_size (config's DataSection): ViT's position embedding grows with it.
+IMAGE_SIZES = (8, 1024)
 
 
 def sha256_file(path: Path) -> str:
@@ -60,6 +67,7 @@ def verify(folder: Path) -> dict[str, Any]:
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ExportError(f"{folder / MANIFEST}: format_version {manifest.get('format_version')!r}, this hpsearch "
                           f"reads {' and '.join(map(str, READABLE_VERSIONS))}")
+    check_members(folder, manifest)
     for member in manifest["members"]:
         for name, digest in member_files(member):
             _check(_inside(folder, name, "members[].file"), digest)
@@ -194,11 +202,68 @@ def load_ensemble(folder: str | Path, device: str | torch.device = "cpu", strate
     return ensemble_from_manifest(folder, verify(folder), strategy).to(device).eval()
 
 
+def _refuse(folder: Path, field: str, value: object, why: str) -> ExportError:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return ExportError(f"{folder / MANIFEST}: {field} {shown} {why}; re-export the ensemble")
+
+
+def _image_size(folder: Path, field: str, value: object) -> int:
+    low, high = IMAGE_SIZES
+    if type(value) is not int or not low <= value <= high:
+        raise _refuse(folder, field, value, f"is not an image size (an integer from {low} to {high})")
+    return value
+
+
+def check_members(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse (ExportError, one line naming the manifest's field) what hpsearch never writes, before any member
+    is built: classes that are not 1 to MAX_CLASSES names, an image size out of IMAGE_SIZES, a member whose
+    `arch` is not a torchvision architecture of a supported family (hpsearch.archs), whose `num_classes` is not
+    the number of classes, or whose `builder_kwargs` are anything but what hpsearch.model.builder_kwargs writes
+    (ViT's `image_size`, divisible by its patch size; nothing for the other families)."""
+    from torchvision import models
+
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES \
+            or not all(isinstance(c, str) for c in classes):
+        raise _refuse(folder, "classes", classes if not isinstance(classes, list) else f"<{len(classes)} items>",
+                      f"is not a list of 1 to {MAX_CLASSES} class names")
+    preprocessing = manifest.get("preprocessing")
+    _image_size(folder, "preprocessing.image_size",
+                preprocessing.get("image_size") if isinstance(preprocessing, dict) else None)
+    members = manifest.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise _refuse(folder, "members", type(members).__name__, "is not a list of member entries")
+    registry = set(models.list_models(module=models))
+    for i, member in enumerate(members):
+        arch = member.get("arch")
+        family = family_of(arch) if isinstance(arch, str) else None
+        if family is None or arch not in registry:
+            raise _refuse(folder, f"members[{i}].arch", arch, "is not a torchvision architecture of a supported "
+                          f"family ({', '.join(FAMILIES)})")
+        if "num_classes" in member and (type(member["num_classes"]) is not int
+                                        or member["num_classes"] != len(classes)):
+            raise _refuse(folder, f"members[{i}].num_classes", member["num_classes"],
+                          f"is not the number of classes, {len(classes)}")
+        kwargs = member.get("builder_kwargs", {})
+        allowed = {"image_size"} if family == "vit" else set()
+        if not isinstance(kwargs, dict) or not set(kwargs) <= allowed:
+            unknown = sorted(set(kwargs) - allowed) if isinstance(kwargs, dict) else kwargs
+            raise _refuse(folder, f"members[{i}].builder_kwargs", unknown, f"are not builder arguments hpsearch "
+                          f"writes for {arch} ({', '.join(sorted(allowed)) or 'none'})")
+        if "image_size" in kwargs:
+            size = _image_size(folder, f"members[{i}].builder_kwargs.image_size", kwargs["image_size"])
+            patch = int(arch.rsplit("_", 1)[1])
+            if size % patch:
+                raise _refuse(folder, f"members[{i}].builder_kwargs.image_size", size,
+                              f"is not divisible by {arch}'s patch size {patch}")
+
+
 def ensemble_from_manifest(folder: Path, manifest: Mapping[str, Any], strategy: str = "loop") -> Ensemble:
     """The ensemble module of a manifest and the member files next to it, on the CPU (checksums not checked:
     `load_ensemble` verifies first; `write_export` builds from the files it just wrote)."""
     from safetensors.torch import load_file
 
+    check_members(folder, manifest)
     classes = manifest["classes"]
     models, counts = [], []
     for spec in manifest["members"]:

@@ -27,10 +27,11 @@ STRATEGIES: tuple[Strategy, ...] = ("auto", "loop", "vmap")
 
 
 def plain_model(arch: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
-    """A member's architecture as plain torchvision builds it (its weights are loaded with strict=True)."""
+    """A member's architecture as plain torchvision builds it, never with torchvision's weights (a manifest
+    cannot ask for a download): its own are loaded with strict=True."""
     from torchvision import models
 
-    return models.get_model(arch, num_classes=num_classes, **kwargs)
+    return models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
 
 
 def resolve_strategy(strategy: str, device: torch.device | str) -> Literal["loop", "vmap"]:

@@ -2,6 +2,7 @@
 
 Image files are decoded as the manifest's preprocessing says (hpsearch.preprocess), run through the loaded
 ensemble (hpsearch.loading), optionally over test-time augmentation views (hpsearch.tta), and written as CSV.
+A class or file name that a spreadsheet would run as a formula is written with a leading `'` (`csv_text`).
 An unreadable or missing input (a decompression bomb, a link out of a folder given) is named to `warn` and
 skipped; the rest are still written.
 """
@@ -23,6 +24,22 @@ from hpsearch.preprocess import decode_image, image_files
 
 Uncertainty = Literal["entropy", "margin", "disagreement"]
 BY: tuple[Uncertainty, ...] = ("entropy", "margin", "disagreement")
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection; OWASP's advice: a leading ').
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A CSV cell of text from a user-named thing (a class name, a file path): prefixed with `'` where a
+    spreadsheet would read it as a formula; a number written as text ("-0.5") stays a number."""
+    if not value.startswith(FORMULA_START):
+        return value
+    if value[0] in "+-":
+        try:
+            float(value)
+            return value
+        except ValueError:
+            pass
+    return "'" + value
 
 
 def open_for_scoring(folder: str | Path, inputs: Iterable[str | Path], device: torch.device, tta: bool = False
@@ -112,7 +129,7 @@ def score_images(ensemble: Ensemble, paths: Sequence[Path], batch_size: int, dev
 def _row(path: Path, stats: Mapping[str, torch.Tensor], classes: Sequence[str]) -> list[str]:
     probs = stats["probs"]
     k = int(probs.argmax())
-    return [str(path), classes[k], f"{float(probs[k]):.6f}", f"{float(stats['entropy']):.6f}",
+    return [csv_text(str(path)), csv_text(classes[k]), f"{float(probs[k]):.6f}", f"{float(stats['entropy']):.6f}",
             *(f"{float(p):.6f}" for p in probs)]
 
 
@@ -138,7 +155,7 @@ def select_csv(ensemble: Ensemble, paths: Sequence[Path], sink: IO[str], n: int,
     writer.writerow(["rank", "path", "predicted", "probability", "entropy", "margin", "disagreement"])
     for rank, (path, s) in enumerate(ranked, 1):
         k = int(s["probs"].argmax())
-        writer.writerow([rank, str(path), ensemble.classes[k], _f(s["probs"][k]), _f(s["entropy"]),
+        writer.writerow([rank, csv_text(str(path)), csv_text(ensemble.classes[k]), _f(s["probs"][k]), _f(s["entropy"]),
                          _f(s["margin"]), _f(s["disagreement"])])
     return len(ranked)
 

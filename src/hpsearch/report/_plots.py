@@ -6,7 +6,9 @@ optimizer, and which optimizer × scheduler pair. Nothing here writes a file (hp
 
 A figure that cannot be drawn for this study raises `PlotSkipped` with the reason, so the report names it in
 one line instead of crashing. A study of thousands of trials is sampled where one line per trial would choke
-(learning curves, parallel coordinate); the figure's title says so.
+(learning curves, parallel coordinate); the figure's title says so. Text from user data (class names, an
+ensemble's method) goes through `literal`: matplotlib reads `$...$` as mathtext, and a class named `$\\foo$`
+would crash the report.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ PRUNED_STYLE = {"color": "#888888", "linestyle": "--", "alpha": 0.6}
 
 class PlotSkipped(Exception):
     """This figure cannot be drawn for this study; `str(err)` says why, in a few words."""
+
+
+def literal(text: object) -> str:
+    """`text` as matplotlib draws it literally: every `$` escaped, so no pair of them starts mathtext (an escaped
+    `\\$` is drawn as `$`; a backslash outside mathtext is drawn as itself)."""
+    return str(text).replace("$", r"\$")
 
 
 # --------------------------------------------------------------------------------------- Optuna's plots
@@ -196,7 +204,7 @@ def lr_vs_accuracy(frame: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for optimizer, group in rows.groupby("optimizer", sort=True):
-        ax.scatter(group["lr"], group["value"], label=f"{optimizer} ({len(group)})", alpha=0.8,
+        ax.scatter(group["lr"], group["value"], label=f"{literal(optimizer)} ({len(group)})", alpha=0.8,
                    s=24 if len(rows) < 500 else 6)  # small points when thousands would overlap
     ax.set_xscale("log")
     # Ticks at 1, 2 and 5 of each decade, labelled once each: matplotlib's own minor labels run into each
@@ -240,8 +248,8 @@ def optimizer_scheduler_grid(frame: pd.DataFrame) -> Figure:
                     bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0})
     image = ax.imshow(np.ma.masked_invalid(mean), cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label="mean val_accuracy")
-    ax.set_xticks(range(len(schedulers)), schedulers)
-    ax.set_yticks(range(len(optimizers)), optimizers)
+    ax.set_xticks(range(len(schedulers)), [literal(s) for s in schedulers])
+    ax.set_yticks(range(len(optimizers)), [literal(o) for o in optimizers])
     ax.set_xlabel("scheduler")
     ax.set_ylabel("optimizer")
     ax.set_title("Optimizer × scheduler (COMPLETE trials; empty cell: never completed)")
@@ -264,11 +272,11 @@ def confusion_matrix(matrix: np.ndarray, classes: Sequence[str], title: str) -> 
             ax.text(j, i, str(int(count)), ha="center", va="center", fontsize=8,
                     color="white" if count > high else "black")
     if n <= LABELLED_CLASSES:
-        ax.set_xticks(range(n), list(classes), rotation=90)
-        ax.set_yticks(range(n), list(classes))
+        ax.set_xticks(range(n), [literal(c) for c in classes], rotation=90)
+        ax.set_yticks(range(n), [literal(c) for c in classes])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(literal(title))
     return fig
 
 
@@ -298,7 +306,8 @@ def confident_mistakes(images: np.ndarray, true: np.ndarray, predicted: np.ndarr
         ax = fig.add_subplot(rows, cols, k + 1)
         pixels = _pixels(images[i])
         ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", interpolation="nearest")
-        ax.set_title(f"true {classes[true[i]]} / pred {classes[predicted[i]]} (p={confidence[i]:.2f})", fontsize=8)
+        ax.set_title(f"true {literal(classes[true[i]])} / pred {literal(classes[predicted[i]])} "
+                     f"(p={confidence[i]:.2f})", fontsize=8)
         ax.set_axis_off()
     fig.suptitle(f"Most confidently wrong validation images ({len(chosen)} of {int((true != predicted).sum())} wrong)")
     return fig
@@ -314,7 +323,7 @@ def member_weights(trials: Sequence[int], weights: Sequence[float], method: str)
     ax.bar_label(bars, fmt="%.3f")
     ax.set_ylabel("weight")
     ax.set_ylim(0, max(1.0, max(weights)))
-    ax.set_title(f"Ensemble members' weights ({method})")
+    ax.set_title(f"Ensemble members' weights ({literal(method)})")
     return fig
 
 
@@ -343,7 +352,7 @@ def reliability_diagram(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], n_
         # where in its bin the confidence sits: a bin's gap to the diagonal is from there, not the bin's centre
         top.plot(mean, hits, "o", color="tab:red", markersize=4, label="mean confidence")
         top.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
-        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=literal(title))
         top.legend(loc="upper left")
         bottom.bar(centres, counts, width=1 / n_bins, color="tab:grey", edgecolor="black")
         bottom.set(xlim=(0, 1), xlabel="confidence (top probability)", ylabel="images", label=f"counts: {title}")

@@ -15,6 +15,9 @@ In one atomic rename (hpsearch.export.staged_dir) the folder gets:
 - `report.html` (hpsearch.report_html): one self-contained page with the summary, the tables, every figure and
   the notes.
 
+Both CSVs write a text cell that a spreadsheet would run as a formula (a class named `=cmd|x`, a reason quoting a
+file `@x.png`) with a leading `'` (hpsearch.predict.csv_text); numbers are written as numbers.
+
 Only validation outputs are read for the study itself: test outputs only for an ensemble, whose own comparison
 already reports on the test split.
 """
@@ -42,6 +45,7 @@ from hpsearch.ensemble import fold_outputs, member_log_probs
 from hpsearch.errors import ReportError, first_line
 from hpsearch.export import staged_dir
 from hpsearch.monitor import trials_frame
+from hpsearch.predict import csv_text
 from hpsearch.record import read_study_record, read_trial_record
 from hpsearch.report import _plots as plots
 from hpsearch.report._ensemble import comparison_table, ensemble_builders, read_ensemble
@@ -159,6 +163,15 @@ def per_class_table(matrix: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
         "most_confused_with": [classes[j] if off[i, j] else "" for i, j in enumerate(worst)],
         "confused_images": off[np.arange(len(worst)), worst],
     })
+
+
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    """`frame` as UTF-8 CSV without its index, each text cell through csv_text (numeric columns untouched)."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[column]):
+            safe[column] = safe[column].map(lambda v: csv_text(v) if isinstance(v, str) else v)
+    return safe.to_csv(index=False).encode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------- the figures
@@ -284,8 +297,8 @@ def write_report(study_file: str, *, storage: str | None = None, artifacts: str 
             if on_file is not None:
                 on_file(target / name)
 
-        put(TRIALS_FILE, frame.to_csv(index=False).encode("utf-8"))
-        put(PER_CLASS_FILE, per_class.to_csv(index=False).encode("utf-8"))
+        put(TRIALS_FILE, csv_bytes(frame))
+        put(PER_CLASS_FILE, csv_bytes(per_class))
         for figure in drawn:
             put(figure.name, figure.png)
         comparison = None if result is None else comparison_table(result)
