@@ -40,7 +40,8 @@ class ImagePool:
     # Indices fixed by the dataset itself (an official test set, a val/ folder); None means "split it".
     given_val: np.ndarray | None = None
     given_test: np.ndarray | None = None
-    skipped: tuple[str, ...] = ()  # unreadable files left out (bad_images = "skip"), relative to data.root
+    # unreadable files and links out of the folder, left out (bad_images = "skip"), relative to data.root
+    skipped: tuple[str, ...] = ()
     cache: Path | None = None  # the memory-mapped file the images live in, when cached
 
     @property
