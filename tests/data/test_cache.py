@@ -235,3 +235,69 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> No
     message = str(info.value)
     assert message.startswith("data.cache_dir: cannot write the image cache") and "HPSEARCH_CACHE_DIR" in message
     assert "\n" not in message
+
+
+def test_links_planted_at_predictable_names_are_not_followed_and_the_cache_is_not_world_readable(
+        tmp_path: Path) -> None:
+    """A shared, world-writable cache folder: whoever plants a link where a builder's temporary file (named after
+    its pid) or its lock would be must not get that builder to write through it; the files are 0640 at most."""
+    folder, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    victim = elsewhere / "victim"
+    victim.write_bytes(b"precious")
+    key, n, size = "k" * 32, 4, 8
+
+    def build(out: np.ndarray) -> cache.Decoded:  # planted while the build runs, past any clean-up of stale files
+        for name in (f"{key}.u8.tmp-{os.getpid()}", f"{key}.json.tmp-{os.getpid()}"):
+            (folder / name).unlink(missing_ok=True)
+            (folder / name).symlink_to(victim)
+        out[:] = 7
+        return cache.Decoded(np.zeros(n, dtype=np.int64), {}, n)
+
+    old_umask = os.umask(0o002)  # a lax umask (a shared group's): the cache is still not readable by others
+    try:
+        found = cache.load_or_build(folder, key, n, size, build, what="planted")
+    finally:
+        os.umask(old_umask)
+    assert victim.read_bytes() == b"precious"
+    assert int(found.images.sum()) == 7 * n * 3 * size * size
+    for path in cache.cache_paths(folder, key):
+        assert path.is_file() and not path.is_symlink(), path
+        assert path.stat().st_mode & 0o777 == 0o640, (path, oct(path.stat().st_mode))
+
+    # The lock file: a link planted there (dangling, or to a file) is refused in one line, never opened.
+    other = "m" * 32
+    (folder / f"{other}.lock").symlink_to(elsewhere / "created")
+    with pytest.raises(DataError, match=r"\.lock is a symbolic link, not a lock file; remove it") as refused:
+        cache.load_or_build(folder, other, n, size, build, what="planted")
+    assert "\n" not in str(refused.value) and str(folder) in str(refused.value)
+    assert not (elsewhere / "created").exists()
+
+
+@pytest.mark.parametrize("fallocate", ["unsupported", "full"])
+def test_the_cache_is_allocated_before_it_is_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    fallocate: str) -> None:
+    """Where the filesystem cannot allocate, zeros are written instead and the cache builds as ever; a full disk
+    is one line naming the folder, the size and the fix, and the temporary file is gone."""
+    import errno
+
+    def refuse(fd: int, offset: int, length: int) -> None:
+        code = errno.EOPNOTSUPP if fallocate == "unsupported" else errno.ENOSPC
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(cache.os, "posix_fallocate", refuse)
+    root = _noisy_folder(tmp_path / "ds")
+    cfg = imagefolder_section(root, tmp_path)
+    if fallocate == "unsupported":
+        pool = load_pool(cfg)
+        files = sorted((root / "train").rglob("*.png"))
+        assert torch.equal(pool.images[-1], decode_image(files[-1], 16))
+        return
+    with pytest.raises(DataError) as full:
+        load_pool(cfg)
+    folder = tmp_path / "cache"
+    assert str(full.value) == (
+        f"cache: no room for 13.5 KiB in {str(folder)!r} (decoded images of {root}); free space there or set "
+        "[data] cache_dir / $HPSEARCH_CACHE_DIR to a larger disk"), full.value
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) == []

@@ -5,6 +5,7 @@ of their own, and a supervised `run --workers 2` decodes its folder once for all
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from hpsearch.config import DataSection
-from tests.support import cli_env, imagefolder_section, run_cli, tiny_tables, write_study
+from tests.support import cli_env, colour_folder, imagefolder_section, run_cli, tiny_tables, write_study
 
 # One process loading a study's data as a worker does (pool, split, placement, an epoch of batches), after the
 # starting gun; it prints its own anonymous (unshared) resident memory before and after.
@@ -119,3 +120,37 @@ def test_a_supervised_run_decodes_its_folder_once_for_all_its_processes(tmp_path
     assert first.stderr.count("data: decoding 160 images") == 1, first.stderr
     status = run_cli("status", str(study), *args, cwd=tmp_path)
     assert f"data cache: {tmp_path / 'cache'}" in status.stdout and "MiB" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """The cache folder is a 2 MB tmpfs (a private mount namespace) and the folder decodes to 2.8 MiB: `run`
+    exits 2 with one line naming the cache folder, no SIGBUS, no traceback, and the tmpfs holds nothing after."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    root = colour_folder(tmp_path / "photos", {"train": 20}, size=(128, 128))  # 60 images, 48 KiB each decoded
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    study = write_study(tmp_path / "photos.toml", tiny_tables("photos", data={
+        "dataset": "imagefolder", "root": str(root), "image_size": 16, "subset": 0, "augment": [],
+        "stored_size": 128, "cache_dir": str(cache_dir)}))
+    command = [sys.executable, "-m", "hpsearch", "run", str(study), "--storage", f"sqlite:///{tmp_path / 'p.db'}",
+               "--artifacts", str(tmp_path / "artifacts")]
+    script = (f"mount -t tmpfs -o size=2m tmpfs '{cache_dir}' || exit 99\n"
+              f"{' '.join(repr(part) for part in command)}\n"
+              "echo \"rc=$?\" >&2\n"
+              f"find '{cache_dir}' -type f -printf '%s %f\\n'\n")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=cli_env(), capture_output=True,
+                          text=True, timeout=240)
+    if done.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {done.stderr.strip()}")
+
+    assert "rc=2" in done.stderr, done.stderr[-3000:]  # not 135 (SIGBUS)
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert f"no room for 2.8 MiB in {str(cache_dir)!r}" in line and str(root) in line, line
+    assert "cache_dir" in line and "HPSEARCH_CACHE_DIR" in line, line
+    files = [entry.split(" ", 1)[1] for entry in done.stdout.splitlines()]
+    assert not any(".tmp" in name for name in files), files  # the temp file did not keep the disk full
+    assert not any(name.endswith((".u8", ".json")) for name in files), files  # nothing that looks finished

@@ -11,18 +11,27 @@ When several processes start at once, one builds under a file lock and the other
 writes temporary files and renames them into place, the data first and its JSON last: a builder killed halfway
 leaves nothing that looks finished. A cache whose size or sampled digest does not match its JSON (truncated,
 overwritten) is rebuilt, never trained on. Deleting the cache folder is always safe: it is rebuilt on demand.
+
+The data file's full size is allocated before it is mapped: a full disk (or quota) is then an `OSError` at the
+start, one line naming the folder, where a sparse map would fault (SIGBUS, no message) halfway through. A failed
+build removes its temporary file. The folder may be shared and world-writable: temporary files get random names,
+are created exclusively (never through a planted link) and readable by the owner's group at most; the lock file
+is never opened through a link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,16 @@ from hpsearch.errors import DataError
 CACHE_VERSION = 1
 _DIGEST_BLOCK = 1 << 16  # bytes read at each sampled offset
 _DIGEST_SAMPLES = 256
+_MODE = 0o640  # the most a cache file allows: the owner writes, the owner's group reads
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _NoRoom(Exception):
+    """The cache folder's disk (or the user's quota there) has no room for the decoded images."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
 
 
 def default_cache_dir() -> Path:
@@ -90,6 +109,10 @@ def load_or_build(folder: Path, key: str, n: int, size: int,
         return found
     try:
         return _build_locked(folder, key, n, size, build, what=what)
+    except _NoRoom as full:
+        raise DataError(f"cache: no room for {_size(full.needed)} in {str(folder)!r} (decoded images of "
+                        f"{what}); free space there or set [data] cache_dir / $HPSEARCH_CACHE_DIR to a larger disk"
+                        ) from None
     except OSError as err:  # an unwritable folder, a full disk: the setting to change, in one line
         raise DataError(f"data.cache_dir: cannot write the image cache in {str(folder)!r} ({err.strerror or err}); "
                         "free space there or set [data] cache_dir (or HPSEARCH_CACHE_DIR) to a writable folder"
@@ -98,27 +121,39 @@ def load_or_build(folder: Path, key: str, n: int, size: int,
 
 def _build_locked(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarray], Decoded], *,
                   what: str) -> Cached:
-    from filelock import FileLock, Timeout
-
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / f"{key}.lock"))
+    lock = _open_lock(folder / f"{key}.lock")
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        _say(f"waiting for another process to decode {what} into {folder}")
-        lock.acquire()
-    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process to decode {what} into {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         found = _open(folder, key)  # built while this process waited
         if found is not None:
             return found
-        _build(folder, key, n, size, build, what=what)
+        with _no_room_is(n * 3 * size * size):  # allocating, writing, syncing: a full disk or quota, in one line
+            _build(folder, key, n, size, build, what=what)
         found = _open(folder, key)
         if found is None:
             raise OSError(f"the image cache {cache_paths(folder, key)[0]} did not verify right after its build; "
                           "check the disk")
         return Cached(found.images, found.labels, found.meta, found.path, built_here=True)
     finally:
-        lock.release()
+        os.close(lock)  # releases the lock; the file stays (removing it would race a process about to lock it)
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor, never through a link (a shared folder may hold one planted at this name)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC  # flock needs no write access: any reader may lock
+    try:
+        return os.open(path, flags | os.O_CREAT, _MODE & ~_umask())
+    except PermissionError:  # another user's lock in a sticky folder (fs.protected_regular): open it as it is
+        return os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symbolic link, not a lock file; remove it") from None
+        raise
 
 
 def _build(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarray], Decoded], *, what: str) -> None:
@@ -126,33 +161,94 @@ def _build(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarra
     with contextlib.suppress(FileNotFoundError):
         meta.unlink()  # whatever was there no longer counts as finished
     for stale in folder.glob(f"{key}.*.tmp-*"):  # a builder killed halfway (we hold the lock: none is live)
-        stale.unlink(missing_ok=True)
-    tmp_data = folder / f"{key}.u8.tmp-{os.getpid()}"
-    start = time.perf_counter()
-    _say(f"decoding {n} images of {what} into {folder} ({n * 3 * size * size / 2**20:.0f} MiB at {size} px), "
-         "once for every process of this machine")
-    pixels = np.memmap(tmp_data, dtype=np.uint8, mode="w+", shape=(max(n, 1), 3, size, size))
-    try:
-        decoded = build(pixels[:n])
-        pixels.flush()
-    finally:
-        del pixels
+        with contextlib.suppress(OSError):  # another user's, in a sticky shared folder: theirs to remove
+            stale.unlink()
     row = 3 * size * size
-    os.truncate(tmp_data, decoded.kept * row)  # files left out were compacted away
-    with open(tmp_data, "rb+") as handle:
-        os.fsync(handle.fileno())
-    record = {
-        "version": CACHE_VERSION, "shape": [decoded.kept, 3, size, size], "bytes": decoded.kept * row,
-        "digest": _digest(tmp_data), "labels": decoded.labels.tolist(), **decoded.meta,
-        "built": {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time(),
-                  "seconds": round(time.perf_counter() - start, 3)},
-    }
-    os.replace(tmp_data, data)
+    start = time.perf_counter()
+    _say(f"decoding {n} images of {what} into {folder} ({n * row / 2**20:.0f} MiB at {size} px), "
+         "once for every process of this machine")
+    with _temporary(folder, f"{key}.u8.tmp-") as (fd, tmp_data):
+        _allocate(fd, max(n, 1) * row)  # every block now, so the map below never faults on a full disk
+        with open(fd, "r+b", closefd=False) as handle:  # this very file, whatever its name points to by now
+            pixels = np.memmap(handle, dtype=np.uint8, mode="r+", shape=(max(n, 1), 3, size, size))
+            try:
+                decoded = build(pixels[:n])
+                pixels.flush()
+            finally:
+                del pixels
+        os.ftruncate(fd, decoded.kept * row)  # files left out were compacted away
+        os.fsync(fd)
+        record = {
+            "version": CACHE_VERSION, "shape": [decoded.kept, 3, size, size], "bytes": decoded.kept * row,
+            "digest": _digest(tmp_data), "labels": decoded.labels.tolist(), **decoded.meta,
+            "built": {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time(),
+                      "seconds": round(time.perf_counter() - start, 3)},
+        }
+        os.replace(tmp_data, data)
     hold_at("cache")  # tests: the data is in place, its JSON not yet: a kill here leaves nothing finished
-    tmp_meta = folder / f"{key}.json.tmp-{os.getpid()}"
-    tmp_meta.write_text(json.dumps(record))
-    os.replace(tmp_meta, meta)
+    with _temporary(folder, f"{key}.json.tmp-") as (fd, tmp_meta):
+        text = memoryview(json.dumps(record).encode())
+        while text:
+            text = text[os.write(fd, text):]
+        os.replace(tmp_meta, meta)
     _say(f"decoded {decoded.kept} images into {data} in {time.perf_counter() - start:.1f} s")
+
+
+@contextlib.contextmanager
+def _temporary(folder: Path, prefix: str) -> Iterator[tuple[int, Path]]:
+    """A new file in `folder` with a random name, created exclusively (never through a link), mode 0640 at most;
+    removed when the block fails or leaves it where it was (a block that succeeds renames it into place)."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix)  # O_CREAT | O_EXCL | O_NOFOLLOW, mode 0600
+    path = Path(name)
+    try:
+        os.fchmod(fd, _MODE & ~_umask())
+        yield fd, path
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # renamed into place already when the block succeeded
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve `size` bytes of disk for `fd` (OSError ENOSPC or EDQUOT on a full disk or quota); where the
+    filesystem cannot allocate, zeros are written instead, which fails the same way."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    zeros = memoryview(bytes(1 << 20))
+    done = 0
+    while done < size:
+        done += os.pwrite(fd, zeros[:min(len(zeros), size - done)], done)
+
+
+@contextlib.contextmanager
+def _no_room_is(needed: int) -> Iterator[None]:
+    """ENOSPC or EDQUOT in the block becomes _NoRoom(needed): the caller's one line, naming the folder."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in _NO_ROOM:
+            raise _NoRoom(needed) from None
+        raise
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for a moment, in every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _open(folder: Path, key: str) -> Cached | None:
