@@ -161,9 +161,13 @@ class Supervisor:
                 worker.start()
             return self._watch()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self._shutdown()
+            # Under this supervisor's handlers still: a second Ctrl-C or SIGTERM during the shutdown is recorded,
+            # never raised, so every worker is waited for and the final FAIL sweep runs.
+            try:
+                self._shutdown()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     def _stop(self, signum: int, _frame: object) -> None:
         self._stopping = True
