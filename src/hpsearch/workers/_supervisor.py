@@ -12,10 +12,12 @@ RUNNING, each with one queued retry that resumes from its checkpoint.
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from hpsearch.search import Run
 
 STOP_GRACE_S = 30.0
+SUPERVISOR_PID_ENV = "HPSEARCH_SUPERVISOR_PID"
+SUPERVISOR_POLL_S = 1.0  # how often a worker looks whether its supervisor is still alive
 
 
 def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, storage: str | None = None
@@ -49,6 +53,7 @@ def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, st
     if storage is not None:
         env["HPSEARCH_STORAGE"] = storage
     env["HPSEARCH_APP_NAME"] = f"hpsearch-worker-{index}"
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())  # a worker stops when this process dies (watch_supervisor)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpus[(index // per_gpu) % len(gpus)])
     threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
@@ -235,6 +240,10 @@ def worker_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "hpsearch", "worker", *args]
 
 
+# Why the main thread is interrupted when no signal came from outside (watch_supervisor), for the trial's reason.
+_interrupted_because: list[str] = []
+
+
 def install_stop_handler() -> None:
     """SIGTERM interrupts the trial like Ctrl-C (a KeyboardInterrupt naming the signal), so Optuna marks it FAIL
     and its retry is queued before the process exits (a worker, and a single-process `hpsearch run`)."""
@@ -244,10 +253,47 @@ def install_stop_handler() -> None:
         # interrupt the clean-up that marks the trial FAIL.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        raise KeyboardInterrupt(_interrupted_because[0] if _interrupted_because else signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie its parent has not reaped yet counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process holds the pid now
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False  # no /proc (not Linux): os.kill said it exists
+
+
+def watch_supervisor(every_s: float = SUPERVISOR_POLL_S) -> threading.Thread | None:
+    """In a worker of `run --workers N`: a daemon thread that interrupts the main thread (as SIGTERM does, as
+    `stop --now` does) once the supervisor named in HPSEARCH_SUPERVISOR_PID has died, even by kill -9: the
+    running trial ends FAIL with a queued retry and the worker exits, never an orphan. Polling, not
+    PR_SET_PDEATHSIG: a forked worker's parent is the forkserver, not the supervisor. None outside a
+    supervised worker (another machine's `hpsearch worker`)."""
+    raw = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if not raw.isdigit():
+        return None
+    pid = int(raw)
+
+    def watch() -> None:
+        while not _gone(pid):
+            time.sleep(every_s)
+        _interrupted_because.append(f"its supervisor (pid {pid}) died")
+        _thread.interrupt_main(signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="hpsearch-supervisor-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, per_gpu: int = 1,
