@@ -7,7 +7,9 @@ workers pinned to GPUs are fresh processes, so that no CUDA state can ever cross
 The supervisor restarts a worker that dies, fails the trial it held at once (every trial records the worker
 that runs it) and queues one retry with the same parameters through
 Optuna's `RetryHeartbeatStaleTrialCallback`. SIGINT/SIGTERM stop every worker; their trials end FAIL, never
-RUNNING, each with one queued retry that resumes from its checkpoint.
+RUNNING, each with one queued retry that resumes from its checkpoint; a second signal during that shutdown is
+recorded, never raised. A supervisor killed outright (kill -9) is noticed by its workers (`watch_supervisor`),
+which stop as on SIGTERM; the forkserver and resource tracker then exit as their pipes close.
 """
 
 from __future__ import annotations
