@@ -3,6 +3,8 @@ PostgreSQL.
 
 - kill -9 of a supervised worker mid-trial: its trial ends FAIL and a retry with the same params completes;
 - a lone `hpsearch worker` killed: the heartbeat fails its trial, and the retry resumes its checkpoint;
+- kill -9 of `run --workers 2` itself: its workers end their trials FAIL (retries queued) and exit, and its
+  forkserver and resource tracker go too;
 - dropped PostgreSQL connections do not fail a running trial.
 
 Every wait has a deadline, and every process a test starts is killed (with its process group) at teardown. A
@@ -172,7 +174,47 @@ def test_lone_worker_killed_is_failed_by_heartbeat_and_retry_resumes_its_checkpo
     _report_kill(f"lone worker (heartbeat), artifacts in {store}", storage_url, trials, 1, kill_to_fail)
 
 
-# -------------------------------------------- 3. a dropped PostgreSQL connection does not fail a trial
+# ------------------------------------------------------------- 3. kill -9 of the supervisor itself
+
+# From the supervisor's kill -9 until every process it started is gone: each worker looks for its supervisor every
+# second, then ends its trial FAIL and queues its retry (the storage writes of a stop); then the forkserver's
+# and resource tracker's pipes close.
+SUPERVISOR_KILL_TO_GONE_S = 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_of_run_stops_its_workers_and_fails_their_trials(study_file: Callable[..., Path], tmp_path: Path,
+                                                                 procs: Procs) -> None:
+    path = study_file("orphans", study={"n_trials": 8}, data={"subset": 120, "image_size": 16},
+                      train={"epochs": 2, "checkpoint_every": 1})
+    url = f"sqlite:///{tmp_path / 'orphans.db'}"
+    run = procs.start(hpsearch_argv("run", str(path), "--workers", "2", "--storage", url,
+                                    "--artifacts", str(tmp_path / "artifacts")), "run",
+                      **{HOLD_ENV: f"1:{tmp_path / 'never'}"})
+    held = held_trials(url, "orphans", 2, run, procs)
+    helpers = session_members(run.pid)
+    assert len(helpers) >= 4, "run, its forkserver, its resource tracker and two workers"
+    os.kill(run.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert procs.wait(run, timeout=10) == -signal.SIGKILL
+
+    wait_until("no worker, forkserver or resource tracker of the killed run", lambda: not session_members(run.pid),
+               timeout=SUPERVISOR_KILL_TO_GONE_S, every=0.1)
+    gone_in = time.monotonic() - killed_at
+    trials = trials_of(url, "orphans")
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], states_of(trials)
+    by_number = {t.number: t for t in trials}
+    for trial in held:
+        ended = by_number[trial.number]
+        assert ended.state == TrialState.FAIL, states_of(trials)
+        assert "supervisor" in ended.user_attrs.get("fail_reason", ""), ended.user_attrs
+    retried = sorted(t.system_attrs["failed_trial"] for t in trials if t.state == TrialState.WAITING)
+    assert retried == sorted(t.number for t in held), states_of(trials)
+    print(f"\nkill -9 of run: its {len(helpers) - 1} processes gone, trials FAIL and queued {gone_in:.1f} s after")
+
+
+# -------------------------------------------- 4. a dropped PostgreSQL connection does not fail a trial
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 - `hpsearch run --workers 4` reaches its 20 trials with unique trial numbers, no crashed worker, and memory
   that stays flat trial after trial;
 - SIGINT/SIGTERM to `hpsearch run --workers 2`: it exits, its workers are gone, no trial stays RUNNING.
+- a second signal during the shutdown (SIGTERM, then SIGINT after SIGINT) does not abort it.
 
 Every wait has a deadline, and every process a test starts is killed (with its process group) at teardown. A
 signal never races a trial's progress: the test hold (HPSEARCH_TEST_HOLD) stops each trial after its first
@@ -137,3 +138,45 @@ def test_signal_stops_run_and_its_workers(signum: signal.Signals, to_group: bool
     retried = sorted(t.system_attrs["failed_trial"] for t in waiting)
     assert retried == sorted(n for n, state in ended.items() if state == TrialState.FAIL), states_of(trials)
     assert all(t.params == by_number[t.system_attrs["failed_trial"]].params for t in waiting)
+
+
+# ---------------------------------------------------------------- 3. a second signal during the shutdown
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_second_signal_does_not_abort_the_shutdown(study_file: Callable[..., Path], tmp_path: Path,
+                                                   procs: Procs) -> None:
+    """SIGTERM to `hpsearch run --workers 2`, then SIGINT after SIGINT (an impatient user) until its workers are
+    gone: the supervisor still waits for every worker and fails what they held; `run` exits 130, after them."""
+    path = study_file("again", study={"n_trials": 8}, data={"subset": 120, "image_size": 16},
+                      train={"epochs": 2, "checkpoint_every": 1})
+    url = f"sqlite:///{tmp_path / 'again.db'}"
+    run = procs.start(hpsearch_argv("run", str(path), "--workers", "2", "--storage", url,
+                                "--artifacts", str(tmp_path / "artifacts")), "run",
+                      **{HOLD_ENV: f"1:{tmp_path / 'never'}"})
+    running = {t.number: t.user_attrs["worker"] for t in held_trials(url, "again", 2, run, procs)}
+    children = [pid_of(tag) for tag in running.values()]
+    signalled_at = time.monotonic()
+    os.kill(run.pid, signal.SIGTERM)
+    # Every 0.1 s while a worker lives: at least one SIGINT lands while the supervisor stops its workers.
+    sent = 0
+    while run.poll() is None and any(alive(pid) for pid in children) and sent < 300:
+        time.sleep(0.1)
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGINT)
+            sent += 1
+    code = procs.wait(run, timeout=SIGNAL_TO_EXIT_S)
+    # No grace here: `run` returns only once its workers have exited.
+    workers_left = [pid for pid in children if alive(pid)]
+    output = procs.output(run)
+    assert time.monotonic() - signalled_at < SIGNAL_TO_EXIT_S
+    assert code == 130, (code, output)
+    assert "Traceback" not in output, output
+    assert not workers_left, f"`run` exited before its workers {workers_left} ({sent} SIGINTs sent)"
+    wait_until("the run's helpers to be gone", lambda: not session_members(run.pid), timeout=10, every=0.1)
+    trials = trials_of(url, "again")
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], states_of(trials)
+    assert {t.state for t in trials if t.number in running} == {TrialState.FAIL}, states_of(trials)
+    retried = sorted(t.system_attrs["failed_trial"] for t in trials if t.state == TrialState.WAITING)
+    assert retried == sorted(running), states_of(trials)

@@ -3,6 +3,7 @@ refusing a changed space, and the three ways a trial can end other than COMPLETE
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import optuna
@@ -279,6 +280,28 @@ def test_resume_refuses_another_configuration_before_any_trial(study_file, tmp_p
 
 
 # ------------------------------------------------------------------------------- trials that go wrong
+
+
+@pytest.mark.slow
+@pytest.mark.inprocess
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_full_study_fails_its_stale_trials_before_it_returns(study_file, tmp_path):
+    """A trial whose worker died unseen (its whole `run` killed) stays RUNNING; the next run, finding the study
+    full, still fails it (stale heartbeat) and queues its retry before it returns."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    _, _, study, objective = start(study_file("stale", study={"n_trials": 1}), url, tmp_path / "artifacts")
+    beating = open_storage(url, heartbeat_interval=1, heartbeat_grace=2)
+    study = optuna.load_study(study_name=study.study_name, storage=beating)
+    orphan = study.ask()
+    beating.record_heartbeat(orphan._trial_id)  # its worker beat once, then died
+    done = study.ask()
+    study.tell(done, 0.5)
+    time.sleep(3)  # past the grace
+
+    assert not run_trials(study, objective, 1).tripped
+
+    assert states(study) == [TrialState.FAIL, TrialState.COMPLETE, TrialState.WAITING]
+    assert study.trials[2].system_attrs["failed_trial"] == orphan.number
 
 
 @pytest.mark.slow

@@ -141,9 +141,10 @@ def cmd_worker(args: argparse.Namespace) -> ExitCode:
 
     from hpsearch.monitor import describe_trial
     from hpsearch.search import run_trials
-    from hpsearch.workers import install_stop_handler
+    from hpsearch.workers import install_stop_handler, watch_supervisor
 
     install_stop_handler()
+    watch_supervisor()  # under `run --workers N`: stop, trial FAIL and queued, when `run` dies (even kill -9)
     run = _open_run(args, worker=args.worker_index)
 
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -115,6 +115,9 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
     started_at = time.time()
     cfg = objective.cfg
     guard = StopAfterFailures(cfg.study.max_consecutive_failures)
+    # First the trials whose worker died unseen (kill -9 of a whole `run`, a lost machine): FAIL, retry queued,
+    # even when the study already holds its trials and Optuna's own check (at the next trial) would never come.
+    optuna.storages.fail_stale_trials(study)
     reached = target_reached(study, cfg.study.target)
     if reached is not None:
         return Outcome(False, guard.limit, f"target {cfg.study.target} already reached by trial {reached.number}")

@@ -5,11 +5,12 @@ worker's trial.
 from __future__ import annotations
 
 from hpsearch.workers._forkserver import start_forkserver, stop_forkserver
-from hpsearch.workers._supervisor import install_stop_handler, run_workers
+from hpsearch.workers._supervisor import install_stop_handler, run_workers, watch_supervisor
 
 __all__ = [
     "install_stop_handler",
     "run_workers",
     "start_forkserver",
     "stop_forkserver",
+    "watch_supervisor",
 ]

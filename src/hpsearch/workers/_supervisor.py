@@ -7,15 +7,19 @@ workers pinned to GPUs are fresh processes, so that no CUDA state can ever cross
 The supervisor restarts a worker that dies, fails the trial it held at once (every trial records the worker
 that runs it) and queues one retry with the same parameters through
 Optuna's `RetryHeartbeatStaleTrialCallback`. SIGINT/SIGTERM stop every worker; their trials end FAIL, never
-RUNNING, each with one queued retry that resumes from its checkpoint.
+RUNNING, each with one queued retry that resumes from its checkpoint; a second signal during that shutdown is
+recorded, never raised. A supervisor killed outright (kill -9) is noticed by its workers (`watch_supervisor`),
+which stop as on SIGTERM; the forkserver and resource tracker then exit as their pipes close.
 """
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
     from hpsearch.search import Run
 
 STOP_GRACE_S = 30.0
+SUPERVISOR_PID_ENV = "HPSEARCH_SUPERVISOR_PID"
+SUPERVISOR_POLL_S = 1.0  # how often a worker looks whether its supervisor is still alive
 
 
 def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, storage: str | None = None
@@ -49,6 +55,7 @@ def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, st
     if storage is not None:
         env["HPSEARCH_STORAGE"] = storage
     env["HPSEARCH_APP_NAME"] = f"hpsearch-worker-{index}"
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())  # a worker stops when this process dies (watch_supervisor)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpus[(index // per_gpu) % len(gpus)])
     threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
@@ -161,9 +168,13 @@ class Supervisor:
                 worker.start()
             return self._watch()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self._shutdown()
+            # Under this supervisor's handlers still: a second Ctrl-C or SIGTERM during the shutdown is recorded,
+            # never raised, so every worker is waited for and the final FAIL sweep runs.
+            try:
+                self._shutdown()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     def _stop(self, signum: int, _frame: object) -> None:
         self._stopping = True
@@ -231,6 +242,10 @@ def worker_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "hpsearch", "worker", *args]
 
 
+# Why the main thread is interrupted when no signal came from outside (watch_supervisor), for the trial's reason.
+_interrupted_because: list[str] = []
+
+
 def install_stop_handler() -> None:
     """SIGTERM interrupts the trial like Ctrl-C (a KeyboardInterrupt naming the signal), so Optuna marks it FAIL
     and its retry is queued before the process exits (a worker, and a single-process `hpsearch run`)."""
@@ -240,10 +255,47 @@ def install_stop_handler() -> None:
         # interrupt the clean-up that marks the trial FAIL.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        raise KeyboardInterrupt(_interrupted_because[0] if _interrupted_because else signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie its parent has not reaped yet counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process holds the pid now
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False  # no /proc (not Linux): os.kill said it exists
+
+
+def watch_supervisor(every_s: float = SUPERVISOR_POLL_S) -> threading.Thread | None:
+    """In a worker of `run --workers N`: a daemon thread that interrupts the main thread (as SIGTERM does, as
+    `stop --now` does) once the supervisor named in HPSEARCH_SUPERVISOR_PID has died, even by kill -9: the
+    running trial ends FAIL with a queued retry and the worker exits, never an orphan. Polling, not
+    PR_SET_PDEATHSIG: a forked worker's parent is the forkserver, not the supervisor. None outside a
+    supervised worker (another machine's `hpsearch worker`)."""
+    raw = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if not raw.isdigit():
+        return None
+    pid = int(raw)
+
+    def watch() -> None:
+        while not _gone(pid):
+            time.sleep(every_s)
+        _interrupted_because.append(f"its supervisor (pid {pid}) died")
+        _thread.interrupt_main(signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="hpsearch-supervisor-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, per_gpu: int = 1,
