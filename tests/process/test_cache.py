@@ -5,7 +5,6 @@ of their own, and a supervised `run --workers 2` decodes its folder once for all
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +15,15 @@ import pytest
 from PIL import Image
 
 from hpsearch.config import DataSection
-from tests.support import cli_env, colour_folder, imagefolder_section, run_cli, tiny_tables, write_study
+from tests.support import (
+    cli_env,
+    colour_folder,
+    imagefolder_section,
+    run_cli,
+    run_on_a_small_tmpfs,
+    tiny_tables,
+    write_study,
+)
 
 # One process loading a study's data as a worker does (pool, split, placement, an epoch of batches), after the
 # starting gun; it prints its own anonymous (unshared) resident memory before and after.
@@ -127,8 +134,6 @@ def test_a_supervised_run_decodes_its_folder_once_for_all_its_processes(tmp_path
 def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_no_temp_file(tmp_path: Path) -> None:
     """The cache folder is a 2 MB tmpfs (a private mount namespace) and the folder decodes to 2.8 MiB: `run`
     exits 2 with one line naming the cache folder, no SIGBUS, no traceback, and the tmpfs holds nothing after."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) for a private tmpfs")
     root = colour_folder(tmp_path / "photos", {"train": 20}, size=(128, 128))  # 60 images, 48 KiB each decoded
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
@@ -137,14 +142,7 @@ def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_no_temp_file
         "stored_size": 128, "cache_dir": str(cache_dir)}))
     command = [sys.executable, "-m", "hpsearch", "run", str(study), "--storage", f"sqlite:///{tmp_path / 'p.db'}",
                "--artifacts", str(tmp_path / "artifacts")]
-    script = (f"mount -t tmpfs -o size=2m tmpfs '{cache_dir}' || exit 99\n"
-              f"{' '.join(repr(part) for part in command)}\n"
-              "echo \"rc=$?\" >&2\n"
-              f"find '{cache_dir}' -type f -printf '%s %f\\n'\n")
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=cli_env(), capture_output=True,
-                          text=True, timeout=240)
-    if done.returncode == 99:
-        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {done.stderr.strip()}")
+    done = run_on_a_small_tmpfs(cache_dir, 2, command, tmp_path, timeout=240)
 
     assert "rc=2" in done.stderr, done.stderr[-3000:]  # not 135 (SIGBUS)
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

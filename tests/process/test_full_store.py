@@ -6,8 +6,6 @@ so the test needs no privileges beyond a user namespace)."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,25 +14,10 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch.store import open_storage
-from tests.support import cli_env, tiny_tables, write_study
+from tests.support import run_on_a_small_tmpfs, tiny_tables, write_study
 
 FILLER_MB = 20  # 100 MB - 20 MB: room for one ResNet-18's weights (45 MB), not two
 
-
-def _in_a_100mb_store(store: Path, command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run `command` with `store` a fresh 100 MB tmpfs holding FILLER_MB of filler; after it, list the store."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare (util-linux) for a private tmpfs")
-    script = (f"mount -t tmpfs -o size=100m tmpfs '{store}' || exit 99\n"
-              f"head -c {FILLER_MB * 10**6} /dev/zero > '{store}/filler'\n"
-              f"{' '.join(repr(part) for part in command)}\n"
-              "echo \"rc=$?\" >&2\n"
-              f"find '{store}' -type f -printf '%s %f\\n'\n")
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, timeout=300)
-    if done.returncode == 99:
-        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {done.stderr.strip()}")
-    return done
 
 
 @pytest.mark.slow
@@ -44,8 +27,10 @@ def test_a_full_store_stops_the_run_at_the_first_trial_without_room(tmp_path: Pa
     study_file = write_study(tmp_path / "full.toml", tiny_tables("full", study={
         "n_trials": 5, "max_consecutive_failures": 5}))
     url = f"sqlite:///{tmp_path / 'full.db'}"
-    done = _in_a_100mb_store(store, [sys.executable, "-m", "hpsearch", "run", str(study_file), "--storage", url,
-                                     "--artifacts", str(store)], tmp_path)
+    command = [sys.executable, "-m", "hpsearch", "run", str(study_file), "--storage", url, "--artifacts", str(store)]
+    # a 100 MB store holding FILLER_MB of filler
+    done = run_on_a_small_tmpfs(store, 100, command, tmp_path,
+                                prelude=f"head -c {FILLER_MB * 10**6} /dev/zero > '{store}/filler'\n")
 
     assert "rc=2" in done.stderr, done.stderr  # bad input's exit code: the user frees space, nothing is broken
     assert "Traceback" not in done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 import hpsearch
+from tests.support._studies import cli_env
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
@@ -155,3 +157,22 @@ def held_trials(url: str, name: str, n: int, proc: subprocess.Popen[bytes], proc
         return running if len(running) >= n else []
 
     return wait_until(f"{n} trial(s) held after epoch 1", held, timeout=240, every=0.2)
+
+
+def run_on_a_small_tmpfs(folder: Path, size_mb: int, command: list[str], cwd: Path, *, prelude: str = "",
+                         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `command` with `folder` a fresh tmpfs of `size_mb` (a private mount namespace: no privileges beyond a
+    user namespace), after the shell lines `prelude`; its stderr ends with `rc=N`, its stdout lists the files
+    left in `folder` as `SIZE NAME` lines. Skips the test where no such namespace can be made."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private tmpfs")
+    script = (f"mount -t tmpfs -o size={size_mb}m tmpfs '{folder}' || exit 99\n"
+              f"{prelude}"
+              f"{' '.join(repr(part) for part in command)}\n"
+              "echo \"rc=$?\" >&2\n"
+              f"find '{folder}' -type f -printf '%s %f\\n'\n")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=cwd, env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {done.stderr.strip()}")
+    return done
