@@ -25,7 +25,7 @@ CONFIG = "config"  # the study file it was created from, as JSON
 PREPROCESS = "preprocess"  # image_size, mean, std, interpolation: what an export reproduces
 HPSEARCH_VERSION = "hpsearch_version"
 ARTIFACTS = "artifacts_dir"  # the artifact store: a folder or s3://bucket/prefix
-STOP_REQUEST = "stop_request"  # {"at", "by", "reason", "now"}: `hpsearch stop` or a reached target
+STOP_REQUEST = "stop_request"  # {"generation", "at", "by", "reason", "now"}: `hpsearch stop` or a reached target
 SKIPPED_IMAGES = "skipped_images"  # unreadable files left out ([data] bad_images = "skip"), relative to the root
 PIN = "pin:"  # + an artifact id: until when (unix seconds) a running `ensemble` needs it; keep_weights waits
 

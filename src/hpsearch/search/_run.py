@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,7 @@ from hpsearch.store import (
     resolve_artifacts,
     resolve_storage_url,
     retry_failed,
+    stop_generation,
     target_reached,
 )
 from hpsearch.train import resolve_device
@@ -112,7 +112,7 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
                callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> Outcome:
     """Run until the study holds n_trials finished (COMPLETE + PRUNED) trials, the timeout, a failure streak,
     the study's target, or `hpsearch stop`; a full artifact store stops it at once with a StoreFullError."""
-    started_at = time.time()
+    seen = stop_generation(study.user_attrs)  # the requests made before this start do not apply to it
     cfg = objective.cfg
     guard = StopAfterFailures(cfg.study.max_consecutive_failures)
     # First the trials whose worker died unseen (kill -9 of a whole `run`, a lost machine): FAIL, retry queued,
@@ -128,14 +128,14 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, *, time
                            else cfg.ensemble.top_k + 3)
     full = StopOnFullStore()
     broken = StopOnBrokenDevice()
-    asked = StopWhenAsked(started_at, cfg.study.target)
+    asked = StopWhenAsked(seen, cfg.study.target)
     # What is alive now lives as long as the process (modules, the data pool, the study): frozen out of the
     # cycle collector, the collect after each trial (_free_after_trial) scans only what trials made. A full
     # collect over torch's import-time objects took a quarter of a second, twice a trial. Collected first:
     # garbage frozen would never be freed (a process, like the tests', may run this more than once).
     gc.collect()
     gc.freeze()
-    with StopWatch(study, started_at) as watch:
+    with StopWatch(study, seen) as watch:
         try:
             study.optimize(objective, timeout=timeout, catch=(Exception,),
                            callbacks=[RetryOutOfMemory(), full, broken, keep, *callbacks, stop_at_n, guard, asked,

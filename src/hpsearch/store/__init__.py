@@ -30,7 +30,15 @@ from hpsearch.store._pins import pin, pinned, unpin
 from hpsearch.store._proxy import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, DEFAULT_PORT, proxy_failure
 from hpsearch.store._proxy_server import serve
 from hpsearch.store._redact import redact
-from hpsearch.store._stopping import StopWatch, StopWhenAsked, pending, request_stop, stop_request, target_reached
+from hpsearch.store._stopping import (
+    StopWatch,
+    StopWhenAsked,
+    pending,
+    request_stop,
+    stop_generation,
+    stop_request,
+    target_reached,
+)
 from hpsearch.store._storage import open_storage, resolve_storage_url
 from hpsearch.store._studies import (
     FINISHED,
@@ -84,6 +92,7 @@ __all__ = [
     "resolve_storage_url",
     "retry_failed",
     "serve",
+    "stop_generation",
     "stop_request",
     "store_full_reason",
     "store_size_bytes",

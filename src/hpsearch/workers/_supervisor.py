@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import keys
 from hpsearch.errors import ExitCode, UsageError
 from hpsearch.record import read_trial_record
-from hpsearch.store import finished_trials, has_retry, pending, retry_failed, target_reached
+from hpsearch.store import finished_trials, has_retry, pending, retry_failed, stop_generation, target_reached
 from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
 
 if TYPE_CHECKING:
@@ -313,13 +313,13 @@ def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, 
     workers = [Worker(i, worker_command(args[i]) if pinned else args[i],
                       worker_env(i, n_workers, pinned, per_gpu, storage=run.url), launch)
                for i in range(n_workers)]
-    started_at = time.time()
+    seen = stop_generation(run.study.user_attrs)  # the stop requests made before this start do not apply
 
     def done() -> bool:
         # The budget, the target or `hpsearch stop`: a worker that returned 0 for any of them is not restarted.
         return (finished_trials(run.study) >= run.n_trials
                 or target_reached(run.study, run.cfg.study.target) is not None
-                or pending(run.study.user_attrs, started_at) is not None)
+                or pending(run.study.user_attrs, seen) is not None)
 
     try:
         return Supervisor(run.study, run.storage, workers, done=done, on_event=on_event).run()
