@@ -71,7 +71,7 @@ def _supervise(tmp_path, command: list[str], n: int = 2, max_restarts: int = 3) 
     workers = [Worker(i, command, {}) for i in range(n)]
     quick = RestartPolicy(first_s=0.05, cap_s=0.2, max_in_window=max_restarts)  # the budget, not the delays
     code = Supervisor(study, storage, workers, done=lambda: False, on_event=events.append, poll_s=0.05,
-                      restarts=quick).run()
+                      restart_policy=quick).run()
     return code, events, workers
 
 
@@ -215,7 +215,7 @@ def test_a_worker_frozen_holding_the_sqlite_write_lock_is_killed_its_trial_retri
         return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
     code = Supervisor(study, storage, [worker], done=done, on_event=events.append, poll_s=0.1, frozen_limit_s=1.0,
-                      restarts=RestartPolicy(first_s=0.1)).run()
+                      restart_policy=RestartPolicy(first_s=0.1)).run()
     assert code == ExitCode.OK, events
     frozen, retry = study.get_trials()
     assert frozen.state == TrialState.FAIL and frozen.user_attrs["fail_reason"].endswith("died (signal 9)")

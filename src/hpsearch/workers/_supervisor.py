@@ -169,7 +169,7 @@ class Supervisor:
     done: Callable[[], bool]
     on_event: Callable[[str], None] = print
     poll_s: float = 0.5
-    restarts: RestartPolicy = field(default_factory=RestartPolicy)
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     frozen_limit_s: float = FROZEN_LIMIT_S
     _stopping: bool = field(default=False, init=False)
     _full: bool = field(default=False, init=False)  # a worker found the artifact store full: stop them all
@@ -180,7 +180,7 @@ class Supervisor:
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for worker in self.workers:
-                worker.backoff = Backoff(self.restarts)
+                worker.backoff = Backoff(self.restart_policy)
                 worker.start()
             return self._watch()
         finally:
@@ -245,7 +245,7 @@ class Supervisor:
         delay = worker.backoff.next_delay(now - worker.started_at, now)
         if delay is None:
             self.on_event(f"worker {worker.index} {why}; not restarted: it was restarted {worker.backoff.in_window} "
-                          f"times within {self.restarts.window_s / 60:.0f} min")
+                          f"times within {self.restart_policy.window_s / 60:.0f} min")
             return False
         worker.restarts += 1
         self.on_event(f"worker {worker.index} {why}; restarting it in {delay:g} s")
