@@ -123,8 +123,9 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
 
     @property
     def name(self) -> str:
-        url = getattr(self.inner, "url", None)
-        return redact(url) if url else type(self.inner).__name__
+        inner = getattr(self.inner, "_backend", self.inner)  # Optuna's cache in front of an RDB storage
+        url = getattr(inner, "url", None)
+        return redact(url) if url else type(inner).__name__
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """`inner.method(*args, **kwargs)`, retried with backoff through transient errors for `patience_s`."""
@@ -145,7 +146,8 @@ class RetryingStorage(BaseStorage, BaseHeartbeat):
                 now = time.monotonic()
                 if first_failure is None:
                     first_failure = now
-                    _log.warning("storage %s: %s; retrying for up to %.0f s", self.name, why, self.patience_s)
+                    _log.warning("storage %s: %s failed (%s); retrying for up to %.0f s", self.name, method, why,
+                                 self.patience_s)
                 waited = now - first_failure
                 if waited >= self.patience_s:
                     raise StorageUnavailableError(self.name, waited, why) from err
