@@ -16,7 +16,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE_STREAK = 1  # `run` stopped: max_consecutive_failures trials failed in a row
     BAD_INPUT = 2  # one line naming the field, file or URL and the fix (a full artifact store too)
-    STORAGE_DOWN = 3  # the storage proxy stopped answering (a supervised worker is restarted)
+    STORAGE_DOWN = 3  # the storage (database or proxy) stopped answering (a supervised worker is restarted)
     WORKER_FAILURE_STREAK = 4  # a worker stopped on a failure streak: its supervisor does not restart it
     WORKER_STORE_FULL = 5  # a worker found the artifact store full: its supervisor stops every worker
     DEVICE_BROKEN = 6  # a sticky device error broke the process's GPU context: a supervisor restarts the worker
@@ -53,6 +53,19 @@ class UsageError(HpsearchError):
 
 class StorageError(HpsearchError):
     """A storage URL that cannot be opened; the message says which and why."""
+
+
+class StorageUnavailableError(HpsearchError):
+    """The storage did not answer (connection refused or dropped, database restarting, proxy down) for as long
+    as `[study] storage_patience` allows; the message names the storage, how long and the last error."""
+
+    exit_code = ExitCode.STORAGE_DOWN
+    MARK = "storage unavailable"  # in the message: how a proxy's client tells this error apart (_retrying)
+
+    def __init__(self, storage: str, waited_s: float, why: str) -> None:
+        self.waited_s = waited_s
+        super().__init__(f"storage: {storage}: {self.MARK} for {waited_s:.0f} s ({why}); check that the database "
+                         "(or `hpsearch storage-proxy`) runs and is reachable, then run again")
 
 
 class DataError(HpsearchError):

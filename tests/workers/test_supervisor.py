@@ -17,15 +17,10 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch.errors import ExitCode
-from hpsearch.store import open_storage
+from hpsearch.store import fail_running_trial, fail_trials_of, open_storage
 from hpsearch.workers._forkserver import forkserver_launch, stop_forkserver
 from hpsearch.workers._restarts import Backoff, RestartPolicy
-from hpsearch.workers._supervisor import (
-    Supervisor,
-    Worker,
-    fail_running_trial,
-    fail_trials_of,
-)
+from hpsearch.workers._supervisor import Supervisor, Worker
 from tests.support import STORAGES_AND_PROXY, tiny_tables, write_study
 
 

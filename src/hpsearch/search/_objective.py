@@ -30,7 +30,7 @@ from hpsearch import keys
 from hpsearch._testhooks import hold_at
 from hpsearch.config import SpaceSection, StudyConfig
 from hpsearch.data import StudyData, trial_data
-from hpsearch.errors import StoreFullError, first_line
+from hpsearch.errors import StorageUnavailableError, StoreFullError, first_line
 from hpsearch.model import init_weights_tag
 from hpsearch.record import read_trial_record
 from hpsearch.search._cv_trial import CrossValidation
@@ -39,6 +39,7 @@ from hpsearch.search._tracking import TrialLogs, TrialTracker
 from hpsearch.store import (
     OUTPUTS_FILE,
     WEIGHTS_FILE,
+    RetryingStorage,
     StudyArtifacts,
     TrialOutputs,
     download_to,
@@ -161,6 +162,9 @@ class Objective:
             trial.set_user_attr(keys.FAIL_REASON, f"interrupted ({stop or 'Ctrl-C'}); queued for retry")
             trial.set_user_attr(keys.INTERRUPTED, True)
             raise
+        except StorageUnavailableError as outage:
+            self._storage_lost(trial, outage)
+            raise
         except Exception as err:
             out_of_memory = self._crashed(trial, err)
         if out_of_memory is not None:
@@ -258,6 +262,18 @@ class Objective:
         trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
         self._discard(trial)  # nothing retries a crashed trial: its files would only take space
         raise err
+
+    @staticmethod
+    def _storage_lost(trial: optuna.Trial, outage: StorageUnavailableError) -> None:
+        """The storage was away past `[study] storage_patience`: wait until it answers, then end the trial like a
+        stop: FAIL, its checkpoint kept, one retry queued (RetryAfterStorageOutage), outside the failure streak."""
+        storage = trial.study._storage
+        _log.warning("trial %s: %s; waiting for it to answer, then the trial is queued for retry", trial.number,
+                     outage)
+        waited = storage.wait_until_answering(trial.study.study_name) if isinstance(storage, RetryingStorage) else 0
+        reason = f"{outage} (answered again after {waited:.0f} s more); queued for retry"
+        trial.set_user_attr(keys.FAIL_REASON, reason[:1000])
+        trial.set_user_attr(keys.STORAGE_LOST, True)
 
     @staticmethod
     def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:

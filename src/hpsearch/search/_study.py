@@ -147,6 +147,7 @@ RESUMABLE_KEYS = frozenset({
     "study.target",  # when to stop, not what a trial computes
     "study.max_consecutive_failures", "study.keep_weights",  # how failures and old weights are handled
     "study.heartbeat_interval", "study.heartbeat_grace",  # liveness of running trials
+    "study.storage_patience",  # how long a storage outage is ridden out
     # Which points are tried and which trials stop early; Optuna keeps neither with the study (each run passes
     # its own), and a finished trial's value does not depend on them.
     "study.sampler", "study.pruner", "study.pruner_startup_trials", "study.pruner_warmup_epochs",

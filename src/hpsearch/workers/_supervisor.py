@@ -27,14 +27,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
-from hpsearch.errors import ExitCode, UsageError
+from hpsearch.errors import ExitCode, StorageUnavailableError, UsageError
 from hpsearch.processes import is_stopped, process_state
-from hpsearch.record import read_trial_record
-from hpsearch.store import finished_trials, has_retry, pending, retry_failed, stop_generation, target_reached
+from hpsearch.store import fail_trials_of, finished_trials, pending, stop_generation, target_reached
 from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
 from hpsearch.workers._restarts import Backoff, RestartPolicy
 
@@ -97,35 +94,6 @@ def visible_gpus() -> list[int]:
         return list(range(torch.cuda.device_count()))
     except Exception:
         return []
-
-
-def fail_trials_of(storage: optuna.storages.BaseStorage, study: optuna.Study, tag: str, reason: str, *,
-                   retry: bool = True) -> list[int]:
-    """End the RUNNING trials of one (dead or stopped) worker FAIL and queue one retry of each (with `retry`);
-    returns their numbers. A trial that finished first, by its worker or a heartbeat check, is left alone."""
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if read_trial_record(trial).worker == tag and fail_running_trial(storage, study, trial, reason, retry=retry):
-            failed.append(trial.number)
-    return failed
-
-
-def fail_running_trial(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: FrozenTrial, reason: str,
-                       *, retry: bool) -> bool:
-    """End another process's RUNNING trial FAIL with `reason`, and queue its retry unless one exists; False,
-    changing nothing, when the trial finished first."""
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                               trial.number)
-    try:
-        storage.set_trial_user_attr(trial_id, keys.FAIL_REASON, reason)  # a finished trial refuses it
-    except UpdateFinishedTrialError:
-        return False
-    told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-    if told.state != TrialState.FAIL or read_trial_record(told).fail_reason != reason:
-        return False
-    if retry and not has_retry(study, trial.number):
-        retry_failed(study, told)
-    return True
 
 
 def popen(command: list[str], env: dict[str, str]) -> WorkerProcess:
@@ -205,7 +173,7 @@ class Supervisor:
                 if self._full:
                     return ExitCode.BAD_INPUT  # as a single-process run on a full store
             if active == 0:
-                return ExitCode.OK if self.done() else ExitCode.FAILURE_STREAK
+                return ExitCode.OK if self._done() else ExitCode.FAILURE_STREAK
             time.sleep(self.poll_s)
         return ExitCode.INTERRUPTED
 
@@ -215,7 +183,7 @@ class Supervisor:
         if worker.restart_at is not None:
             if now < worker.restart_at:
                 return True
-            if self.done():  # the study got its trials (or a stop) meanwhile
+            if self._done():  # the study got its trials (or a stop) meanwhile
                 worker.restart_at = None
                 return False
             worker.start()
@@ -238,7 +206,7 @@ class Supervisor:
             self.on_event(f"worker {worker.index} found the artifact store full; stopping every worker")
             self._full = True
             return False
-        if self.done():
+        if self._done():
             return False
         why = ("its GPU context broke (a sticky device error)" if code == ExitCode.DEVICE_BROKEN
                else f"died of signal {-code}" if code < 0 else f"exited with {code}")
@@ -268,9 +236,22 @@ class Supervisor:
             worker.process.kill()  # SIGKILL ends a stopped process too
             worker.stopped_since = None
 
+    def _done(self) -> bool:
+        try:
+            return self.done()
+        except StorageUnavailableError as err:  # the workers wait for the storage; so does the supervisor
+            self.on_event(f"{err}; the workers wait for it")
+            return False
+
     def _reap(self, worker: Worker, code: int) -> None:
         cause = f"signal {-code}" if code < 0 else f"exit code {code}"
-        failed = fail_trials_of(self.storage, self.study, worker.tag, f"worker {worker.tag} died ({cause})")
+        try:
+            failed = fail_trials_of(self.storage, self.study, worker.tag, f"worker {worker.tag} died ({cause})")
+        except StorageUnavailableError as err:
+            # Its trial stays RUNNING until its heartbeat goes stale; then a worker fails it and queues its retry.
+            self.on_event(f"worker {worker.index} died ({cause}) while {err}; its trial is retried once its "
+                          "heartbeat goes stale")
+            return
         for number in failed:
             self.on_event(f"trial {number} FAIL: its worker died ({cause}); queued a retry with the same params")
 
@@ -290,9 +271,12 @@ class Supervisor:
                 worker.process.kill()
                 worker.process.wait()
         # Whatever a stopped worker could not mark itself ends FAIL here, never RUNNING.
-        for worker in self.workers:
-            if worker.process is not None:
-                fail_trials_of(self.storage, self.study, worker.tag, "stopped by a signal; queued for retry")
+        try:
+            for worker in self.workers:
+                if worker.process is not None:
+                    fail_trials_of(self.storage, self.study, worker.tag, "stopped by a signal; queued for retry")
+        except StorageUnavailableError as err:
+            self.on_event(f"{err}: trials the workers left RUNNING are retried once their heartbeat goes stale")
 
 
 def worker_command(args: Sequence[str]) -> list[str]:
