@@ -160,7 +160,7 @@ def test_a_read_only_command_on_a_mistyped_sqlite_path_creates_nothing(tmp_path,
 
 def test_a_refused_cifar_run_leaves_no_data_folder_behind(tmp_path):
     """data.root names a folder that does not exist and the download fails (a proxy that refuses): `run` exits 2
-    naming data.root, and the folders torchvision made to download into are gone again."""
+    naming data.root, and the folders torchvision made to download into are gone again, as is the storage."""
     path = write_study(tmp_path / "c.toml", tiny_tables("c", data={
         "dataset": "cifar10", "root": str(tmp_path / "data" / "cifar"), "subset": 0}))
     no_network = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": None,
@@ -174,4 +174,5 @@ def test_a_refused_cifar_run_leaves_no_data_folder_behind(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "data.root" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]  # nor the SQLite file it opened first
 

@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> ExitCode:
     folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
     console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{run.n_trials} "
                   f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}{folds}, "
-                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}")
+                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}", soft_wrap=True)
     if args.workers > 1:
         from hpsearch.workers import run_workers
 

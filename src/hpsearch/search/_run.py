@@ -48,6 +48,7 @@ from hpsearch.store import (
     load_existing,
     open_artifact_store,
     open_storage,
+    removed_if_refused,
     resolve_artifacts,
     resolve_storage_url,
     retry_failed,
@@ -94,13 +95,15 @@ def open_run(study_file: str, *, storage: str | None = None, artifacts: str | No
     if resolved.type == "cpu" and threads:
         torch.set_num_threads(int(threads))
     url = resolve_storage_url(storage, cfg.study.storage)
-    # Every call of this process (its trials', Optuna's, the supervisor's) rides out a storage outage.
-    opened = retrying(open_storage(url, heartbeat_interval=cfg.study.heartbeat_interval,
-                                   heartbeat_grace=cfg.study.heartbeat_grace), cfg.study.storage_patience)
-    prepared = prepare(cfg)
-    location = resolve_artifacts(artifacts, load_existing(opened, cfg.study.name), cfg.study.artifacts)
-    store = open_artifact_store(location)  # a store that cannot be used stops here, before any study or trial
-    study = open_study(cfg, opened, prepared, location, worker=worker)
+    # Every call of this process (its trials', Optuna's, the supervisor's) rides out a storage outage; a SQLite
+    # file made only to be refused (bad data, an unusable store) is not left behind.
+    with removed_if_refused(url):
+        opened = retrying(open_storage(url, heartbeat_interval=cfg.study.heartbeat_interval,
+                                       heartbeat_grace=cfg.study.heartbeat_grace), cfg.study.storage_patience)
+        prepared = prepare(cfg)
+        location = resolve_artifacts(artifacts, load_existing(opened, cfg.study.name), cfg.study.artifacts)
+        store = open_artifact_store(location)  # a store that cannot be used stops here, before any study or trial
+        study = open_study(cfg, opened, prepared, location, worker=worker)
     return Run(cfg, url, opened, study, prepared, location, store, resolved, n_trials or cfg.study.n_trials)
 
 

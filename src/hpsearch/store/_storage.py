@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from hpsearch import keys
-from hpsearch.errors import StorageError, first_line
+from hpsearch.errors import HpsearchError, StorageError, first_line
 from hpsearch.store._redact import redact
 
 _log = logging.getLogger(__name__)
@@ -123,6 +125,36 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_g
         raise
     except Exception as err:
         raise StorageError(f"storage: cannot open {redact(url)} ({first_line(err)})") from None
+
+
+@contextlib.contextmanager
+def removed_if_refused(url: str) -> Iterator[None]:
+    """Around opening a storage and what must be checked before the study is used: a SQLite or journal file that
+    did not exist before and is refused within (bad data, an unusable artifact store) is removed again, so that a
+    refused command leaves nothing behind."""
+    path = _local_file(url)
+    fresh = path is not None and not path.exists()
+    try:
+        yield
+    except HpsearchError:
+        if fresh and path is not None:
+            for leftover in (path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", "-journal"))):
+                leftover.unlink(missing_ok=True)
+        raise
+
+
+def _local_file(url: str) -> Path | None:
+    """The file a SQLite or journal URL names; None for a server, memory or a URL that does not parse."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database).expanduser()
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:
