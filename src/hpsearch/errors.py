@@ -55,6 +55,7 @@ class ConfigError(HpsearchError):
 
     def __init__(self, field: str, message: str, source: str | Path | None = None) -> None:
         self.field = field
+        self.message = message
         self.source = str(source) if source is not None else None
         where = f"{self.source}: " if self.source else ""
         super().__init__(f"{where}{field}: {message}")

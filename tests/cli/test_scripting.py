@@ -13,6 +13,7 @@ import pytest
 
 from hpsearch.cli import exit_codes_markdown, main
 from hpsearch.errors import ExitCode
+from hpsearch.record import read_study_record
 from hpsearch.store import open_storage
 from tests.support import run_cli, tiny_tables, write_study
 
@@ -176,3 +177,34 @@ def test_a_refused_cifar_run_leaves_no_data_folder_behind(tmp_path):
     assert not (tmp_path / "data").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]  # nor the SQLite file it opened first
 
+
+
+def test_check_set_overrides_a_key_validated_as_the_file_is(tmp_path):
+    path = write_study(tmp_path / "t.toml", tiny_tables("t"))
+    done = run_cli("check", str(path), "--set", "train.epochs=3", "--set", "space.lr=[1e-4, 1e-2]", "--set",
+                   "model.arch=resnet34", "--json", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)["config"]
+    assert (config["train"]["epochs"], config["space"]["lr"], config["model"]["arch"]) == (3, [1e-4, 1e-2],
+                                                                                         "resnet34")
+    for bad, words in (("train.epochs=abc", "valid integer"), ("train.epochz=3", "unknown key"),
+                       ("epochs=3", "section.key=value")):
+        done = run_cli("check", str(path), "--set", bad, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2, done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith(f"error: --set {bad}: ") and words in line, line
+
+
+def test_run_set_is_recorded_in_the_study_like_the_file(tmp_path):
+    """The study records the overridden value: resuming it with the file alone is refused, naming the key, and
+    with the same --set it resumes."""
+    path = write_study(tmp_path / "t.toml", tiny_tables("t"))
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    first = run_cli("run", str(path), "--storage", url, "--set", "train.epochs=3", "--timeout", "0", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    study = optuna.load_study(study_name="t", storage=open_storage(url))
+    assert read_study_record(study).config_value("train", "epochs") == 3
+    plain = run_cli("run", str(path), "--storage", url, "--timeout", "0", cwd=tmp_path)
+    assert plain.returncode == 2 and "train.epochs = 3; this file says 1" in plain.stderr, plain.stderr
+    again = run_cli("run", str(path), "--storage", url, "--set", "train.epochs=3", "--timeout", "0", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr

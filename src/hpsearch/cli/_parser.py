@@ -40,6 +40,12 @@ def _command(commands: Commands, name: str) -> argparse.ArgumentParser:
                                epilog=example_epilog(name), formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a study-file key, validated as the file is and recorded in the study like it "
+                   "(e.g. --set train.epochs=3 --set space.lr=[1e-4,1e-2]); repeatable")
+
+
 def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout instead of tables (keys: README, section CLI)")
@@ -62,6 +68,7 @@ def _trials(p: argparse.ArgumentParser) -> None:
     _storage(p)
     p.add_argument("--n-trials", type=_positive, help="finished trials to reach (default: [study] n_trials)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")
+    _overrides(p)
 
 
 def _add_run(commands: Commands) -> None:
@@ -88,6 +95,7 @@ def _add_check(commands: Commands) -> None:
     check = _command(commands, "check")
     check.add_argument("study", metavar="STUDY.toml", help=STUDY_HELP)
     _storage(check)
+    _overrides(check)
     _json(check)
     check.set_defaults(handler="hpsearch.cli._run:cmd_check")
 

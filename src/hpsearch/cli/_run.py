@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def _read_file_first(args: argparse.Namespace) -> StudyConfig:
     from hpsearch.config import read_study_file
 
-    return read_study_file(args.study)
+    return read_study_file(args.study, args.set)
 
 
 def cmd_check(args: argparse.Namespace) -> ExitCode:
@@ -70,7 +70,7 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> Run:
     from hpsearch.search import open_run
 
     return open_run(args.study, storage=args.storage, artifacts=args.artifacts, device=args.device,
-                    n_trials=args.n_trials, worker=worker)
+                    n_trials=args.n_trials, worker=worker, overrides=args.set)
 
 
 def _run(args: argparse.Namespace) -> ExitCode:
