@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -13,13 +14,18 @@ from hpsearch.units import size_text
 console = Console(stderr=True)
 out = Console()
 _errors = Console(stderr=True)  # error lines print even under -q, which silences `console`
+VERBOSITY_ENV = "HPSEARCH_VERBOSITY"  # -q/-v of the `run --workers N` that started this worker
 _UNLIMITED = 100_000  # columns to measure a renderable's natural width in
 
 
 def set_verbosity(verbosity: int, *, optuna: bool) -> None:
     """-q (-1): only errors and the command's result (stdout); 0: also progress and notes; -v (1): also Optuna's
-    own INFO lines ("A new study created ...", "Trial 3 finished ..."), which are otherwise noise beside ours.
-    `optuna`: whether the command uses Optuna at all (predict and select do not: no 1 s import for them)."""
+    own log lines ("A new study created ...", "Trial 3 finished ..."), which otherwise repeat ours.
+    `optuna`: whether the command uses Optuna at all (predict and select do not: no 1 s import for them).
+
+    A worker that `run -q/-v --workers N` started hears the flag through the environment it inherits."""
+    if not verbosity:
+        verbosity = {"-1": -1, "1": 1}.get(os.environ.get(VERBOSITY_ENV, ""), 0)
     console.quiet = verbosity < 0
     if optuna:
         import optuna as _optuna

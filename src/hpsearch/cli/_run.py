@@ -10,7 +10,15 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any
 
-from hpsearch.cli._output import cache_object, console, print_cache, print_error, print_json_object, show
+from hpsearch.cli._output import (
+    VERBOSITY_ENV,
+    cache_object,
+    console,
+    print_cache,
+    print_error,
+    print_json_object,
+    show,
+)
 from hpsearch.errors import DeviceBrokenError, ExitCode, StoreFullError
 
 if TYPE_CHECKING:
@@ -85,6 +93,9 @@ def _run(args: argparse.Namespace) -> ExitCode:
                   f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}", soft_wrap=True)
     if args.workers > 1:
         from hpsearch.workers import run_workers
+
+        if args.verbosity:  # its workers print as quietly (or as fully) as it does
+            os.environ[VERBOSITY_ENV] = str(args.verbosity)
 
         code = run_workers(run, args.workers, gpus=args.gpus, per_gpu=args.workers_per_gpu, timeout=args.timeout,
                            on_event=lambda line: console.print(line, highlight=False))
