@@ -136,13 +136,13 @@ def test_a_supervised_run_decodes_its_folder_once_for_all_its_processes(tmp_path
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stderr.count("data: decoding 160 images") == 1, first.stderr
     status = run_cli("status", str(study), *args, cwd=tmp_path)
-    assert f"data cache: {tmp_path / 'cache'}" in status.stdout and "MiB" in status.stdout, status.stdout
+    assert f"data cache: {tmp_path / 'cache'}" in status.stdout and " MB;" in status.stdout, status.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_no_temp_file(tmp_path: Path) -> None:
-    """The cache folder is a 2 MB tmpfs (a private mount namespace) and the folder decodes to 2.8 MiB: `run`
+    """The cache folder is a 2 MB tmpfs (a private mount namespace) and the folder decodes to 2.9 MB: `run`
     exits 2 with one line naming the cache folder, no SIGBUS, no traceback, and the tmpfs holds nothing after."""
     root = colour_folder(tmp_path / "photos", {"train": 20}, size=(128, 128))  # 60 images, 48 KiB each decoded
     cache_dir = tmp_path / "cache"
@@ -157,7 +157,7 @@ def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_no_temp_file
     assert "rc=2" in done.stderr, done.stderr[-3000:]  # not 135 (SIGBUS)
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert f"no room for 2.8 MiB in {str(cache_dir)!r}" in line and str(root) in line, line
+    assert f"no room for 2.9 MB in {str(cache_dir)!r}" in line and str(root) in line, line
     assert "cache_dir" in line and "HPSEARCH_CACHE_DIR" in line, line
     files = [entry.split(" ", 1)[1] for entry in done.stdout.splitlines()]
     assert not any(".tmp" in name for name in files), files  # the temp file did not keep the disk full

@@ -10,7 +10,15 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any
 
-from hpsearch.cli._output import console, out, print_cache, print_error
+from hpsearch.cli._output import (
+    VERBOSITY_ENV,
+    cache_object,
+    console,
+    print_cache,
+    print_error,
+    print_json_object,
+    show,
+)
 from hpsearch.errors import DeviceBrokenError, ExitCode, StoreFullError
 
 if TYPE_CHECKING:
@@ -21,21 +29,29 @@ if TYPE_CHECKING:
 def _read_file_first(args: argparse.Namespace) -> StudyConfig:
     from hpsearch.config import read_study_file
 
-    return read_study_file(args.study)
+    return read_study_file(args.study, args.set)
 
 
 def cmd_check(args: argparse.Namespace) -> ExitCode:
     cfg = _read_file_first(args)
+
+    from rich.json import JSON
+    from rich.markup import escape
 
     from hpsearch.model import check_study_model
     from hpsearch.store import redact, resolve_storage_url
 
     check_study_model(cfg)
     url = resolve_storage_url(args.storage, cfg.study.storage)
-    out.print(f"[bold]{args.study}[/] is valid")
-    out.print(f"storage: {redact(url)}")
+    config = cfg.model_dump(mode="json")
+    if args.json:
+        print_json_object({"study_file": args.study, "valid": True, "study": cfg.study.name,
+                           "storage": redact(url), "data_cache": cache_object(cfg), "config": config})
+        return ExitCode.OK
+    show(f"[bold]{escape(args.study)}[/] is valid")
+    show(f"storage: {redact(url)}", highlight=False)
     print_cache(cfg)
-    out.print_json(data=cfg.model_dump(mode="json"))
+    show(JSON.from_data(config))
     return ExitCode.OK
 
 
@@ -59,14 +75,10 @@ def _cpu_workers_likely(device: str) -> bool:
 
 
 def _open_run(args: argparse.Namespace, worker: int = 0) -> Run:
-    import optuna
-
     from hpsearch.search import open_run
 
-    run = open_run(args.study, storage=args.storage, artifacts=args.artifacts, device=args.device,
-                   n_trials=args.n_trials, worker=worker)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return run
+    return open_run(args.study, storage=args.storage, artifacts=args.artifacts, device=args.device,
+                    n_trials=args.n_trials, worker=worker, overrides=args.set)
 
 
 def _run(args: argparse.Namespace) -> ExitCode:
@@ -78,14 +90,17 @@ def _run(args: argparse.Namespace) -> ExitCode:
     folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
     console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{run.n_trials} "
                   f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}{folds}, "
-                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}")
+                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}", soft_wrap=True)
     if args.workers > 1:
         from hpsearch.workers import run_workers
+
+        if args.verbosity:  # its workers print as quietly (or as fully) as it does
+            os.environ[VERBOSITY_ENV] = str(args.verbosity)
 
         code = run_workers(run, args.workers, gpus=args.gpus, per_gpu=args.workers_per_gpu, timeout=args.timeout,
                            on_event=lambda line: console.print(line, highlight=False))
         console.print(f"{finished_trials(study)}/{run.n_trials} finished trials")
-        out.print(top_trials_table(study, cfg.ensemble.top_k))
+        show(top_trials_table(study, cfg.ensemble.top_k))
         return code
     return _run_here(args, run)
 
@@ -123,7 +138,7 @@ def _run_here(args: argparse.Namespace, run: Run) -> ExitCode:
 
         guard = run_trials(study, run.objective(on_epoch=on_epoch), n_trials, timeout=args.timeout,
                            callbacks=[on_trial])
-    out.print(top_trials_table(study, cfg.ensemble.top_k))
+    show(top_trials_table(study, cfg.ensemble.top_k))
     if guard.stopped:
         console.print(f"stopped: {guard.stopped}", highlight=False, soft_wrap=True)
     if guard.tripped:

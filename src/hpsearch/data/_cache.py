@@ -48,6 +48,7 @@ import torch
 from hpsearch._testhooks import hold_at
 from hpsearch.errors import DataError
 from hpsearch.processes import describe_state, flock_holder, is_stopped, process_state
+from hpsearch.units import size_text
 
 CACHE_VERSION = 1
 _DIGEST_BLOCK = 1 << 16  # bytes read at each sampled offset
@@ -122,7 +123,7 @@ def load_or_build(folder: Path, key: str, n: int, size: int,
     try:
         return _build_locked(folder, key, n, size, build, what=what)
     except _NoRoom as full:
-        raise DataError(f"cache: no room for {_size(full.needed)} in {str(folder)!r} (decoded images of "
+        raise DataError(f"cache: no room for {size_text(full.needed)} in {str(folder)!r} (decoded images of "
                         f"{what}); free space there or set [data] cache_dir / $HPSEARCH_CACHE_DIR to a larger disk"
                         ) from None
     except OSError as err:  # an unwritable folder, a full disk: the setting to change, in one line
@@ -229,7 +230,7 @@ def _build(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarra
             stale.unlink()
     row = 3 * size * size
     start = time.perf_counter()
-    _say(f"decoding {n} images of {what} into {folder} ({n * row / 2**20:.0f} MiB at {size} px), "
+    _say(f"decoding {n} images of {what} into {folder} ({size_text(n * row)} at {size} px), "
          "once for every process of this machine")
     with _temporary(folder, f"{key}.u8.tmp-") as (fd, tmp_data):
         _allocate(fd, max(n, 1) * row)  # every block now, so the map below never faults on a full disk
@@ -297,13 +298,6 @@ def _no_room_is(needed: int) -> Iterator[None]:
         if err.errno in _NO_ROOM:
             raise _NoRoom(needed) from None
         raise
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n / 1024:.1f} KiB"
 
 
 def _umask() -> int:

@@ -63,6 +63,7 @@ from hpsearch.train import (
     reset_peak_memory,
     train_trial,
 )
+from hpsearch.units import size_text
 
 _log = logging.getLogger(__name__)
 
@@ -364,10 +365,10 @@ class Objective:
         checkpoint = sizes.get(CHECKPOINT_FILE, 0)
         # While a trial runs, its new checkpoint is written before the last one is deleted: two at once.
         need = weights + outputs + 2 * checkpoint
-        parts = [f"weights {_mb(weights)}", f"outputs {_mb(outputs)}"] + (
-            [f"2 checkpoints of {_mb(checkpoint)}"] if checkpoint else [])
-        return (f"artifacts: the store is full ({why}): {_mb(free) if free is not None else 'its quota'} free, a "
-                f"trial needs about {_mb(need)} ({', '.join(parts)}); free space there or move the store "
+        parts = [f"weights {size_text(weights)}", f"outputs {size_text(outputs)}"] + (
+            [f"2 checkpoints of {size_text(checkpoint)}"] if checkpoint else [])
+        return (f"artifacts: the store is full ({why}): {size_text(free) if free is not None else 'its quota'} free, a "
+                f"trial needs about {size_text(need)} ({', '.join(parts)}); free space there or move the store "
                 f"(--artifacts or HPSEARCH_ARTIFACTS), then run again: trial {trial.number} is queued for retry")
 
 
@@ -377,6 +378,3 @@ CHECKPOINT_FILE = "checkpoint.pt"
 def _nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
 
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"

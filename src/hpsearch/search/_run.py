@@ -48,6 +48,7 @@ from hpsearch.store import (
     load_existing,
     open_artifact_store,
     open_storage,
+    removed_if_refused,
     resolve_artifacts,
     resolve_storage_url,
     retry_failed,
@@ -76,6 +77,7 @@ class Run:
     store: ArtifactStore  # opened once per process: for S3 that is one client and one bucket check
     device: torch.device
     n_trials: int
+    overrides: tuple[str, ...] = ()  # `--set section.key=value` over the study file: its workers get them too
 
     def objective(self, **kwargs: Any) -> Objective:
         files = StudyArtifacts(self.store, self.storage, self.study.study_name, self.artifacts)
@@ -83,25 +85,29 @@ class Run:
 
 
 def open_run(study_file: str, *, storage: str | None = None, artifacts: str | None = None,
-             device: str | None = None, n_trials: int | None = None, worker: int = 0) -> Run:
+             device: str | None = None, n_trials: int | None = None, worker: int = 0,
+             overrides: Sequence[str] = ()) -> Run:
     """Read the study file, open its storage and artifact store, load the data, create or resume the study.
 
     Every check runs here, before any trial exists: a bad file, device, URL, store or dataset is one line."""
-    cfg = read_study_file(study_file)
+    cfg = read_study_file(study_file, overrides)
     check_study_model(cfg)
     resolved = resolve_device(device or cfg.train.device)
     threads = os.environ.get("HPSEARCH_THREADS")
     if resolved.type == "cpu" and threads:
         torch.set_num_threads(int(threads))
     url = resolve_storage_url(storage, cfg.study.storage)
-    # Every call of this process (its trials', Optuna's, the supervisor's) rides out a storage outage.
-    opened = retrying(open_storage(url, heartbeat_interval=cfg.study.heartbeat_interval,
-                                   heartbeat_grace=cfg.study.heartbeat_grace), cfg.study.storage_patience)
-    prepared = prepare(cfg)
-    location = resolve_artifacts(artifacts, load_existing(opened, cfg.study.name), cfg.study.artifacts)
-    store = open_artifact_store(location)  # a store that cannot be used stops here, before any study or trial
-    study = open_study(cfg, opened, prepared, location, worker=worker)
-    return Run(cfg, url, opened, study, prepared, location, store, resolved, n_trials or cfg.study.n_trials)
+    # Every call of this process (its trials', Optuna's, the supervisor's) rides out a storage outage; a SQLite
+    # file made only to be refused (bad data, an unusable store) is not left behind.
+    with removed_if_refused(url):
+        opened = retrying(open_storage(url, heartbeat_interval=cfg.study.heartbeat_interval,
+                                       heartbeat_grace=cfg.study.heartbeat_grace), cfg.study.storage_patience)
+        prepared = prepare(cfg)
+        location = resolve_artifacts(artifacts, load_existing(opened, cfg.study.name), cfg.study.artifacts)
+        store = open_artifact_store(location)  # a store that cannot be used stops here, before any study or trial
+        study = open_study(cfg, opened, prepared, location, worker=worker)
+    return Run(cfg, url, opened, study, prepared, location, store, resolved, n_trials or cfg.study.n_trials,
+               tuple(overrides))
 
 
 # -------------------------------------------------------------------------------------------- running

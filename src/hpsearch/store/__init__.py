@@ -40,7 +40,7 @@ from hpsearch.store._stopping import (
     stop_request,
     target_reached,
 )
-from hpsearch.store._storage import open_storage, resolve_storage_url
+from hpsearch.store._storage import open_storage, removed_if_refused, resolve_storage_url
 from hpsearch.store._studies import (
     FINISHED,
     METRIC_NAME,
@@ -93,6 +93,7 @@ __all__ = [
     "ranked_trials",
     "redact",
     "remove_artifact",
+    "removed_if_refused",
     "request_stop",
     "resolve_artifacts",
     "resolve_storage_url",

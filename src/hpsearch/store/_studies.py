@@ -40,7 +40,7 @@ def open_existing(study_file: str, storage: str | None = None) -> tuple[StudyCon
     """(config, study, storage url) for the commands that read a study `run` created; one line if it is absent."""
     cfg = read_study_file(study_file)
     url = resolve_storage_url(storage, cfg.study.storage)
-    study = load_existing(open_storage(url), cfg.study.name)
+    study = load_existing(open_storage(url, existing=True), cfg.study.name)
     if study is None:
         raise UsageError(f"study {cfg.study.name!r} does not exist in {redact(url)}; start it with "
                          f"`hpsearch run {study_file}` or pass the right --storage")

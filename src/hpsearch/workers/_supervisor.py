@@ -342,6 +342,8 @@ def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, 
     pinned = [] if run.device.type == "cpu" else list(gpus or visible_gpus())
     passed = [str(run.cfg.source), "--artifacts", str(run.artifacts), "--n-trials", str(run.n_trials),
               "--device", "cuda" if pinned else "cpu"]
+    for override in run.overrides:  # the workers read the study as `run` did, or their resume check refuses it
+        passed += ["--set", override]
     if timeout:
         passed += ["--timeout", str(timeout)]
     # GPU workers are fresh processes: nothing CUDA may have touched in a forkserver crosses into them.
