@@ -21,6 +21,45 @@ def test_the_cpu_trains_in_fp32_unless_told() -> None:
     assert choose_precision("fp16", CPU).scaled  # fp16 always with a gradient scaler
 
 
+class _Props:
+    """What get_device_properties says of a card, as far as bf16 goes."""
+
+    def __init__(self, major: int, minor: int) -> None:
+        self.major, self.minor, self.name = major, minor, f"sm_{major}{minor}"
+
+
+@pytest.mark.parametrize(("capability", "expected"), [
+    ((7, 0), "fp16"),  # V100: bf16 only emulated
+    ((7, 5), "fp16"),  # T4
+    ((8, 0), "bf16"),  # A100
+    ((9, 0), "bf16"),  # H100
+])
+def test_auto_precision_takes_bf16_only_where_the_gpu_computes_it(monkeypatch: pytest.MonkeyPatch,
+                                                                  capability: tuple[int, int],
+                                                                  expected: str) -> None:
+    """A V100 or T4 can create bf16 tensors (emulated: is_bf16_supported() says yes) but computes them slowly:
+    auto takes fp16 with a gradient scaler there. bf16 asked for by name still runs on them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _Props(*capability))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    gpu = torch.device("cuda")
+    auto = choose_precision("auto", gpu)
+    assert auto.name == expected and auto.scaled == (expected == "fp16")
+    assert choose_precision("bf16", gpu).name == "bf16"
+
+
+def test_auto_precision_reads_the_capability_where_torch_cannot_leave_emulation_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older torch's is_bf16_supported() has no including_emulation: the compute capability decides."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # the old signature, counting emulation
+    gpu = torch.device("cuda")
+    for capability, expected in (((7, 0), "fp16"), ((8, 6), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert choose_precision("auto", gpu).name == expected
+
+
 def test_stored_outputs_are_fp32_even_when_training_in_bf16() -> None:
     """Forced bf16 autocast on the CPU: the trial's stored validation/test logits are what an fp32 forward of its
     best weights gives (what `predict` and ONNX compute), not the bf16 forward the epochs were judged by."""

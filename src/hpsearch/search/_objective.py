@@ -57,8 +57,9 @@ from hpsearch.train import (
     TrainResult,
     checkpoint_policy,
     gpu_identity,
-    is_out_of_memory,
     is_sticky_device_error,
+    out_of_memory_cause,
+    out_of_memory_where,
     peak_memory_mib,
     reset_peak_memory,
     train_trial,
@@ -256,9 +257,10 @@ class Objective:
             trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
             self._discard(trial)  # not retried: its files would only take space
             raise err
-        if is_out_of_memory(err):
-            where = self.device if isinstance(err, torch.OutOfMemoryError) else "cpu"
-            return f"out of memory on {where}: {first_line(err)[:500]}"
+        cause = out_of_memory_cause(err)
+        if cause is not None:
+            # The refusal itself, not what wrapped it (a compiled step's error names Inductor first).
+            return f"out of memory on {out_of_memory_where(cause, self.device)}: {first_line(cause)[:500]}"
         trial.set_user_attr(keys.FAIL_REASON, f"{type(err).__name__}: {err}"[:1000])
         trial.set_user_attr(keys.FAIL_TRACEBACK, traceback.format_exc()[-4000:])
         self._discard(trial)  # nothing retries a crashed trial: its files would only take space
