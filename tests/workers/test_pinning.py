@@ -53,3 +53,27 @@ def test_a_gpu_index_the_parent_does_not_see_is_one_line(monkeypatch: pytest.Mon
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(UsageError, match=r"--gpus 2: this process sees 2 GPU\(s\)"):
         worker_env(0, 1, [2], 1)
+
+
+def test_a_gpu_worker_takes_its_share_of_the_cpu_threads(tmp_path) -> None:
+    """HPSEARCH_THREADS (a worker's share, from worker_env) is applied when the worker opens its run on a GPU
+    too, intra-op and inter-op: N GPU workers each taking every core would fight over gathers and host copies.
+    A fresh process (thread settings hold for a process's life) that sees a CUDA device (faked: none here)."""
+    import subprocess
+    import sys
+
+    from tests.support import cli_env, tiny_tables, write_study
+
+    study = write_study(tmp_path / "s.toml", tiny_tables())
+    share = (os.cpu_count() or 1) + 1  # unlike torch's defaults (the core count), whatever the machine
+    script = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "from hpsearch.search import open_run\n"
+        f"run = open_run({str(study)!r}, device='cuda', storage='sqlite:///{tmp_path}/s.db',"
+        f" artifacts={str(tmp_path / 'a')!r})\n"
+        "print(run.device.type, torch.get_num_threads(), torch.get_num_interop_threads())\n")
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env(HPSEARCH_THREADS=str(share)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["cuda", str(share), str(share)]

@@ -6,6 +6,7 @@ One trial's work is hpsearch.search._objective; the study's creation and resume 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -94,8 +95,8 @@ def open_run(study_file: str, *, storage: str | None = None, artifacts: str | No
     check_study_model(cfg)
     resolved = resolve_device(device or cfg.train.device)
     threads = os.environ.get("HPSEARCH_THREADS")
-    if resolved.type == "cpu" and threads:
-        torch.set_num_threads(int(threads))
+    if threads:
+        use_threads(int(threads))
     url = resolve_storage_url(storage, cfg.study.storage)
     # Every call of this process (its trials', Optuna's, the supervisor's) rides out a storage outage; a SQLite
     # file made only to be refused (bad data, an unusable store) is not left behind.
@@ -110,8 +111,17 @@ def open_run(study_file: str, *, storage: str | None = None, artifacts: str | No
                tuple(overrides))
 
 
-# -------------------------------------------------------------------------------------------- running
+def use_threads(threads: int) -> None:
+    """This process's share of the CPU (HPSEARCH_THREADS, set by `run --workers N` for each worker): intra-op
+    and inter-op threads alike. GPU workers too: each gathers batches, computes statistics and copies to its
+    GPU on the host, and N workers each taking every core would fight over them."""
+    torch.set_num_threads(threads)
+    # Settable once, before any inter-op work: a second open_run in one process keeps the first's.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(threads)
 
+
+# -------------------------------------------------------------------------------------------- running
 
 
 @dataclass(frozen=True)
