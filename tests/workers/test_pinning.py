@@ -77,3 +77,74 @@ def test_a_gpu_worker_takes_its_share_of_the_cpu_threads(tmp_path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-3:] == ["cuda", str(share), str(share)]
+
+
+def _auto_study(tmp_path) -> str:
+    from tests.support import tiny_tables, write_study
+
+    return str(write_study(tmp_path / "s.toml", tiny_tables(train={"device": "auto"})))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA sees a GPU here")
+@pytest.mark.parametrize("extra", [["--gpus", "0"], ["--gpus", "0", "--workers", "2"],
+                                   ["--gpus", "0", "--device", "cpu"]])
+def test_gpus_where_cuda_sees_none_is_one_line_and_no_trial(tmp_path, extra: list[str]) -> None:
+    """On a machine where CUDA sees no GPU (here: this one, with or without a CUDA build of torch), `run --gpus`
+    used to train on the CPU without a word. Now one line, exit 2, before the study even exists."""
+    import optuna
+
+    from hpsearch.errors import ExitCode
+    from tests.support import run_cli
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    done = run_cli("run", _auto_study(tmp_path), "--storage", url, *extra, cwd=tmp_path)
+    assert done.returncode == ExitCode.BAD_INPUT, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --gpus 0: "), done.stderr
+    assert ("the study trains on the cpu" if "cpu" in extra else "CUDA sees no GPU here") in lines[0]
+    assert optuna.study.get_all_study_names(url) == []
+
+
+def test_a_gpu_cuda_does_not_see_is_one_line(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import torch
+
+    from hpsearch.cli import main
+    from hpsearch.errors import ExitCode
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a machine with two GPUs
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["run", _auto_study(tmp_path), "--storage", url, "--gpus", "1,3"]) == ExitCode.BAD_INPUT
+    assert capsys.readouterr().err.strip() == "error: --gpus 1,3: CUDA sees 2 GPU(s) here; give indices 0..1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert main(["run", _auto_study(tmp_path), "--storage", url, "--gpus", "2"]) == ExitCode.BAD_INPUT
+    assert "CUDA sees 2 GPU(s) here (CUDA_VISIBLE_DEVICES=4,5); give indices 0..1" in capsys.readouterr().err
+
+
+def test_one_worker_with_gpus_runs_pinned_to_that_gpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --gpus 3` with one worker used to train inside `run` on cuda:0, unpinned. It starts one worker process
+    pinned to GPU 3 (CUDA_VISIBLE_DEVICES, set before CUDA starts in it), on a machine of four GPUs (faked: the
+    worker launched is a real process that records what it was started with, then exits)."""
+    import json
+    import sys
+
+    import optuna
+    import torch
+
+    import hpsearch.workers._supervisor as supervisor
+    from hpsearch.cli import main
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    seen = tmp_path / "worker.json"
+    record = ("import json, os, sys; open(sys.argv[1], 'w').write(json.dumps("
+              "[os.environ.get('CUDA_VISIBLE_DEVICES'), sys.argv[2:]]))")
+    monkeypatch.setattr(supervisor, "worker_command",
+                        lambda args: [sys.executable, "-c", record, str(seen), *args])
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    main(["run", _auto_study(tmp_path), "--storage", url, "--gpus", "3", "--artifacts", str(tmp_path / "a")])
+    visible, argv = json.loads(seen.read_text())
+    assert visible == "3"
+    assert argv[argv.index("--device") + 1] == "cuda"
+    assert optuna.load_study(study_name="tiny", storage=url).get_trials() == []  # nothing trained in `run`

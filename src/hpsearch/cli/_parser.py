@@ -217,9 +217,12 @@ def _add_storage_proxy(commands: Commands) -> None:
 
 def _gpu_list(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        gpus = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of GPU indices") from None
+    if not gpus:
+        raise argparse.ArgumentTypeError("name at least one GPU index, e.g. --gpus 0")
+    return gpus
 
 
 def _positive(text: str) -> int:

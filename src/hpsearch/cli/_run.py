@@ -57,6 +57,10 @@ def cmd_check(args: argparse.Namespace) -> ExitCode:
 
 def cmd_run(args: argparse.Namespace) -> ExitCode:
     cfg = _read_file_first(args)
+    if args.gpus is not None:
+        from hpsearch.workers import check_gpus
+
+        check_gpus(args.gpus, args.device or cfg.train.device)  # before the study opens: no trial on a wrong GPU
     if args.workers > 1 and _cpu_workers_likely(args.device or cfg.train.device):
         from hpsearch.workers import start_forkserver, stop_forkserver
 
@@ -91,7 +95,9 @@ def _run(args: argparse.Namespace) -> ExitCode:
     console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{run.n_trials} "
                   f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}{folds}, "
                   f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}", soft_wrap=True)
-    if args.workers > 1:
+    if args.workers > 1 or args.gpus:
+        # `--gpus` with one worker too: a worker process is pinned (CUDA_VISIBLE_DEVICES) before CUDA starts in
+        # it; this process has already asked CUDA about its devices and could not be pinned any more.
         from hpsearch.workers import run_workers
 
         if args.verbosity:  # its workers print as quietly (or as fully) as it does

@@ -5,9 +5,10 @@ worker's trial.
 from __future__ import annotations
 
 from hpsearch.workers._forkserver import start_forkserver, stop_forkserver
-from hpsearch.workers._supervisor import install_stop_handler, run_workers, watch_supervisor
+from hpsearch.workers._supervisor import check_gpus, install_stop_handler, run_workers, watch_supervisor
 
 __all__ = [
+    "check_gpus",
     "install_stop_handler",
     "run_workers",
     "start_forkserver",

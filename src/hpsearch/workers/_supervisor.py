@@ -96,6 +96,31 @@ def visible_gpus() -> list[int]:
         return []
 
 
+def check_gpus(gpus: Sequence[int], device: str) -> None:
+    """`run --gpus`, before any study or trial exists: every index must be a GPU CUDA sees here, and the study must
+    train on a GPU; otherwise one line (never CPU trials run in silence, never a worker pinned to nothing)."""
+    spec = ",".join(str(g) for g in gpus)
+    if device == "cpu":
+        raise UsageError(f"--gpus {spec}: the study trains on the cpu (--device or [train] device); drop --gpus, "
+                         "or use --device cuda")
+    seen = len(visible_gpus())
+    if seen == 0:
+        raise UsageError(f"--gpus {spec}: CUDA sees no GPU here ({_no_gpu_reason()}); drop --gpus to train on "
+                         "the CPU")
+    if any(not 0 <= g < seen for g in gpus):
+        where = (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
+                 if "CUDA_VISIBLE_DEVICES" in os.environ else "")
+        raise UsageError(f"--gpus {spec}: CUDA sees {seen} GPU(s) here{where}; give indices 0..{seen - 1}")
+
+
+def _no_gpu_reason() -> str:
+    import torch
+
+    if not torch.backends.cuda.is_built():
+        return f"torch {torch.__version__} is a CPU-only build: install a CUDA build of torch"
+    return "no driver or no device: see nvidia-smi and CUDA_VISIBLE_DEVICES"
+
+
 def popen(command: list[str], env: dict[str, str]) -> WorkerProcess:
     """A fresh process running `command` (in the supervisor's process group: Ctrl-C reaches it too)."""
     return subprocess.Popen(command, env=env, start_new_session=False)
@@ -337,8 +362,9 @@ def watch_supervisor(every_s: float = SUPERVISOR_POLL_S) -> threading.Thread | N
 
 def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, per_gpu: int = 1,
                 timeout: float | None = None, on_event: Callable[[str], None] = print) -> ExitCode:
-    """`run --workers N`: N `hpsearch worker` processes on this study, pinned round-robin to `gpus` (default:
-    every visible GPU unless the run is on the CPU), supervised until the study holds its trials."""
+    """`run --workers N` (and `run --gpus`, even with one worker): N `hpsearch worker` processes on this study,
+    pinned round-robin to `gpus` (default: every visible GPU unless the run is on the CPU), supervised until the
+    study holds its trials. `gpus` were checked by `check_gpus`."""
     pinned = [] if run.device.type == "cpu" else list(gpus or visible_gpus())
     passed = [str(run.cfg.source), "--artifacts", str(run.artifacts), "--n-trials", str(run.n_trials),
               "--device", "cuda" if pinned else "cpu"]
