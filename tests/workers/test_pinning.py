@@ -29,6 +29,22 @@ def test_workers_are_pinned_round_robin_to_gpus_or_share_the_cpu(monkeypatch: py
     assert {worker_env(i, 4, gpus, 1)["HPSEARCH_THREADS"] for i in range(4)} == {"2"}
 
 
+def test_each_gpu_worker_is_told_how_many_workers_share_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What divides the GPU memory a worker may keep its data in (hpsearch.data placement_for)."""
+    from hpsearch.workers._supervisor import worker_env
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def sharers(n: int, gpus: list[int], per_gpu: int) -> list[str]:
+        return [worker_env(i, n, gpus, per_gpu)["HPSEARCH_GPU_SHARERS"] for i in range(n)]
+
+    assert sharers(6, [0, 1, 2], 2) == ["2"] * 6  # --workers-per-gpu 2
+    assert sharers(4, [0, 1, 2], 1) == ["2", "1", "1", "2"]  # round-robin puts worker 3 beside worker 0
+    assert sharers(3, [0, 1], 2) == ["2", "2", "1"]
+    assert sharers(2, [3, 3], 1) == ["2", "2"]  # one GPU named twice
+    assert "HPSEARCH_GPU_SHARERS" not in worker_env(0, 2, [], 1)
+
+
 @pytest.mark.parametrize(("parent", "children"), [
     ("4,5", ["4", "5", "4"]),  # indices: the workers get the parent's 4 and 5, never 0 and 1
     ("GPU-8f1c2b3a-aaaa-bbbb-cccc-000000000001,GPU-8f1c2b3a-aaaa-bbbb-cccc-000000000002",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hpsearch.data._datasets import ImagePool
+from hpsearch.data._placement import placement_for
 from hpsearch.data._settings import DataSettings, Placement
 from hpsearch.data._split import Split
 from hpsearch.data._stats import preprocess_for
@@ -115,24 +116,11 @@ class TrialData:
     num_classes: int
 
 
-def placement_for(pool: ImagePool, split: Split, cfg: DataSettings, device: torch.device) -> Placement:
-    """Where a worker's splits live: `[data] placement`, or under auto resident on a GPU when all three fit
-    device_memory_fraction of its free memory, streamed otherwise; on the CPU gathered from the pool (the
-    shared cache), since a resident copy there would be one more private copy per process."""
-    if cfg.placement != "auto":
-        return cfg.placement
-    if device.type != "cuda":
-        return "stream"
-    row = math.prod(pool.images.shape[1:]) * pool.images.element_size()
-    need = row * (len(split.train) + len(split.val) + len(split.test))
-    free, _total = torch.cuda.mem_get_info(device)
-    return "resident" if need <= cfg.device_memory_fraction * free else "stream"
-
-
-def trial_data(pool: ImagePool, split: Split, cfg: DataSettings, pretrained: bool, device: torch.device
-               ) -> TrialData:
-    """Place the three splits once (resident or streamed); every trial of a worker reuses them."""
-    placement = placement_for(pool, split, cfg, device)
+def trial_data(pool: ImagePool, split: Split, cfg: DataSettings, pretrained: bool, device: torch.device, *,
+               sharers: int = 1, placement: Placement | None = None) -> TrialData:
+    """Place the three splits once (resident or streamed: `placement`, else what `placement_for` decides for one
+    of `sharers` workers on this GPU); every trial of a worker reuses them."""
+    placement = placement or placement_for(pool, split, cfg, device, sharers=sharers)
     return TrialData(
         train=DeviceData(pool, split.train, device, placement),
         val=DeviceData(pool, split.val, device, placement),

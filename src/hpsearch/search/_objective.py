@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial
 from hpsearch import keys
 from hpsearch._testhooks import hold_at
 from hpsearch.config import SpaceSection, StudyConfig
-from hpsearch.data import StudyData, trial_data
+from hpsearch.data import StudyData, TrialData, trial_data
 from hpsearch.errors import StorageUnavailableError, StoreFullError, first_line
 from hpsearch.model import init_weights_tag
 from hpsearch.record import read_trial_record
@@ -57,6 +57,7 @@ from hpsearch.train import (
     TrainResult,
     checkpoint_policy,
     gpu_identity,
+    is_out_of_memory,
     is_sticky_device_error,
     out_of_memory_cause,
     out_of_memory_where,
@@ -123,11 +124,10 @@ class Objective:
         self.state_bytes = 0  # the model's weights in bytes, once a trial has saved some
         self.on_epoch = on_epoch
         self._writer: CheckpointWriter | None = None  # the running trial's background checkpoint writes
-        pretrained = cfg.model.pretrained
         # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
         self.init_weights = init_weights_tag(cfg.model)
         # The splits move to the device once per process, not once per trial.
-        self.data = trial_data(prepared.pool, prepared.split, cfg.data, pretrained, device)
+        self.data = _place(prepared, cfg, device)
         # Built with the objective, when the run starts: a relative [tracking] log_dir is that moment's folder.
         self.trial_logs = TrialLogs(cfg.tracking, cfg.study.name)
         self.folds = None if prepared.folds is None else CrossValidation(
@@ -375,6 +375,24 @@ class Objective:
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
+GPU_SHARERS_ENV = "HPSEARCH_GPU_SHARERS"  # set by `run --workers` for each GPU worker (hpsearch.workers)
+
+
+def _place(prepared: Prepared, cfg: StudyConfig, device: torch.device) -> TrialData:
+    """The worker's splits on its device, resident within its share of the GPU when they fit. Out of memory
+    here comes before any trial, where no retry would help and a restarted worker would only run out again:
+    the splits stream from the host instead, said in one line."""
+    sharers = int(os.environ.get(GPU_SHARERS_ENV) or 1)
+    try:
+        return trial_data(prepared.pool, prepared.split, cfg.data, cfg.model.pretrained, device, sharers=sharers)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        failed = first_line(out_of_memory_cause(err) or err)[:300]  # a string: no frame outlives the block
+    free_device_memory()  # out of the except block: the partial copies its frames held are gone
+    _log.warning("data: the splits did not fit on %s (%s); streaming them from the host instead (set [data] "
+                 "placement = \"stream\" to skip the attempt)", device, failed)
+    return trial_data(prepared.pool, prepared.split, cfg.data, cfg.model.pretrained, device, placement="stream")
 
 
 def _nbytes(state: dict[str, torch.Tensor]) -> int:

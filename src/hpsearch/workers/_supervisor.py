@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 STOP_GRACE_S = 30.0
 SUPERVISOR_PID_ENV = "HPSEARCH_SUPERVISOR_PID"
+GPU_SHARERS_ENV = "HPSEARCH_GPU_SHARERS"  # how many workers are pinned to this worker's GPU
 SUPERVISOR_POLL_S = 1.0  # how often a worker looks whether its supervisor is still alive
 # A worker stopped (SIGSTOP, state T) this long is killed and restarted: a frozen worker may hold SQLite's write
 # lock, and the others' statements give up after the busy timeout (60 s), so well within it; a pause of the
@@ -61,7 +62,13 @@ def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, st
     env["HPSEARCH_APP_NAME"] = f"hpsearch-worker-{index}"
     env[SUPERVISOR_PID_ENV] = str(os.getpid())  # a worker stops when this process dies (watch_supervisor)
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpus[(index // per_gpu) % len(gpus)])
+        def gpu_of(worker: int) -> int:
+            return gpus[(worker // per_gpu) % len(gpus)]
+
+        env["CUDA_VISIBLE_DEVICES"] = physical_gpu(gpu_of(index))
+        # Its neighbours on that GPU (round-robin past the last GPU adds some): each keeps its share of the GPU's
+        # free memory for resident data (hpsearch.data placement_for).
+        env[GPU_SHARERS_ENV] = str(sum(gpu_of(w) == gpu_of(index) for w in range(n_workers)))
     threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
     env["HPSEARCH_THREADS"] = str(threads)
     return env

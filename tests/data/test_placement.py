@@ -1,0 +1,39 @@
+"""Where a worker's splits live under `placement = "auto"` on a GPU: its share of device_memory_fraction of the
+free memory, divided among the workers pinned to that GPU and counting cross-validation's second copy (the free
+memory faked: no GPU here; the pool, split and folds are real)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hpsearch.config import DataSection
+from hpsearch.data import load_pool, make_split
+from hpsearch.data._placement import placement_for, resident_allowance, resident_bytes
+
+GPU = torch.device("cuda")
+
+
+def test_the_allowance_is_divided_among_the_workers_sharing_a_gpu_and_counts_the_fold_copy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = DataSection(dataset="digits", image_size=16, subset=300)
+    pool = load_pool(cfg)
+    split = make_split(pool, cfg, 0)
+    row = math.prod(pool.images.shape[1:])  # uint8
+    need = row * 300
+    assert resident_bytes(row, split, 0) == need
+    assert resident_bytes(row, split, 5) == need + row * (len(split.train) + len(split.val))
+    assert resident_allowance(8_000, 0.5, 1) == 4_000 and resident_allowance(8_000, 0.5, 4) == 1_000
+
+    free = 3 * need  # half of it is 1.5 × what one worker's three splits take
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 4 * free))
+    assert placement_for(pool, split, cfg, GPU) == "resident"
+    # Two workers on that GPU read the same free memory: each may take half the allowance, 0.75 × its need.
+    assert placement_for(pool, split, cfg, GPU, sharers=2) == "stream"
+    # Under 5-fold cross-validation a fold's train and validation images are a second copy: 1.8 × the need.
+    assert placement_for(pool, split, cfg.model_copy(update={"folds": 5}), GPU) == "stream"
+    # Asked for by name, the placement is what was asked; on the CPU, auto gathers from the shared pool.
+    assert placement_for(pool, split, cfg.model_copy(update={"placement": "resident"}), GPU, sharers=8) == "resident"
+    assert placement_for(pool, split, cfg, torch.device("cpu")) == "stream"
