@@ -1,6 +1,6 @@
 """The default study's wall time, split into training and everything else.
 
-    .venv/bin/python bench/overhead.py [STUDY.toml] [--n-trials 5]
+    .venv/bin/python bench/overhead.py [STUDY.toml] [--n-trials 5] [--device cpu|cuda]
 
 Runs the study (default `studies/digits.toml`) in this process on a fresh SQLite file and artifact folder,
 exactly as `hpsearch run` does (`open_run` + `run_trials`), and times:
@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", default=str(Path(__file__).parents[1] / "studies" / "digits.toml"))
     parser.add_argument("--n-trials", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
 
     from hpsearch.search import open_run, run_trials
@@ -35,7 +36,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hpsearch-overhead-"))
     wall_start = time.perf_counter()
     run = open_run(args.study, storage=f"sqlite:///{work / 'study.db'}", artifacts=str(work / "artifacts"),
-                   device="cpu", n_trials=args.n_trials)
+                   device=args.device, n_trials=args.n_trials)
     startup = time.perf_counter() - wall_start
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     epochs: dict[int, float] = {}
