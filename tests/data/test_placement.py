@@ -37,3 +37,37 @@ def test_the_allowance_is_divided_among_the_workers_sharing_a_gpu_and_counts_the
     # Asked for by name, the placement is what was asked; on the CPU, auto gathers from the shared pool.
     assert placement_for(pool, split, cfg.model_copy(update={"placement": "resident"}), GPU, sharers=8) == "resident"
     assert placement_for(pool, split, cfg, torch.device("cpu")) == "stream"
+
+
+def test_out_of_memory_placing_the_splits_falls_back_to_streaming_in_one_line(tmp_path) -> None:
+    """Out of memory while a worker places its splits comes before any trial: a restarted worker would only run
+    out again. A real allocator refusal (the process's address space capped just above what it holds, so the
+    resident copy cannot be made; the CPU shows it as the GPU would) ends with streamed splits and one line."""
+    import subprocess
+    import sys
+
+    from tests.support import cli_env, tiny_tables, write_study
+
+    study = write_study(tmp_path / "s.toml", tiny_tables(data={
+        "dataset": "synthetic", "synthetic_size": 4000, "image_size": 128, "augment": [], "subset": 0,
+        "placement": "resident"}))
+    script = (
+        "import logging, resource, torch\n"
+        "from hpsearch.config import read_study_file\n"
+        "from hpsearch.search._objective import _place\n"
+        "from hpsearch.search._study import prepare\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        f"cfg = read_study_file({str(study)!r})\n"
+        "prepared = prepare(cfg)\n"
+        "vm = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmSize:'))\n"
+        "cap = vm * 1024 + 48 * 2**20  # the resident train split alone is 118 MB\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
+        "data = _place(prepared, cfg, torch.device('cpu'))\n"
+        "print(data.train.placement, data.val.placement, data.test.placement, len(data.train))\n")
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:3] == ["stream"] * 3
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "data: the splits did not fit on cpu" in warnings[0], done.stderr
+    assert "streaming them from the host instead" in warnings[0]
