@@ -71,7 +71,8 @@ _log = logging.getLogger(__name__)
 
 
 def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
-    """lr (log), optimizer, scheduler with its own parameters (names unique per branch), dropout."""
+    """lr (log), optimizer, scheduler with its own parameters (names unique per branch), dropout; and each optional
+    key the space gives (weight decay, warmup, the head's lr multiplier, label smoothing, batch size)."""
     params: dict[str, Any] = {
         "lr": trial.suggest_float("lr", *space.lr, log=True),
         "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
@@ -80,6 +81,14 @@ def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
     }
     if space.weight_decay is not None:
         params["weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
+    if space.warmup_epochs is not None:
+        params["warmup_epochs"] = trial.suggest_float("warmup_epochs", *space.warmup_epochs)
+    if space.head_lr_mult is not None:
+        params["head_lr_mult"] = trial.suggest_float("head_lr_mult", *space.head_lr_mult, log=True)
+    if space.label_smoothing is not None:
+        params["label_smoothing"] = trial.suggest_float("label_smoothing", *space.label_smoothing)
+    if space.batch_size is not None:
+        params["batch_size"] = trial.suggest_categorical("batch_size", space.batch_size)
     if params["scheduler"] == "step":
         params["step_size"] = trial.suggest_int("step_size", *space.step.step_size)
         params["step_gamma"] = trial.suggest_float("step_gamma", *space.step.gamma, log=True)
@@ -88,6 +97,10 @@ def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
     elif params["scheduler"] == "plateau":
         params["plateau_factor"] = trial.suggest_float("plateau_factor", *space.plateau.factor, log=True)
         params["plateau_patience"] = trial.suggest_int("plateau_patience", *space.plateau.patience)
+    elif params["scheduler"] == "cosine":
+        params["cosine_min_ratio"] = trial.suggest_float("cosine_min_ratio", *space.cosine.min_ratio, log=True)
+    elif params["scheduler"] == "onecycle":
+        params["onecycle_div"] = trial.suggest_float("onecycle_div", *space.onecycle.div_factor, log=True)
     return Hyperparams(**params)
 
 
@@ -213,11 +226,11 @@ class Objective:
         """Each epoch's metrics to the log, to Optuna (whose pruner may stop the trial here) and to on_epoch."""
         def report(metrics: EpochMetrics) -> None:
             log.epoch(metrics)
-            trial.report(metrics.val_accuracy, metrics.epoch)
+            trial.report(metrics.score, metrics.epoch)  # the study's metric: the pruner follows its direction
             if self.on_epoch is not None:
                 self.on_epoch(trial, metrics)
             if trial.should_prune():
-                reason = (f"pruned at epoch {metrics.epoch + 1}: val_accuracy {metrics.val_accuracy:.4f} "
+                reason = (f"pruned at epoch {metrics.epoch + 1}: val_{self.cfg.study.metric} {metrics.score:.4f} "
                           f"by the {self.cfg.study.pruner} pruner")
                 trial.set_user_attr(keys.PRUNED_REASON, reason)
                 raise optuna.TrialPruned(reason)
@@ -231,10 +244,10 @@ class Objective:
         result = train_trial(self.cfg.model, self.cfg.train, self.data, start.hp, seed=start.seed,
                              device=self.device, on_epoch=self._reporter(trial, log), resume=start.resume,
                              on_checkpoint=lambda c: self._checkpoint(trial, c),
-                             checkpoint=checkpoint_policy(self.cfg.train))
+                             checkpoint=checkpoint_policy(self.cfg.train), metric=self.cfg.study.metric)
         # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
         self._store(trial, result)
-        return result.best.val_accuracy
+        return result.best.score
 
     def _crashed(self, trial: optuna.Trial, err: Exception) -> str:
         """Record why the trial failed and re-raise `err`; an out-of-memory comes back as one line instead (the
