@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -148,3 +149,46 @@ class SpaceSection(Strict):
             if data[key] is None:
                 data.pop(key)
         return data
+
+    def parameters(self) -> list[Param]:
+        """The Optuna parameters a trial suggests, in the order it suggests them; a branch's only when the trial's
+        scheduler is that branch. `search.suggest` walks this list and `check` prints it."""
+        params = [Param("lr", "float", *self.lr, log=True),
+                  Param("optimizer", "choice", choices=tuple(self.optimizer)),
+                  Param("scheduler", "choice", choices=tuple(self.scheduler)),
+                  Param("dropout", "float", *self.dropout)]
+        optional = [("weight_decay", self.weight_decay, True), ("warmup_epochs", self.warmup_epochs, False),
+                    ("head_lr_mult", self.head_lr_mult, True), ("label_smoothing", self.label_smoothing, False)]
+        params += [Param(name, "float", *bounds, log=log) for name, bounds, log in optional if bounds is not None]
+        if self.batch_size is not None:
+            params.append(Param("batch_size", "choice", choices=tuple(self.batch_size)))
+        branches = {
+            "step": [Param("step_size", "int", *self.step.step_size), Param("step_gamma", "float", *self.step.gamma,
+                                                                             log=True)],
+            "exponential": [Param("exp_gamma", "float", *self.exponential.gamma, log=True)],
+            "plateau": [Param("plateau_factor", "float", *self.plateau.factor, log=True),
+                        Param("plateau_patience", "int", *self.plateau.patience)],
+            "cosine": [Param("cosine_min_ratio", "float", *self.cosine.min_ratio, log=True)],
+            "onecycle": [Param("onecycle_div", "float", *self.onecycle.div_factor, log=True)],
+        }
+        return params + [replace(p, when=branch) for branch in self.scheduler for p in branches.get(branch, [])]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Optuna parameter: a float or int range (log or uniform) or a choice; `when` names the scheduler branch
+    it belongs to (None: every trial)."""
+
+    name: str
+    kind: Literal["float", "int", "choice"]
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    when: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"one of {list(self.choices)}"
+        scale = "log" if self.log else "uniform"
+        return f"{'integer ' if self.kind == 'int' else ''}{scale} [{self.low:g}, {self.high:g}]"

@@ -71,36 +71,18 @@ _log = logging.getLogger(__name__)
 
 
 def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
-    """lr (log), optimizer, scheduler with its own parameters (names unique per branch), dropout; and each optional
-    key the space gives (weight decay, warmup, the head's lr multiplier, label smoothing, batch size)."""
-    params: dict[str, Any] = {
-        "lr": trial.suggest_float("lr", *space.lr, log=True),
-        "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
-        "scheduler": trial.suggest_categorical("scheduler", space.scheduler),
-        "dropout": trial.suggest_float("dropout", *space.dropout),
-    }
-    if space.weight_decay is not None:
-        params["weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
-    if space.warmup_epochs is not None:
-        params["warmup_epochs"] = trial.suggest_float("warmup_epochs", *space.warmup_epochs)
-    if space.head_lr_mult is not None:
-        params["head_lr_mult"] = trial.suggest_float("head_lr_mult", *space.head_lr_mult, log=True)
-    if space.label_smoothing is not None:
-        params["label_smoothing"] = trial.suggest_float("label_smoothing", *space.label_smoothing)
-    if space.batch_size is not None:
-        params["batch_size"] = trial.suggest_categorical("batch_size", space.batch_size)
-    if params["scheduler"] == "step":
-        params["step_size"] = trial.suggest_int("step_size", *space.step.step_size)
-        params["step_gamma"] = trial.suggest_float("step_gamma", *space.step.gamma, log=True)
-    elif params["scheduler"] == "exponential":
-        params["exp_gamma"] = trial.suggest_float("exp_gamma", *space.exponential.gamma, log=True)
-    elif params["scheduler"] == "plateau":
-        params["plateau_factor"] = trial.suggest_float("plateau_factor", *space.plateau.factor, log=True)
-        params["plateau_patience"] = trial.suggest_int("plateau_patience", *space.plateau.patience)
-    elif params["scheduler"] == "cosine":
-        params["cosine_min_ratio"] = trial.suggest_float("cosine_min_ratio", *space.cosine.min_ratio, log=True)
-    elif params["scheduler"] == "onecycle":
-        params["onecycle_div"] = trial.suggest_float("onecycle_div", *space.onecycle.div_factor, log=True)
+    """The space's parameters (`SpaceSection.parameters`: lr, optimizer, scheduler, dropout, each optional key it
+    gives, and the chosen scheduler's own parameters, named uniquely per branch), suggested in that order."""
+    params: dict[str, Any] = {}
+    for param in space.parameters():
+        if param.when is not None and param.when != params["scheduler"]:
+            continue
+        if param.kind == "choice":
+            params[param.name] = trial.suggest_categorical(param.name, param.choices)
+        elif param.kind == "int":
+            params[param.name] = trial.suggest_int(param.name, int(param.low), int(param.high))
+        else:
+            params[param.name] = trial.suggest_float(param.name, param.low, param.high, log=param.log)
     return Hyperparams(**params)
 
 
