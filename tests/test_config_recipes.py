@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from hpsearch.config import ConfigError, SpaceSection, TrainSection, parse_study, read_study_file
-from tests.test_config import STUDY_FILES, assert_names, refusal
+from tests.test_config import REPO, STUDY_FILES, _hpsearch, assert_names, refusal
 
 # The space fingerprints the shipped studies had before these keys existed: a study created from one of them must
 # still resume (its recorded fingerprint is this) and search the same space.
@@ -99,3 +99,34 @@ def test_recipe_refusal_names_the_field_and_the_fix(
     err = refusal(lambda: read_study_file(study_file(**overrides)))
     assert_names(err, field, *allowed)
     assert isinstance(err, ConfigError)
+
+
+# ------------------------------------------------------------------------------- digits-recipes.toml
+
+
+RECIPES = next(p for p in STUDY_FILES if p.name == "digits-recipes.toml")
+
+
+def test_the_recipes_study_searches_what_it_says() -> None:
+    cfg = read_study_file(RECIPES)
+    assert cfg.study.metric != "accuracy" and cfg.study.direction == "maximize"
+    assert set(cfg.space.scheduler) <= {"cosine", "onecycle"}
+    names = {p.name for p in cfg.space.parameters()}
+    assert {"warmup_epochs", "weight_decay", "label_smoothing", "batch_size", "head_lr_mult"} <= names
+
+
+def test_check_prints_the_resolved_space_of_the_recipes_study() -> None:
+    proc = _hpsearch("check", str(RECIPES.relative_to(REPO)), "--storage", "sqlite:///unused.db")
+    assert proc.returncode == 0, proc.stderr
+    cfg = read_study_file(RECIPES)
+    text = proc.stdout
+    assert f"objective: val_{cfg.study.metric} (maximize)" in text
+    space = text.split("search space")[1].splitlines()[1:]
+    lines = {line.split()[0]: line for line in space if line.startswith("  ")}
+    assert list(lines) == [p.name for p in cfg.space.parameters()]
+    low, high = cfg.space.warmup_epochs or (None, None)
+    assert f"uniform [{low:g}, {high:g}]" in lines["warmup_epochs"]
+    assert f"one of {cfg.space.batch_size}" in lines["batch_size"]
+    assert "(scheduler = cosine)" in lines["cosine_min_ratio"]
+    assert f"lr * batch_size / {cfg.train.base_batch_size}" in text
+    assert not (REPO / "unused.db").exists()

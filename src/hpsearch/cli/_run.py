@@ -36,7 +36,20 @@ def cmd_check(args: argparse.Namespace) -> ExitCode:
     out.print(f"storage: {redact(url)}")
     print_cache(cfg)
     out.print_json(data=cfg.model_dump(mode="json"))
+    _print_space(cfg)
     return ExitCode.OK
+
+
+def _print_space(cfg: StudyConfig) -> None:
+    """The space as each trial searches it: every Optuna parameter, its range or choices, and when it is drawn."""
+    out.print(f"objective: val_{cfg.study.metric} ({cfg.study.direction})")
+    out.print("search space (the Optuna parameters a trial records):")
+    for param in cfg.space.parameters():
+        when = f"  (scheduler = {param.when})" if param.when else ""
+        out.print(f"  {param.name:<18} {param.describe()}{when}", markup=False, highlight=False)
+    if cfg.train.lr_scaling == "linear":
+        base = cfg.train.base_batch_size or cfg.train.batch_size
+        out.print(f"lr scaling: linear, a trial trains at lr * batch_size / {base}")
 
 
 def cmd_run(args: argparse.Namespace) -> ExitCode:
