@@ -48,7 +48,7 @@ class StudySection(Strict):
     # Weights of trials outside the best `keep_weights` are deleted as the study runs (outputs are kept).
     # Default: [ensemble] top_k + 3. 0 keeps every trial's weights.
     keep_weights: int | None = Field(None, ge=0)
-    # The study stops once a trial's validation accuracy reaches this (every worker, after its current trial).
+    # The study stops once a trial's metric reaches this (for loss: at or below; every worker, after its trial).
     target: float | None = Field(None, gt=0, le=1)
 
     @field_validator("direction", mode="before")
