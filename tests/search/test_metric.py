@@ -6,9 +6,11 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.trial import TrialState
+from rich.console import Console
 from sklearn.metrics import f1_score
 
 from hpsearch.ensemble._candidates import select_candidates
+from hpsearch.monitor import describe_trial, status_renderables
 from hpsearch.search._run import run_trials
 from hpsearch.store import best_trial, load_trial_outputs, open_artifact_store, ranked_trials, target_reached
 from tests.search.test_search import start
@@ -51,6 +53,16 @@ def test_a_loss_study_minimizes_prunes_the_higher_loss_and_ranks_the_lowest_firs
     selection = select_candidates(study, open_artifact_store(tmp_path / "artifacts"), cfg.ensemble.top_k)
     assert [c.trial for c in selection.candidates] == [t.number for t in complete]
     assert [c.val_accuracy for c in selection.candidates] == [t.user_attrs["val_accuracy"] for t in complete]
+    # status names the metric and shows its value beside the accuracy, best first.
+    console = Console(width=200, record=True)
+    for part in status_renderables(study, "sqlite:///s.db", str(tmp_path / "artifacts"), 3, 2):
+        console.print(part)
+    text = console.export_text()
+    assert f"best: trial {complete[0].number} val_loss={complete[0].value:.4f}" in text
+    header = next(line for line in text.splitlines() if "val_loss" in line and "val_acc" in line)
+    assert header.index("val_loss") < header.index("val_acc")
+    line = describe_trial(first)  # the run's line per finished trial
+    assert f"value={first.value:.4f} val_accuracy={first.user_attrs['val_accuracy']:.4f}" in line
     # A target for a minimized metric is reached at or below it.
     assert target_reached(study, complete[0].value + 1e-9).number == complete[0].number
     assert target_reached(study, complete[0].value - 1e-3) is None
