@@ -4,13 +4,15 @@ the best epoch. Real ResNet-18s on a tiny digits subset, on the CPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from hpsearch.config import DataSection, ModelSection, TrainSection
 from hpsearch.data import TrialData, load_pool, make_split, trial_data
-from hpsearch.train import Hyperparams, train_trial
+from hpsearch.train import Checkpoint, Hyperparams, train_trial
 from hpsearch.train._loop import _start_run, _train_epoch
 
 CPU = torch.device("cpu")
@@ -100,3 +102,19 @@ def test_each_epoch_is_scored_and_the_best_chosen_by_the_studys_metric(tiny: Tri
     better = min if metric == "loss" else max
     assert result.best.score == better(m.score for m in result.history)
     assert result.best.epoch == 0
+
+
+def test_a_resumed_trial_continues_its_per_step_schedule_exactly(tiny: TrialData, tmp_path: Path) -> None:
+    hp = Hyperparams(lr=2e-3, optimizer="adamw", scheduler="onecycle", warmup_epochs=0.5, head_lr_mult=4.0,
+                     batch_size=24, label_smoothing=0.1)
+    cfg = _train(epochs=3)
+    taken: list[Checkpoint] = []
+    whole = train_trial(ModelSection(), cfg, tiny, hp, seed=3, device=CPU, on_checkpoint=taken.append)
+    path = tmp_path / "checkpoint.pt"
+    taken[0].save(str(path))  # after epoch 1, through the file a retry reads (weights_only)
+    resumed = train_trial(ModelSection(), cfg, tiny, hp, seed=3, device=CPU, resume=Checkpoint.load(str(path)))
+    numbers = [[(m.epoch, m.lr, m.train_loss, m.val_loss, m.score) for m in r.history] for r in (whole, resumed)]
+    assert numbers[0] == numbers[1]
+    # The lr at each epoch's end followed the cycle: up over the warmup, then down to its end.
+    lrs = [m.lr for m in whole.history]
+    assert lrs[0] > lrs[1] > lrs[2]
