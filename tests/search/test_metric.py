@@ -11,8 +11,16 @@ from sklearn.metrics import f1_score
 
 from hpsearch.ensemble._candidates import select_candidates
 from hpsearch.monitor import describe_trial, status_renderables
+from hpsearch.report._plots import learning_curves, optimization_history
 from hpsearch.search._run import run_trials
-from hpsearch.store import best_trial, load_trial_outputs, open_artifact_store, ranked_trials, target_reached
+from hpsearch.store import (
+    best_trial,
+    load_trial_outputs,
+    metric_name,
+    open_artifact_store,
+    ranked_trials,
+    target_reached,
+)
 from tests.search.test_search import start
 
 
@@ -87,3 +95,19 @@ def test_a_macro_f1_study_values_each_trial_by_its_best_epochs_macro_f1(study_fi
     expected = f1_score(outputs.val_labels.numpy(), predicted.numpy(), average="macro", zero_division=0)
     assert trial.value == pytest.approx(expected, abs=1e-6)
     assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
+
+
+def test_the_reports_figures_name_the_studys_metric(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'r.db'}", direction="minimize")
+    study.set_metric_names([metric_name("loss")])
+    for number, losses in enumerate([[2.0, 1.2], [1.8, 0.9], [2.3, 2.2]]):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-5, 1e-1, log=True)
+        trial.suggest_float("dropout", 0.0, 0.5)
+        for epoch, loss in enumerate(losses):
+            trial.report(loss, epoch)
+        study.tell(trial, min(losses))
+        assert study.trials[number].value == min(losses)
+    history = optimization_history(study)
+    assert "val_loss" in history.axes[0].get_ylabel()
+    assert learning_curves(study).axes[0].get_ylabel() == "val_loss"
