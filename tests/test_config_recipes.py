@@ -3,6 +3,7 @@ metric and its direction, and one-line refusals naming the field."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,12 @@ def test_check_prints_the_resolved_space_of_the_recipes_study() -> None:
     assert "(scheduler = cosine)" in lines["cosine_min_ratio"]
     assert f"lr * batch_size / {cfg.train.base_batch_size}" in text
     assert not (REPO / "unused.db").exists()
+
+
+def test_check_json_holds_the_objective_and_the_space() -> None:
+    proc = _hpsearch("check", str(RECIPES.relative_to(REPO)), "--json", "--storage", "sqlite:///unused.db")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    cfg = read_study_file(RECIPES)
+    assert (data["objective"], data["direction"]) == (f"val_{cfg.study.metric}", cfg.study.direction)
+    assert [p["name"] for p in data["search_space"]] == [p.name for p in cfg.space.parameters()]

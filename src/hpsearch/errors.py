@@ -11,17 +11,30 @@ from pathlib import Path
 
 
 class ExitCode(enum.IntEnum):
-    """Every code the `hpsearch` command and its workers exit with; each has one meaning."""
+    """Every code the `hpsearch` command and its workers exit with, each with its one meaning: the single source
+    of the table in `hpsearch --help` and in the README (tools/exit_codes.py writes it there)."""
 
-    OK = 0
-    FAILURE_STREAK = 1  # `run` stopped: max_consecutive_failures trials failed in a row
-    BAD_INPUT = 2  # one line naming the field, file or URL and the fix (a full artifact store too)
-    STORAGE_DOWN = 3  # the storage proxy stopped answering (a supervised worker is restarted)
-    WORKER_FAILURE_STREAK = 4  # a worker stopped on a failure streak: its supervisor does not restart it
-    WORKER_STORE_FULL = 5  # a worker found the artifact store full: its supervisor stops every worker
-    DEVICE_BROKEN = 6  # a sticky device error broke the process's GPU context: a supervisor restarts the worker
-    INPUTS_SKIPPED = 7  # predict/select wrote their CSV, but some inputs were unreadable or missing
-    INTERRUPTED = 130  # Ctrl-C or SIGTERM, the shell's code for SIGINT
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str) -> ExitCode:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    OK = 0, "done (`run`: the study holds its n_trials finished trials, or `hpsearch stop` or --timeout ended it)"
+    FAILURE_STREAK = 1, "`run` stopped: [study] max_consecutive_failures trials failed in a row"
+    BAD_INPUT = 2, ("bad input: one line naming the field, file or URL and the fix, nothing created or trained "
+                    "(a full artifact store too)")
+    STORAGE_DOWN = 3, ("the storage (the database or the storage proxy) stopped answering (`run --workers` restarts "
+                        "such a worker)")
+    WORKER_FAILURE_STREAK = 4, "a `worker` stopped on a failure streak (its supervisor does not restart it)"
+    WORKER_STORE_FULL = 5, "a `worker` found the artifact store full (its supervisor stops every worker)"
+    DEVICE_BROKEN = 6, ("a sticky device error broke the process's GPU context (`run --workers` restarts such a "
+                        "worker)")
+    INPUTS_SKIPPED = 7, "`predict`/`select` wrote their CSV, but some inputs were unreadable or missing"
+    INTERRUPTED = 130, ("interrupted (Ctrl-C or SIGTERM): running trials end FAIL, each with a queued retry that "
+                        "resumes its checkpoint")
 
 
 def first_line(err: BaseException) -> str:
@@ -42,6 +55,7 @@ class ConfigError(HpsearchError):
 
     def __init__(self, field: str, message: str, source: str | Path | None = None) -> None:
         self.field = field
+        self.message = message
         self.source = str(source) if source is not None else None
         where = f"{self.source}: " if self.source else ""
         super().__init__(f"{where}{field}: {message}")
@@ -53,6 +67,19 @@ class UsageError(HpsearchError):
 
 class StorageError(HpsearchError):
     """A storage URL that cannot be opened; the message says which and why."""
+
+
+class StorageUnavailableError(HpsearchError):
+    """The storage did not answer (connection refused or dropped, database restarting, proxy down) for as long
+    as `[study] storage_patience` allows; the message names the storage, how long and the last error."""
+
+    exit_code = ExitCode.STORAGE_DOWN
+    MARK = "storage unavailable"  # in the message: how a proxy's client tells this error apart (_retrying)
+
+    def __init__(self, storage: str, waited_s: float, why: str) -> None:
+        self.waited_s = waited_s
+        super().__init__(f"storage: {storage}: {self.MARK} for {waited_s:.0f} s ({why}); check that the database "
+                         "(or `hpsearch storage-proxy`) runs and is reachable, then run again")
 
 
 class DataError(HpsearchError):

@@ -25,7 +25,7 @@ CONFIG = "config"  # the study file it was created from, as JSON
 PREPROCESS = "preprocess"  # image_size, mean, std, interpolation: what an export reproduces
 HPSEARCH_VERSION = "hpsearch_version"
 ARTIFACTS = "artifacts_dir"  # the artifact store: a folder or s3://bucket/prefix
-STOP_REQUEST = "stop_request"  # {"at", "by", "reason", "now"}: `hpsearch stop` or a reached target
+STOP_REQUEST = "stop_request"  # {"generation", "at", "by", "reason", "now"}: `hpsearch stop` or a reached target
 SKIPPED_IMAGES = "skipped_images"  # unreadable files left out ([data] bad_images = "skip"), relative to the root
 PIN = "pin:"  # + an artifact id: until when (unix seconds) a running `ensemble` needs it; keep_weights waits
 
@@ -48,6 +48,7 @@ GPU = "gpu"  # {"index", "name", "uuid", "memory_mib", "visible"}: which physica
 PEAK_GPU_MIB = "peak_gpu_mib"  # the most GPU memory its tensors held at once
 INTERRUPTED = "interrupted"  # stopped by SIGINT/SIGTERM: FAIL, retried once from its checkpoint
 STORE_FULL = "store_full"  # its files found no room in the artifact store: FAIL, the run stops, retried once
+STORAGE_LOST = "storage_lost"  # the storage was away past [study] storage_patience: FAIL, retried once
 WEIGHTS = "weights_artifact"  # best-epoch weights.safetensors
 OUTPUTS = "outputs_artifact"  # validation and test logits, outputs.safetensors
 CHECKPOINT = "checkpoint_artifact"  # the latest resumable checkpoint while it runs
@@ -58,7 +59,8 @@ CHECKPOINT_FOLD = "checkpoint_fold"  # the fold the latest checkpoint belongs to
 BEST_EPOCH = "best_epoch"  # 0-based; with val_accuracy, val_loss and epochs_run from the training summary
 
 # A retry copies its original's user attrs, but not why the original failed nor the worker that ran it.
-FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, INTERRUPTED, STORE_FULL, DEVICE_BROKEN, WORKER)
+FAILURE_ATTRS = (FAIL_REASON, FAIL_TRACEBACK, OUT_OF_MEMORY, INTERRUPTED, STORE_FULL, STORAGE_LOST, DEVICE_BROKEN,
+                 WORKER)
 
 
 def without_failure(user_attrs: Mapping[str, Any]) -> dict[str, Any]:

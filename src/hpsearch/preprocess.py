@@ -9,7 +9,9 @@ This module imports no config and no Optuna, so an exported ensemble loads and p
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,7 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
     declaring more than MAX_IMAGE_PIXELS pixels) raises DataError naming it, in one line."""
     from PIL import Image, ImageOps
 
+    _quiet_pil_bomb_warning()
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -101,6 +104,16 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
     except Exception as err:  # any decoder error is this file's: a bad image, never a traceback
         raise DataError(f"{path}: not a readable image ({err.__class__.__name__}); fix or remove the file") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+@functools.cache
+def _quiet_pil_bomb_warning() -> None:
+    """PIL only warns about an image between its pixel limit and twice it; decode_image refuses every image over
+    MAX_IMAGE_PIXELS itself, in one line, so the warning would be a stray second line about the same file.
+    Once per process (filters are process-wide and threads decode at once)."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class _TooLarge(Exception):

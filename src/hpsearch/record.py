@@ -150,6 +150,7 @@ class TrialRecord:
     device_broken: bool
     interrupted: bool
     store_full: bool
+    storage_lost: bool
     weights: str | None  # artifact ids
     outputs: str | None
     checkpoint: str | None
@@ -172,6 +173,7 @@ class TrialRecord:
             pruned_reason=_text(attrs.get(keys.PRUNED_REASON)), fail_reason=_text(attrs.get(keys.FAIL_REASON)),
             out_of_memory=bool(attrs.get(keys.OUT_OF_MEMORY)), device_broken=bool(attrs.get(keys.DEVICE_BROKEN)),
             interrupted=bool(attrs.get(keys.INTERRUPTED)), store_full=bool(attrs.get(keys.STORE_FULL)),
+            storage_lost=bool(attrs.get(keys.STORAGE_LOST)),
             weights=_text(attrs.get(keys.WEIGHTS)), outputs=_text(attrs.get(keys.OUTPUTS)),
             checkpoint=_text(attrs.get(keys.CHECKPOINT)), checkpoint_fold=int(fold) if fold is not None else None,
             folds=tuple(sorted((dict(r) for r in folds), key=lambda r: int(r["fold"])))

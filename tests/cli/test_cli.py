@@ -101,6 +101,7 @@ class Dashboard:
 @contextmanager
 def dashboard(tmp_path: Path, *args: str) -> Iterator[Dashboard]:
     """`hpsearch dashboard ARGS` on an empty SQLite storage, answering within 60 s; stopped by Ctrl-C (exit 0)."""
+    open_storage(f"sqlite:///{tmp_path / 'dash.db'}")  # the dashboard only reads a storage, never creates one
     port = free_port()
     log = tmp_path / "dashboard.log"
     with log.open("w") as err:
@@ -177,8 +178,9 @@ def test_dashboard_with_allow_remote_needs_the_token_it_printed(tmp_path):
 
 def test_status_of_a_study_that_does_not_exist_exits_2(tmp_path):
     study = write_study(tmp_path / "ghost.toml", tiny_tables("ghost"))
-    done = run_cli("status", str(study), "--storage", f"sqlite:///{tmp_path / 'empty.db'}", cwd=tmp_path,
-                    timeout=60)
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    open_storage(url)  # a storage holding other studies, or none: not this one
+    done = run_cli("status", str(study), "--storage", url, cwd=tmp_path, timeout=60)
     assert done.returncode == 2
     assert "study 'ghost' does not exist" in done.stderr and "hpsearch run" in done.stderr
     assert "Traceback" not in done.stderr

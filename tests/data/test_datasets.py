@@ -228,6 +228,25 @@ def test_imagefolder_decompression_bomb_is_a_bad_image(tmp_path: Path) -> None:
     assert pool.skipped == ("train/dog/bomb.png",) and len(pool.labels) == 6
 
 
+def test_a_bomb_just_over_the_limit_is_refused_without_a_stray_warning(tmp_path: Path) -> None:
+    """Between PIL's limit and twice it, PIL only warns: the image is refused all the same, in one line, and no
+    DecompressionBombWarning line reaches the user's terminal (a fresh process, Python's default filters)."""
+    import subprocess
+    import sys
+
+    from hpsearch.preprocess import MAX_IMAGE_PIXELS
+
+    side = int((1.5 * MAX_IMAGE_PIXELS) ** 0.5)  # 1.5x the limit: PIL's warning band
+    bomb = bomb_png(tmp_path / "bomb.png", side=side)
+    code = ("import sys; from pathlib import Path; from hpsearch.errors import DataError; "
+            "from hpsearch.preprocess import decode_image\n"
+            "try:\n    decode_image(Path(sys.argv[1]), 8)\nexcept DataError as err:\n    print(err)")
+    done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 1 and str(bomb) in done.stdout and "decompression bomb" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr
+
+
 def test_decode_image_refuses_above_the_documented_pixel_limit(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     png = solid_png(tmp_path / "wide.png", (9, 9, 9), (30, 20))  # 600 pixels

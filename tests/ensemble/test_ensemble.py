@@ -7,6 +7,7 @@ No training: the trials' outputs are random logits leaning to the true class, wr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -159,3 +160,35 @@ def test_cli_ensemble_writes_report_with_the_four_rows(tmp_path: Path, study_fil
     for name in ("best single trial", "hard voting", "uniform soft voting", "weighted soft voting"):
         assert name in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.slow
+def test_cli_ensemble_json_and_its_table_into_a_pipe(tmp_path: Path, study_file: Callable[..., Path]) -> None:
+    """`--json` is one object a script parses (the keys the README lists); without it, into a pipe (no terminal,
+    no COLUMNS), the comparison table is printed whole, not cut at 80 columns."""
+    path, url, store = cli_study(tmp_path, study_file, [("good", .9), ("good", .85), ("good", .8)])
+    out = tmp_path / "best-ensemble"
+    argv = [sys.executable, "-m", "hpsearch", "ensemble", str(path), "--storage", url, "--artifacts", str(store),
+            "--out", str(out), "--no-export"]
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["study"] == "tiny" and result["method"] == "weighted"
+    assert result["folder"] == str(out) and result["result_file"] == str(out / "ensemble.json")
+    assert result["manifest"] is None and result["onnx"] is None  # --no-export
+    assert sum(m["weight"] for m in result["members"]) == pytest.approx(1.0)
+    assert {m["trial"] for m in result["members"]} <= {0, 1, 2}
+    rows = {r["method"]: r for r in result["metrics"]}
+    assert list(rows) == ["single", "hard", "soft", "weighted"]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in rows.values())
+    assert result == {**json.loads((out / "ensemble.json").read_text()), **{k: result[k] for k in (
+        "folder", "result_file", "report", "manifest", "onnx")}}
+
+    table = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert table.returncode == 0, table.stderr
+    assert "…" not in table.stdout, table.stdout
+    weighted = next(line for line in table.stdout.splitlines() if "weighted soft voting [chosen]" in line)
+    cells = [c.strip() for c in weighted.split("│")[1:-1]]
+    assert cells[3] == f"{rows['weighted']['val_nll']:.4f}" and cells[4] == f"{rows['weighted']['test_accuracy']:.4f}"
+    assert cells[9] == f"{rows['weighted']['test_ece_scaled']:.4f}", table.stdout

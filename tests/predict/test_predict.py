@@ -331,6 +331,13 @@ def _vit(image_size: object) -> Callable[[dict[str, Any]], object]:
     (lambda m: m.__setitem__("classes", [0, 1]), "classes"),
     (lambda m: m["preprocessing"].__setitem__("image_size", 10**6), "preprocessing.image_size"),
     (lambda m: m.__setitem__("members", {}), "members"),
+    (_member("weight", "0.5"), "members[0].weight"),
+    (_member("weight", float("nan")), "members[0].weight"),
+    (_member("weight", -1.0), "members[0].weight"),
+    (lambda m: [member.__setitem__("weight", 0) for member in m["members"]], "members[].weight"),
+    (lambda m: m["combine"].__setitem__("method", "median"), "combine.method"),
+    (lambda m: m.__setitem__("temperature", 0), "temperature"),
+    (lambda m: m.__setitem__("temperature", "1"), "temperature"),
 ])
 def test_a_crafted_manifest_never_reaches_the_model_builder(
         exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

@@ -1,10 +1,13 @@
 """Processes sharing one decoded-image cache: two processes starting together decode a folder once and hold no copy
-of their own, and a supervised `run --workers 2` decodes its folder once for all its processes.
+of their own, a supervised `run --workers 2` decodes its folder once for all its processes, and a builder frozen
+by SIGSTOP is named, not waited for forever.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +18,11 @@ import pytest
 from PIL import Image
 
 from hpsearch.config import DataSection
+from hpsearch.data import _cache as cache
+from hpsearch.data import cache_state, load_pool
+from hpsearch.errors import DataError
 from tests.support import (
+    COLOURS,
     cli_env,
     colour_folder,
     imagefolder_section,
@@ -34,6 +41,9 @@ from pathlib import Path
 import torch
 
 from hpsearch.config import DataSection
+from hpsearch.data import _cache as cache
+from hpsearch.data import cache_state, load_pool
+from hpsearch.errors import DataError
 from hpsearch.data import load_pool, make_split, trial_data
 
 
@@ -126,13 +136,13 @@ def test_a_supervised_run_decodes_its_folder_once_for_all_its_processes(tmp_path
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stderr.count("data: decoding 160 images") == 1, first.stderr
     status = run_cli("status", str(study), *args, cwd=tmp_path)
-    assert f"data cache: {tmp_path / 'cache'}" in status.stdout and "MiB" in status.stdout, status.stdout
+    assert f"data cache: {tmp_path / 'cache'}" in status.stdout and " MB;" in status.stdout, status.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_no_temp_file(tmp_path: Path) -> None:
-    """The cache folder is a 2 MB tmpfs (a private mount namespace) and the folder decodes to 2.8 MiB: `run`
+    """The cache folder is a 2 MB tmpfs (a private mount namespace) and the folder decodes to 2.9 MB: `run`
     exits 2 with one line naming the cache folder, no SIGBUS, no traceback, and the tmpfs holds nothing after."""
     root = colour_folder(tmp_path / "photos", {"train": 20}, size=(128, 128))  # 60 images, 48 KiB each decoded
     cache_dir = tmp_path / "cache"
@@ -147,8 +157,57 @@ def test_a_full_cache_disk_is_one_line_naming_the_folder_and_leaves_no_temp_file
     assert "rc=2" in done.stderr, done.stderr[-3000:]  # not 135 (SIGBUS)
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert f"no room for 2.8 MiB in {str(cache_dir)!r}" in line and str(root) in line, line
+    assert f"no room for 2.9 MB in {str(cache_dir)!r}" in line and str(root) in line, line
     assert "cache_dir" in line and "HPSEARCH_CACHE_DIR" in line, line
     files = [entry.split(" ", 1)[1] for entry in done.stdout.splitlines()]
     assert not any(".tmp" in name for name in files), files  # the temp file did not keep the disk full
     assert not any(name.endswith((".u8", ".json")) for name in files), files  # nothing that looks finished
+
+
+# A process holding a cache's build lock, as a builder does, until a line comes on its stdin.
+HOLDER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o640)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_cache_builder_frozen_by_sigstop_is_named_and_not_waited_for_forever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    root = colour_folder(tmp_path / "photos", {"train": 2})
+    cfg = imagefolder_section(root, tmp_path)
+    state = cache_state(cfg)
+    assert state is not None
+    lock = state[0].with_suffix(".lock")
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        os.kill(holder.pid, signal.SIGSTOP)
+        monkeypatch.setattr(cache, "STOPPED_BUILDER_LIMIT_S", 2.0)  # 60 s in use
+        started = time.monotonic()
+        with pytest.raises(DataError) as frozen:
+            load_pool(cfg)
+        waited = time.monotonic() - started
+        assert 2.0 <= waited < 15.0, waited
+        message = str(frozen.value)
+        assert "\n" not in message and message.startswith("data.cache_dir: the image cache of"), message
+        assert f"is being built by pid {holder.pid}, stopped (SIGSTOP) for 2 s" in message, message
+        assert f"resume it (kill -CONT {holder.pid}) or end it" in message and "HPSEARCH_CACHE_DIR" in message
+        err = capfd.readouterr().err
+        assert f"waiting for pid {holder.pid}, stopped (SIGSTOP or Ctrl-Z; kill -CONT resumes it)," in err, err
+
+        # Resumed, it ends and lets go of the lock: the next load builds the cache as ever.
+        os.kill(holder.pid, signal.SIGCONT)
+        assert holder.stdin is not None
+        holder.stdin.write("done\n")
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+        assert len(load_pool(cfg).labels) == 2 * len(COLOURS)
+    finally:
+        holder.kill()
+        holder.wait()

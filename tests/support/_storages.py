@@ -74,6 +74,37 @@ def postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
+class DatabaseOutage:
+    """A PostgreSQL database made unreachable, as a restart or a failover makes it: new connections refused
+    (`ALLOW_CONNECTIONS false`), open ones terminated; `end()` (or leaving the `with`) lets connections in again."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        self.name = url.rsplit("/", 1)[1]
+        self._admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        self._sa = sa
+
+    def begin(self) -> int:
+        """Refuse the database and drop its connections; how many were dropped."""
+        with self._admin.connect() as conn:
+            conn.execute(self._sa.text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false'))
+            return int(conn.execute(self._sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                                  "WHERE datname = :db"), {"db": self.name}).scalar() or 0)
+
+    def end(self) -> None:
+        with self._admin.connect() as conn:
+            conn.execute(self._sa.text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true'))
+
+    def __enter__(self) -> DatabaseOutage:
+        self.begin()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.end()
+        self._admin.dispose()
+
+
 class Proxy:
     """A running `hpsearch storage-proxy` process; `restart()` stops it (SIGTERM) and starts it on its port."""
 

@@ -126,5 +126,5 @@ def test_status_tells_gpus_apart_by_name_id_and_peak_memory(tmp_path) -> None:
         console.print(part)
     text = console.export_text()
     assert "cuda:0 (NVIDIA H200, CUDA_VISIBLE_DEVICES=5)" in text
-    assert "GPU NVIDIA H200 (GPU-4): peak 2100 MiB per trial of 143771 MiB, over 1 trials" in text
-    assert "GPU NVIDIA H200 (GPU-5): peak 3300 MiB" in text
+    assert "GPU NVIDIA H200 (GPU-4): peak 2.2 GB per trial of 150.8 GB, over 1 trials" in text
+    assert "GPU NVIDIA H200 (GPU-5): peak 3.5 GB" in text

@@ -1,11 +1,14 @@
 """The supervisor's own decisions, driven by real (tiny) worker processes and a real storage: a trial that
-finished first is left alone, a worker stopped by its failure streak is not restarted, restarts are capped."""
+finished first is left alone, a worker stopped by its failure streak is not restarted, restarts wait a growing
+delay within a budget, a frozen (SIGSTOP) worker is killed and restarted."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,14 +17,10 @@ import pytest
 from optuna.trial import TrialState
 
 from hpsearch.errors import ExitCode
-from hpsearch.store import open_storage
+from hpsearch.store import fail_running_trial, fail_trials_of, open_storage
 from hpsearch.workers._forkserver import forkserver_launch, stop_forkserver
-from hpsearch.workers._supervisor import (
-    Supervisor,
-    Worker,
-    fail_running_trial,
-    fail_trials_of,
-)
+from hpsearch.workers._restarts import Backoff, RestartPolicy
+from hpsearch.workers._supervisor import Supervisor, Worker
 from tests.support import STORAGES_AND_PROXY, tiny_tables, write_study
 
 
@@ -65,8 +64,9 @@ def _supervise(tmp_path, command: list[str], n: int = 2, max_restarts: int = 3) 
     storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
     events: list[str] = []
     workers = [Worker(i, command, {}) for i in range(n)]
+    quick = RestartPolicy(first_s=0.05, cap_s=0.2, max_in_window=max_restarts)  # the budget, not the delays
     code = Supervisor(study, storage, workers, done=lambda: False, on_event=events.append, poll_s=0.05,
-                      max_restarts=max_restarts).run()
+                      restart_policy=quick).run()
     return code, events, workers
 
 
@@ -96,6 +96,9 @@ def test_a_crashing_worker_is_restarted_up_to_the_cap(tmp_path) -> None:
     assert code == 1
     assert [w.restarts for w in workers] == [3, 3]
     assert sum("exited with 3; restarting it" in e for e in events) == 6, events
+    given_up = sorted(e for e in events if "not restarted" in e)
+    assert given_up == [f"worker {i} exited with 3; not restarted: it was restarted 3 times within 60 min"
+                        for i in range(2)], events
 
 
 @pytest.mark.timeout(60)
@@ -136,3 +139,84 @@ def test_a_forked_worker_gets_its_environment_and_reports_its_exit_code(tmp_path
         stop_forkserver()
     err = capfd.readouterr().err
     assert "nosuchdb" in err and "Traceback" not in err, err
+
+
+def test_restart_delays_double_up_to_a_cap_and_a_healthy_run_resets_them() -> None:
+    backoff = Backoff(RestartPolicy())
+    delays = [backoff.next_delay(ran_s=0.1, now=float(t)) for t in range(9)]
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert backoff.next_delay(ran_s=900, now=10.0) == 1, "a worker that ran 15 min died of something new"
+
+
+def test_the_restart_budget_counts_one_window_not_the_whole_run() -> None:
+    backoff = Backoff(RestartPolicy(max_in_window=3, window_s=3600))
+    assert all(backoff.next_delay(ran_s=1, now=t) is not None for t in (0.0, 100.0, 200.0))
+    assert backoff.next_delay(ran_s=1, now=300.0) is None, "a fourth restart within the hour"
+    assert backoff.next_delay(ran_s=1, now=3601.0) is not None, "the first restart left the window"
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_exits_at_once_is_restarted_with_growing_delays_and_a_signal_still_stops_at_once(
+        tmp_path) -> None:
+    storage, study = _study(f"sqlite:///{tmp_path / 'sup.db'}")
+    events: list[tuple[float, str]] = []
+    stopped_at: list[float] = []
+
+    def stop_once_waiting_four_seconds() -> None:
+        while not any(e.endswith("restarting it in 4 s") for _, e in events):
+            time.sleep(0.05)
+        stopped_at.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)  # while the restart waits out its 4 s
+
+    threading.Thread(target=stop_once_waiting_four_seconds, daemon=True).start()
+    code = Supervisor(study, storage, [Worker(0, _exits_with(1), {})], done=lambda: False,
+                      on_event=lambda e: events.append((time.monotonic(), e))).run()
+    assert code == ExitCode.INTERRUPTED
+    assert time.monotonic() - stopped_at[0] < 2.0, "the signal waited for the pending restart"
+    assert [e for _, e in events] == [f"worker 0 exited with 1; restarting it in {d} s" for d in (1, 2, 4)]
+    seen = [t for t, _ in events]
+    assert seen[1] - seen[0] >= 1.0 and seen[2] - seen[1] >= 2.0, "restarted before its delay"
+
+
+# A worker that takes a trial and freezes (SIGSTOP) inside a SQLite write transaction on its first start, as one
+# frozen mid-statement; started again, it finishes the retry of that trial.
+_FREEZES_ONCE = """
+import os, signal, sqlite3, sys
+import optuna
+from hpsearch import keys
+from hpsearch.store import open_storage
+db, marker = sys.argv[1], sys.argv[2]
+study = optuna.load_study(study_name="sup", storage=open_storage("sqlite:///" + db))
+trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+trial.set_user_attr(keys.WORKER, keys.worker_tag())
+if os.path.exists(marker):
+    study.tell(trial, 1.0)
+    sys.exit(0)
+open(marker, "w").close()
+sqlite3.connect(db, isolation_level=None).execute("BEGIN IMMEDIATE")
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_frozen_holding_the_sqlite_write_lock_is_killed_its_trial_retried_and_it_restarted(
+        tmp_path) -> None:
+    db = tmp_path / "sup.db"
+    storage, study = _study(f"sqlite:///{db}")
+    events: list[str] = []
+    worker = Worker(0, [sys.executable, "-c", _FREEZES_ONCE, str(db), str(tmp_path / "froze")], dict(os.environ))
+
+    def done() -> bool:
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    code = Supervisor(study, storage, [worker], done=done, on_event=events.append, poll_s=0.1, frozen_limit_s=1.0,
+                      restart_policy=RestartPolicy(first_s=0.1)).run()
+    assert code == ExitCode.OK, events
+    frozen, retry = study.get_trials()
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs["fail_reason"].endswith("died (signal 9)")
+    assert retry.state == TrialState.COMPLETE and retry.params == frozen.params
+    assert len(events) == 3, events
+    assert re.fullmatch(r"worker 0 \(pid \d+\) stayed stopped \(SIGSTOP\) for 1 s; killed it: its trial is "
+                        r"retried, the worker restarted", events[0]), events
+    assert events[1:] == ["trial 0 FAIL: its worker died (signal 9); queued a retry with the same params",
+                          "worker 0 died of signal 9; restarting it in 0.1 s"]

@@ -142,7 +142,7 @@ def input_files() -> dict[str, bytes]:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         files[f"{POOL}/digit-{i:02d}-label-{digits.target[index]}.png"] = buffer.getvalue()
-    files[f"{POOL}/unreadable.png"] = b"this is no PNG\n"  # predict and select name it, skip it, exit 3
+    files[f"{POOL}/unreadable.png"] = b"this is no PNG\n"  # predict and select name it, skip it, exit 7
     return files
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hpsearch.cli._help import exit_codes_markdown
 from hpsearch.cli._main import main
 
-__all__ = ["main"]
+__all__ = ["exit_codes_markdown", "main"]

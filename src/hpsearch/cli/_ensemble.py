@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from hpsearch.cli._output import console, out, print_unwrapped
+from hpsearch.cli._output import console, print_json_object, show
 from hpsearch.errors import ExitCode
 
 
@@ -22,17 +25,30 @@ def cmd_ensemble(args: argparse.Namespace) -> ExitCode:
         on_start=lambda line: console.print(line, highlight=False))
     result, folder = exported.result, exported.folder
     folds = any(m.fold_artifacts for m in result.members)
-    print_unwrapped(result_table(result, f"top {len(exported.selection.candidates)} trials of "
-                                         f"{exported.study_name!r}: val NLL on "
-                                         f"{'out-of-fold train+val' if folds else 'validation'}, the rest on test; "
-                                         "(T) after temperature scaling"))
-    for note in result.notes:
-        out.print(f"- {note}", highlight=False, soft_wrap=True)
+    if args.json:
+        print_json_object(_ensemble_object(folder, exported=not args.no_export, onnx=args.onnx))
+    else:
+        show(result_table(result, f"top {len(exported.selection.candidates)} trials of {exported.study_name!r}: "
+                                  f"val NLL on {'out-of-fold train+val' if folds else 'validation'}, the rest on "
+                                  "test; (T) after temperature scaling"))
+        for note in result.notes:
+            show(f"- {note}", highlight=False)
     written = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
                                          f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
                                          + (", ensemble.onnx" if args.onnx else "") + ")")
     console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
     return ExitCode.OK
+
+
+def _ensemble_object(folder: Path, *, exported: bool, onnx: bool) -> dict[str, Any]:
+    """`ensemble --json`: the ensemble.json it wrote (members, weights, the comparison's metrics), and where the
+    files are; the keys a script reads are listed in the README's CLI section."""
+    from hpsearch.export import RESULT_FILE
+
+    result: dict[str, Any] = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+    return {**result, "folder": str(folder), "result_file": str(folder / RESULT_FILE),
+            "report": str(folder / "report.md"), "manifest": str(folder / "manifest.json") if exported else None,
+            "onnx": str(folder / "ensemble.onnx") if onnx else None}
 
 
 def cmd_report(args: argparse.Namespace) -> ExitCode:

@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from hpsearch.cli._output import console, print_error
+from hpsearch.cli._output import console, print_error, set_verbosity
 from hpsearch.cli._parser import build_parser
 from hpsearch.errors import ExitCode, HpsearchError
 
@@ -20,6 +20,7 @@ Command = Callable[[argparse.Namespace], ExitCode]
 def main(argv: Sequence[str] | None = None) -> ExitCode:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    set_verbosity(args.verbosity, optuna=args.uses_optuna)
     # We use Optuna's heartbeat and retry callbacks on purpose; their ExperimentalWarnings are noise to users.
     warnings.filterwarnings("ignore", message=r".*(is experimental|experimental feature).*")
     try:

@@ -6,18 +6,22 @@ from __future__ import annotations
 import argparse
 
 from hpsearch.cli._hosts import is_loopback
-from hpsearch.cli._output import console, out, print_cache
+from hpsearch.cli._output import cache_object, console, print_cache, print_json_object, show
 from hpsearch.errors import ExitCode, UsageError
 
 
 def cmd_status(args: argparse.Namespace) -> ExitCode:
-    from hpsearch.monitor import status_renderables
+    from hpsearch.monitor import status_object, status_renderables
     from hpsearch.store import open_existing, resolve_artifacts
 
     cfg, study, url = open_existing(args.study, args.storage)
     artifacts = resolve_artifacts(args.artifacts, study, cfg.study.artifacts)
-    for part in status_renderables(study, url, artifacts, args.top_k or cfg.ensemble.top_k, cfg.train.epochs):
-        out.print(part)
+    top_k = args.top_k or cfg.ensemble.top_k
+    if args.json:
+        print_json_object({**status_object(study, url, artifacts, top_k), "data_cache": cache_object(cfg)})
+        return ExitCode.OK
+    for part in status_renderables(study, url, artifacts, top_k, cfg.train.epochs):
+        show(part)
     print_cache(cfg)
     return ExitCode.OK
 

@@ -4,26 +4,51 @@ that only the module of the command being run is imported (`status` never import
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import TypeAlias
 
 from hpsearch import __version__
-from hpsearch.errors import ExitCode
+from hpsearch.cli._help import COMMANDS, DESCRIPTION, STUDY_HELP, example_epilog, exit_codes_epilog
 
 # argparse's own type for what add_subparsers returns, which it does not export
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-DESCRIPTION = "The `hpsearch` command: argument parsing, progress, tables and exit codes over the library."
 DEVICES = ["auto", "cpu", "cuda"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpsearch", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="hpsearch", description=DESCRIPTION, epilog=exit_codes_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hpsearch {__version__}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
+                          help="print only errors and the final result (no progress, no per-trial lines)")
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                          help="also print Optuna's own INFO log lines")
+    parser.set_defaults(uses_optuna=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_worker, _add_check, _add_status, _add_stop, _add_ensemble, _add_report,
                 _add_predict, _add_select, _add_dashboard, _add_storage_proxy):
         add(commands)
     return parser
+
+
+def _command(commands: Commands, name: str) -> argparse.ArgumentParser:
+    """A command's parser with its --help: what it does (description), its options, then an example."""
+    text = COMMANDS[name]
+    return commands.add_parser(name, help=text.summary, description=textwrap.fill(text.description, 100),
+                               epilog=example_epilog(name), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a study-file key, validated as the file is and recorded in the study like it "
+                   "(e.g. --set train.epochs=3 --set space.lr=[1e-4,1e-2]); repeatable")
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout instead of tables (keys: README, section CLI)")
 
 
 def _storage(p: argparse.ArgumentParser) -> None:
@@ -39,14 +64,15 @@ def _artifacts(p: argparse.ArgumentParser) -> None:
 
 def _trials(p: argparse.ArgumentParser) -> None:
     """The study file, its storage and how long to run: what `run` and `worker` share."""
-    p.add_argument("study", metavar="STUDY.toml")
+    p.add_argument("study", metavar="STUDY.toml", help=STUDY_HELP)
     _storage(p)
     p.add_argument("--n-trials", type=_positive, help="finished trials to reach (default: [study] n_trials)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")
+    _overrides(p)
 
 
 def _add_run(commands: Commands) -> None:
-    run = commands.add_parser("run", help="run (or resume) a study until it holds n_trials finished trials")
+    run = _command(commands, "run")
     _trials(run)
     run.add_argument("--workers", type=_positive, default=1, help="worker processes on this machine (default 1)")
     run.add_argument("--gpus", type=_gpu_list, help="GPU indices for the workers, e.g. 0,1,2,3 (default: all)")
@@ -57,7 +83,7 @@ def _add_run(commands: Commands) -> None:
 
 
 def _add_worker(commands: Commands) -> None:
-    worker = commands.add_parser("worker", help="run one worker against a storage (what other machines run)")
+    worker = _command(commands, "worker")
     _trials(worker)
     worker.add_argument("--device", choices=DEVICES, help="default: [train] device (auto)")
     worker.add_argument("--worker-index", type=int, default=0, help="seeds this worker's sampler (default 0)")
@@ -66,24 +92,27 @@ def _add_worker(commands: Commands) -> None:
 
 
 def _add_check(commands: Commands) -> None:
-    check = commands.add_parser("check", help="validate a study file and print what `run` would do")
-    check.add_argument("study", metavar="STUDY.toml")
+    check = _command(commands, "check")
+    check.add_argument("study", metavar="STUDY.toml", help=STUDY_HELP)
     _storage(check)
+    _overrides(check)
+    _json(check)
     check.set_defaults(handler="hpsearch.cli._run:cmd_check")
 
 
 def _add_status(commands: Commands) -> None:
-    status = commands.add_parser("status", help="trial counts by state, best trial, top-k table")
-    status.add_argument("study", metavar="STUDY.toml")
+    status = _command(commands, "status")
+    status.add_argument("study", metavar="STUDY.toml", help=STUDY_HELP)
     _storage(status)
     _artifacts(status)
     status.add_argument("--top-k", type=_positive, help="rows of the table (default: [ensemble] top_k)")
+    _json(status)
     status.set_defaults(handler="hpsearch.cli._monitor:cmd_status")
 
 
 def _add_stop(commands: Commands) -> None:
-    stop = commands.add_parser("stop", help="ask every worker of the study, on every machine, to stop")
-    stop.add_argument("study", metavar="STUDY.toml")
+    stop = _command(commands, "stop")
+    stop.add_argument("study", metavar="STUDY.toml", help=STUDY_HELP)
     _storage(stop)
     stop.add_argument("--now", action="store_true",
                       help="stop at once: running trials end FAIL with a queued retry (default: after each trial)")
@@ -91,8 +120,8 @@ def _add_stop(commands: Commands) -> None:
 
 
 def _add_ensemble(commands: Commands) -> None:
-    ens = commands.add_parser("ensemble", help="weigh the top-k trials' stored outputs into an ensemble and compare")
-    ens.add_argument("study", metavar="STUDY.toml")
+    ens = _command(commands, "ensemble")
+    ens.add_argument("study", metavar="STUDY.toml", help=STUDY_HELP)
     _storage(ens)
     _artifacts(ens)
     ens.add_argument("--top-k", type=_positive, help="candidates (default: [ensemble] top_k)")
@@ -109,13 +138,13 @@ def _add_ensemble(commands: Commands) -> None:
     ens.add_argument("--onnx", action="store_true",
                      help="also write ensemble.onnx: the whole ensemble as one ONNX graph, images to probabilities "
                           "(needs the optional extra: pip install -e '.[onnx]')")
+    _json(ens)
     ens.set_defaults(handler="hpsearch.cli._ensemble:cmd_ensemble")
 
 
 def _add_report(commands: Commands) -> None:
-    rep = commands.add_parser("report", help="a finished study as trials.csv, PNG plots, per-class results and one "
-                              "self-contained report.html")
-    rep.add_argument("study", metavar="STUDY.toml")
+    rep = _command(commands, "report")
+    rep.add_argument("study", metavar="STUDY.toml", help=STUDY_HELP)
     _storage(rep)
     _artifacts(rep)
     rep.add_argument("--out", metavar="DIR", default="report",
@@ -128,6 +157,7 @@ def _add_report(commands: Commands) -> None:
 
 def _exported(p: argparse.ArgumentParser, inputs: str) -> None:
     """An exported ensemble and the images to score with it: what `predict` and `select` share."""
+    p.set_defaults(uses_optuna=False)  # scoring images needs only the export: no Optuna import
     p.add_argument("dir", metavar="DIR", help="an ensemble folder written by `hpsearch ensemble --out DIR`")
     p.add_argument("inputs", metavar=inputs, nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass (default 64)")
@@ -138,16 +168,14 @@ def _exported(p: argparse.ArgumentParser, inputs: str) -> None:
 
 
 def _add_predict(commands: Commands) -> None:
-    pred = commands.add_parser("predict", help="classify images with an exported ensemble (CSV; exit "
-                               f"{int(ExitCode.INPUTS_SKIPPED)} if some skipped)")
+    pred = _command(commands, "predict")
     _exported(pred, "INPUT")
     pred.add_argument("--out", metavar="FILE.csv", help="write the CSV here (default: stdout)")
     pred.set_defaults(handler="hpsearch.cli._ensemble:cmd_predict")
 
 
 def _add_select(commands: Commands) -> None:
-    sel = commands.add_parser("select", help="rank unlabeled images by ensemble uncertainty, write the N most "
-                              "uncertain")
+    sel = _command(commands, "select")
     _exported(sel, "POOL")
     sel.add_argument("--n", type=_positive, required=True, help="how many images to select")
     sel.add_argument("--by", choices=["entropy", "margin", "disagreement"], default="entropy",
@@ -158,8 +186,9 @@ def _add_select(commands: Commands) -> None:
 
 
 def _add_dashboard(commands: Commands) -> None:
-    dash = commands.add_parser("dashboard", help="start optuna-dashboard on the study's storage and artifacts")
-    dash.add_argument("study", metavar="STUDY.toml", nargs="?")
+    dash = _command(commands, "dashboard")
+    dash.add_argument("study", metavar="STUDY.toml", nargs="?",
+                      help=f"{STUDY_HELP} (default: every study in --storage)")
     _storage(dash)
     _artifacts(dash)
     dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -172,8 +201,7 @@ def _add_dashboard(commands: Commands) -> None:
 def _add_storage_proxy(commands: Commands) -> None:
     from hpsearch.store import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, DEFAULT_PORT
 
-    proxy = commands.add_parser("storage-proxy", help="Optuna's gRPC storage proxy in front of the database: "
-                                "workers use --storage grpc://HOST:PORT and the database sees one pool")
+    proxy = _command(commands, "storage-proxy")
     _storage(proxy)
     proxy.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     proxy.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")

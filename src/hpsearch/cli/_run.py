@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from hpsearch.cli._output import console, out, print_cache, print_error
+from hpsearch.cli._output import (
+    VERBOSITY_ENV,
+    cache_object,
+    console,
+    print_cache,
+    print_error,
+    print_json_object,
+    show,
+)
 from hpsearch.errors import DeviceBrokenError, ExitCode, StoreFullError
 
 if TYPE_CHECKING:
@@ -21,35 +30,45 @@ if TYPE_CHECKING:
 def _read_file_first(args: argparse.Namespace) -> StudyConfig:
     from hpsearch.config import read_study_file
 
-    return read_study_file(args.study)
+    return read_study_file(args.study, args.set)
 
 
 def cmd_check(args: argparse.Namespace) -> ExitCode:
     cfg = _read_file_first(args)
+
+    from rich.json import JSON
+    from rich.markup import escape
 
     from hpsearch.model import check_study_model
     from hpsearch.store import redact, resolve_storage_url
 
     check_study_model(cfg)
     url = resolve_storage_url(args.storage, cfg.study.storage)
-    out.print(f"[bold]{args.study}[/] is valid")
-    out.print(f"storage: {redact(url)}")
+    config = cfg.model_dump(mode="json")
+    if args.json:
+        print_json_object({"study_file": args.study, "valid": True, "study": cfg.study.name,
+                           "storage": redact(url), "data_cache": cache_object(cfg), "config": config,
+                           "objective": f"val_{cfg.study.metric}", "direction": cfg.study.direction,
+                           "search_space": [asdict(p) for p in cfg.space.parameters()]})
+        return ExitCode.OK
+    show(f"[bold]{escape(args.study)}[/] is valid")
+    show(f"storage: {redact(url)}", highlight=False)
     print_cache(cfg)
-    out.print_json(data=cfg.model_dump(mode="json"))
+    show(JSON.from_data(config))
     _print_space(cfg)
     return ExitCode.OK
 
 
 def _print_space(cfg: StudyConfig) -> None:
     """The space as each trial searches it: every Optuna parameter, its range or choices, and when it is drawn."""
-    out.print(f"objective: val_{cfg.study.metric} ({cfg.study.direction})")
-    out.print("search space (the Optuna parameters a trial records):")
+    show(f"objective: val_{cfg.study.metric} ({cfg.study.direction})", markup=False, highlight=False)
+    show("search space (the Optuna parameters a trial records):", markup=False, highlight=False)
     for param in cfg.space.parameters():
         when = f"  (scheduler = {param.when})" if param.when else ""
-        out.print(f"  {param.name:<18} {param.describe()}{when}", markup=False, highlight=False)
+        show(f"  {param.name:<18} {param.describe()}{when}", markup=False, highlight=False)
     if cfg.train.lr_scaling == "linear":
         base = cfg.train.base_batch_size or cfg.train.batch_size
-        out.print(f"lr scaling: linear, a trial trains at lr * batch_size / {base}")
+        show(f"lr scaling: linear, a trial trains at lr * batch_size / {base}", markup=False, highlight=False)
 
 
 def cmd_run(args: argparse.Namespace) -> ExitCode:
@@ -72,14 +91,10 @@ def _cpu_workers_likely(device: str) -> bool:
 
 
 def _open_run(args: argparse.Namespace, worker: int = 0) -> Run:
-    import optuna
-
     from hpsearch.search import open_run
 
-    run = open_run(args.study, storage=args.storage, artifacts=args.artifacts, device=args.device,
-                   n_trials=args.n_trials, worker=worker)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return run
+    return open_run(args.study, storage=args.storage, artifacts=args.artifacts, device=args.device,
+                    n_trials=args.n_trials, worker=worker, overrides=args.set)
 
 
 def _run(args: argparse.Namespace) -> ExitCode:
@@ -91,14 +106,17 @@ def _run(args: argparse.Namespace) -> ExitCode:
     folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
     console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{run.n_trials} "
                   f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}{folds}, "
-                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}")
+                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}", soft_wrap=True)
     if args.workers > 1:
         from hpsearch.workers import run_workers
+
+        if args.verbosity:  # its workers print as quietly (or as fully) as it does
+            os.environ[VERBOSITY_ENV] = str(args.verbosity)
 
         code = run_workers(run, args.workers, gpus=args.gpus, per_gpu=args.workers_per_gpu, timeout=args.timeout,
                            on_event=lambda line: console.print(line, highlight=False))
         console.print(f"{finished_trials(study)}/{run.n_trials} finished trials")
-        out.print(top_trials_table(study, cfg.ensemble.top_k))
+        show(top_trials_table(study, cfg.ensemble.top_k))
         return code
     return _run_here(args, run)
 
@@ -136,7 +154,7 @@ def _run_here(args: argparse.Namespace, run: Run) -> ExitCode:
 
         guard = run_trials(study, run.objective(on_epoch=on_epoch), n_trials, timeout=args.timeout,
                            callbacks=[on_trial])
-    out.print(top_trials_table(study, cfg.ensemble.top_k))
+    show(top_trials_table(study, cfg.ensemble.top_k))
     if guard.stopped:
         console.print(f"stopped: {guard.stopped}", highlight=False, soft_wrap=True)
     if guard.tripped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,9 @@ def _check_tracking_installed(config: StudyConfig, source: str | Path | None) ->
 
 
 
-def read_study_file(path: str | Path) -> StudyConfig:
+def read_study_file(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
+    """The study file, with `overrides` (`--set section.key=value`) applied over it before it is validated: an
+    override is checked as the file is, and what the study records is the result."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("study file", f"{str(path)!r} does not exist; pass a studies/*.toml file")
@@ -137,4 +140,31 @@ def read_study_file(path: str | Path) -> StudyConfig:
         raise ConfigError("(file)", f"is not valid TOML: {err}", path) from None
     except UnicodeDecodeError:
         raise ConfigError("(file)", "is not UTF-8 text; save it as UTF-8 TOML", path) from None
-    return parse_study(data, path)
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return parse_study(data, path)
+    except ConfigError as err:  # a bad value given by --set is named as the user typed it, not as the file's
+        given = next((o for o in overrides if o.partition("=")[0].strip() == err.field), None)
+        if given is None:
+            raise
+        raise ConfigError(f"--set {given}", err.message) from None
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """`section.key=value` (or `space.step.step_size=[1, 4]`) set in the file's tables; the value is read as a
+    TOML value (3, 1e-3, true, ["crop"], "x"), or taken as a string when it is none (`model.arch=resnet34`)."""
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {override}", "write it as section.key=value, e.g. --set train.epochs=3")
+    try:
+        value = tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    table = data
+    for part in parts[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {override}", f"{part!r} is a value, not a table, in the study file")
+    table[parts[-1]] = value

@@ -45,6 +45,10 @@ class StudySection(Strict):
     # failed and retried once (its worker died). Long GPU trials are fine: beats run in a thread. 0 = off.
     heartbeat_interval: int = Field(60, ge=0)
     heartbeat_grace: int = Field(600, ge=1)
+    # A storage call that fails on a dropped connection, a database restart or the proxy restarting is retried
+    # with backoff for this many seconds; past it the running trial ends FAIL (checkpoint kept, retry queued) once
+    # the storage answers again, and the run goes on. 0 = no retry.
+    storage_patience: int = Field(120, ge=0)
     # Weights of trials outside the best `keep_weights` are deleted as the study runs (outputs are kept).
     # Default: [ensemble] top_k + 3. 0 keeps every trial's weights.
     keep_weights: int | None = Field(None, ge=0)

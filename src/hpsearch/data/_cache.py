@@ -7,7 +7,12 @@ decoder's version), so a changed folder gets a new cache and an unchanged one is
 the supervisor and `report`. Every process maps the same file: the host holds one copy, in the page cache,
 however many workers read it (FFCV's idea, without its format).
 
-When several processes start at once, one builds under a file lock and the others wait, then map it. A build
+When several processes start at once, one builds under a file lock and the others wait, then map it, saying whom
+they wait for (its pid and state). A builder that stays stopped (SIGSTOP: a scheduler's suspend, a Ctrl-Z'd
+shell) for STOPPED_BUILDER_LIMIT_S is not waited for forever: the waiter fails in one line naming the pid and
+the fix (resume or end it, or a cache folder of one's own). Not a private build beside it: that decodes the
+whole folder again into a second copy per waiting process, and the stopped builder, once resumed, renames its
+own files over it. A build
 writes temporary files and renames them into place, the data first and its JSON last: a builder killed halfway
 leaves nothing that looks finished. A cache whose size or sampled digest does not match its JSON (truncated,
 overwritten) is rebuilt, never trained on. Deleting the cache folder is always safe: it is rebuilt on demand.
@@ -27,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import socket
 import sys
 import tempfile
@@ -41,12 +47,19 @@ import torch
 
 from hpsearch._testhooks import hold_at
 from hpsearch.errors import DataError
+from hpsearch.processes import describe_state, flock_holder, is_stopped, process_state
+from hpsearch.units import size_text
 
 CACHE_VERSION = 1
 _DIGEST_BLOCK = 1 << 16  # bytes read at each sampled offset
 _DIGEST_SAMPLES = 256
 _MODE = 0o640  # the most a cache file allows: the owner writes, the owner's group reads
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+# A builder stopped this long is given up on. Above the supervisor's FROZEN_LIMIT_S (30 s), so that a frozen
+# worker of the same `run --workers` is killed by its supervisor (releasing the lock) before its peers give up.
+STOPPED_BUILDER_LIMIT_S = 60.0
+_LOCK_POLL_S = 0.2  # how often a waiting process tries the lock again and looks at its holder
+_WAIT_NOTE_S = 60.0  # a waiting process says again whom it waits for
 
 
 class _NoRoom(Exception):
@@ -110,7 +123,7 @@ def load_or_build(folder: Path, key: str, n: int, size: int,
     try:
         return _build_locked(folder, key, n, size, build, what=what)
     except _NoRoom as full:
-        raise DataError(f"cache: no room for {_size(full.needed)} in {str(folder)!r} (decoded images of "
+        raise DataError(f"cache: no room for {size_text(full.needed)} in {str(folder)!r} (decoded images of "
                         f"{what}); free space there or set [data] cache_dir / $HPSEARCH_CACHE_DIR to a larger disk"
                         ) from None
     except OSError as err:  # an unwritable folder, a full disk: the setting to change, in one line
@@ -124,11 +137,7 @@ def _build_locked(folder: Path, key: str, n: int, size: int, build: Callable[[np
     folder.mkdir(parents=True, exist_ok=True)
     lock = _open_lock(folder / f"{key}.lock")
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say(f"waiting for another process to decode {what} into {folder}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        _take(lock, folder, what)
         found = _open(folder, key)  # built while this process waited
         if found is not None:
             return found
@@ -141,6 +150,62 @@ def _build_locked(folder: Path, key: str, n: int, size: int, build: Callable[[np
         return Cached(found.images, found.labels, found.meta, found.path, built_here=True)
     finally:
         os.close(lock)  # releases the lock; the file stays (removing it would race a process about to lock it)
+
+
+def _take(lock: int, folder: Path, what: str) -> None:
+    """Take the build lock: at once, or after the process holding it finishes, however long it works; a DataError
+    when that process stays stopped (SIGSTOP) for STOPPED_BUILDER_LIMIT_S."""
+    if _try_lock(lock):
+        return
+    _say(f"waiting for {_holder(flock_holder(lock))} to decode {what} into {folder}")
+    noted, stopped_since = time.monotonic(), None
+    while not _try_lock(lock):
+        time.sleep(_LOCK_POLL_S)
+        now = time.monotonic()
+        pid = flock_holder(lock)  # None: gone meanwhile, or on another machine (a shared network folder)
+        if pid is None or not is_stopped(pid):
+            stopped_since = None
+        elif stopped_since is None:
+            stopped_since = now
+            _say(f"pid {pid}, which builds the image cache of {what}, is stopped (SIGSTOP); waiting up to "
+                 f"{STOPPED_BUILDER_LIMIT_S:.0f} s for it to resume")
+        elif now - stopped_since >= STOPPED_BUILDER_LIMIT_S:
+            raise DataError(f"data.cache_dir: the image cache of {what} in {str(folder)!r} is being built by pid "
+                            f"{pid}{_owner(pid)}, stopped (SIGSTOP) for {now - stopped_since:.0f} s; resume it "
+                            f"(kill -CONT {pid}) or end it, or set [data] cache_dir / HPSEARCH_CACHE_DIR to a folder "
+                            "of your own")
+        if now - noted >= _WAIT_NOTE_S:
+            _say(f"still waiting for {_holder(pid)} to decode {what}")
+            noted = now
+
+
+def _try_lock(lock: int) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(pid: int | None) -> str:
+    """Who holds the build lock, for a waiting process's progress line."""
+    if pid is None:
+        return "another process"
+    return f"pid {pid}{_owner(pid)}, {describe_state(process_state(pid))},"
+
+
+def _owner(pid: int) -> str:
+    """ (user NAME) for a process of another user, the one a shared machine's user would ask; empty otherwise."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return ""
+    if uid == os.getuid():
+        return ""
+    try:
+        return f" (user {pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f" (uid {uid})"
 
 
 def _open_lock(path: Path) -> int:
@@ -165,7 +230,7 @@ def _build(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarra
             stale.unlink()
     row = 3 * size * size
     start = time.perf_counter()
-    _say(f"decoding {n} images of {what} into {folder} ({n * row / 2**20:.0f} MiB at {size} px), "
+    _say(f"decoding {n} images of {what} into {folder} ({size_text(n * row)} at {size} px), "
          "once for every process of this machine")
     with _temporary(folder, f"{key}.u8.tmp-") as (fd, tmp_data):
         _allocate(fd, max(n, 1) * row)  # every block now, so the map below never faults on a full disk
@@ -233,13 +298,6 @@ def _no_room_is(needed: int) -> Iterator[None]:
         if err.errno in _NO_ROOM:
             raise _NoRoom(needed) from None
         raise
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n / 1024:.1f} KiB"
 
 
 def _umask() -> int:

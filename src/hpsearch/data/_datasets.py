@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -149,10 +150,13 @@ def _decode_cifar(cfg: DataSettings, out: np.ndarray | None) -> cache.Decoded:
     except RuntimeError as err:
         if "not found or corrupted" not in str(err):
             raise
+        created = _first_missing(root)  # torchvision makes `root` to download into: ours to remove if it fails
         try:
             train = cls(str(root), train=True, download=True)
             test = cls(str(root), train=False, download=True)
         except Exception as download_err:
+            if created is not None:  # a refused run leaves no folder tree behind
+                shutil.rmtree(created, ignore_errors=True)
             raise DataError(
                 f"data.root: {cfg.dataset} is missing or corrupt under {str(root)!r} (expected {expected}, "
                 f"md5-checked) and could not be downloaded ({type(download_err).__name__}); place the official "
@@ -164,6 +168,16 @@ def _decode_cifar(cfg: DataSettings, out: np.ndarray | None) -> cache.Decoded:
         out[len(train.data):] = test.data.transpose(0, 3, 1, 2)
     given = {"given_test": [len(train.data), len(labels)]}
     return cache.Decoded(labels, {"classes": list(train.classes), **given}, len(labels))
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what making `path` would create), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 def _pool_from(found: cache.Cached) -> ImagePool:

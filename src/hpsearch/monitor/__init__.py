@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hpsearch.monitor._dashboard import serve
+from hpsearch.monitor._status import status_object
 from hpsearch.monitor._tables import (
     describe_trial,
     state_counts,
@@ -15,6 +16,7 @@ __all__ = [
     "describe_trial",
     "serve",
     "state_counts",
+    "status_object",
     "status_renderables",
     "top_trials_table",
     "trials_frame",

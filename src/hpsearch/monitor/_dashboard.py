@@ -41,7 +41,7 @@ def serve(study_path: str | None, *, storage: str | None, artifacts: str | None,
 
     cfg = read_study_file(study_path) if study_path else None
     url = resolve_storage_url(storage, cfg.study.storage if cfg else None)
-    opened = open_storage(url, reader=True)
+    opened = open_storage(url, reader=True, existing=True)  # watching never creates a storage
     location = artifacts_for(opened, cfg.study.name if cfg else None, artifacts,
                              cfg.study.artifacts if cfg else None)
     try:

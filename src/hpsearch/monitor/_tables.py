@@ -15,6 +15,7 @@ from rich.table import Table
 from hpsearch import keys
 from hpsearch.record import TrialRecord, read_study_record, read_trial_record
 from hpsearch.store import best_trial, ranked_trials, redact, stop_request, store_size_bytes, target_reached
+from hpsearch.units import mib_text, size_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,6 +69,12 @@ def scheduler_label(params: dict[str, object]) -> str:
     return f"{short}({', '.join(values)})" if values else name
 
 
+def params_text(params: dict[str, Any]) -> str:
+    """A trial's parameters as a user reads them: one `name = value` a line, floats to 3 significant digits
+    (lr = 0.00123, not 0.0012345678901234567)."""
+    return "\n".join(f"  {name} = {_format('', value)}" for name, value in params.items())
+
+
 def _epoch(value: object) -> int | None:
     return int(value) + 1 if isinstance(value, int) else None  # shown 1-based, like the progress line
 
@@ -115,7 +122,7 @@ def device_label(record: TrialRecord) -> str:
     if gpu.get("visible"):
         parts.append(f"CUDA_VISIBLE_DEVICES={gpu['visible']}")
     if record.peak_gpu_mib is not None:
-        parts.append(f"peak {record.peak_gpu_mib:.0f} MiB")
+        parts.append(f"peak {mib_text(record.peak_gpu_mib)}")
     return f"{device} ({', '.join(parts)})"
 
 
@@ -131,7 +138,8 @@ def gpu_memory_lines(study: optuna.Study) -> list[str]:
             key = (str(gpu.get("name", "GPU")), str(gpu.get("uuid") or gpu.get("visible") or gpu.get("index")))
             by_gpu.setdefault(key, []).append(float(peak))
             total[key] = gpu.get("memory_mib")
-    return [f"GPU {name} ({ident}): peak {max(peaks):.0f} MiB per trial of {total[(name, ident)] or '?'} MiB, over "
+    return [f"GPU {name} ({ident}): peak {mib_text(max(peaks))} per trial of "
+            f"{mib_text(total[(name, ident)]) if total[(name, ident)] else '?'}, over "
             f"{len(peaks)} trials" for (name, ident), peaks in sorted(by_gpu.items())]
 
 
@@ -225,7 +233,7 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
     best = best_trial(study)
     if best is not None:
         name = study.metric_names[0] if study.metric_names else "val_accuracy"
-        parts.append(f"best: trial {best.number} {name}={best.value:.4f} params={best.params}")
+        parts.append(f"best: trial {best.number} {name}={best.value:.4f}, with\n" + params_text(best.params))
     else:  # a study `run` has just created, or whose first trials still run
         parts.append("no trial yet" if not sum(values.values()) else "no finished trial yet")
     record = read_study_record(study)
@@ -236,7 +244,7 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
     request = stop_request(study.user_attrs)
     if request is not None:
         parts.append(f"last stop: {request.line()}")
-    parts.append(f"artifacts: {artifacts} ({store_size_bytes(artifacts) / 1e6:.1f} MB)")
+    parts.append(f"artifacts: {artifacts} ({size_text(store_size_bytes(artifacts))})")
     parts += gpu_memory_lines(study)
     skipped = record.skipped_images
     if skipped:

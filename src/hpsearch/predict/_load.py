@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,7 @@ def check_members(folder: Path, manifest: Mapping[str, Any]) -> None:
     members = manifest.get("members")
     if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
         raise _refuse(folder, "members", type(members).__name__, "is not a list of member entries")
+    _check_combine(folder, manifest, members)
     registry = set(models.list_models(module=models))
     for i, member in enumerate(members):
         arch = member.get("arch")
@@ -256,6 +258,33 @@ def check_members(folder: Path, manifest: Mapping[str, Any]) -> None:
             if size % patch:
                 raise _refuse(folder, f"members[{i}].builder_kwargs.image_size", size,
                               f"is not divisible by {arch}'s patch size {patch}")
+
+
+# How an export's members combine (hpsearch.export writes the rule of each beside it): `hard` votes, the others
+# average the members' softmaxes with their weights (a soup or a single trial: one member of weight 1).
+METHODS = ("weighted", "soft", "hard", "soup")
+
+
+def _check_combine(folder: Path, manifest: Mapping[str, Any], members: list[dict[str, Any]]) -> None:
+    """Weights that are finite numbers >= 0 and sum above 0, a method the loader runs, a temperature that is
+    none or a finite number > 0: what `Ensemble` divides and multiplies by."""
+    for i, member in enumerate(members):
+        weight = member.get("weight")
+        if not _is_number(weight) or not weight >= 0:
+            raise _refuse(folder, f"members[{i}].weight", weight, "is not a finite number >= 0")
+    if sum(m["weight"] for m in members) <= 0:
+        raise _refuse(folder, "members[].weight", [m["weight"] for m in members], "do not sum above 0")
+    combine = manifest.get("combine")
+    method = combine.get("method") if isinstance(combine, dict) else None
+    if method not in METHODS:
+        raise _refuse(folder, "combine.method", method, f"is not one of {', '.join(METHODS)}")
+    temperature = manifest.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or not temperature > 0):
+        raise _refuse(folder, "temperature", temperature, "is not a finite number > 0 (or null)")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def ensemble_from_manifest(folder: Path, manifest: Mapping[str, Any], strategy: str = "loop") -> Ensemble:

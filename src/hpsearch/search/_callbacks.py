@@ -20,6 +20,8 @@ class StopAfterFailures:
         self.tripped = False
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if read_trial_record(trial).storage_lost:
+            return  # the storage was away, not the setup broken: the streak neither grows nor resets
         self.in_a_row = self.in_a_row + 1 if trial.state == TrialState.FAIL else 0
         if self.in_a_row >= self.limit:
             self.tripped = True
@@ -32,6 +34,15 @@ class RetryOutOfMemory:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.FAIL and read_trial_record(trial).out_of_memory:
+            retry_failed(study, trial)
+
+
+class RetryAfterStorageOutage:
+    """A trial ended because the storage was away past its patience is retried once, from its checkpoint."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL and read_trial_record(trial).storage_lost and not has_retry(
+                study, trial.number):
             retry_failed(study, trial)
 
 

@@ -30,7 +30,7 @@ from hpsearch import keys
 from hpsearch._testhooks import hold_at
 from hpsearch.config import SpaceSection, StudyConfig
 from hpsearch.data import StudyData, trial_data
-from hpsearch.errors import StoreFullError, first_line
+from hpsearch.errors import StorageUnavailableError, StoreFullError, first_line
 from hpsearch.model import init_weights_tag
 from hpsearch.record import read_trial_record
 from hpsearch.search._cv_trial import CrossValidation
@@ -39,6 +39,7 @@ from hpsearch.search._tracking import TrialLogs, TrialTracker
 from hpsearch.store import (
     OUTPUTS_FILE,
     WEIGHTS_FILE,
+    RetryingStorage,
     StudyArtifacts,
     TrialOutputs,
     download_to,
@@ -62,6 +63,7 @@ from hpsearch.train import (
     reset_peak_memory,
     train_trial,
 )
+from hpsearch.units import size_text
 
 _log = logging.getLogger(__name__)
 
@@ -155,6 +157,9 @@ class Objective:
             # kept for the retry run_trials queues, which continues where this one stopped.
             trial.set_user_attr(keys.FAIL_REASON, f"interrupted ({stop or 'Ctrl-C'}); queued for retry")
             trial.set_user_attr(keys.INTERRUPTED, True)
+            raise
+        except StorageUnavailableError as outage:
+            self._storage_lost(trial, outage)
             raise
         except Exception as err:
             out_of_memory = self._crashed(trial, err)
@@ -255,6 +260,18 @@ class Objective:
         raise err
 
     @staticmethod
+    def _storage_lost(trial: optuna.Trial, outage: StorageUnavailableError) -> None:
+        """The storage was away past `[study] storage_patience`: wait until it answers, then end the trial like a
+        stop: FAIL, its checkpoint kept, one retry queued (RetryAfterStorageOutage), outside the failure streak."""
+        storage = trial.study._storage
+        _log.warning("trial %s: %s; waiting for it to answer, then the trial is queued for retry", trial.number,
+                     outage)
+        waited = storage.wait_until_answering(trial.study.study_name) if isinstance(storage, RetryingStorage) else 0
+        reason = f"{outage} (answered again after {waited:.0f} s more); queued for retry"
+        trial.set_user_attr(keys.FAIL_REASON, reason[:1000])
+        trial.set_user_attr(keys.STORAGE_LOST, True)
+
+    @staticmethod
     def _retried_trials(trial: optuna.Trial) -> list[FrozenTrial]:
         """The trials this one retries (same parameters), the first original first; [] for a new trial."""
         trials = trial.study.get_trials(deepcopy=False)  # numbered 0..n-1 in order: a list index is a number
@@ -343,10 +360,10 @@ class Objective:
         checkpoint = sizes.get(CHECKPOINT_FILE, 0)
         # While a trial runs, its new checkpoint is written before the last one is deleted: two at once.
         need = weights + outputs + 2 * checkpoint
-        parts = [f"weights {_mb(weights)}", f"outputs {_mb(outputs)}"] + (
-            [f"2 checkpoints of {_mb(checkpoint)}"] if checkpoint else [])
-        return (f"artifacts: the store is full ({why}): {_mb(free) if free is not None else 'its quota'} free, a "
-                f"trial needs about {_mb(need)} ({', '.join(parts)}); free space there or move the store "
+        parts = [f"weights {size_text(weights)}", f"outputs {size_text(outputs)}"] + (
+            [f"2 checkpoints of {size_text(checkpoint)}"] if checkpoint else [])
+        return (f"artifacts: the store is full ({why}): {size_text(free) if free is not None else 'its quota'} free, a "
+                f"trial needs about {size_text(need)} ({', '.join(parts)}); free space there or move the store "
                 f"(--artifacts or HPSEARCH_ARTIFACTS), then run again: trial {trial.number} is queued for retry")
 
 
@@ -356,6 +373,3 @@ CHECKPOINT_FILE = "checkpoint.pt"
 def _nbytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
 
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"

@@ -22,7 +22,7 @@ from hpsearch.errors import StudyRecordError
 from hpsearch.model import build_model
 from hpsearch.preprocess import Preprocess
 from hpsearch.record import StudyRecord, read_study_record
-from hpsearch.store import metric_name, study_storage_name
+from hpsearch.store import metric_name, redact, study_storage_name
 
 # ------------------------------------------------------------------------------------- sampler, pruner
 
@@ -75,6 +75,7 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
     )
     record = read_study_record(study)
     if record.created_by_hpsearch:
+        _scrub_recorded_password(study)
         _check_resume(cfg, storage, record, prepared)
     else:
         _record(cfg, study, prepared)
@@ -103,6 +104,16 @@ def _record(cfg: StudyConfig, study: optuna.Study, prepared: StudyData) -> None:
     pre = preprocess_for(prepared.pool, prepared.split, cfg.data, cfg.model.pretrained)
     study.set_user_attr(keys.PREPROCESS, pre.record())
     study.set_user_attr(keys.HPSEARCH_VERSION, __version__)
+
+
+def _scrub_recorded_password(study: optuna.Study) -> None:
+    """A study created before study files were refused a storage password may have recorded one (the dashboard
+    shows study attributes to whoever reaches it): it is written over, redacted, the first time a run opens it."""
+    recorded = study.user_attrs.get(keys.CONFIG)
+    section = recorded.get("study") if isinstance(recorded, dict) else None
+    url = section.get("storage") if isinstance(section, dict) else None
+    if isinstance(url, str) and redact(url) != url:
+        study.set_user_attr(keys.CONFIG, {**recorded, "study": {**section, "storage": redact(url)}})
 
 
 def _space_json(cfg: StudyConfig) -> dict[str, Any]:
@@ -147,6 +158,7 @@ RESUMABLE_KEYS = frozenset({
     "study.target",  # when to stop, not what a trial computes
     "study.max_consecutive_failures", "study.keep_weights",  # how failures and old weights are handled
     "study.heartbeat_interval", "study.heartbeat_grace",  # liveness of running trials
+    "study.storage_patience",  # how long a storage outage is ridden out
     # Which points are tried and which trials stop early; Optuna keeps neither with the study (each run passes
     # its own), and a finished trial's value does not depend on them.
     "study.sampler", "study.pruner", "study.pruner_startup_trials", "study.pruner_warmup_epochs",

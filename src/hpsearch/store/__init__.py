@@ -30,12 +30,23 @@ from hpsearch.store._pins import pin, pinned, unpin
 from hpsearch.store._proxy import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, DEFAULT_PORT, proxy_failure
 from hpsearch.store._proxy_server import serve
 from hpsearch.store._redact import redact
-from hpsearch.store._stopping import StopWatch, StopWhenAsked, pending, request_stop, stop_request, target_reached
-from hpsearch.store._storage import open_storage, resolve_storage_url
+from hpsearch.store._retrying import RetryingStorage, retrying, storage_outage, transient_reason
+from hpsearch.store._stopping import (
+    StopWatch,
+    StopWhenAsked,
+    pending,
+    request_stop,
+    stop_generation,
+    stop_request,
+    target_reached,
+)
+from hpsearch.store._storage import open_storage, removed_if_refused, resolve_storage_url
 from hpsearch.store._studies import (
     FINISHED,
     METRIC_NAME,
     best_trial,
+    fail_running_trial,
+    fail_trials_of,
     finished_trials,
     has_retry,
     load_existing,
@@ -55,12 +66,15 @@ __all__ = [
     "OUTPUTS_FILE",
     "WEIGHTS_FILE",
     "ArtifactStore",
+    "RetryingStorage",
     "StopWatch",
     "StopWhenAsked",
     "StudyArtifacts",
     "TrialOutputs",
     "best_trial",
     "download_to",
+    "fail_running_trial",
+    "fail_trials_of",
     "finished_trials",
     "free_bytes",
     "has_retry",
@@ -81,16 +95,21 @@ __all__ = [
     "ranked_trials",
     "redact",
     "remove_artifact",
+    "removed_if_refused",
     "request_stop",
     "resolve_artifacts",
     "resolve_storage_url",
     "retry_failed",
+    "retrying",
     "serve",
+    "stop_generation",
     "stop_request",
+    "storage_outage",
     "store_full_reason",
     "store_size_bytes",
     "study_storage_name",
     "target_reached",
+    "transient_reason",
     "unpin",
     "upload_model_files",
     "upload_trial_artifacts",

@@ -17,8 +17,9 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
 from hpsearch.errors import StorageError, first_line
-from hpsearch.store._proxy import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, is_proxy_url
+from hpsearch.store._proxy import DEFAULT_HEARTBEAT_GRACE_S, DEFAULT_POOL_SIZE, PROXY_WAIT_S, is_proxy_url
 from hpsearch.store._redact import redact
+from hpsearch.store._retrying import retrying
 from hpsearch.store._storage import open_storage
 
 _log = logging.getLogger(__name__)
@@ -32,8 +33,10 @@ def serve(url: str, *, host: str, port: int, pool_size: int = DEFAULT_POOL_SIZE,
                            "or sqlite:///...); Optuna's proxy cannot serve a journal file or another proxy")
     check_s = max(1, heartbeat_grace // 10)
     backing = open_storage(url, heartbeat_interval=check_s, heartbeat_grace=heartbeat_grace, pool_size=pool_size)
-    # Optuna's own advice: the proxy serves the cached storage (get_storage), not the bare RDBStorage.
-    storage = optuna.storages.get_storage(backing)
+    # Optuna's own advice: the proxy serves the cached storage (get_storage), not the bare RDBStorage. Its calls
+    # ride out a database blip for a little less than a worker's call waits for the proxy: past that, the
+    # worker is told the storage is unavailable (StorageUnavailableError.MARK) and retries on its own patience.
+    storage = retrying(backing, PROXY_WAIT_S - 10)
     stop = threading.Event()
     checker = threading.Thread(target=_fail_stale_trials_every, args=(storage, check_s, stop), daemon=True,
                                name="hpsearch-stale-trials")

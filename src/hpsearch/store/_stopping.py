@@ -1,10 +1,14 @@
 """Stopping a study on purpose: `[study] target` reached, or `hpsearch stop` from any machine.
 
-A stop is a request recorded in the study (user attr `stop_request`: when, by whom, why, and whether at
-once), so every worker on every machine and storage sees it. Each process honours the requests made after it
+A stop is a request recorded in the study (user attr `stop_request`: its number, when, by whom, why, and whether
+at once), so every worker on every machine and storage sees it. Each process honours the requests made after it
 started: a worker stops after its current trial (`StopWhenAsked`, an Optuna callback), or at once for
 `--now` (`StopWatch`, a thread that interrupts the trial like Ctrl-C, so it ends FAIL with a queued retry that
 resumes its checkpoint). A `run` started later resumes the study: an old request does not stop it.
+
+"After it started" is decided by the request's number, never by clocks: each request numbers itself one above
+the last, and a process notes the number it found when it started (`stop_generation`). Comparing the requester's
+wall clock with the worker's made a machine whose clock was behind miss a stop, and one ahead obey an old one.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ WATCH_EVERY_S = 2.0  # how often a running trial looks for `stop --now`: one sma
 
 @dataclass(frozen=True)
 class StopRequest:
-    at: float  # unix seconds
+    generation: int  # 1 for the study's first request, one more for each later one
+    at: float  # unix seconds on the requester's clock: shown, never compared
     by: str  # user@host, or "target"
     reason: str
     now: bool  # at once (the running trials interrupted), or after each worker's current trial
@@ -41,10 +46,12 @@ class StopRequest:
 
 
 def request_stop(study: optuna.Study, reason: str, *, by: str | None = None, now: bool = False) -> StopRequest:
-    """Record a stop request in the study; every worker started before it honours it."""
-    request = StopRequest(time.time(), by or f"{getpass.getuser()}@{socket.gethostname()}", reason, now)
-    study.set_user_attr(keys.STOP_REQUEST, {"at": request.at, "by": request.by, "reason": request.reason,
-                                            "now": request.now})
+    """Record a stop request in the study; every worker started before it honours it. Two requests at the same
+    moment may take the same number: either one stops the same workers."""
+    request = StopRequest(stop_generation(study.user_attrs) + 1, time.time(),
+                          by or f"{getpass.getuser()}@{socket.gethostname()}", reason, now)
+    study.set_user_attr(keys.STOP_REQUEST, {"generation": request.generation, "at": request.at, "by": request.by,
+                                            "reason": request.reason, "now": request.now})
     return request
 
 
@@ -53,14 +60,22 @@ def stop_request(attrs: dict[str, Any]) -> StopRequest | None:
     raw = attrs.get(keys.STOP_REQUEST)
     if not isinstance(raw, dict):
         return None
-    return StopRequest(float(raw.get("at", 0.0)), str(raw.get("by", "")), str(raw.get("reason", "stop")),
-                       bool(raw.get("now", False)))
+    # A request recorded before requests were numbered counts as the first.
+    return StopRequest(int(raw.get("generation", 1)), float(raw.get("at", 0.0)), str(raw.get("by", "")),
+                       str(raw.get("reason", "stop")), bool(raw.get("now", False)))
 
 
-def pending(attrs: dict[str, Any], started_at: float) -> StopRequest | None:
-    """A stop request made after `started_at` (this process's start), which it must honour."""
+def stop_generation(attrs: dict[str, Any]) -> int:
+    """The number of the study's last stop request (0: none yet): what a process notes when it starts."""
     request = stop_request(attrs)
-    return request if request is not None and request.at >= started_at else None
+    return 0 if request is None else request.generation
+
+
+def pending(attrs: dict[str, Any], seen: int) -> StopRequest | None:
+    """A stop request made after this process started (numbered above `seen`, its `stop_generation` then), which
+    it must honour."""
+    request = stop_request(attrs)
+    return request if request is not None and request.generation > seen else None
 
 
 def reaches(study: optuna.Study, value: float | None, target: float) -> bool:
@@ -80,11 +95,12 @@ def target_reached(study: optuna.Study, target: float | None) -> FrozenTrial | N
 
 
 class StopWhenAsked:
-    """After each trial: stop this process's study loop if a stop request came since it started, or (with a
-    target) if this trial reached it, in which case the request goes to every other worker too."""
+    """After each trial: stop this process's study loop if a stop request came since it started (numbered above
+    `seen`), or (with a target) if this trial reached it, in which case the request goes to every other worker
+    too."""
 
-    def __init__(self, started_at: float, target: float | None) -> None:
-        self.started_at = started_at
+    def __init__(self, seen: int, target: float | None) -> None:
+        self.seen = seen
         self.target = target
         self.request: StopRequest | None = None
 
@@ -95,7 +111,7 @@ class StopWhenAsked:
             self.request = request_stop(study, f"target {self.target} reached by trial {trial.number} "
                                                f"({name} {trial.value:.4f})", by="target")
         else:
-            self.request = pending(study.user_attrs, self.started_at)
+            self.request = pending(study.user_attrs, self.seen)
         if self.request is not None:
             study.stop()
 
@@ -104,9 +120,9 @@ class StopWatch:
     """A daemon thread that interrupts the main thread (like Ctrl-C) when `hpsearch stop --now` is asked; the
     running trial then ends FAIL with a queued retry, as an interrupted trial does."""
 
-    def __init__(self, study: optuna.Study, started_at: float, every_s: float = WATCH_EVERY_S) -> None:
+    def __init__(self, study: optuna.Study, seen: int, every_s: float = WATCH_EVERY_S) -> None:
         self.study = study
-        self.started_at = started_at
+        self.seen = seen
         self.every_s = every_s
         self.fired: StopRequest | None = None
         self._done = threading.Event()
@@ -122,7 +138,7 @@ class StopWatch:
     def _watch(self) -> None:
         while not self._done.wait(self.every_s):
             try:
-                request = pending(self.study.user_attrs, self.started_at)
+                request = pending(self.study.user_attrs, self.seen)
             except Exception:  # a storage hiccup: look again at the next tick
                 continue
             if request is not None and request.now:

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from hpsearch import keys
-from hpsearch.errors import StorageError, first_line
+from hpsearch.errors import HpsearchError, StorageError, first_line
 from hpsearch.store._redact import redact
 
 _log = logging.getLogger(__name__)
@@ -86,16 +88,19 @@ def _heartbeat_kwargs(interval: int | None, grace: int | None) -> dict[str, Any]
 
 
 def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_grace: int | None = None,
-                 reader: bool = False, pool_size: int | None = None) -> optuna.storages.BaseStorage:
+                 reader: bool = False, pool_size: int | None = None,
+                 existing: bool = False) -> optuna.storages.BaseStorage:
     """The storage behind `url`; with `heartbeat_interval` (seconds) RDB trials beat and stale ones retry.
 
     `reader=True` (the dashboard) keeps SQLite's deferred transactions: its reads then run beside a writer
     in WAL mode instead of queueing for the write lock the workers take with BEGIN IMMEDIATE. `pool_size`
     (the storage proxy) replaces PostgreSQL's small per-process pool by exactly that many connections.
+    `existing=True` (the commands that only read a study) refuses a SQLite or journal file that is not there
+    rather than create an empty one: a mistyped path is one line naming it, and leaves no file behind.
     """
     beat = _heartbeat_kwargs(heartbeat_interval, heartbeat_grace)
     if url.startswith("journal:"):
-        return _journal(url)
+        return _journal(url, existing)
     if url.startswith("grpc:"):
         from hpsearch.store._proxy import open_proxy
 
@@ -112,7 +117,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_g
                            "or grpc://host:13000 (a storage proxy)")
     try:
         if backend == "sqlite":
-            return _sqlite(url, parsed.database, beat, immediate=not reader)
+            return _sqlite(url, parsed.database, beat, immediate=not reader, existing=existing)
         if backend == "postgresql":
             return _postgresql(url, beat, pool_size)
         return _RDBStorage(url, **beat)
@@ -120,6 +125,36 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, heartbeat_g
         raise
     except Exception as err:
         raise StorageError(f"storage: cannot open {redact(url)} ({first_line(err)})") from None
+
+
+@contextlib.contextmanager
+def removed_if_refused(url: str) -> Iterator[None]:
+    """Around opening a storage and what must be checked before the study is used: a SQLite or journal file that
+    did not exist before and is refused within (bad data, an unusable artifact store) is removed again, so that a
+    refused command leaves nothing behind."""
+    path = _local_file(url)
+    fresh = path is not None and not path.exists()
+    try:
+        yield
+    except HpsearchError:
+        if fresh and path is not None:
+            for leftover in (path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", "-journal"))):
+                leftover.unlink(missing_ok=True)
+        raise
+
+
+def _local_file(url: str) -> Path | None:
+    """The file a SQLite or journal URL names; None for a server, memory or a URL that does not parse."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database).expanduser()
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:
@@ -132,8 +167,10 @@ def close_storage(storage: optuna.storages.BaseStorage) -> None:
 
 
 def _sqlite(url: str, database: str | None, beat: dict[str, Any], *,
-            immediate: bool = True) -> optuna.storages.RDBStorage:
+            immediate: bool = True, existing: bool = False) -> optuna.storages.RDBStorage:
     if database and database != ":memory:":
+        if existing:
+            _require_file(Path(database), url)
         folder = Path(database).expanduser().resolve().parent
         if not folder.is_dir():
             raise StorageError(f"storage: folder {str(folder)!r} of {url} does not exist; create it first")
@@ -177,8 +214,16 @@ def _postgresql(url: str, beat: dict[str, Any], pool_size: int | None = None) ->
     )
 
 
-def _journal(url: str) -> optuna.storages.JournalStorage:
+def _require_file(path: Path, url: str) -> None:
+    if not path.expanduser().is_file():
+        raise StorageError(f"storage: {str(path)!r} does not exist ({redact(url)}); fix the path in --storage, "
+                           "$HPSEARCH_STORAGE or [study] storage, or start the study with `hpsearch run STUDY.toml`")
+
+
+def _journal(url: str, existing: bool = False) -> optuna.storages.JournalStorage:
     path = Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
+    if existing:
+        _require_file(path, url)
     if not path.parent.is_dir():
         raise StorageError(f"storage: folder {str(path.parent)!r} of {url} does not exist; create it first")
     backend = optuna.storages.journal.JournalFileBackend(str(path))

@@ -11,11 +11,13 @@ import copy
 import math
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
 from hpsearch.config import StudyConfig, read_study_file
 from hpsearch.errors import UsageError
+from hpsearch.record import read_trial_record
 from hpsearch.store._storage import open_storage, redact, resolve_storage_url, retry_callback
 
 
@@ -44,7 +46,7 @@ def open_existing(study_file: str, storage: str | None = None) -> tuple[StudyCon
     """(config, study, storage url) for the commands that read a study `run` created; one line if it is absent."""
     cfg = read_study_file(study_file)
     url = resolve_storage_url(storage, cfg.study.storage)
-    study = load_existing(open_storage(url), cfg.study.name)
+    study = load_existing(open_storage(url, existing=True), cfg.study.name)
     if study is None:
         raise UsageError(f"study {cfg.study.name!r} does not exist in {redact(url)}; start it with "
                          f"`hpsearch run {study_file}` or pass the right --storage")
@@ -81,3 +83,32 @@ def retry_failed(study: optuna.Study, trial: FrozenTrial) -> None:
     failed = copy.copy(trial)
     failed.user_attrs = keys.without_failure(trial.user_attrs)
     retry_callback()(study, failed)
+
+
+def fail_trials_of(storage: optuna.storages.BaseStorage, study: optuna.Study, tag: str, reason: str, *,
+                   retry: bool = True) -> list[int]:
+    """End the RUNNING trials of one (dead or stopped) worker FAIL and queue one retry of each (with `retry`);
+    returns their numbers. A trial that finished first, by its worker or a heartbeat check, is left alone."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if read_trial_record(trial).worker == tag and fail_running_trial(storage, study, trial, reason, retry=retry):
+            failed.append(trial.number)
+    return failed
+
+
+def fail_running_trial(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: FrozenTrial, reason: str,
+                       *, retry: bool) -> bool:
+    """End another process's RUNNING trial FAIL with `reason`, and queue its retry unless one exists; False,
+    changing nothing, when the trial finished first."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               trial.number)
+    try:
+        storage.set_trial_user_attr(trial_id, keys.FAIL_REASON, reason)  # a finished trial refuses it
+    except UpdateFinishedTrialError:
+        return False
+    told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    if told.state != TrialState.FAIL or read_trial_record(told).fail_reason != reason:
+        return False
+    if retry and not has_retry(study, trial.number):
+        retry_failed(study, told)
+    return True

@@ -4,9 +4,10 @@ Each worker is a real `hpsearch worker` process that opens the storage itself (a
 crosses a process boundary). On the CPU the workers are forked from a preloaded forkserver (forkserver.py);
 workers pinned to GPUs are fresh processes, so that no CUDA state can ever cross a fork.
 
-The supervisor restarts a worker that dies, fails the trial it held at once (every trial records the worker
-that runs it) and queues one retry with the same parameters through
-Optuna's `RetryHeartbeatStaleTrialCallback`. SIGINT/SIGTERM stop every worker; their trials end FAIL, never
+The supervisor restarts a worker that dies, after a growing delay within a budget (workers/_restarts.py), fails
+the trial it held at once (every trial records the worker that runs it) and queues one retry with the same
+parameters through Optuna's `RetryHeartbeatStaleTrialCallback`. A worker frozen by SIGSTOP for FROZEN_LIMIT_S is
+killed and dealt with as a dead one. SIGINT/SIGTERM stop every worker; their trials end FAIL, never
 RUNNING, each with one queued retry that resumes from its checkpoint; a second signal during that shutdown is
 recorded, never raised. A supervisor killed outright (kill -9) is noticed by its workers (`watch_supervisor`),
 which stop as on SIGTERM; the forkserver and resource tracker then exit as their pipes close.
@@ -26,14 +27,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
-from hpsearch.errors import ExitCode, UsageError
-from hpsearch.record import read_trial_record
-from hpsearch.store import finished_trials, has_retry, pending, retry_failed, target_reached
+from hpsearch.errors import ExitCode, StorageUnavailableError, UsageError
+from hpsearch.processes import is_stopped, process_state
+from hpsearch.store import fail_trials_of, finished_trials, pending, stop_generation, target_reached
 from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
+from hpsearch.workers._restarts import Backoff, RestartPolicy
 
 if TYPE_CHECKING:
     from hpsearch.search import Run
@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 STOP_GRACE_S = 30.0
 SUPERVISOR_PID_ENV = "HPSEARCH_SUPERVISOR_PID"
 SUPERVISOR_POLL_S = 1.0  # how often a worker looks whether its supervisor is still alive
+# A worker stopped (SIGSTOP, state T) this long is killed and restarted: a frozen worker may hold SQLite's write
+# lock, and the others' statements give up after the busy timeout (60 s), so well within it; a pause of the
+# whole run (Ctrl-Z stops the supervisor too) is not counted, as the supervisor sees the stop only while it runs.
+FROZEN_LIMIT_S = 30.0
 
 
 def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, storage: str | None = None
@@ -92,35 +96,6 @@ def visible_gpus() -> list[int]:
         return []
 
 
-def fail_trials_of(storage: optuna.storages.BaseStorage, study: optuna.Study, tag: str, reason: str, *,
-                   retry: bool = True) -> list[int]:
-    """End the RUNNING trials of one (dead or stopped) worker FAIL and queue one retry of each (with `retry`);
-    returns their numbers. A trial that finished first, by its worker or a heartbeat check, is left alone."""
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if read_trial_record(trial).worker == tag and fail_running_trial(storage, study, trial, reason, retry=retry):
-            failed.append(trial.number)
-    return failed
-
-
-def fail_running_trial(storage: optuna.storages.BaseStorage, study: optuna.Study, trial: FrozenTrial, reason: str,
-                       *, retry: bool) -> bool:
-    """End another process's RUNNING trial FAIL with `reason`, and queue its retry unless one exists; False,
-    changing nothing, when the trial finished first."""
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                               trial.number)
-    try:
-        storage.set_trial_user_attr(trial_id, keys.FAIL_REASON, reason)  # a finished trial refuses it
-    except UpdateFinishedTrialError:
-        return False
-    told = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-    if told.state != TrialState.FAIL or read_trial_record(told).fail_reason != reason:
-        return False
-    if retry and not has_retry(study, trial.number):
-        retry_failed(study, told)
-    return True
-
-
 def popen(command: list[str], env: dict[str, str]) -> WorkerProcess:
     """A fresh process running `command` (in the supervisor's process group: Ctrl-C reaches it too)."""
     return subprocess.Popen(command, env=env, start_new_session=False)
@@ -133,12 +108,18 @@ class Worker:
     env: dict[str, str]
     launch: Launch = popen
     process: WorkerProcess | None = None
-    restarts: int = 0
+    restarts: int = 0  # in the run's whole life
     handled: bool = False  # its exit was dealt with (reaped, told) and it is not restarted: not again each poll
+    backoff: Backoff = field(default_factory=Backoff)
+    restart_at: float | None = None  # time.monotonic() of a restart it waits for (its backoff)
+    started_at: float = 0.0  # time.monotonic() of its last start
+    stopped_since: float | None = None  # when the supervisor first saw it stopped (SIGSTOP), this time
 
     def start(self) -> None:
         self.process = self.launch(self.command, self.env)
         self.handled = False
+        self.restart_at = self.stopped_since = None
+        self.started_at = time.monotonic()
 
     @property
     def tag(self) -> str:
@@ -156,8 +137,10 @@ class Supervisor:
     done: Callable[[], bool]
     on_event: Callable[[str], None] = print
     poll_s: float = 0.5
-    max_restarts: int = 10
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    frozen_limit_s: float = FROZEN_LIMIT_S
     _stopping: bool = field(default=False, init=False)
+    _full: bool = field(default=False, init=False)  # a worker found the artifact store full: stop them all
 
     def run(self) -> ExitCode:
         """OK when the study holds its trials, FAILURE_STREAK when workers gave up, BAD_INPUT on a full artifact
@@ -165,6 +148,7 @@ class Supervisor:
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for worker in self.workers:
+                worker.backoff = Backoff(self.restart_policy)
                 worker.start()
             return self._watch()
         finally:
@@ -181,41 +165,93 @@ class Supervisor:
 
     def _watch(self) -> ExitCode:
         while not self._stopping:
-            alive = 0
+            # Never blocks on one worker: a restart that waits out its delay is looked at again each poll, so the
+            # others stay watched and a signal stops everything within a poll.
+            active = 0
             for worker in self.workers:
-                assert worker.process is not None
-                code = worker.process.poll()
-                if code is None:
-                    alive += 1
-                    continue
-                if code == 0 or worker.handled:
-                    continue  # a worker returns 0 once the study holds its trials
-                self._reap(worker, code)
-                worker.handled = True  # a restart below starts it anew
-                if code == ExitCode.WORKER_FAILURE_STREAK:
-                    # It stopped on purpose (its trials kept failing): restarting would only burn more trials.
-                    self.on_event(f"worker {worker.index} stopped: its trials failed in a row")
-                    continue
-                if code == ExitCode.WORKER_STORE_FULL:
-                    # Every worker writes to the same store: stop them all now (their trials are queued again).
-                    self.on_event(f"worker {worker.index} found the artifact store full; stopping every worker")
+                active += self._look_at(worker)
+                if self._full:
                     return ExitCode.BAD_INPUT  # as a single-process run on a full store
-                if self.done() or worker.restarts >= self.max_restarts:
-                    continue
-                worker.restarts += 1
-                why = ("its GPU context broke (a sticky device error)" if code == ExitCode.DEVICE_BROKEN
-                       else f"exited with {code}")
-                self.on_event(f"worker {worker.index} {why}; restarting it")
-                worker.start()
-                alive += 1
-            if alive == 0:
-                return ExitCode.OK if self.done() else ExitCode.FAILURE_STREAK
+            if active == 0:
+                return ExitCode.OK if self._done() else ExitCode.FAILURE_STREAK
             time.sleep(self.poll_s)
         return ExitCode.INTERRUPTED
 
+    def _look_at(self, worker: Worker) -> bool:
+        """Deal with one worker's state at this poll; whether it is alive or waits for its restart."""
+        now = time.monotonic()
+        if worker.restart_at is not None:
+            if now < worker.restart_at:
+                return True
+            if self._done():  # the study got its trials (or a stop) meanwhile
+                worker.restart_at = None
+                return False
+            worker.start()
+            return True
+        assert worker.process is not None
+        code = worker.process.poll()
+        if code is None:
+            self._unfreeze(worker, now)
+            return True
+        if code == 0 or worker.handled:
+            return False  # a worker returns 0 once the study holds its trials
+        self._reap(worker, code)
+        worker.handled = True  # a restart below starts it anew
+        if code == ExitCode.WORKER_FAILURE_STREAK:
+            # It stopped on purpose (its trials kept failing): restarting would only burn more trials.
+            self.on_event(f"worker {worker.index} stopped: its trials failed in a row")
+            return False
+        if code == ExitCode.WORKER_STORE_FULL:
+            # Every worker writes to the same store: stop them all now (their trials are queued again).
+            self.on_event(f"worker {worker.index} found the artifact store full; stopping every worker")
+            self._full = True
+            return False
+        if self._done():
+            return False
+        why = ("its GPU context broke (a sticky device error)" if code == ExitCode.DEVICE_BROKEN
+               else f"died of signal {-code}" if code < 0 else f"exited with {code}")
+        delay = worker.backoff.next_delay(now - worker.started_at, now)
+        if delay is None:
+            self.on_event(f"worker {worker.index} {why}; not restarted: it was restarted {worker.backoff.in_window} "
+                          f"times within {self.restart_policy.window_s / 60:.0f} min")
+            return False
+        worker.restarts += 1
+        self.on_event(f"worker {worker.index} {why}; restarting it in {delay:g} s")
+        worker.restart_at = now + delay
+        return True
+
+    def _unfreeze(self, worker: Worker, now: float) -> None:
+        """Kill a worker that stays stopped (SIGSTOP) past frozen_limit_s; the next poll finds it dead, fails its
+        trial with a queued retry and restarts it."""
+        assert worker.process is not None
+        if not is_stopped(worker.process.pid):
+            worker.stopped_since = None
+            return
+        if worker.stopped_since is None:
+            worker.stopped_since = now
+        elif now - worker.stopped_since >= self.frozen_limit_s:
+            self.on_event(f"worker {worker.index} (pid {worker.process.pid}) stayed stopped (SIGSTOP) for "
+                          f"{now - worker.stopped_since:.0f} s; killed it: its trial is retried, the worker "
+                          "restarted")
+            worker.process.kill()  # SIGKILL ends a stopped process too
+            worker.stopped_since = None
+
+    def _done(self) -> bool:
+        try:
+            return self.done()
+        except StorageUnavailableError as err:  # the workers wait for the storage; so does the supervisor
+            self.on_event(f"{err}; the workers wait for it")
+            return False
+
     def _reap(self, worker: Worker, code: int) -> None:
         cause = f"signal {-code}" if code < 0 else f"exit code {code}"
-        failed = fail_trials_of(self.storage, self.study, worker.tag, f"worker {worker.tag} died ({cause})")
+        try:
+            failed = fail_trials_of(self.storage, self.study, worker.tag, f"worker {worker.tag} died ({cause})")
+        except StorageUnavailableError as err:
+            # Its trial stays RUNNING until its heartbeat goes stale; then a worker fails it and queues its retry.
+            self.on_event(f"worker {worker.index} died ({cause}) while {err}; its trial is retried once its "
+                          "heartbeat goes stale")
+            return
         for number in failed:
             self.on_event(f"trial {number} FAIL: its worker died ({cause}); queued a retry with the same params")
 
@@ -224,6 +260,8 @@ class Supervisor:
         for worker in live:
             assert worker.process is not None
             worker.process.send_signal(signal.SIGTERM)
+            if is_stopped(worker.process.pid):  # a frozen worker handles its SIGTERM (ends its trial) once resumed
+                worker.process.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + STOP_GRACE_S
         for worker in live:
             assert worker.process is not None
@@ -233,9 +271,12 @@ class Supervisor:
                 worker.process.kill()
                 worker.process.wait()
         # Whatever a stopped worker could not mark itself ends FAIL here, never RUNNING.
-        for worker in self.workers:
-            if worker.process is not None:
-                fail_trials_of(self.storage, self.study, worker.tag, "stopped by a signal; queued for retry")
+        try:
+            for worker in self.workers:
+                if worker.process is not None:
+                    fail_trials_of(self.storage, self.study, worker.tag, "stopped by a signal; queued for retry")
+        except StorageUnavailableError as err:
+            self.on_event(f"{err}: trials the workers left RUNNING are retried once their heartbeat goes stale")
 
 
 def worker_command(args: Sequence[str]) -> list[str]:
@@ -269,11 +310,7 @@ def _gone(pid: int) -> bool:
         return True
     except PermissionError:  # another user's process holds the pid now
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return False  # no /proc (not Linux): os.kill said it exists
+    return process_state(pid) in ("Z", "X")  # None without /proc (not Linux): os.kill said it exists
 
 
 def watch_supervisor(every_s: float = SUPERVISOR_POLL_S) -> threading.Thread | None:
@@ -305,6 +342,8 @@ def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, 
     pinned = [] if run.device.type == "cpu" else list(gpus or visible_gpus())
     passed = [str(run.cfg.source), "--artifacts", str(run.artifacts), "--n-trials", str(run.n_trials),
               "--device", "cuda" if pinned else "cpu"]
+    for override in run.overrides:  # the workers read the study as `run` did, or their resume check refuses it
+        passed += ["--set", override]
     if timeout:
         passed += ["--timeout", str(timeout)]
     # GPU workers are fresh processes: nothing CUDA may have touched in a forkserver crosses into them.
@@ -313,13 +352,13 @@ def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, 
     workers = [Worker(i, worker_command(args[i]) if pinned else args[i],
                       worker_env(i, n_workers, pinned, per_gpu, storage=run.url), launch)
                for i in range(n_workers)]
-    started_at = time.time()
+    seen = stop_generation(run.study.user_attrs)  # the stop requests made before this start do not apply
 
     def done() -> bool:
         # The budget, the target or `hpsearch stop`: a worker that returned 0 for any of them is not restarted.
         return (finished_trials(run.study) >= run.n_trials
                 or target_reached(run.study, run.cfg.study.target) is not None
-                or pending(run.study.user_attrs, started_at) is not None)
+                or pending(run.study.user_attrs, seen) is not None)
 
     try:
         return Supervisor(run.study, run.storage, workers, done=done, on_event=on_event).run()
