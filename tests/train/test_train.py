@@ -128,7 +128,7 @@ def test_no_scheduler() -> None:
 
 def test_unknown_scheduler() -> None:
     with pytest.raises(ValueError, match="scheduler"):
-        make_scheduler(_opt(), Hyperparams(lr=0.1, optimizer="sgd", scheduler="cosine"))
+        make_scheduler(_opt(), Hyperparams(lr=0.1, optimizer="sgd", scheduler="cyclic"))
 
 
 # --------------------------------------------------------------------------------------- small parts

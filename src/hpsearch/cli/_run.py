@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from hpsearch.cli._output import (
@@ -46,13 +47,28 @@ def cmd_check(args: argparse.Namespace) -> ExitCode:
     config = cfg.model_dump(mode="json")
     if args.json:
         print_json_object({"study_file": args.study, "valid": True, "study": cfg.study.name,
-                           "storage": redact(url), "data_cache": cache_object(cfg), "config": config})
+                           "storage": redact(url), "data_cache": cache_object(cfg), "config": config,
+                           "objective": f"val_{cfg.study.metric}", "direction": cfg.study.direction,
+                           "search_space": [asdict(p) for p in cfg.space.parameters()]})
         return ExitCode.OK
     show(f"[bold]{escape(args.study)}[/] is valid")
     show(f"storage: {redact(url)}", highlight=False)
     print_cache(cfg)
     show(JSON.from_data(config))
+    _print_space(cfg)
     return ExitCode.OK
+
+
+def _print_space(cfg: StudyConfig) -> None:
+    """The space as each trial searches it: every Optuna parameter, its range or choices, and when it is drawn."""
+    show(f"objective: val_{cfg.study.metric} ({cfg.study.direction})", markup=False, highlight=False)
+    show("search space (the Optuna parameters a trial records):", markup=False, highlight=False)
+    for param in cfg.space.parameters():
+        when = f"  (scheduler = {param.when})" if param.when else ""
+        show(f"  {param.name:<18} {param.describe()}{when}", markup=False, highlight=False)
+    if cfg.train.lr_scaling == "linear":
+        base = cfg.train.base_batch_size or cfg.train.batch_size
+        show(f"lr scaling: linear, a trial trains at lr * batch_size / {base}", markup=False, highlight=False)
 
 
 def cmd_run(args: argparse.Namespace) -> ExitCode:

@@ -72,6 +72,7 @@ def parse_study(data: dict[str, Any], source: str | Path | None = None) -> Study
         raise ConfigError(_field_path(first["loc"]), _message(first), source) from None
     _check_weights_file(config, source)
     _check_pruner_folds(config, source)
+    _check_recipes(config, source)
     _check_tracking_installed(config, source)
     return config.model_copy(update={"source": str(source) if source else None})
 
@@ -97,6 +98,24 @@ def _check_pruner_folds(config: StudyConfig, source: str | Path | None) -> None:
     if config.study.pruner == "wilcoxon" and not config.data.folds:
         raise ConfigError("study.pruner", "'wilcoxon' compares trials fold by fold and needs [data] folds = K "
                           "(K >= 2); set folds, or use median, hyperband or none", source)
+
+
+def _check_recipes(config: StudyConfig, source: str | Path | None) -> None:
+    """The fine-tuning options that span [space], [train] and [model]."""
+    train, space = config.train, config.space
+    if train.unfreeze_epoch and config.model.freeze != "backbone":
+        raise ConfigError("train.unfreeze_epoch", "unfreezes a frozen backbone, but [model] freeze is "
+                          f"{config.model.freeze!r}; set freeze = \"backbone\" or unfreeze_epoch = 0", source)
+    if train.unfreeze_epoch > train.epochs:
+        raise ConfigError("train.unfreeze_epoch", f"{train.unfreeze_epoch} is after the last epoch "
+                          f"({train.epochs}); use 2..{train.epochs}, or 0 for never", source)
+    if space.warmup_epochs is not None and space.warmup_epochs[1] >= train.epochs:
+        raise ConfigError("space.warmup_epochs", f"reaches {space.warmup_epochs[1]} epochs of a {train.epochs}-"
+                          "epoch trial; keep its high below [train] epochs", source)
+    if train.lr_scaling != "none" and space.batch_size is None and not train.base_batch_size:
+        raise ConfigError("train.lr_scaling", f"{train.lr_scaling!r} scales lr with a searched batch size, but "
+                          "[space] has no batch_size; add batch_size = [..] there or set lr_scaling = \"none\"",
+                          source)
 
 
 def _check_tracking_installed(config: StudyConfig, source: str | Path | None) -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -22,7 +22,11 @@ class Strict(BaseModel):
 class StudySection(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     n_trials: int = Field(20, ge=1)
-    direction: Literal["maximize"] = "maximize"
+    # What a trial is judged by, on validation (its best epoch, each epoch's report to the pruner, the ranking):
+    # accuracy, balanced_accuracy (mean per-class recall), macro_f1 or loss (cross-entropy).
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "loss"] = "accuracy"
+    # Follows the metric (minimize for loss); a file may state it, and then it must agree.
+    direction: Literal["maximize", "minimize"] = Field(None, validate_default=True)  # type: ignore[assignment]
     sampler: Literal["tpe", "random", "gp"] = "tpe"
     # wilcoxon: only with [data] folds (a trial reports one step per fold; see WilcoxonPruner).
     pruner: Literal["median", "hyperband", "wilcoxon", "none"] = "median"
@@ -48,8 +52,21 @@ class StudySection(Strict):
     # Weights of trials outside the best `keep_weights` are deleted as the study runs (outputs are kept).
     # Default: [ensemble] top_k + 3. 0 keeps every trial's weights.
     keep_weights: int | None = Field(None, ge=0)
-    # The study stops once a trial's validation accuracy reaches this (every worker, after its current trial).
+    # The study stops once a trial's metric reaches this (for loss: at or below; every worker, after its trial).
     target: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("direction", mode="before")
+    @classmethod
+    def _direction_follows_metric(cls, direction: Any, info: ValidationInfo) -> Any:
+        # A field validator (metric comes first, so it is in info.data) so the error names study.direction.
+        metric = info.data.get("metric", "accuracy")
+        wanted = "minimize" if metric == "loss" else "maximize"
+        if direction is None:
+            return wanted
+        if direction in ("maximize", "minimize") and direction != wanted:
+            raise ValueError(f"{direction!r} contradicts metric {metric!r}, which is to {wanted}; write "
+                             f"direction = {wanted!r} or leave direction out (it follows the metric)")
+        return direction
 
     @field_validator("storage")
     @classmethod
@@ -193,8 +210,16 @@ class TrainSection(Strict):
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Label smoothing for the training loss (validation loss is plain cross-entropy).
+    # Label smoothing for the training loss (validation loss is plain cross-entropy); [space] label_smoothing
+    # searches it instead.
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # How the learning rate follows a searched [space] batch_size: none (as searched) or linear (lr * batch size /
+    # base_batch_size; 0 = this table's batch_size). The trial records the searched lr.
+    lr_scaling: Literal["none", "linear"] = "none"
+    base_batch_size: int = Field(0, ge=0)
+    # With [model] freeze = "backbone": the backbone trains too from this epoch on (1-based: 3 unfreezes it after
+    # two head-only epochs), at the backbone's learning rate; 0 = never.
+    unfreeze_epoch: int = Field(0, ge=0)
     # A resumable checkpoint (through the artifact store, written while the next epoch trains) lets a retried
     # trial continue from it instead of epoch 1. By default one is taken at the first epoch end after every
     # checkpoint_minutes of training (0 = every epoch); checkpoint_every = N takes one every N epochs instead

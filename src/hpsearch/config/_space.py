@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -50,21 +51,55 @@ class PlateauSpace(Strict):
     _p = field_validator("patience", mode="before")(lambda v: _range(v, integer=True))
 
 
+class CosineSpace(Strict):
+    # The learning rate at the end of the cosine, as a fraction of the trial's lr (eta_min = lr * min_ratio).
+    min_ratio: FloatRange = (1e-3, 1e-1)
+
+    _m = field_validator("min_ratio", mode="before")(lambda v: _range(v, log=True))
+
+
+class OneCycleSpace(Strict):
+    # OneCycleLR's div_factor: the cycle starts (and its warmup rises from) lr / div_factor.
+    div_factor: FloatRange = (10.0, 100.0)
+
+    _d = field_validator("div_factor", mode="before")(lambda v: _range(v, log=True))
+
+
+# Scheduler branches with their own table of parameters (their Optuna names are prefixed by the branch's).
+BRANCHES = ("step", "exponential", "plateau", "cosine", "onecycle")
+# Keys added after the first studies: absent from a fingerprint while off, so a study created before them resumes.
+_OPTIONAL_KEYS = ("warmup_epochs", "head_lr_mult", "label_smoothing", "batch_size")
+
+
 class SpaceSection(Strict):
     lr: FloatRange = (1e-4, 1e-1)
     optimizer: list[Literal["adam", "rmsprop", "sgd", "adamw"]] = Field(default_factory=lambda: ["adam", "rmsprop"])
-    scheduler: list[Literal["step", "exponential", "plateau", "none"]] = Field(
+    scheduler: list[Literal["step", "exponential", "plateau", "cosine", "onecycle", "none"]] = Field(
         default_factory=lambda: ["step", "exponential", "plateau"]
     )
     dropout: FloatRange = (0.0, 0.5)
     # Optional: searched (log) when given, else no weight decay.
     weight_decay: FloatRange | None = None
+    # Each optional, off (None) by default so a study file without them keeps its meaning:
+    # A linear warmup of the learning rate over this many epochs (fractions too: 0.5 is half an epoch's steps),
+    # stepped per optimizer step, before any scheduler.
+    warmup_epochs: FloatRange | None = None
+    # The new head's learning rate over the backbone's (log): two optimizer param groups, backbone at lr.
+    head_lr_mult: FloatRange | None = None
+    # Label smoothing of the training loss, searched (else [train] label_smoothing).
+    label_smoothing: FloatRange | None = None
+    # The training batch size, a choice (else [train] batch_size); [train] lr_scaling says how lr follows it.
+    batch_size: list[int] | None = None
     step: StepSpace = Field(default_factory=StepSpace)
     exponential: ExponentialSpace = Field(default_factory=ExponentialSpace)
     plateau: PlateauSpace = Field(default_factory=PlateauSpace)
+    cosine: CosineSpace = Field(default_factory=CosineSpace)
+    onecycle: OneCycleSpace = Field(default_factory=OneCycleSpace)
 
-    _lr = field_validator("lr", "weight_decay", mode="before")(lambda v: None if v is None else _range(v, log=True))
-    _d = field_validator("dropout", mode="before")(lambda v: _range(v))
+    _lr = field_validator("lr", "weight_decay", "head_lr_mult", mode="before")(
+        lambda v: None if v is None else _range(v, log=True))
+    _d = field_validator("dropout", "warmup_epochs", "label_smoothing", mode="before")(
+        lambda v: None if v is None else _range(v))
 
     @field_validator("optimizer", "scheduler")
     @classmethod
@@ -75,18 +110,85 @@ class SpaceSection(Strict):
             raise ValueError(f"lists a choice twice: {choices}")
         return choices
 
-    @field_validator("dropout")
+    @field_validator("dropout", "label_smoothing")
     @classmethod
-    def _dropout_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if value[0] < 0 or value[1] >= 1:
+    def _below_one(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and (value[0] < 0 or value[1] >= 1):
             raise ValueError(f"must lie in [0, 1), got {list(value)}")
+        return value
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _not_negative(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] < 0:
+            raise ValueError(f"must be >= 0 epochs, got {list(value)}")
+        return value
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_sizes(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if (not isinstance(value, list) or not value
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+            raise ValueError(f"must be a non-empty list of positive integers (a choice), e.g. [32, 64, 128]; "
+                             f"got {value!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a choice twice: {value}")
         return value
 
     def fingerprint_data(self) -> dict[str, Any]:
         """The parts that decide what Optuna may suggest; a resumed study must keep them."""
         data = self.model_dump(mode="json")
         # Only the branches that can be chosen matter.
-        for branch in ("step", "exponential", "plateau"):
+        for branch in BRANCHES:
             if branch not in self.scheduler:
                 data.pop(branch)
+        # What is off is left out: a study created before these keys existed keeps its fingerprint.
+        for key in _OPTIONAL_KEYS:
+            if data[key] is None:
+                data.pop(key)
         return data
+
+    def parameters(self) -> list[Param]:
+        """The Optuna parameters a trial suggests, in the order it suggests them; a branch's only when the trial's
+        scheduler is that branch. `search.suggest` walks this list and `check` prints it."""
+        params = [Param("lr", "float", *self.lr, log=True),
+                  Param("optimizer", "choice", choices=tuple(self.optimizer)),
+                  Param("scheduler", "choice", choices=tuple(self.scheduler)),
+                  Param("dropout", "float", *self.dropout)]
+        optional = [("weight_decay", self.weight_decay, True), ("warmup_epochs", self.warmup_epochs, False),
+                    ("head_lr_mult", self.head_lr_mult, True), ("label_smoothing", self.label_smoothing, False)]
+        params += [Param(name, "float", *bounds, log=log) for name, bounds, log in optional if bounds is not None]
+        if self.batch_size is not None:
+            params.append(Param("batch_size", "choice", choices=tuple(self.batch_size)))
+        branches = {
+            "step": [Param("step_size", "int", *self.step.step_size), Param("step_gamma", "float", *self.step.gamma,
+                                                                             log=True)],
+            "exponential": [Param("exp_gamma", "float", *self.exponential.gamma, log=True)],
+            "plateau": [Param("plateau_factor", "float", *self.plateau.factor, log=True),
+                        Param("plateau_patience", "int", *self.plateau.patience)],
+            "cosine": [Param("cosine_min_ratio", "float", *self.cosine.min_ratio, log=True)],
+            "onecycle": [Param("onecycle_div", "float", *self.onecycle.div_factor, log=True)],
+        }
+        return params + [replace(p, when=branch) for branch in self.scheduler for p in branches.get(branch, [])]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Optuna parameter: a float or int range (log or uniform) or a choice; `when` names the scheduler branch
+    it belongs to (None: every trial)."""
+
+    name: str
+    kind: Literal["float", "int", "choice"]
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    when: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"one of {list(self.choices)}"
+        scale = "log" if self.log else "uniform"
+        return f"{'integer ' if self.kind == 'int' else ''}{scale} [{self.low:g}, {self.high:g}]"

@@ -78,7 +78,9 @@ def select_candidates(study: optuna.Study, store: ArtifactStore, top_k: int,
         if problem is not None or outputs is None:
             skipped.append(f"trial {trial.number} skipped: {problem}")
             continue
-        chosen.append(Candidate(trial.number, dict(trial.params), float(trial.value or 0.0),
+        # Its accuracy, whatever metric ranked it (a study of loss or macro-F1 ranks by that, through ranked_trials).
+        accuracy = trial.user_attrs.get("val_accuracy", trial.value)
+        chosen.append(Candidate(trial.number, dict(trial.params), float(accuracy or 0.0),
                                 trial_record.weights or "", outputs,
                                 tuple(weights) if record.folds_sha256 is not None else ()))
     return Selection(tuple(chosen), tuple(skipped))

@@ -8,10 +8,13 @@ from hpsearch.model._build import (
     build_model,
     builder_kwargs,
     check_study_model,
+    freeze_backbone,
+    head_path,
     init_weights_tag,
     plain_state_dict,
     set_dropout,
     set_train_mode,
+    unfreeze_backbone,
 )
 from hpsearch.model._settings import ModelSettings, StudyModelSettings
 
@@ -21,8 +24,11 @@ __all__ = [
     "build_model",
     "builder_kwargs",
     "check_study_model",
+    "freeze_backbone",
+    "head_path",
     "init_weights_tag",
     "plain_state_dict",
     "set_dropout",
     "set_train_mode",
+    "unfreeze_backbone",
 ]

@@ -263,6 +263,14 @@ def freeze_backbone(model: nn.Module, head: str | None = None) -> None:
     model.frozen_head = head  # type: ignore[assignment]
 
 
+def unfreeze_backbone(model: nn.Module) -> None:
+    """Train everything again (`[train] unfreeze_epoch`): the backbone takes gradients and, in train mode, updates
+    its BatchNorm statistics."""
+    for param in model.parameters():
+        param.requires_grad = True
+    model.frozen_head = None  # type: ignore[assignment]
+
+
 def set_train_mode(model: nn.Module) -> None:
     """train(), except that a frozen backbone's normalization layers keep their running statistics."""
     model.train()

@@ -29,7 +29,9 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return {state.name: counts.get(state.name, 0) for state in TrialState}
 
 
-def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
+def trials_frame(trials: list[FrozenTrial], metric: str = "val_accuracy") -> pd.DataFrame:
+    """One row per trial; a study optimizing another metric than accuracy (`metric`, its objective's name) gets
+    that value in a column of its own, before the accuracy."""
     import pandas as pd  # imported here: a worker prints trial lines, never a table
 
     rows = []
@@ -39,7 +41,9 @@ def trials_frame(trials: list[FrozenTrial]) -> pd.DataFrame:
         rows.append({
             "trial": t.number,
             "state": t.state.name,
-            "val_accuracy": t.value if t.values else None,
+            **({metric: t.value if t.values else None} if metric != "val_accuracy" else {}),
+            # Its accuracy whatever metric the study optimizes (the value, for an accuracy study).
+            "val_accuracy": t.user_attrs.get("val_accuracy", t.value) if t.values else None,
             "epoch": _epoch(read_trial_record(t).best_epoch),
             "lr": p.get("lr"),
             "optimizer": p.get("optimizer"),
@@ -57,6 +61,8 @@ def scheduler_label(params: dict[str, object]) -> str:
         "step": ("step_size", "step_gamma"),
         "exponential": ("exp_gamma",),
         "plateau": ("plateau_factor", "plateau_patience"),
+        "cosine": ("cosine_min_ratio",),
+        "onecycle": ("onecycle_div",),
     }.get(name, ())
     values = [_format("", params[a]) for a in args if a in params]
     short = {"exponential": "exp"}.get(name, name)
@@ -78,7 +84,7 @@ def _format(column: str, value: object) -> str:
         return ""
     if column in ("lr", "weight_decay") and isinstance(value, float):
         return f"{value:.2e}"
-    if column == "val_accuracy" and isinstance(value, float):
+    if column.startswith("val_") and isinstance(value, float):
         return f"{value:.4f}"
     if column == "dropout" and isinstance(value, float):
         return f"{value:.2f}"
@@ -100,7 +106,8 @@ def frame_table(frame: pd.DataFrame, title: str) -> Table:
 
 def top_trials_table(study: optuna.Study, k: int) -> Table:
     top = ranked_trials(study)[:k]
-    frame = trials_frame(top).drop(columns=["state"], errors="ignore")
+    metric = study.metric_names[0] if study.metric_names else "val_accuracy"
+    frame = trials_frame(top, metric).drop(columns=["state"], errors="ignore")
     return frame_table(frame, f"top {len(top)} trials of {study.study_name!r} (COMPLETE)")
 
 
@@ -198,7 +205,10 @@ def describe_trial(trial: FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE:
         folds = record.fold_val_accuracy
         per_fold = f" (folds {' '.join(f'{v:.4f}' for v in folds)})" if folds is not None else ""
-        return f"trial {trial.number} [green]COMPLETE[/] val_accuracy={trial.value:.4f}{per_fold}  ({what})"
+        accuracy = trial.user_attrs.get("val_accuracy", trial.value)
+        # A study of another metric: its value first, then the accuracy (the value is what ranks the trial).
+        value = f"value={trial.value:.4f} " if accuracy != trial.value else ""
+        return f"trial {trial.number} [green]COMPLETE[/] {value}val_accuracy={accuracy:.4f}{per_fold}  ({what})"
     if trial.state == TrialState.PRUNED:
         return f"trial {trial.number} [yellow]PRUNED[/] {_escaped(record.pruned_reason)}  ({what})"
     return f"trial {trial.number} [red]{trial.state.name}[/] {_escaped(record.fail_reason)}  ({what})"
@@ -222,7 +232,8 @@ def status_renderables(study: optuna.Study, storage_url: str, artifacts: str, to
     parts: list[RenderableType] = [counts]
     best = best_trial(study)
     if best is not None:
-        parts.append(f"best: trial {best.number} val_accuracy={best.value:.4f}, with\n" + params_text(best.params))
+        name = study.metric_names[0] if study.metric_names else "val_accuracy"
+        parts.append(f"best: trial {best.number} {name}={best.value:.4f}, with\n" + params_text(best.params))
     else:  # a study `run` has just created, or whose first trials still run
         parts.append("no trial yet" if not sum(values.values()) else "no finished trial yet")
     record = read_study_record(study)

@@ -46,7 +46,7 @@ def _summary(study: optuna.Study, url: str, trial: FrozenTrial) -> str:
     rows = [("study", study.study_name), ("storage", redact(url)), ("direction", study.direction.name.lower()),
             ("trials", counts), ("split", ", ".join(f"{k} {v}" for k, v in sizes.items())),
             ("classes", str(len(record.class_names))),
-            ("best trial", f"trial {best.number}: val_accuracy {best.value:.4f}"),
+            ("best trial", f"trial {best.number}: {(study.metric_names or ['val_accuracy'])[0]} {best.value:.4f}"),
             ("its params", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in best.params.items())),
             ("per-class results of", f"trial {trial.number} (the best with stored outputs)")]

@@ -90,6 +90,11 @@ def _title(ax: Axes, title: str, drawn: int, total: int) -> None:
     ax.set_title(title if drawn == total else f"{title} ({drawn} of {total} trials, sampled)")
 
 
+def objective_name(study: optuna.Study) -> str:
+    """What the study's values are: val_accuracy, or the metric it optimizes ([study] metric)."""
+    return study.metric_names[0] if study.metric_names else "val_accuracy"
+
+
 def optimization_history(study: optuna.Study) -> Figure:
     """Each COMPLETE trial's validation accuracy and the best so far: did the search still improve?"""
     if not _complete(study):
@@ -97,7 +102,7 @@ def optimization_history(study: optuna.Study) -> Figure:
     import matplotlib.pyplot as plt
 
     with plt.rc_context():  # Optuna switches pyplot's global style to ggplot; keep that inside this figure
-        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name="val_accuracy")
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=objective_name(study))
     return _figure_of(ax)
 
 
@@ -121,7 +126,7 @@ def param_importances(study: optuna.Study) -> Figure:
     try:
         with plt.rc_context():
             ax = optuna.visualization.matplotlib.plot_param_importances(study, params=params,
-                                                                        target_name="val_accuracy")
+                                                                        target_name=objective_name(study))
     except (ValueError, RuntimeError, ZeroDivisionError) as err:  # the evaluator refuses too little data
         raise PlotSkipped(f"the importance evaluator could not run ({err})") from None
     return _figure_of(ax)
@@ -138,7 +143,7 @@ def parallel_coordinate(study: optuna.Study) -> Figure:
     with plt.rc_context(), warnings.catch_warnings():
         # a parameter with one value among them is drawn on a degenerate axis: right, not worth a warning
         warnings.filterwarnings("ignore", message=".*identical low and high ylims.*")
-        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(drawn_study, target_name="val_accuracy")
+        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(drawn_study, target_name=objective_name(study))
     _title(ax, "Parallel Coordinate Plot", len(originals), len(complete))
     fig = _figure_of(ax)
     # Optuna keeps matplotlib's 6.4-inch default: with a scheduler's own parameters the axes' labels collide
@@ -176,8 +181,9 @@ def learning_curves(study: optuna.Study) -> Figure:
     ax.legend(handles=[Line2D([], [], color="tab:blue", label="COMPLETE (or RUNNING)"),
                        Line2D([], [], label="PRUNED", **PRUNED_STYLE)], loc="lower right")
     folds = read_study_record(study).folds_sha256 is not None  # cross-validated: a trial reports one step per fold
-    ax.set_xlabel("fold (0-based): that fold's best-epoch val_accuracy" if folds else "epoch (0-based)")
-    ax.set_ylabel("val_accuracy")
+    name = objective_name(study)  # what each step reported
+    ax.set_xlabel(f"fold (0-based): that fold's best-epoch {name}" if folds else "epoch (0-based)")
+    ax.set_ylabel(name)
     _title(ax, "Fold accuracies" if folds else "Learning curves", len(originals), len(curves))
     return _figure_of(ax)
 

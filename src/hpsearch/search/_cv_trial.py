@@ -74,12 +74,13 @@ class CrossValidation:
 
     def run(self, trial: optuna.Trial, hp: Hyperparams, seed: int, log: TrialTracker,
             resume: Checkpoint | None) -> float:
-        """Train the trial's unfinished folds (resuming the first from `resume`); the mean fold val accuracy."""
+        """Train the trial's unfinished folds (resuming the first from `resume`); the mean of the folds' validation
+        metric (the study's: accuracy, balanced_accuracy, macro_f1 or loss)."""
         records = list(read_trial_record(trial).folds)
         reported = trial.study.get_trials(deepcopy=False)[trial.number].intermediate_values
         for record in records:  # a retry inherits its original's steps; report any it lacks
             if int(record["fold"]) not in reported:
-                trial.report(float(record["val_accuracy"]), int(record["fold"]))
+                trial.report(_score(record), int(record["fold"]))
         for fold in range(len(records), self.folds.k):
             result = self._train_fold(trial, hp, fold_seed(seed, fold), fold, log, resume)
             resume = None  # only the first unfinished fold continues a checkpoint
@@ -87,17 +88,17 @@ class CrossValidation:
             trial.set_user_attr(keys.FOLDS, records)
             self.drop_checkpoint(trial)  # the fold is stored: its checkpoint would only take space
             trial.set_user_attr(keys.CHECKPOINT, None)  # ... and a retry must not look for it
-            trial.report(result.best.val_accuracy, fold)
+            trial.report(result.best.score, fold)
             hold_at(f"fold-{fold + 1}")
             if fold + 1 < self.folds.k and trial.should_prune():
-                mean = float(np.mean([r["val_accuracy"] for r in records]))
-                reason = (f"pruned after fold {fold + 1} of {self.folds.k}: mean val_accuracy {mean:.4f} so far, by "
-                          f"the {self.cfg.study.pruner} pruner")
+                mean = float(np.mean([_score(r) for r in records]))
+                reason = (f"pruned after fold {fold + 1} of {self.folds.k}: mean val_{self.cfg.study.metric} "
+                          f"{mean:.4f} so far, by the {self.cfg.study.pruner} pruner")
                 trial.set_user_attr(keys.PRUNED_REASON, reason)
                 raise optuna.TrialPruned(reason)
         for key, value in summary(records).items():
             trial.set_user_attr(key, value)
-        return float(np.mean([r["val_accuracy"] for r in records]))
+        return float(np.mean([_score(r) for r in records]))
 
     def _train_fold(self, trial: optuna.Trial, hp: Hyperparams, seed: int, fold: int, log: TrialTracker,
                     resume: Checkpoint | None) -> TrainResult:
@@ -114,7 +115,7 @@ class CrossValidation:
         data = self.fold_data(fold)
         return train_trial(self.cfg.model, self.cfg.train, data, hp, seed=seed, device=self.device,
                            on_epoch=on_epoch, resume=resume, on_checkpoint=on_checkpoint,
-                           checkpoint=checkpoint_policy(self.cfg.train))
+                           checkpoint=checkpoint_policy(self.cfg.train), metric=self.cfg.study.metric)
 
     def _store(self, trial: optuna.Trial, fold: int, result: TrainResult, seed: int) -> dict[str, Any]:
         val_index = torch.from_numpy(self.folds.val(fold).astype(np.int64))
@@ -125,6 +126,7 @@ class CrossValidation:
                     "trial": str(trial.number), "fold": str(fold)}
         ids = upload_model_files(self.files, trial.number, result.state_dict, outputs, metadata)
         return {"fold": fold, "val_accuracy": result.best.val_accuracy, "val_loss": result.best.val_loss,
+                "score": result.best.score,
                 keys.BEST_EPOCH: result.best.epoch, "epochs_run": len(result.history), "seed": seed,
                 "weights_artifact": ids[keys.WEIGHTS], "outputs_artifact": ids[keys.OUTPUTS],
                 "uploaded_by": trial.number,
@@ -135,6 +137,11 @@ class CrossValidation:
         """A pruned trial is no ensemble member: its fold weights go (its outputs, small, stay on record)."""
         for record in read_trial_record(trial).folds:
             self.files.delete(int(record.get("uploaded_by", trial.number)), str(record["weights_artifact"]))
+
+
+def _score(record: dict[str, Any]) -> float:
+    """A fold's value by the study's metric (a fold recorded by an older hpsearch: its accuracy, the only metric)."""
+    return float(record.get("score", record["val_accuracy"]))
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, Any]:

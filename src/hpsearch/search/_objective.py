@@ -75,23 +75,18 @@ _log = logging.getLogger(__name__)
 
 
 def suggest(trial: optuna.Trial, space: SpaceSection) -> Hyperparams:
-    """lr (log), optimizer, scheduler with its own parameters (names unique per branch), dropout."""
-    params: dict[str, Any] = {
-        "lr": trial.suggest_float("lr", *space.lr, log=True),
-        "optimizer": trial.suggest_categorical("optimizer", space.optimizer),
-        "scheduler": trial.suggest_categorical("scheduler", space.scheduler),
-        "dropout": trial.suggest_float("dropout", *space.dropout),
-    }
-    if space.weight_decay is not None:
-        params["weight_decay"] = trial.suggest_float("weight_decay", *space.weight_decay, log=True)
-    if params["scheduler"] == "step":
-        params["step_size"] = trial.suggest_int("step_size", *space.step.step_size)
-        params["step_gamma"] = trial.suggest_float("step_gamma", *space.step.gamma, log=True)
-    elif params["scheduler"] == "exponential":
-        params["exp_gamma"] = trial.suggest_float("exp_gamma", *space.exponential.gamma, log=True)
-    elif params["scheduler"] == "plateau":
-        params["plateau_factor"] = trial.suggest_float("plateau_factor", *space.plateau.factor, log=True)
-        params["plateau_patience"] = trial.suggest_int("plateau_patience", *space.plateau.patience)
+    """The space's parameters (`SpaceSection.parameters`: lr, optimizer, scheduler, dropout, each optional key it
+    gives, and the chosen scheduler's own parameters, named uniquely per branch), suggested in that order."""
+    params: dict[str, Any] = {}
+    for param in space.parameters():
+        if param.when is not None and param.when != params["scheduler"]:
+            continue
+        if param.kind == "choice":
+            params[param.name] = trial.suggest_categorical(param.name, param.choices)
+        elif param.kind == "int":
+            params[param.name] = trial.suggest_int(param.name, int(param.low), int(param.high))
+        else:
+            params[param.name] = trial.suggest_float(param.name, param.low, param.high, log=param.log)
     return Hyperparams(**params)
 
 
@@ -219,11 +214,11 @@ class Objective:
         """Each epoch's metrics to the log, to Optuna (whose pruner may stop the trial here) and to on_epoch."""
         def report(metrics: EpochMetrics) -> None:
             log.epoch(metrics)
-            trial.report(metrics.val_accuracy, metrics.epoch)
+            trial.report(metrics.score, metrics.epoch)  # the study's metric: the pruner follows its direction
             if self.on_epoch is not None:
                 self.on_epoch(trial, metrics)
             if trial.should_prune():
-                reason = (f"pruned at epoch {metrics.epoch + 1}: val_accuracy {metrics.val_accuracy:.4f} "
+                reason = (f"pruned at epoch {metrics.epoch + 1}: val_{self.cfg.study.metric} {metrics.score:.4f} "
                           f"by the {self.cfg.study.pruner} pruner")
                 trial.set_user_attr(keys.PRUNED_REASON, reason)
                 raise optuna.TrialPruned(reason)
@@ -237,10 +232,10 @@ class Objective:
         result = train_trial(self.cfg.model, self.cfg.train, self.data, start.hp, seed=start.seed,
                              device=self.device, on_epoch=self._reporter(trial, log), resume=start.resume,
                              on_checkpoint=lambda c: self._checkpoint(trial, c),
-                             checkpoint=checkpoint_policy(self.cfg.train))
+                             checkpoint=checkpoint_policy(self.cfg.train), metric=self.cfg.study.metric)
         # Inside the try: a store that cannot be written must FAIL the trial with its reason too.
         self._store(trial, result)
-        return result.best.val_accuracy
+        return result.best.score
 
     def _crashed(self, trial: optuna.Trial, err: Exception) -> str:
         """Record why the trial failed and re-raise `err`; an out-of-memory comes back as one line instead (the

@@ -22,7 +22,7 @@ from hpsearch.errors import StudyRecordError
 from hpsearch.model import build_model
 from hpsearch.preprocess import Preprocess
 from hpsearch.record import StudyRecord, read_study_record
-from hpsearch.store import METRIC_NAME, redact, study_storage_name
+from hpsearch.store import metric_name, redact, study_storage_name
 
 # ------------------------------------------------------------------------------------- sampler, pruner
 
@@ -81,7 +81,7 @@ def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, prepared:
         _record(cfg, study, prepared)
     if record.artifacts is None:
         study.set_user_attr(keys.ARTIFACTS, str(artifacts))
-    study.set_metric_names([METRIC_NAME])
+    study.set_metric_names([metric_name(cfg.study.metric)])  # what the dashboard and the report call the value
     existing = len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(cfg.study, sampler_seed(cfg.study.seed, worker, existing))
     return study

@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import keys
+from hpsearch.store._studies import METRIC_NAME
 
 WATCH_EVERY_S = 2.0  # how often a running trial looks for `stop --now`: one small read of the study
 
@@ -77,12 +78,19 @@ def pending(attrs: dict[str, Any], seen: int) -> StopRequest | None:
     return request if request is not None and request.generation > seen else None
 
 
+def reaches(study: optuna.Study, value: float | None, target: float) -> bool:
+    """Whether a trial's value reaches the target: at or above it, or at or below for a minimized metric (loss)."""
+    if value is None:
+        return False
+    return value <= target if study.direction == optuna.study.StudyDirection.MINIMIZE else value >= target
+
+
 def target_reached(study: optuna.Study, target: float | None) -> FrozenTrial | None:
-    """The first COMPLETE trial at or above the target, if any."""
+    """The first COMPLETE trial that reached the target, if any."""
     if target is None:
         return None
     reached = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-               if t.value is not None and t.value >= target]
+               if reaches(study, t.value, target)]
     return min(reached, key=lambda t: t.number) if reached else None
 
 
@@ -97,10 +105,11 @@ class StopWhenAsked:
         self.request: StopRequest | None = None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if (self.target is not None and trial.state == TrialState.COMPLETE and trial.value is not None
-                and trial.value >= self.target):
+        if (self.target is not None and trial.state == TrialState.COMPLETE
+                and reaches(study, trial.value, self.target)):
+            name = study.metric_names[0] if study.metric_names else METRIC_NAME
             self.request = request_stop(study, f"target {self.target} reached by trial {trial.number} "
-                                               f"(val_accuracy {trial.value:.4f})", by="target")
+                                               f"({name} {trial.value:.4f})", by="target")
         else:
             self.request = pending(study.user_attrs, self.seen)
         if self.request is not None:

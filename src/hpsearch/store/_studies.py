@@ -20,7 +20,13 @@ from hpsearch.errors import UsageError
 from hpsearch.record import read_trial_record
 from hpsearch.store._storage import open_storage, redact, resolve_storage_url, retry_callback
 
-METRIC_NAME = "val_accuracy"
+
+def metric_name(metric: str) -> str:
+    """The name of a study's objective (`[study] metric`), as Optuna and the dashboard show it: val_<metric>."""
+    return f"val_{metric}"
+
+
+METRIC_NAME = metric_name("accuracy")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -52,7 +58,9 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def ranked_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """COMPLETE trials with a finite value, best first (ties: lower trial number first)."""
+    """COMPLETE trials with a finite value, best first by the study's direction (its metric's: highest accuracy,
+    or lowest loss), ties: lower trial number first. Every ranking (status, keep_weights, the ensemble's
+    candidates, the report) goes through here."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and math.isfinite(t.value)]
     sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1

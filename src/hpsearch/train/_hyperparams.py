@@ -19,6 +19,12 @@ class Hyperparams:
     exp_gamma: float = 0.9  # ExponentialLR: decay per epoch
     plateau_factor: float = 0.1  # ReduceLROnPlateau: decay factor
     plateau_patience: int = 0  # ReduceLROnPlateau: epochs without val-loss improvement before decaying
+    cosine_min_ratio: float = 1e-3  # CosineAnnealingLR: the final lr as a fraction of lr
+    onecycle_div: float = 25.0  # OneCycleLR: div_factor, the cycle starts at lr / onecycle_div
+    warmup_epochs: float = 0.0  # linear warmup, in epochs (of optimizer steps), before any scheduler
+    head_lr_mult: float = 1.0  # the head's lr over the backbone's (1: one param group, as before)
+    label_smoothing: float | None = None  # None: [train] label_smoothing
+    batch_size: int | None = None  # None: [train] batch_size
 
     @classmethod
     def from_params(cls, params: dict[str, object]) -> Hyperparams:

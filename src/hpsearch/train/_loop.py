@@ -20,13 +20,22 @@ from torch import nn
 from hpsearch import keys
 from hpsearch._testhooks import fault_at
 from hpsearch.data import DeviceData, TrialData, training_input
-from hpsearch.model import ModelSettings, build_model, plain_state_dict, set_train_mode
+from hpsearch.model import (
+    ModelSettings,
+    build_model,
+    freeze_backbone,
+    head_path,
+    plain_state_dict,
+    set_train_mode,
+    unfreeze_backbone,
+)
 from hpsearch.preprocess import Preprocess
 from hpsearch.train._accelerator import Precision, choose_precision
 from hpsearch.train._checkpoints import EVERY_EPOCH, CheckpointPolicy, host_copy
 from hpsearch.train._compile import compiled_model
 from hpsearch.train._hyperparams import Hyperparams
-from hpsearch.train._optim import Scheduler, make_optimizer, make_scheduler, step_scheduler
+from hpsearch.train._metrics import evaluate, rank_key, score
+from hpsearch.train._optim import Schedule, make_optimizer, make_schedule, param_groups
 from hpsearch.train._settings import TrainSettings
 
 
@@ -38,6 +47,7 @@ class EpochMetrics:
     val_accuracy: float
     lr: float
     seconds: float
+    score: float = math.nan  # the study's metric (accuracy, balanced_accuracy, macro_f1 or loss) on validation
 
 
 @dataclass
@@ -78,13 +88,6 @@ def predict_logits(model: nn.Module, data: DeviceData, preprocess: Preprocess, b
     return torch.cat(outs)
 
 
-def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(cross-entropy, accuracy) of logits against labels."""
-    loss = F.cross_entropy(logits, labels).item()
-    accuracy = (logits.argmax(1) == labels).float().mean().item()
-    return loss, accuracy
-
-
 @dataclass
 class Checkpoint:
     """Everything needed to continue a trial after its last completed epoch: weights, optimizer and scheduler
@@ -116,28 +119,30 @@ class Checkpoint:
     def load(cls, path: str) -> Checkpoint:
         # weights_only: tensors, numbers, strings, lists and dicts only; never an arbitrary pickle.
         data = torch.load(path, map_location="cpu", weights_only=True)
-        data["history"] = [EpochMetrics(**m) for m in data["history"]]
+        # An older hpsearch's history has no score: its studies all optimized validation accuracy.
+        data["history"] = [EpochMetrics(**{"score": m["val_accuracy"], **m}) for m in data["history"]]
         return cls(**data)
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                data: TrialData, train_cfg: TrainSettings, precision: Precision, gen: torch.Generator,
-                aug: torch.Generator) -> torch.Tensor:
+                data: TrialData, batch_size: int, label_smoothing: float, schedule: Schedule, precision: Precision,
+                gen: torch.Generator, aug: torch.Generator) -> torch.Tensor:
     """One epoch of optimizer steps; returns the summed loss, on the device: nothing in here waits for the
     device (the GPU test runs it under torch.cuda.set_sync_debug_mode("error")), except fp16's scaler, which
     reads its inf check."""
     device = data.train.device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
-    for images, labels in data.train.batches(train_cfg.batch_size, shuffle=True, generator=gen, drop_last=True):
+    for images, labels in data.train.batches(batch_size, shuffle=True, generator=gen, drop_last=True):
         x = training_input(images, data.preprocess, data.augment, aug)
         with precision.autocast(device):
             logits = model(x.contiguous(memory_format=fmt))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=train_cfg.label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        schedule.after_step()  # a float per param group: no device work
         loss_sum += loss.detach()
         fault_at("step")
     return loss_sum
@@ -152,12 +157,15 @@ class _Run:
     model: nn.Module
     forward: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Scheduler | None
+    scheduler: Schedule
     scaler: torch.amp.GradScaler
     precision: Precision
     gen: torch.Generator
     aug: torch.Generator
     device: torch.device
+    batch_size: int  # the trial's (searched or [train]'s)
+    label_smoothing: float  # the trial's (searched or [train]'s)
+    unfreeze_epoch: int = 0  # 1-based epoch from which a frozen backbone trains too; 0 = never
 
     @property
     def cuda(self) -> bool:
@@ -167,7 +175,7 @@ class _Run:
         """Continue from a checkpoint: weights, optimizer, scheduler, scaler and every generator."""
         self.model.load_state_dict(resume.model)
         self.optimizer.load_state_dict(resume.optimizer)
-        if self.scheduler is not None and resume.scheduler is not None:
+        if resume.scheduler is not None:
             self.scheduler.load_state_dict(resume.scheduler)
         self.gen.set_state(resume.generator)
         torch.set_rng_state(resume.rng)
@@ -183,7 +191,7 @@ class _Run:
         """A host copy of the state after `epoch`: the caller may write it while the next epoch trains."""
         return Checkpoint(
             epoch, plain_state_dict(self.model), host_copy(self.optimizer.state_dict()),
-            host_copy(self.scheduler.state_dict()) if self.scheduler is not None else None, self.gen.get_state(),
+            host_copy(self.scheduler.state_dict()), self.gen.get_state(),
             torch.get_rng_state(), list(history), best_state,
             augment_generator=self.aug.get_state() if self.cuda else None,
             cuda_rng=torch.cuda.get_rng_state(self.device) if self.cuda else None,
@@ -209,21 +217,40 @@ def _start_run(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialDa
                             tensor_dropout=train_cfg.compile)
     model = model.to(device, memory_format=fmt)
     forward = model
+    batch_size = hp.batch_size or train_cfg.batch_size
     if train_cfg.compile:
-        key = (model_cfg.arch, model_cfg.freeze, data.num_classes, data.preprocess.image_size,
-               train_cfg.batch_size, str(device))
+        key = (model_cfg.arch, model_cfg.freeze, data.num_classes, data.preprocess.image_size, batch_size,
+               str(device))
         model, forward = compiled_model(key, model, hp.dropout)
-    optimizer = make_optimizer(model.parameters(), hp)
-    scheduler = make_scheduler(optimizer, hp)
-    return _Run(model, forward, optimizer, scheduler, precision.scaler(device), precision, gen, aug, device)
+        if model_cfg.freeze == "backbone":
+            freeze_backbone(model)  # the worker's one module: an earlier trial may have unfrozen it
+    unfreeze = train_cfg.unfreeze_epoch if model_cfg.freeze == "backbone" else 0
+    groups = param_groups(model, head_path(model), hp.lr * lr_scale(train_cfg, batch_size), hp.head_lr_mult,
+                          keep_frozen=unfreeze > 0)
+    optimizer = make_optimizer(groups, hp)
+    steps = data.train.num_batches(batch_size, drop_last=True)
+    schedule = make_schedule(optimizer, hp, steps, train_cfg.epochs)
+    smoothing = train_cfg.label_smoothing if hp.label_smoothing is None else hp.label_smoothing
+    return _Run(model, forward, optimizer, schedule, precision.scaler(device), precision, gen, aug, device,
+                batch_size, smoothing, unfreeze)
 
 
-def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSettings, epoch: int) -> EpochMetrics:
+def lr_scale(train_cfg: TrainSettings, batch_size: int) -> float:
+    """`[train] lr_scaling`: linear multiplies the searched lr by batch size / base batch size."""
+    if train_cfg.lr_scaling == "linear":
+        return batch_size / (train_cfg.base_batch_size or train_cfg.batch_size)
+    return 1.0
+
+
+def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSettings, epoch: int, metric: str) -> EpochMetrics:
     """One epoch's steps, then its validation and the scheduler's step; non-finite losses stop the trial."""
     start = time.perf_counter()
+    if run.unfreeze_epoch and epoch + 1 >= run.unfreeze_epoch:
+        unfreeze_backbone(run.model)  # in the optimizer since the start, without gradients until now
     set_train_mode(run.model)
-    loss_sum = train_steps(run.forward, run.optimizer, run.scaler, data, train_cfg, run.precision, run.gen, run.aug)
-    steps = data.train.num_batches(train_cfg.batch_size, drop_last=True)
+    loss_sum = train_steps(run.forward, run.optimizer, run.scaler, data, run.batch_size, run.label_smoothing,
+                           run.scheduler, run.precision, run.gen, run.aug)
+    steps = data.train.num_batches(run.batch_size, drop_last=True)
     train_loss = loss_sum.item() / max(1, steps)  # the epoch's one host synchronization
     if not math.isfinite(train_loss):
         raise NonFiniteLoss(epoch, "training loss")
@@ -231,17 +258,22 @@ def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSettings, epoch: in
     val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
     if not math.isfinite(val_loss):
         raise NonFiniteLoss(epoch, "validation loss")
+    value = score(metric, val_logits, data.val.labels, val_loss, val_accuracy)
     lr = run.optimizer.param_groups[0]["lr"]
-    step_scheduler(run.scheduler, val_loss)
-    return EpochMetrics(epoch, train_loss, val_loss, val_accuracy, lr, time.perf_counter() - start)
+    run.scheduler.after_epoch(val_loss)
+    return EpochMetrics(epoch, train_loss, val_loss, val_accuracy, lr, time.perf_counter() - start, value)
 
 
-def _best(history: list[EpochMetrics]) -> EpochMetrics | None:
-    return max(history, key=lambda m: (m.val_accuracy, -m.val_loss, -m.epoch), default=None)
+def _key(metric: str, m: EpochMetrics) -> tuple[float, float]:
+    return rank_key(metric, m.score, m.val_loss, m.val_accuracy)
 
 
-def _is_better(metrics: EpochMetrics, best: EpochMetrics | None) -> bool:
-    return best is None or (metrics.val_accuracy, -metrics.val_loss) > (best.val_accuracy, -best.val_loss)
+def _best(history: list[EpochMetrics], metric: str) -> EpochMetrics | None:
+    return max(history, key=lambda m: (*_key(metric, m), -m.epoch), default=None)
+
+
+def _is_better(metrics: EpochMetrics, best: EpochMetrics | None, metric: str) -> bool:
+    return best is None or _key(metric, metrics) > _key(metric, best)
 
 
 def train_trial(
@@ -256,8 +288,10 @@ def train_trial(
     resume: Checkpoint | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     checkpoint: CheckpointPolicy = EVERY_EPOCH,
+    metric: str = "accuracy",
 ) -> TrainResult:
-    """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over.
+    """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over. Its best
+    epoch is the best by `metric` (accuracy, balanced_accuracy, macro_f1 or loss), each epoch's `score`.
 
     `on_checkpoint` gets a host copy of the state at each epoch end `checkpoint` says is due (never after the
     last epoch): it may write it on another thread while the next epoch trains."""
@@ -267,12 +301,12 @@ def train_trial(
     if resume is not None:
         run.restore(resume)
         history, best_state = list(resume.history), resume.best_state
-    best = _best(history)
+    best = _best(history, metric)
     last_checkpoint, epochs_since = time.monotonic(), 0
     for epoch in range(len(history), train_cfg.epochs):
-        metrics = _train_epoch(run, data, train_cfg, epoch)
+        metrics = _train_epoch(run, data, train_cfg, epoch, metric)
         history.append(metrics)
-        if _is_better(metrics, best):
+        if _is_better(metrics, best, metric):
             best, best_state = metrics, plain_state_dict(run.model)
         if on_epoch is not None:
             on_epoch(metrics)

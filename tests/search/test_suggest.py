@@ -1,0 +1,48 @@
+"""`suggest`: every parameter of the space is drawn and recorded in the trial, a branch's only with its scheduler,
+and what the trial trains with is what it recorded. Trials asked of a real SQLite study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from hpsearch.config import read_study_file
+from hpsearch.search._objective import suggest
+from hpsearch.train import Hyperparams
+
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
+
+
+def test_every_searched_parameter_is_recorded_in_the_trial(tmp_path: Path) -> None:
+    cfg = read_study_file(STUDIES / "digits-recipes.toml")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction=cfg.study.direction,
+                                sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        hp = suggest(trial, cfg.space)
+        study.tell(trial, 0.5)
+        recorded = study.trials[-1].params
+        expected = {p.name for p in cfg.space.parameters() if p.when in (None, recorded["scheduler"])}
+        assert set(recorded) == expected
+        # The trial trains with what it recorded (and a retry rebuilds the same from its params).
+        assert all(getattr(hp, name) == value for name, value in recorded.items())
+        assert Hyperparams.from_params(recorded) == hp
+        assert recorded["batch_size"] in cfg.space.batch_size
+        seen.add(recorded["scheduler"])
+    assert seen == set(cfg.space.scheduler)
+
+
+def test_a_study_file_without_the_new_keys_draws_what_it_always_drew(tmp_path: Path) -> None:
+    cfg = read_study_file(STUDIES / "digits.toml")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(8):
+        trial = study.ask()
+        hp = suggest(trial, cfg.space)
+        names = set(trial.params)
+        assert {"lr", "optimizer", "scheduler", "dropout"} <= names
+        assert names - {"lr", "optimizer", "scheduler", "dropout"} <= {
+            "step_size", "step_gamma", "exp_gamma", "plateau_factor", "plateau_patience"}
+        assert (hp.warmup_epochs, hp.head_lr_mult, hp.label_smoothing, hp.batch_size) == (0.0, 1.0, None, None)
+        study.tell(trial, 0.5)
