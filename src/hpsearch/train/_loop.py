@@ -20,6 +20,7 @@ from torch import nn
 from hpsearch import keys
 from hpsearch._testhooks import fault_at
 from hpsearch.data import DeviceData, TrialData, training_input
+from hpsearch.kernels import ieee_fp32
 from hpsearch.model import ModelSettings, build_model, plain_state_dict, set_train_mode
 from hpsearch.preprocess import Preprocess
 from hpsearch.train._accelerator import Precision, choose_precision
@@ -72,9 +73,10 @@ def predict_logits(model: nn.Module, data: DeviceData, preprocess: Preprocess, b
     device = data.device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     outs = []
-    for images, _ in data.batches(batch_size):
-        with precision.autocast(device):
-            outs.append(model(preprocess(images).contiguous(memory_format=fmt)).float())
+    with ieee_fp32():  # a greedy soup's re-run too: the fp32 math of the stored outputs and of predict
+        for images, _ in data.batches(batch_size):
+            with precision.autocast(device):
+                outs.append(model(preprocess(images).contiguous(memory_format=fmt)).float())
     return torch.cat(outs)
 
 
@@ -196,8 +198,6 @@ def _start_run(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialDa
     this order, which the seeded initial weights depend on."""
     precision = choose_precision(train_cfg.precision, device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # the batch order, drawn on the CPU on every device
     # Augmentation draws on the device itself on a GPU (no host round trip per step); on the CPU the same
@@ -260,7 +260,15 @@ def train_trial(
     """Train one trial; with `resume`, continue after the checkpoint's epoch instead of starting over.
 
     `on_checkpoint` gets a host copy of the state at each epoch end `checkpoint` says is due (never after the
-    last epoch): it may write it on another thread while the next epoch trains."""
+    last epoch): it may write it on another thread while the next epoch trains. The trial runs inside
+    `ieee_fp32()`: fp32 math is IEEE fp32 (TF32 off), and cuDNN autotunes each convolution's fixed shapes once."""
+    with ieee_fp32():
+        return _train(model_cfg, train_cfg, data, hp, seed, device, on_epoch, resume, on_checkpoint, checkpoint)
+
+
+def _train(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialData, hp: Hyperparams, seed: int,
+           device: torch.device, on_epoch: Callable[[EpochMetrics], None] | None, resume: Checkpoint | None,
+           on_checkpoint: Callable[[Checkpoint], None] | None, checkpoint: CheckpointPolicy) -> TrainResult:
     run = _start_run(model_cfg, train_cfg, data, hp, seed, device)
     history: list[EpochMetrics] = []
     best_state: dict[str, torch.Tensor] = {}
