@@ -6,8 +6,9 @@ second time on the cache it left (the supervisor maps it). While a run lasts eve
 every 0.1 s from /proc/PID/status: the supervisor (the `run` process), the forkserver and multiprocessing's
 resource tracker (its children), and the workers (the forkserver's children). For each it prints its peak
 resident set (VmHWM: the kernel's own high-water mark, with every page it mapped: libraries, the image cache's
-page-cache pages), its peak own memory (RssAnon: anonymous pages, never shared) and its resident set while the
-workers run (VmRSS at the last sample with a worker alive).
+page-cache pages), its peak own memory (RssAnon: anonymous pages, never shared), its resident set while the
+workers run (VmRSS at the last sample with a worker alive) and, for the processes that run no trial, the most
+pages of the image cache's files (the decoded images, or the file being built) it held at once (/proc/PID/smaps).
 
     .venv/bin/python bench/host_memory.py [--images 4000] [--size 224] [--again] [--json]
 
@@ -83,6 +84,7 @@ class Peak:
     hwm_mib: float = 0.0  # VmHWM
     anon_mib: float = 0.0  # peak RssAnon
     rss_with_workers_mib: float = 0.0  # VmRSS at the last sample that saw a worker alive
+    cache_mib: float = 0.0  # peak resident pages of files in the cache folder (the decoded images, the build's file)
 
 
 def _status(pid: int) -> dict[str, float] | None:
@@ -95,6 +97,22 @@ def _status(pid: int) -> dict[str, float] | None:
     if "RssAnon" not in fields:
         return None
     return {key: int(fields[key].split()[0]) / 1024 for key in ("VmHWM", "VmRSS", "RssAnon")}
+
+
+def _mapped_mib(pid: int, folder: Path) -> float:
+    """Resident MiB of this process's mappings of files in `folder` (/proc/PID/smaps)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return 0.0
+    total, inside = 0, False
+    for line in text.splitlines():
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header: its address range, then its file
+            inside = line.split()[-1].startswith(str(folder))
+        elif inside and first == "Rss:":
+            total += int(line.split()[1])
+    return total / 1024
 
 
 def _children(pid: int) -> list[int]:
@@ -144,6 +162,8 @@ def measure(root: Path, work: Path, size: int, label: str) -> dict[str, object]:
                 peak.anon_mib = max(peak.anon_mib, status["RssAnon"])
                 if working:
                     peak.rss_with_workers_mib = status["VmRSS"]
+                if not peak.role.startswith("worker"):  # the workers map the images on purpose
+                    peak.cache_mib = max(peak.cache_mib, _mapped_mib(pid, work / "cache"))
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -164,7 +184,8 @@ def _print(result: dict[str, object], decoded_mib: float) -> None:
     assert isinstance(processes, list)
     for p in processes:
         print(f"  {p['role']:>16} (pid {p['pid']}): peak resident (VmHWM) {p['hwm_mib']:7.1f} MiB, peak own "
-              f"(RssAnon) {p['anon_mib']:7.1f} MiB, resident while workers run {p['rss_with_workers_mib']:7.1f} MiB")
+              f"(RssAnon) {p['anon_mib']:7.1f} MiB, resident while workers run {p['rss_with_workers_mib']:7.1f} MiB"
+              + ("" if p["role"].startswith("worker") else f", image pages held at most {p['cache_mib']:.1f} MiB"))
     idle = [p for p in processes if not p["role"].startswith("worker")]
     print(f"  processes that run no trial: peak resident {sum(p['hwm_mib'] for p in idle):.1f} MiB in all")
 
