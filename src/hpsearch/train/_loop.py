@@ -122,15 +122,37 @@ class Checkpoint:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """An epoch's steps, summed on the device: the losses that count and how many steps they are."""
+
+    loss_sum: torch.Tensor
+    steps: torch.Tensor
+
+    def epoch_loss(self, epoch: int) -> float:
+        """The mean loss of the steps that count (the epoch's one host synchronization); NonFiniteLoss when none
+        does or the sum is not finite: a divergence, which ends the trial."""
+        loss_sum, steps = torch.stack([self.loss_sum, self.steps.to(self.loss_sum.dtype)]).tolist()
+        if steps < 1 or not math.isfinite(loss_sum):
+            raise NonFiniteLoss(epoch, "training loss")
+        return loss_sum / steps
+
+
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 data: TrialData, train_cfg: TrainSettings, precision: Precision, gen: torch.Generator,
-                aug: torch.Generator) -> torch.Tensor:
-    """One epoch of optimizer steps; returns the summed loss, on the device: nothing in here waits for the
+                aug: torch.Generator) -> StepTotals:
+    """One epoch of optimizer steps; returns their summed loss, on the device: nothing in here waits for the
     device (the GPU test runs it under torch.cuda.set_sync_debug_mode("error")), except fp16's scaler, which
-    reads its inf check."""
+    reads its inf check.
+
+    With fp16's scaler a step whose loss is inf or NaN (an overflow) is one the scaler skips, lowering its
+    scale: it is left out of the sum and the count, so one overflow no longer makes the epoch's loss infinite
+    and prunes a healthy trial; an epoch with no finite step is a divergence. In fp32 and bf16 nothing skips a
+    step: any non-finite loss makes the sum non-finite, a divergence."""
     device = data.train.device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
+    counted = torch.zeros((), dtype=torch.int64, device=device)
     for images, labels in data.train.batches(train_cfg.batch_size, shuffle=True, generator=gen, drop_last=True):
         x = training_input(images, data.preprocess, data.augment, aug)
         with precision.autocast(device):
@@ -140,9 +162,15 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach()
+        if precision.scaled:  # on the device, no sync: a skipped step adds nothing
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
+            counted += finite
+        else:
+            loss_sum += loss.detach()
+            counted += 1
         fault_at("step")
-    return loss_sum
+    return StepTotals(loss_sum, counted)
 
 
 @dataclass
@@ -222,11 +250,8 @@ def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSettings, epoch: in
     """One epoch's steps, then its validation and the scheduler's step; non-finite losses stop the trial."""
     start = time.perf_counter()
     set_train_mode(run.model)
-    loss_sum = train_steps(run.forward, run.optimizer, run.scaler, data, train_cfg, run.precision, run.gen, run.aug)
-    steps = data.train.num_batches(train_cfg.batch_size, drop_last=True)
-    train_loss = loss_sum.item() / max(1, steps)  # the epoch's one host synchronization
-    if not math.isfinite(train_loss):
-        raise NonFiniteLoss(epoch, "training loss")
+    totals = train_steps(run.forward, run.optimizer, run.scaler, data, train_cfg, run.precision, run.gen, run.aug)
+    train_loss = totals.epoch_loss(epoch)
     val_logits = predict_logits(run.forward, data.val, data.preprocess, train_cfg.eval_batch_size, run.precision)
     val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
     if not math.isfinite(val_loss):
