@@ -121,8 +121,10 @@ def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: arg
          placement: str) -> float:
     from hpsearch.config import DataSection, TrainSection
     from hpsearch.data import ImagePool, Split, trial_data
+    from hpsearch.train import Hyperparams
     from hpsearch.train._accelerator import choose_precision
     from hpsearch.train._loop import train_steps
+    from hpsearch.train._optim import make_schedule
 
     pool = ImagePool(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
                      torch.from_numpy(labels), [str(c) for c in range(10)])
@@ -137,6 +139,7 @@ def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: arg
     precision = choose_precision("auto", device)
     model = make_model(args.arch, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
+    schedule = make_schedule(optimizer, Hyperparams(lr=1e-3, optimizer="adam", scheduler="none"), 1, 1)
     scaler = precision.scaler(device)
     gen = torch.Generator().manual_seed(0)
     aug = torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else gen
@@ -144,7 +147,7 @@ def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: arg
         torch.backends.cudnn.benchmark = True
     # One call of train_steps (one epoch of the split's train part) is one window of `--steps` steps.
     def window() -> None:
-        train_steps(model, optimizer, scaler, data, train, precision, gen, aug)
+        train_steps(model, optimizer, scaler, data, train.batch_size, 0.0, schedule, precision, gen, aug)
 
     steps, args.steps = args.steps, 1
     try:

@@ -9,7 +9,9 @@ one environment lookup.
 
 `HPSEARCH_TEST_FAULT="device-assert:PATH"` makes the first training step of a GPU process run a real
 out-of-range index in a CUDA kernel (a device-side assert: the context is broken for good), once per PATH:
-the fault creates PATH, and a process that finds PATH runs normally. The GPU tests use it.
+the fault creates PATH, and a process that finds PATH runs normally. `HPSEARCH_TEST_FAULT="oom:PATH"` makes that
+step allocate 1 GiB more than the device has free: a real CUDA out-of-memory inside a step, once per PATH. The GPU
+tests use them.
 """
 
 from __future__ import annotations
@@ -45,12 +47,19 @@ def fault_at(point: str) -> None:
     if not spec or point != "step":
         return
     kind, _, once = spec.partition(":")
-    if kind != "device-assert" or Path(once).exists():
+    if kind not in ("device-assert", "oom") or Path(once).exists():
         return
     import torch
 
     if not torch.cuda.is_available():
         return
-    Path(once).touch()
+    try:  # created exclusively: of workers reaching their first step together, exactly one faults
+        os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    if kind == "oom":
+        free, _ = torch.cuda.mem_get_info()
+        torch.empty(free + (1 << 30), dtype=torch.uint8, device="cuda")  # more than is free: a real CUDA OOM
+        return
     values = torch.zeros(4, device="cuda")
     values[torch.tensor([1 << 20], device="cuda")].sum().item()  # a gather far past the end: the kernel asserts

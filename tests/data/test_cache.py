@@ -19,7 +19,7 @@ from PIL import Image
 
 from hpsearch._testhooks import HOLD_ENV
 from hpsearch.config import ModelSection, TrainSection
-from hpsearch.data import DeviceData, cache_state, load_pool, make_split
+from hpsearch.data import DeviceData, ImagePool, cache_state, load_pool, make_split
 from hpsearch.data import _cache as cache
 from hpsearch.data._augment import random_resized_crop
 from hpsearch.data._stats import channel_stats
@@ -168,6 +168,33 @@ def test_channel_stats_in_chunks_match_the_whole_split() -> None:
     whole = images[torch.from_numpy(idx)].double().div(255)
     assert torch.allclose(mean.double(), whole.mean(dim=(0, 2, 3)), atol=1e-6)
     assert torch.allclose(std.double(), whole.std(dim=(0, 2, 3)), atol=1e-6)
+
+
+def _rss_file_mib() -> float:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["RssFile"].split()[0]) / 1024
+
+
+def test_building_and_reading_a_cache_leave_its_pages_out_of_the_process(tmp_path: Path) -> None:
+    """`run` decodes a folder and computes the training split's statistics before its workers start: neither may
+    make the decoded images its own resident memory (a written or read memory map would, page by page)."""
+    n, size = 320, 80  # 6 MiB decoded
+    images = np.random.default_rng(0).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+
+    def build(out: cache.Rows) -> cache.Decoded:
+        for i in range(n):
+            out[i] = images[i]
+        return cache.Decoded(np.arange(n) % 2, {}, n)
+
+    before = _rss_file_mib()
+    found = cache.load_or_build(tmp_path, "r" * 32, n, size, build, what="rows")
+    pool = ImagePool(found.images, found.labels, ["a", "b"], cache=found.path)
+    rows = np.r_[0:100, 101, 150:320]  # runs and a gap, as a split's sorted indices
+    read = pool.read(rows)
+    assert _rss_file_mib() - before < 1.5, "the build or the read mapped the decoded images into this process"
+    assert np.array_equal(read.numpy(), images[rows])
+    mean, _ = channel_stats(pool.images, rows, chunk=7, read=pool.read)
+    assert torch.allclose(mean.double(), torch.from_numpy(images[rows]).double().div(255).mean(dim=(0, 2, 3)))
 
 
 def test_random_resized_crop_takes_a_box_of_the_stored_image() -> None:

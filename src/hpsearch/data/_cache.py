@@ -17,8 +17,9 @@ writes temporary files and renames them into place, the data first and its JSON 
 leaves nothing that looks finished. A cache whose size or sampled digest does not match its JSON (truncated,
 overwritten) is rebuilt, never trained on. Deleting the cache folder is always safe: it is rebuilt on demand.
 
-The data file's full size is allocated before it is mapped: a full disk (or quota) is then an `OSError` at the
-start, one line naming the folder, where a sparse map would fault (SIGBUS, no message) halfway through. A failed
+The data file's full size is allocated before any image is written: a full disk (or quota) is then an `OSError`
+at the start, one line naming the folder, not after minutes of decoding (nor a SIGBUS in a process mapping a
+sparse file). The builder writes rows with pwrite (`Rows`), so it holds none of the decoded pages itself. A failed
 build removes its temporary file. The folder may be shared and world-writable: temporary files get random names,
 are created exclusively (never through a planted link) and readable by the owner's group at most; the lock file
 is never opened through a link.
@@ -31,6 +32,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import pwd
 import socket
@@ -101,6 +103,69 @@ class Cached:
     built_here: bool  # this process decoded it (False: it mapped what another process built)
 
 
+class Rows:
+    """The data file being built, image rows written (and read back) with pwrite/pread at their offsets.
+
+    Not a writable memory map: every page written through a map stays in the builder's resident set, so the
+    process that decodes a folder (the supervisor of `run --workers`) would count the whole decoded size as its
+    own until it exits. Written with pwrite, the pixels go to the page cache that every process maps later."""
+
+    def __init__(self, fd: int, n: int, size: int) -> None:
+        self.fd, self.shape = fd, (n, 3, size, size)
+        self.row = 3 * size * size
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _span(self, key: int | slice) -> tuple[int, int]:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("Rows takes contiguous slices only")
+            return start, max(start, stop)
+        index = key + len(self) if key < 0 else key
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {key} out of {len(self)}")
+        return index, index + 1
+
+    def __setitem__(self, key: int | slice, value: np.ndarray | int) -> None:
+        start, stop = self._span(key)
+        block = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=np.uint8),
+                                                     (stop - start, *self.shape[1:])))
+        view, offset = memoryview(block).cast("B"), start * self.row
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        start, _ = self._span(index)
+        out = np.empty(self.shape[1:], dtype=np.uint8)
+        if os.preadv(self.fd, [memoryview(out).cast("B")], start * self.row) != self.row:
+            raise OSError(f"short read of row {index} of the image cache being built")
+        return out
+
+
+def read_rows(path: Path, shape: tuple[int, ...], indices: np.ndarray) -> np.ndarray:
+    """Rows `indices` of the data file at `path` (uint8, `shape`), read with pread: a run of consecutive indices
+    in one call. The pages stay in the page cache, shared, and never enter this process's resident set."""
+    row = math.prod(shape[1:])
+    out = np.empty((len(indices), *shape[1:]), dtype=np.uint8)
+    if len(indices) == 0:
+        return out
+    if indices.min() < 0 or indices.max() >= shape[0]:
+        raise IndexError(f"rows out of the {shape[0]} images of {path}")
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    with open(path, "rb", buffering=0) as handle:
+        for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(indices)], strict=True):
+            view, offset = memoryview(out[first:last]).cast("B"), int(indices[first]) * row
+            while view:
+                got = os.preadv(handle.fileno(), [view], offset)
+                if got == 0:
+                    raise OSError(f"{path} ends before row {offset // row}: the image cache is truncated")
+                view, offset = view[got:], offset + got
+    return out
+
+
 def cache_paths(folder: Path, key: str) -> tuple[Path, Path]:
     return folder / f"{key}.u8", folder / f"{key}.json"
 
@@ -112,10 +177,10 @@ def cache_size(folder: Path, key: str) -> int | None:
 
 
 def load_or_build(folder: Path, key: str, n: int, size: int,
-                  build: Callable[[np.ndarray], Decoded], *, what: str) -> Cached:
+                  build: Callable[[Rows], Decoded], *, what: str) -> Cached:
     """Map the cache for `key`; build it first (once, under a lock) when it is missing or damaged.
 
-    `build(out)` decodes `n` images into `out` (a writable uint8 memmap [n, 3, size, size]).
+    `build(out)` decodes `n` images into `out` (`Rows`: uint8 rows [3, size, size], indexed like an array).
     """
     found = _open(folder, key)
     if found is not None:
@@ -132,7 +197,7 @@ def load_or_build(folder: Path, key: str, n: int, size: int,
                         ) from None
 
 
-def _build_locked(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarray], Decoded], *,
+def _build_locked(folder: Path, key: str, n: int, size: int, build: Callable[[Rows], Decoded], *,
                   what: str) -> Cached:
     folder.mkdir(parents=True, exist_ok=True)
     lock = _open_lock(folder / f"{key}.lock")
@@ -221,7 +286,7 @@ def _open_lock(path: Path) -> int:
         raise
 
 
-def _build(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarray], Decoded], *, what: str) -> None:
+def _build(folder: Path, key: str, n: int, size: int, build: Callable[[Rows], Decoded], *, what: str) -> None:
     data, meta = cache_paths(folder, key)
     with contextlib.suppress(FileNotFoundError):
         meta.unlink()  # whatever was there no longer counts as finished
@@ -233,14 +298,8 @@ def _build(folder: Path, key: str, n: int, size: int, build: Callable[[np.ndarra
     _say(f"decoding {n} images of {what} into {folder} ({size_text(n * row)} at {size} px), "
          "once for every process of this machine")
     with _temporary(folder, f"{key}.u8.tmp-") as (fd, tmp_data):
-        _allocate(fd, max(n, 1) * row)  # every block now, so the map below never faults on a full disk
-        with open(fd, "r+b", closefd=False) as handle:  # this very file, whatever its name points to by now
-            pixels = np.memmap(handle, dtype=np.uint8, mode="r+", shape=(max(n, 1), 3, size, size))
-            try:
-                decoded = build(pixels[:n])
-                pixels.flush()
-            finally:
-                del pixels
+        _allocate(fd, max(n, 1) * row)  # every block now: a full disk fails here, at the start
+        decoded = build(Rows(fd, n, size))  # this very file, whatever its name points to by now
         os.ftruncate(fd, decoded.kept * row)  # files left out were compacted away
         os.fsync(fd)
         record = {

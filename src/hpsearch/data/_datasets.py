@@ -49,6 +49,14 @@ class ImagePool:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def read(self, indices: np.ndarray) -> torch.Tensor:
+        """A copy of `images[indices]`; from a cached pool read from its file (pread), not through the memory
+        map, so that a process reading images once (`run` computing the training split's statistics before its
+        workers start) keeps none of their pages in its resident set."""
+        if self.cache is None:
+            return self.images[torch.from_numpy(np.asarray(indices))]
+        return torch.from_numpy(cache.read_rows(self.cache, tuple(self.images.shape), np.asarray(indices)))
+
 
 def load_pool(cfg: DataSettings, seed: int = 0) -> ImagePool:
     """All images of the dataset the study names, as one uint8 pool."""
@@ -135,7 +143,7 @@ def cache_state(cfg: DataSettings) -> tuple[Path, int | None] | None:
     return cache.cache_paths(folder, key)[0], cache.cache_size(folder, key)
 
 
-def _decode_cifar(cfg: DataSettings, out: np.ndarray | None) -> cache.Decoded:
+def _decode_cifar(cfg: DataSettings, out: cache.Rows | None) -> cache.Decoded:
     from torchvision import datasets
 
     root = Path(cfg.root).expanduser()
@@ -249,7 +257,7 @@ def _load_imagefolder(cfg: DataSettings, seed: int) -> ImagePool:
     listing = _list_folder(cfg)
     root, size = listing.root, cfg.decoded_size
 
-    def build(out: np.ndarray) -> cache.Decoded:
+    def build(out: cache.Rows) -> cache.Decoded:
         return _decode_folder(root, listing.files, listing.labels, listing.part_of, listing.classes, size, out)
 
     found = cache.load_or_build(cache_folder(cfg), listing.key(size), len(listing.files), size, build,
@@ -269,7 +277,7 @@ DECODER = "rgb-exif-bilinear-shorter-side-centre-crop-1"
 
 
 def _decode_folder(root: Path, files: Sequence[Path], labels: np.ndarray, part_of: np.ndarray, classes: list[str],
-                   size: int, out: np.ndarray) -> cache.Decoded:
+                   size: int, out: cache.Rows) -> cache.Decoded:
     """Decode every file into `out` (in threads: PIL releases the GIL), then close the gaps unreadable ones
     left; the given val/test parts are renumbered over the readable files."""
     readable = np.ones(len(files), dtype=bool)

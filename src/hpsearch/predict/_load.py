@@ -25,6 +25,7 @@ from torch import nn
 
 from hpsearch.archs import FAMILIES, family_of
 from hpsearch.errors import ExportError
+from hpsearch.kernels import ieee_fp32
 from hpsearch.predict._members import STRATEGIES, MemberRunner, plain_model
 from hpsearch.preprocess import Preprocess
 
@@ -170,7 +171,8 @@ class Ensemble(nn.Module):
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
         """[M, N, C] float64: each member's softmax (no temperature); a cross-validated member's is the mean of
         its fold models' softmaxes."""
-        probs = self._runner(x).double().softmax(dim=-1)
+        with ieee_fp32():  # the fp32 math the stored outputs were computed with (hpsearch.kernels)
+            probs = self._runner(x).double().softmax(dim=-1)
         if not self.folds:
             return probs
         return torch.einsum("mf,fnc->mnc", self.average.to(probs.device), probs)

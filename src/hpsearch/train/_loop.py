@@ -20,6 +20,7 @@ from torch import nn
 from hpsearch import keys
 from hpsearch._testhooks import fault_at
 from hpsearch.data import DeviceData, TrialData, training_input
+from hpsearch.kernels import ieee_fp32
 from hpsearch.model import (
     ModelSettings,
     build_model,
@@ -82,9 +83,10 @@ def predict_logits(model: nn.Module, data: DeviceData, preprocess: Preprocess, b
     device = data.device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     outs = []
-    for images, _ in data.batches(batch_size):
-        with precision.autocast(device):
-            outs.append(model(preprocess(images).contiguous(memory_format=fmt)).float())
+    with ieee_fp32():  # a greedy soup's re-run too: the fp32 math of the stored outputs and of predict
+        for images, _ in data.batches(batch_size):
+            with precision.autocast(device):
+                outs.append(model(preprocess(images).contiguous(memory_format=fmt)).float())
     return torch.cat(outs)
 
 
@@ -124,15 +126,37 @@ class Checkpoint:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """An epoch's steps, summed on the device: the losses that count and how many steps they are."""
+
+    loss_sum: torch.Tensor
+    steps: torch.Tensor
+
+    def epoch_loss(self, epoch: int) -> float:
+        """The mean loss of the steps that count (the epoch's one host synchronization); NonFiniteLoss when none
+        does or the sum is not finite: a divergence, which ends the trial."""
+        loss_sum, steps = torch.stack([self.loss_sum, self.steps.to(self.loss_sum.dtype)]).tolist()
+        if steps < 1 or not math.isfinite(loss_sum):
+            raise NonFiniteLoss(epoch, "training loss")
+        return loss_sum / steps
+
+
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 data: TrialData, batch_size: int, label_smoothing: float, schedule: Schedule, precision: Precision,
-                gen: torch.Generator, aug: torch.Generator) -> torch.Tensor:
-    """One epoch of optimizer steps; returns the summed loss, on the device: nothing in here waits for the
+                gen: torch.Generator, aug: torch.Generator) -> StepTotals:
+    """One epoch of optimizer steps; returns their summed loss, on the device: nothing in here waits for the
     device (the GPU test runs it under torch.cuda.set_sync_debug_mode("error")), except fp16's scaler, which
-    reads its inf check."""
+    reads its inf check.
+
+    With fp16's scaler a step whose loss is inf or NaN (an overflow) is one the scaler skips, lowering its
+    scale: it is left out of the sum and the count, so one overflow no longer makes the epoch's loss infinite
+    and prunes a healthy trial; an epoch with no finite step is a divergence. In fp32 and bf16 nothing skips a
+    step: any non-finite loss makes the sum non-finite, a divergence."""
     device = data.train.device
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     loss_sum = torch.zeros((), device=device)
+    counted = torch.zeros((), dtype=torch.int64, device=device)
     for images, labels in data.train.batches(batch_size, shuffle=True, generator=gen, drop_last=True):
         x = training_input(images, data.preprocess, data.augment, aug)
         with precision.autocast(device):
@@ -143,9 +167,15 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
         scaler.step(optimizer)
         scaler.update()
         schedule.after_step()  # a float per param group: no device work
-        loss_sum += loss.detach()
+        if precision.scaled:  # on the device, no sync: a skipped step adds nothing
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
+            counted += finite
+        else:
+            loss_sum += loss.detach()
+            counted += 1
         fault_at("step")
-    return loss_sum
+    return StepTotals(loss_sum, counted)
 
 
 @dataclass
@@ -204,8 +234,6 @@ def _start_run(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialDa
     this order, which the seeded initial weights depend on."""
     precision = choose_precision(train_cfg.precision, device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # the batch order, drawn on the CPU on every device
     # Augmentation draws on the device itself on a GPU (no host round trip per step); on the CPU the same
@@ -248,12 +276,9 @@ def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSettings, epoch: in
     if run.unfreeze_epoch and epoch + 1 >= run.unfreeze_epoch:
         unfreeze_backbone(run.model)  # in the optimizer since the start, without gradients until now
     set_train_mode(run.model)
-    loss_sum = train_steps(run.forward, run.optimizer, run.scaler, data, run.batch_size, run.label_smoothing,
-                           run.scheduler, run.precision, run.gen, run.aug)
-    steps = data.train.num_batches(run.batch_size, drop_last=True)
-    train_loss = loss_sum.item() / max(1, steps)  # the epoch's one host synchronization
-    if not math.isfinite(train_loss):
-        raise NonFiniteLoss(epoch, "training loss")
+    totals = train_steps(run.forward, run.optimizer, run.scaler, data, run.batch_size, run.label_smoothing,
+                         run.scheduler, run.precision, run.gen, run.aug)
+    train_loss = totals.epoch_loss(epoch)
     val_logits = predict_logits(run.forward, data.val, data.preprocess, train_cfg.eval_batch_size, run.precision)
     val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
     if not math.isfinite(val_loss):
@@ -294,7 +319,17 @@ def train_trial(
     epoch is the best by `metric` (accuracy, balanced_accuracy, macro_f1 or loss), each epoch's `score`.
 
     `on_checkpoint` gets a host copy of the state at each epoch end `checkpoint` says is due (never after the
-    last epoch): it may write it on another thread while the next epoch trains."""
+    last epoch): it may write it on another thread while the next epoch trains. The trial runs inside
+    `ieee_fp32()`: fp32 math is IEEE fp32 (TF32 off), and cuDNN autotunes each convolution's fixed shapes once."""
+    with ieee_fp32():
+        return _train(model_cfg, train_cfg, data, hp, seed, device, on_epoch, resume, on_checkpoint, checkpoint,
+                      metric)
+
+
+def _train(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialData, hp: Hyperparams, seed: int,
+           device: torch.device, on_epoch: Callable[[EpochMetrics], None] | None, resume: Checkpoint | None,
+           on_checkpoint: Callable[[Checkpoint], None] | None, checkpoint: CheckpointPolicy,
+           metric: str) -> TrainResult:
     run = _start_run(model_cfg, train_cfg, data, hp, seed, device)
     history: list[EpochMetrics] = []
     best_state: dict[str, torch.Tensor] = {}
