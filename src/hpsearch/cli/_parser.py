@@ -96,10 +96,11 @@ def _add_ensemble(commands: Commands) -> None:
     _storage(ens)
     _artifacts(ens)
     ens.add_argument("--top-k", type=_positive, help="candidates (default: [ensemble] top_k)")
-    ens.add_argument("--method", choices=["weighted", "soft", "hard", "soup"], default="weighted",
-                     help="the ensemble written to --out (default weighted); the table compares all. soup: the "
-                     "greedy weight average of the trials (same architecture and starting weights), re-run on "
-                     "validation and kept only if it beats the best single trial there (else weighted)")
+    ens.add_argument("--method", choices=["auto", "single", "weighted", "soft", "hard", "soup"], default="auto",
+                     help="the ensemble written to --out (default auto: the best single trial, uniform or weighted "
+                     "soft voting, whichever has the lowest cross-fitted held-out NLL); the table compares all. "
+                     "soup: the greedy weight average of the trials (same architecture and starting weights), re-run "
+                     "on validation and kept only if it beats the best single trial there (else auto)")
     ens.add_argument("--device", choices=DEVICES,
                      help="where --method soup re-runs the averaged model (default: [train] device)")
     ens.add_argument("--out", metavar="DIR", default="best-ensemble",

@@ -26,7 +26,7 @@ class Exported:
 
 
 def export_ensemble(study_file: str, *, storage: str | None = None, artifacts: str | None = None,
-                    top_k: int | None = None, method: Method = "weighted", out: str | Path = "best-ensemble",
+                    top_k: int | None = None, method: Method = "auto", out: str | Path = "best-ensemble",
                     export: bool = True, onnx: bool = False, device: str | None = None,
                     on_warning: Callable[[str], None] | None = None,
                     on_start: Callable[[str], None] | None = None) -> Exported:

@@ -37,7 +37,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from hpsearch import __version__
 from hpsearch.ensemble import HARD_TIE_RULE, Candidate, EnsembleResult, Member
 from hpsearch.errors import EnsembleError, ExportError, first_line
-from hpsearch.export._comparison import report_markdown
+from hpsearch.export._comparison import COMPARISON_HEADERS, report_markdown, table_cells
 from hpsearch.model import builder_kwargs
 from hpsearch.predict import (
     FOLDS_FORMAT_VERSION,
@@ -72,6 +72,7 @@ COMBINE_RULES = {
     "hard": "p = (v + 1e-3 mean_m softmax(z_m)) / (1 + 1e-3), v = share of members whose argmax is each class "
             "(votes; the small term breaks ties by the highest summed probability)",
     "soup": "p = softmax(z / T) of the one member, whose weights are the greedy soup's average",
+    "single": "p = softmax(z / T) of the one member, the best single trial",
 }
 # A cross-validated member m is its fold models k: p_m = mean_k softmax(z_mk), uniformly; members combine as above.
 FOLD_RULES = {
@@ -79,6 +80,7 @@ FOLD_RULES = {
                 "weighted average of members' fold-averaged softmaxes, then T",
     "soft": "p = softmax(log(mean_m p_m) / T), p_m = mean_k softmax(z_mk) over member m's fold models: uniform "
             "average of members' fold-averaged softmaxes, then T",
+    "single": "p = softmax(log(p_1) / T), p_1 = mean_k softmax(z_1k) over the best trial's fold models",
     "hard": "p = (v + 1e-3 mean_m p_m) / (1 + 1e-3), v = share of members whose argmax of p_m = mean_k "
             "softmax(z_mk) is each class (votes; the small term breaks ties by the highest summed probability)",
 }
@@ -156,7 +158,10 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
         "combine": {"weighted": "weighted average of member softmax probabilities",
                     "soft": "uniform average of member softmax probabilities",
                     "hard": f"majority vote of member argmax; {HARD_TIE_RULE}",
-                    "soup": "one model: the uniform average of the greedy soup's ingredients' weights"}[result.method],
+                    "soup": "one model: the uniform average of the greedy soup's ingredients' weights",
+                    "single": "the best single trial alone"}[result.method],
+        "asked": result.asked,
+        "fitting": result.fitting(),
         "temperature": _number(result.temperature),
         "weight_fit": result.weight_fit.name,
         "candidates": list(result.candidates),
@@ -171,8 +176,13 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
                      "val_nll": _number(r.val_nll), "test_accuracy": _number(r.accuracy),
                      "test_nll": _number(r.nll), "test_ece": _number(r.ece), "temperature": _number(r.temperature),
                      "test_nll_scaled": _number(r.nll_scaled), "test_ece_scaled": _number(r.ece_scaled),
-                     "val_accuracy": _number(r.val_accuracy), "temperature_at_bound": r.temperature_at_bound}
+                     "val_accuracy": _number(r.val_accuracy), "temperature_at_bound": r.temperature_at_bound,
+                     "fitted_temperature": _number(r.fitted_temperature),
+                     "heldout_accuracy": None if r.heldout is None else _number(r.heldout.accuracy),
+                     "heldout_nll": _number(r.shipped_heldout_nll)}
                     for r in result.rows],
+        # The comparison as the terminal and report.md print it (markers included): what `hpsearch report` shows.
+        "table": {"headers": list(COMPARISON_HEADERS), "rows": table_cells(result)},
         "notes": list(result.notes),
         "skipped": list(skipped),
         "soup": None if result.soup is None else {
@@ -278,6 +288,7 @@ def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, stor
         "combine": {"method": result.method, "temperature": result.temperature,
                     "rule": (FOLD_RULES if folds else COMBINE_RULES)[result.method]},
         "temperature": result.temperature, "members": members, "metrics": list(metrics),
+        "fitting": result.fitting(),
     }
     if onnx:
         from hpsearch.export._onnx import write_onnx
