@@ -5,6 +5,7 @@ from __future__ import annotations
 from hpsearch.monitor._dashboard import serve
 from hpsearch.monitor._tables import (
     describe_trial,
+    format_cell,
     state_counts,
     status_renderables,
     top_trials_table,
@@ -13,6 +14,7 @@ from hpsearch.monitor._tables import (
 
 __all__ = [
     "describe_trial",
+    "format_cell",
     "serve",
     "state_counts",
     "status_renderables",
