@@ -7,30 +7,48 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hpsearch.cli._output import console, out, print_unwrapped
 from hpsearch.errors import ExitCode
 
+if TYPE_CHECKING:
+    from hpsearch.export import Exported
+
 
 def cmd_ensemble(args: argparse.Namespace) -> ExitCode:
-    from hpsearch.export import export_ensemble, result_table
+    from hpsearch.export import export_ensemble
 
     exported = export_ensemble(
         args.study, storage=args.storage, artifacts=args.artifacts, top_k=args.top_k, method=args.method,
         out=args.out, export=not args.no_export, onnx=args.onnx, device=args.device,
         on_warning=lambda line: console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True),
         on_start=lambda line: console.print(line, highlight=False))
+    return _print_exported(exported, args.no_export, args.onnx)
+
+
+def cmd_export(args: argparse.Namespace) -> ExitCode:
+    from hpsearch.export import export_ensemble
+
+    exported = export_ensemble(args.study, storage=args.storage, artifacts=args.artifacts, method="single",
+                               out=args.out or f"trial-{args.trial}", onnx=args.onnx, trial=args.trial)
+    return _print_exported(exported, False, args.onnx)
+
+
+def _print_exported(exported: Exported, no_export: bool, onnx: bool) -> ExitCode:
+    from hpsearch.export import result_table
+
     result, folder = exported.result, exported.folder
     folds = any(m.fold_artifacts for m in result.members)
     print_unwrapped(result_table(result, f"top {len(exported.selection.candidates)} trials of "
-                                         f"{exported.study_name!r}: val NLL on "
+                                         f"{exported.study_name!r}: held-out acc and NLL cross-fitted on "
                                          f"{'out-of-fold train+val' if folds else 'validation'}, the rest on test; "
-                                         "(T) after temperature scaling"))
+                                         "(T) at the shipped temperature"))
     for note in result.notes:
         out.print(f"- {note}", highlight=False, soft_wrap=True)
-    written = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
+    written = "" if no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
                                          f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
-                                         + (", ensemble.onnx" if args.onnx else "") + ")")
+                                         + (", ensemble.onnx" if onnx else "") + ")")
     console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
     return ExitCode.OK
 

@@ -111,6 +111,14 @@ def _add_ensemble(commands: Commands) -> None:
                      help="also write ensemble.onnx: the whole ensemble as one ONNX graph, images to probabilities "
                           "(needs the optional extra: pip install -e '.[onnx]')")
     ens.set_defaults(handler="hpsearch.cli._ensemble:cmd_ensemble")
+    one = commands.add_parser("export", help="export one trial as `hpsearch ensemble` exports an ensemble")
+    one.add_argument("study", metavar="STUDY.toml")
+    _storage(one)
+    _artifacts(one)
+    one.add_argument("--trial", type=int, required=True, help="the COMPLETE trial to export")
+    one.add_argument("--out", metavar="DIR", default=None, help="folder, replaced atomically (default trial-N)")
+    one.add_argument("--onnx", action="store_true", help="also write ensemble.onnx (the optional onnx extra)")
+    one.set_defaults(handler="hpsearch.cli._ensemble:cmd_export")
 
 
 def _add_report(commands: Commands) -> None:

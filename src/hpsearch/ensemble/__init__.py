@@ -14,7 +14,7 @@ from hpsearch.ensemble._combine import (
     mixture_log_probs,
     scale,
 )
-from hpsearch.ensemble._fit import EnsembleResult, Member, Method, study_ensemble
+from hpsearch.ensemble._fit import EnsembleResult, Member, Method, study_ensemble, study_trial
 from hpsearch.ensemble._rows import Row
 
 __all__ = [
@@ -34,4 +34,5 @@ __all__ = [
     "scale",
     "stack_outputs",
     "study_ensemble",
+    "study_trial",
 ]

@@ -39,16 +39,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from hpsearch.ensemble._candidates import Candidate, Selection, select_candidates, stack_outputs
+from hpsearch.ensemble._candidates import Candidate, Selection, select_candidates, stack_outputs, trial_candidate
 from hpsearch.ensemble._combine import (
     ECE_BINS,
     GREEDY_ROUNDS,
     HARD_TIE_RULE,
     T_BOUNDS,
+    Outputs,
     WeightFit,
     choose_weights,
     fit_nll_weights,
     greedy_selection,
+    member_log_probs,
     mixture_nll,
     true_class_log_probs,
 )
@@ -267,6 +269,42 @@ def with_soup(result: EnsembleResult, soup: Soup, candidates: Sequence[Candidate
             + ", ".join(f"#{t}" for t in info.ingredients) + "'s weights")
     return dataclasses.replace(result, method="soup", members=(member,), temperature=usable_temperature(soup.row),
                                rows=rows, soup=info, notes=(*result.notes, note), asked="soup")
+
+
+def single_trial(candidate: Candidate, arch: str) -> EnsembleResult:
+    """One trial exported alone (`hpsearch export --trial N`): its temperature decided as every row's is (cross-
+    fitted held-out evidence on its fitting outputs), its test numbers measured the same way."""
+    o = candidate.outputs
+    data = Outputs(val=member_log_probs([o.val_logits.double().numpy()]),
+                   test=member_log_probs([o.test_logits.double().numpy()]),
+                   y_val=o.val_labels.numpy().astype(np.int64), y_test=o.test_labels.numpy().astype(np.int64))
+    row = soft_row("single", f"trial #{candidate.trial}", data, np.ones(1), [candidate.trial])
+    member = Member(candidate.trial, dict(candidate.params), arch, 1.0, candidate.weights_artifact,
+                    candidate.val_accuracy, fold_artifacts=candidate.fold_weights)
+    fit = WeightFit("uniform", (1.0,), float(row.val_nll or 0.0))
+    fit_data = "out-of-fold outputs of train+val" if candidate.fold_weights else "validation outputs"
+    notes = [f"trial {candidate.trial} exported alone (--trial); T: shipped only where cross-fitting ({PARTS} "
+             "parts) shows it lowers held-out NLL"]
+    if row.fitted_temperature is not None and not row.temperature_ships and row.fitted_temperature != 1.0:
+        notes.append(f"the fitted T = {row.fitted_temperature:.3g} is not shipped (T = 1)")
+    return EnsembleResult("single", (member,), usable_temperature(row), fit, (), (row,), False, tuple(notes),
+                          o.split_sha256, {"val": len(data.y_val), "test": len(data.y_test)}, (candidate.trial,),
+                          asked="single", fit_data=fit_data)
+
+
+def study_trial(study: optuna.Study, store: ArtifactStore, number: int, arch: str,
+                pin: Callable[[str], None] | None = None) -> tuple[EnsembleResult, Selection]:
+    """`hpsearch export --trial N`: trial N of the study as a one-member export; one line when it cannot be."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state.name != "COMPLETE":
+        state = "does not exist" if trial is None else f"is {trial.state.name}"
+        raise UsageError(f"--trial {number}: trial {number} of study {study.study_name!r} {state}; export a COMPLETE "
+                         "trial (`hpsearch status` lists them)")
+    candidate, problem = trial_candidate(study, store, trial, pin=pin)
+    if candidate is None:
+        raise UsageError(f"--trial {number}: {problem}")
+    arch = str(read_study_record(study).config_value("model", "arch", arch))
+    return single_trial(candidate, arch), Selection((candidate,), ())
 
 
 def study_ensemble(study: optuna.Study, store: ArtifactStore, *, top_k: int, method: Method, arch: str,

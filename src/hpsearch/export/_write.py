@@ -11,7 +11,9 @@ In one atomic rename (`staged_dir`) the folder gets report.md (hpsearch.report) 
 - `manifest.json`: format_version, classes, the full preprocessing, the members (arch, trial, hyperparameters,
   weight, file, sha256), how they combine (method, temperature), the metrics table, the study and its storage
   (password redacted);
-- `SHA256SUMS`: the sha256 of manifest.json and of every member file, in `sha256sum -c` format;
+- `README.md`: a model card written from the manifest (hpsearch.export._card): what it is, classes,
+  preprocessing, held-out metrics and their data, members, and how to load it without hpsearch;
+- `SHA256SUMS`: the sha256 of manifest.json, README.md and every member file, in `sha256sum -c` format;
 - with `--onnx`, `ensemble.onnx` (and its external data file, if any): the whole ensemble as one ONNX graph,
   listed with its sha256 in the manifest (`onnx`) and in SHA256SUMS (see hpsearch.onnx_export).
 
@@ -37,6 +39,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from hpsearch import __version__
 from hpsearch.ensemble import HARD_TIE_RULE, Candidate, EnsembleResult, Member
 from hpsearch.errors import EnsembleError, ExportError, first_line
+from hpsearch.export._card import CARD_FILE, model_card
 from hpsearch.export._comparison import COMPARISON_HEADERS, report_markdown, table_cells
 from hpsearch.model import builder_kwargs
 from hpsearch.predict import (
@@ -80,7 +83,8 @@ FOLD_RULES = {
                 "weighted average of members' fold-averaged softmaxes, then T",
     "soft": "p = softmax(log(mean_m p_m) / T), p_m = mean_k softmax(z_mk) over member m's fold models: uniform "
             "average of members' fold-averaged softmaxes, then T",
-    "single": "p = softmax(log(p_1) / T), p_1 = mean_k softmax(z_1k) over the best trial's fold models",
+    "single": "p = softmax(log(p_m) / T) of the one member m, the best trial, p_m = mean_k softmax(z_mk) over its "
+              "fold models",
     "hard": "p = (v + 1e-3 mean_m p_m) / (1 + 1e-3), v = share of members whose argmax of p_m = mean_k "
             "softmax(z_mk) is each class (votes; the small term breaks ties by the highest summed probability)",
 }
@@ -295,6 +299,7 @@ def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, stor
 
         manifest["onnx"] = write_onnx(folder, ensemble_from_manifest(folder, manifest, "loop"))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    files = [MANIFEST, *(name for m in members for name, _ in member_files(m)),
+    (folder / CARD_FILE).write_text(model_card(manifest), encoding="utf-8")
+    files = [MANIFEST, CARD_FILE, *(name for m in members for name, _ in member_files(m)),
              *(name for name, _ in onnx_files(manifest))]
     (folder / SUMS).write_text("".join(f"{sha256_file(folder / f)}  {f}\n" for f in files), encoding="utf-8")

@@ -243,7 +243,7 @@ def _finished_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     complete = frame["state"] == "COMPLETE"
     rows = frame.assign(shown=frame["value"].where(complete, frame["last_reported"]), pruned=frame["state"] == "PRUNED")
     rows = rows[(complete | rows["pruned"]) & rows["shown"].notna()].dropna(subset=list(columns))
-    if not (rows["pruned"] == False).any():  # noqa: E712 (a pandas mask, not a truth test)
+    if not (~rows["pruned"]).any():
         raise PlotSkipped(f"no COMPLETE trial with {', '.join(columns)}")
     return rows
 
