@@ -8,6 +8,7 @@ from hpsearch.ensemble._candidates import Candidate, Selection, fold_outputs, st
 from hpsearch.ensemble._combine import (
     ECE_BINS,
     HARD_TIE_RULE,
+    at_bound,
     calibration_bins,
     expected_calibration_error,
     member_log_probs,
@@ -26,6 +27,7 @@ __all__ = [
     "Method",
     "Row",
     "Selection",
+    "at_bound",
     "calibration_bins",
     "expected_calibration_error",
     "fold_outputs",

@@ -123,7 +123,8 @@ class EnsembleResult:
                            f"{_g(shipped.heldout, 'nll_scaled')}")
         else:
             temperature = (f"T = 1: the T fitted on {sizes} ({_t(shipped.fitted_temperature)}) did not lower "
-                           "cross-fitted held-out NLL" + (" (it ran to a search bound)"
+                           "cross-fitted held-out NLL" + (" (a degenerate fit: a search bound, or sharpening "
+                                                         "outputs without a mistake)"
                                                          if shipped.temperature_at_bound else ""))
         weights = {"single": "none: one member", "soft": "none: uniform", "hard": "none: uniform votes",
                    "soup": "none: one averaged model"}.get(self.method, f"{FIT_NAMES[self.weight_fit.name]} on all "

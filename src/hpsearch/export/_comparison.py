@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from hpsearch.ensemble import Candidate, EnsembleResult, Row
+from hpsearch.ensemble import Candidate, EnsembleResult, Row, at_bound
 
 # `held-out NLL` and `held-out acc` are cross-fitted on the fitting outputs (validation, or out-of-fold), of what
 # the row ships (with its T where one ships); the rest is measured on the test split; `(T)`: at the shipped T.
@@ -31,7 +31,10 @@ def temperature_cell(row: Row) -> str:
         return "—"
     if row.temperature_ships or row.fitted_temperature is None or row.fitted_temperature == 1.0:
         return _f(row.temperature, 3)
-    why = "bound" if row.temperature_at_bound else "no held-out gain"
+    if row.temperature_at_bound:  # degenerate: at a search bound, or sharpening outputs without a mistake
+        why = "bound" if at_bound(row.fitted_temperature) else "no mistake to fit it"
+    else:
+        why = "no held-out gain"
     return f"1 (fit {row.fitted_temperature:.3g}: {why})"
 
 
