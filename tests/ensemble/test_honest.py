@@ -149,4 +149,5 @@ def test_an_export_keeps_t_1_where_validation_is_perfectly_separated_and_records
     assert set(fitting["heldout"]) == {"single", "hard", "soft", "weighted"}
     report = (out / "report.md").read_text()
     assert "## Which data fitted what" in report
-    assert "1 (fit 0.0686: no mistake to fit it)" in report  # the T column says which T was fitted and why it is not shipped
+    # the T column says which T was fitted and why it is not shipped
+    assert "1 (fit 0.0686: no mistake to fit it)" in report
