@@ -122,8 +122,9 @@ class EnsembleResult:
                            f"them it lowered held-out NLL from {_g(shipped.heldout, 'nll')} to "
                            f"{_g(shipped.heldout, 'nll_scaled')}")
         else:
-            temperature = (f"T = 1: the T fitted on {sizes} ({_t(shipped.fitted_temperature)}) did not lower "
-                           "cross-fitted held-out NLL" + (" (a degenerate fit: a search bound, or sharpening "
+            temperature = (f"T = 1: the T fitted on {sizes} ({_t(shipped.fitted_temperature)}) is not backed by "
+                           "cross-fitted held-out NLL (a gain above 1.645 standard errors, with at least 10 mistakes "
+                           "to fit it by)" + (" (a degenerate fit: a search bound, or sharpening "
                                                          "outputs without a mistake)"
                                                          if shipped.temperature_at_bound else ""))
         weights = {"single": "none: one member", "soft": "none: uniform", "hard": "none: uniform votes",
@@ -250,8 +251,9 @@ def _notes(fits: Sequence[WeightFit], chosen: WeightFit, rows: Sequence[Row], co
             notes.append(f"{row.name}: T ran to the search bound ({row.fitted_temperature:.3g}): {why}; T overfits, "
                          "and T = 1 is kept")
         elif row.fitted_temperature is not None and row.fitted_temperature != 1.0 and not row.temperature_ships:
-            notes.append(f"{row.name}: the fitted T = {row.fitted_temperature:.3g} did not lower cross-fitted "
-                         f"held-out NLL ({row.heldout.nll:.4f} at T = 1, {row.heldout.nll_scaled:.4f} with T), "
+            notes.append(f"{row.name}: the fitted T = {row.fitted_temperature:.3g} is not backed by held-out evidence "
+                         f"(cross-fitted NLL {row.heldout.nll:.4f} at T = 1, {row.heldout.nll_scaled:.4f} with T; "
+                         "a T ships on a gain above 1.645 standard errors with at least 10 mistakes to fit it by), "
                          "so T = 1 is kept" if row.heldout is not None else "")
     return tuple(n for n in notes if n)
 

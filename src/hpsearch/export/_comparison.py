@@ -26,7 +26,7 @@ def _weights_cell(row: Row) -> str:
 
 def temperature_cell(row: Row) -> str:
     """The T a row ships; where it ships none, the T it fitted and why it was not kept: `(bound)` when it ran to
-    the search's edge, `(no held-out gain)` when cross-fitting showed no lower NLL with it."""
+    the search's edge, `(not backed held out)` when cross-fitting showed no clear gain with it."""
     if row.temperature is None:
         return "—"
     if row.temperature_ships or row.fitted_temperature is None or row.fitted_temperature == 1.0:
@@ -34,7 +34,7 @@ def temperature_cell(row: Row) -> str:
     if row.temperature_at_bound:  # degenerate: at a search bound, or sharpening outputs without a mistake
         why = "bound" if at_bound(row.fitted_temperature) else "no mistake to fit it"
     else:
-        why = "no held-out gain"
+        why = "not backed held out"
     return f"1 (fit {row.fitted_temperature:.3g}: {why})"
 
 
