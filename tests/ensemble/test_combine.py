@@ -115,7 +115,7 @@ def hand_candidates() -> list[Candidate]:
 
 
 def test_build_ensemble_rows_match_the_hand_case() -> None:
-    result = build_ensemble(hand_candidates(), arch="resnet18")
+    result = build_ensemble(hand_candidates(), arch="resnet18", method="weighted")
     single, hard, soft, weighted = (result.row(k) for k in ("single", "hard", "soft", "weighted"))
     # Best single = A (ranked first): right on s0, s1 -> .5; NLL = -(ln .6 + ln .7 + ln .3 + ln .1)/4
     assert single.trials == (7,) and single.accuracy == 0.5

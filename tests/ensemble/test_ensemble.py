@@ -143,7 +143,8 @@ def test_cli_ensemble_writes_report_with_the_four_rows(tmp_path: Path, study_fil
     path, url, store = cli_study(tmp_path, study_file, specs)
     out = tmp_path / "best-ensemble"
     proc = subprocess.run([sys.executable, "-m", "hpsearch", "ensemble", str(path), "--storage", url,
-                           "--artifacts", str(store), "--out", str(out), "--no-export"], capture_output=True, text=True,
+                           "--artifacts", str(store), "--out", str(out), "--no-export", "--method", "weighted"],
+                          capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "trial 1 skipped" in proc.stderr

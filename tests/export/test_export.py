@@ -47,6 +47,49 @@ def test_manifest_records_everything_a_stranger_needs(exported: Exported) -> Non
     assert not list(exported.folder.glob("*.pt")) and not list(exported.folder.glob("*.pkl"))
 
 
+def test_the_model_card_says_what_it_is_and_its_code_reproduces_the_export(exported: Exported,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import hpsearch
+
+    card = (exported.folder / "README.md").read_text()
+    manifest = json.loads((exported.folder / MANIFEST).read_text())
+    assert card.startswith("# tiny: soft (2 members)")
+    assert "10 classes, in output order: `0`, `1`" in card and str(manifest["preprocessing"]["mean"]) in card
+    assert "## Held-out metrics" in card and "never for a fit or a choice" in card
+    assert "## Which data fitted what" in card and "- temperature: " in card
+    assert "README.md" in (exported.folder / SUMS).read_text()  # `sha256sum -c` covers the card too
+    # The card's plain-torchvision lines, run as a stranger would in the folder, give load_ensemble's probabilities.
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    images = exported.pre(exported.pool_images[:16])
+    monkeypatch.chdir(exported.folder)
+    scope: dict[str, object] = {"x": images}
+    with torch.no_grad():
+        exec(code, scope)  # the card's own code: running it is the point
+        expected = hpsearch.load_ensemble(exported.folder)(images)
+    assert torch.allclose(scope["probs"].float(), expected, atol=1e-5)
+
+
+def test_export_trial_writes_one_trial_the_same_way(exported: Exported, tmp_path: Path, capsys) -> None:
+    import hpsearch
+
+    common = [str(exported.tmp / "tiny.toml"), "--storage", exported.url, "--artifacts", str(exported.store)]
+    out = tmp_path / "one"
+    assert main(["export", *common, "--trial", "1", "--out", str(out)]) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["combine"]["method"] == "single" and [m["trial"] for m in manifest["members"]] == [1]
+    assert manifest["fitting"]["choice"] == "asked for with --method single" and (out / "README.md").is_file()
+    t = manifest["combine"]["temperature"]
+    model = hpsearch.load_ensemble(out)
+    images = exported.pre(exported.pool_images[:8])
+    with torch.no_grad():
+        alone = model.members[0](images).double().softmax(-1)
+        assert torch.allclose(model(images).double(), (alone.log() / t).softmax(-1), atol=1e-5)
+    capsys.readouterr()
+    assert main(["export", *common, "--trial", "7", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--trial 7" in err and "does not exist" in err and "Traceback" not in err
+
+
 def test_member_loads_strict_into_plain_torchvision(exported: Exported) -> None:
     from torchvision import models
 

@@ -78,7 +78,7 @@ def test_onnx_files_are_in_the_manifest_and_sha256sums(onnx_folder: Path) -> Non
     for f in entry["external_data"]:
         assert f["sha256"] == sha256_file(onnx_folder / f["file"])
     written = {p.name for p in onnx_folder.iterdir()}
-    assert written == {MANIFEST, SUMS, "report.md", "ensemble.json", *listed,
+    assert written == {MANIFEST, SUMS, "README.md", "report.md", "ensemble.json", *listed,
                        *(m["file"] for m in manifest["members"])}
 
 

@@ -1,5 +1,5 @@
 """The report's plots on studies built in memory, no training: thousands of trials sampled where lines would
-choke, one complete trial skipping what needs more, a parameter with one value left out of the importances.
+choke, one complete trial skipping what needs more, importances skipped where no parameter varies.
 
 The plots of a real trained study, counted against its storage, are in tests/report/test_report.py.
 """
@@ -31,14 +31,15 @@ def test_thousands_of_trials_are_sampled_where_lines_would_choke():
     assert sum(len(c.get_segments()) for ax in coords.axes for c in ax.collections
                if isinstance(c, LineCollection)) == plots.MAX_LINES
     frame = trials_table(study)
-    assert scatter_points(plots.lr_vs_accuracy(frame)) == len(complete)  # a scatter takes them all
-    assert scatter_points(plots.optimization_history(study)) == len(complete)
+    finished = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    assert scatter_points(plots.lr_vs_accuracy(frame)) == finished  # a scatter takes them all, PRUNED at last value
+    assert scatter_points(plots.optimization_history(study)) == finished
     plots.param_importances(study)
 
 
 def test_one_complete_trial_skips_what_needs_more():
     study = synthetic_study(2, pruned_every=2)  # trial 0 COMPLETE, trial 1 PRUNED
-    assert scatter_points(plots.optimization_history(study)) == 1
+    assert scatter_points(plots.optimization_history(study)) == 2  # the PRUNED one at its last reported value
     for needs_two in (plots.param_importances, plots.parallel_coordinate):
         with pytest.raises(plots.PlotSkipped, match="at least 2 COMPLETE"):
             needs_two(study)
@@ -46,14 +47,7 @@ def test_one_complete_trial_skips_what_needs_more():
     assert sum(ln.get_linestyle() == "--" for ln in lines if ln.get_label().startswith("Trial")) == 1
 
 
-def test_a_parameter_with_one_value_is_left_out_of_importances():
-    study = synthetic_study(12)
-    assert plots.varying_params(study) == ["dropout", "lr", "optimizer", "scheduler"]
-    constant = optuna.create_study(direction="maximize")
-    constant.add_trials([create_trial(value=0.5 + i / 10, params={"optimizer": "adam", "lr": 1e-3 * (i + 1)},
-                                      distributions={k: SYNTHETIC_SPACE[k] for k in ("optimizer", "lr")})
-                         for i in range(3)])
-    assert plots.varying_params(constant) == ["lr"]
+def test_importances_of_parameters_that_never_vary_are_skipped():
     single = optuna.create_study(direction="maximize")
     single.add_trials([create_trial(value=0.5 + i / 10, params={"optimizer": "adam"},
                                     distributions={"optimizer": SYNTHETIC_SPACE["optimizer"]}) for i in range(3)])

@@ -28,6 +28,7 @@ from scipy.special import softmax
 from hpsearch import keys
 from hpsearch.cli._main import main
 from hpsearch.config import read_study_file
+from hpsearch.ensemble import ECE_BINS
 from hpsearch.record import read_study_record
 from hpsearch.report import _plots as plots
 from hpsearch.report._ensemble import RELIABILITY_FILE, WEIGHTS_FILE, ensemble_builders, read_ensemble
@@ -146,7 +147,7 @@ def test_trials_csv_has_one_row_per_trial_with_values_from_storage(trained):
         for name, value in t.params.items():
             assert row[name] == (pytest.approx(value) if isinstance(value, float) else value), name
         if keys.BEST_EPOCH in t.user_attrs:
-            assert row["best_epoch"] == t.user_attrs[keys.BEST_EPOCH]
+            assert row["best_epoch"] == t.user_attrs[keys.BEST_EPOCH] + 1  # stored 0-based, shown 1-based
         if t.state == TrialState.PRUNED:
             assert row["pruned_reason"] == t.user_attrs[keys.PRUNED_REASON]
         assert math.isnan(row["retry_of"])  # nothing failed, nothing retried
@@ -164,7 +165,7 @@ def test_figure_points_match_the_trials_in_storage(trained):
     pruned = [t for t in curves if t.state == TrialState.PRUNED]
     assert len(complete) >= 2 and curves
 
-    assert scatter_points(plots.optimization_history(study)) == len(complete)
+    assert scatter_points(plots.optimization_history(study)) == len(complete) + len(pruned)
 
     lines = [ln for ln in plots.learning_curves(study).axes[0].get_lines() if ln.get_label().startswith("Trial")]
     assert sorted(len(ln.get_xdata()) for ln in lines) == sorted(len(t.intermediate_values) for t in curves)
@@ -175,10 +176,12 @@ def test_figure_points_match_the_trials_in_storage(trained):
     assert sum(len(c.get_segments()) for c in segments) == len(complete)
 
     frame = trials_table(study)
-    assert scatter_points(plots.lr_vs_accuracy(frame)) == len(complete)
+    assert scatter_points(plots.lr_vs_accuracy(frame)) == len(complete) + len(pruned)
     grid = plots.optimizer_scheduler_grid(frame)
     counts = [int(m.group(1)) for t in grid.axes[0].texts if (m := re.search(r"n=(\d+)", t.get_text()))]
     assert sum(counts) == len(complete)
+    assert sum(int(n) for t in grid.axes[0].texts for n in re.findall(r"\+(\d+) pruned", t.get_text())) == \
+        len(pruned)
     assert sum(n > 0 for n in counts) == len({(t.params["optimizer"], t.params["scheduler"]) for t in complete})
     every = study.get_trials()  # the grid's rows and columns: every optimizer and scheduler tried, finished or not
     assert len(counts) == len({t.params["optimizer"] for t in every}) * len({t.params["scheduler"] for t in every})
@@ -281,18 +284,20 @@ def test_ensemble_weights_comparison_and_reliability_join_the_report(trained, en
     assert "<h2>Ensemble: test-split comparison</h2>" in page
     table = page.split("<h2>Ensemble: test-split comparison</h2>", 1)[1].split("</table>", 1)[0]
     assert table.count("<tr") == len(result["metrics"]) + 1  # the header row and one per row of ensemble.json
-    for row in result["metrics"]:
-        assert f"<td>{row['name']}</td>" in table
-        assert f"{row['test_accuracy']:.4g}" in table
+    for row in result["table"]["rows"]:  # the table `hpsearch ensemble` printed, markers included
+        assert f"<td>{row[0]}</td>" in table
+    assert "uniform soft voting [chosen]</td>" in table
 
     counts = [ax for ax in figures[RELIABILITY_FILE].axes if ax.get_label().startswith("counts:")]
     assert len(counts) == 2  # before and after temperature scaling
     n_test = study.user_attrs[keys.SPLIT_SIZES]["test"]
     assert [sum(bar_heights(ax)) for ax in counts] == [n_test, n_test]
-    assert all(len(ax.patches) == 10 for ax in counts)
+    assert all(len(ax.patches) == ECE_BINS for ax in counts)  # the table's ECE bins
     # the recombined members give the accuracy ensemble.json measured for the shipped method (T keeps the argmax)
     shipped = next(row for row in result["metrics"] if row["method"] == result["method"])
     accuracies = [ax for ax in figures[RELIABILITY_FILE].axes if ax.get_ylabel() == "accuracy"]
+    before, after = (ax.get_title() for ax in accuracies)  # one ECE: the diagram's is the table's
+    assert f"ECE {shipped['test_ece']:.4f}" in before and f"ECE {shipped['test_ece_scaled']:.4f}" in after
     for hits, count in zip(accuracies, counts, strict=True):
         correct = sum(h * n for h, n in zip(bar_heights(hits), bar_heights(count), strict=True))
         assert correct / n_test == pytest.approx(shipped["test_accuracy"])

@@ -9,33 +9,51 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpsearch.cli._output import console, print_json_object, show
 from hpsearch.errors import ExitCode
 
+if TYPE_CHECKING:
+    from hpsearch.export import Exported
+
 
 def cmd_ensemble(args: argparse.Namespace) -> ExitCode:
-    from hpsearch.export import export_ensemble, result_table
+    from hpsearch.export import export_ensemble
 
     exported = export_ensemble(
         args.study, storage=args.storage, artifacts=args.artifacts, top_k=args.top_k, method=args.method,
         out=args.out, export=not args.no_export, onnx=args.onnx, device=args.device,
         on_warning=lambda line: console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True),
         on_start=lambda line: console.print(line, highlight=False))
+    return _print_exported(exported, args.no_export, args.onnx, args.json)
+
+
+def cmd_export(args: argparse.Namespace) -> ExitCode:
+    from hpsearch.export import export_ensemble
+
+    exported = export_ensemble(args.study, storage=args.storage, artifacts=args.artifacts, method="single",
+                               out=args.out or f"trial-{args.trial}", onnx=args.onnx, trial=args.trial)
+    return _print_exported(exported, False, args.onnx, getattr(args, "json", False))
+
+
+def _print_exported(exported: Exported, no_export: bool, onnx: bool, as_json: bool) -> ExitCode:
+    from hpsearch.export import result_table
+
     result, folder = exported.result, exported.folder
     folds = any(m.fold_artifacts for m in result.members)
-    if args.json:
-        print_json_object(_ensemble_object(folder, exported=not args.no_export, onnx=args.onnx))
+    if as_json:
+        print_json_object(_ensemble_object(folder, exported=not no_export, onnx=onnx))
     else:
         show(result_table(result, f"top {len(exported.selection.candidates)} trials of {exported.study_name!r}: "
-                                  f"val NLL on {'out-of-fold train+val' if folds else 'validation'}, the rest on "
-                                  "test; (T) after temperature scaling"))
+                                  f"held-out acc and NLL cross-fitted on "
+                                  f"{'out-of-fold train+val' if folds else 'validation'}, the rest on test; "
+                                  "(T) at the shipped temperature"))
         for note in result.notes:
             show(f"- {note}", highlight=False)
-    written = "" if args.no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
-                                         f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
-                                         + (", ensemble.onnx" if args.onnx else "") + ")")
+    written = "" if no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
+                                    f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
+                                    + (", ensemble.onnx" if onnx else "") + ")")
     console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
     return ExitCode.OK
 

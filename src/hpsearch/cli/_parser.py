@@ -125,10 +125,11 @@ def _add_ensemble(commands: Commands) -> None:
     _storage(ens)
     _artifacts(ens)
     ens.add_argument("--top-k", type=_positive, help="candidates (default: [ensemble] top_k)")
-    ens.add_argument("--method", choices=["weighted", "soft", "hard", "soup"], default="weighted",
-                     help="the ensemble written to --out (default weighted); the table compares all. soup: the "
-                     "greedy weight average of the trials (same architecture and starting weights), re-run on "
-                     "validation and kept only if it beats the best single trial there (else weighted)")
+    ens.add_argument("--method", choices=["auto", "single", "weighted", "soft", "hard", "soup"], default="auto",
+                     help="the ensemble written to --out (default auto: the best single trial, uniform or weighted "
+                     "soft voting, whichever has the lowest cross-fitted held-out NLL); the table compares all. "
+                     "soup: the greedy weight average of the trials (same architecture and starting weights), re-run "
+                     "on validation and kept only if it beats the best single trial there (else auto)")
     ens.add_argument("--device", choices=DEVICES,
                      help="where --method soup re-runs the averaged model (default: [train] device)")
     ens.add_argument("--out", metavar="DIR", default="best-ensemble",
@@ -140,6 +141,14 @@ def _add_ensemble(commands: Commands) -> None:
                           "(needs the optional extra: pip install -e '.[onnx]')")
     _json(ens)
     ens.set_defaults(handler="hpsearch.cli._ensemble:cmd_ensemble")
+    one = commands.add_parser("export", help="export one trial as `hpsearch ensemble` exports an ensemble")
+    one.add_argument("study", metavar="STUDY.toml")
+    _storage(one)
+    _artifacts(one)
+    one.add_argument("--trial", type=int, required=True, help="the COMPLETE trial to export")
+    one.add_argument("--out", metavar="DIR", default=None, help="folder, replaced atomically (default trial-N)")
+    one.add_argument("--onnx", action="store_true", help="also write ensemble.onnx (the optional onnx extra)")
+    one.set_defaults(handler="hpsearch.cli._ensemble:cmd_export")
 
 
 def _add_report(commands: Commands) -> None:

@@ -8,13 +8,15 @@ from hpsearch.ensemble._candidates import Candidate, Selection, fold_outputs, st
 from hpsearch.ensemble._combine import (
     ECE_BINS,
     HARD_TIE_RULE,
-    Row,
+    at_bound,
+    calibration_bins,
     expected_calibration_error,
     member_log_probs,
     mixture_log_probs,
     scale,
 )
-from hpsearch.ensemble._fit import EnsembleResult, Member, Method, study_ensemble
+from hpsearch.ensemble._fit import EnsembleResult, Member, Method, study_ensemble, study_trial
+from hpsearch.ensemble._rows import Row
 
 __all__ = [
     "ECE_BINS",
@@ -25,6 +27,8 @@ __all__ = [
     "Method",
     "Row",
     "Selection",
+    "at_bound",
+    "calibration_bins",
     "expected_calibration_error",
     "fold_outputs",
     "member_log_probs",
@@ -32,4 +36,5 @@ __all__ = [
     "scale",
     "stack_outputs",
     "study_ensemble",
+    "study_trial",
 ]

@@ -58,32 +58,41 @@ def select_candidates(study: optuna.Study, store: ArtifactStore, top_k: int,
     `pin`, each trial's weights are pinned before they are checked (hpsearch.pins): running workers then keep
     what was found.
     """
-    record = read_study_record(study)
-    expected_sha = record.require_split_sha256()
-    n_classes = len(record.classes or ()) or None
     chosen: list[Candidate] = []
     skipped: list[str] = []
     for trial in ranked_trials(study):
         if len(chosen) >= top_k:
             break
-        trial_record = read_trial_record(trial)
-        weights = [str(r["weights_artifact"]) for r in trial_record.folds] or (
-            [trial_record.weights] if trial_record.weights else [])
-        for artifact in weights if pin is not None else ():
-            pin(artifact)
-        problem, outputs = (_load(store, trial) if record.folds_sha256 is None
-                            else fold_outputs(store, trial, record.folds_sha256, record.n_folds))
-        if outputs is not None:
-            problem = _mismatch(outputs, expected_sha, n_classes, chosen[0].outputs if chosen else None)
-        if problem is not None or outputs is None:
+        candidate, problem = trial_candidate(study, store, trial, chosen[0] if chosen else None, pin)
+        if candidate is None:
             skipped.append(f"trial {trial.number} skipped: {problem}")
             continue
-        # Its accuracy, whatever metric ranked it (a study of loss or macro-F1 ranks by that, through ranked_trials).
-        accuracy = trial.user_attrs.get("val_accuracy", trial.value)
-        chosen.append(Candidate(trial.number, dict(trial.params), float(accuracy or 0.0),
-                                trial_record.weights or "", outputs,
-                                tuple(weights) if record.folds_sha256 is not None else ()))
+        chosen.append(candidate)
     return Selection(tuple(chosen), tuple(skipped))
+
+
+def trial_candidate(study: optuna.Study, store: ArtifactStore, trial: optuna.trial.FrozenTrial,
+                    first: Candidate | None = None,
+                    pin: Callable[[str], None] | None = None) -> tuple[Candidate | None, str | None]:
+    """One COMPLETE trial as a candidate, or (None, why not): its weights and outputs usable, of the study's
+    split and classes (and, with `first`, lined up with it)."""
+    record = read_study_record(study)
+    trial_record = read_trial_record(trial)
+    weights = [str(r["weights_artifact"]) for r in trial_record.folds] or (
+        [trial_record.weights] if trial_record.weights else [])
+    for artifact in weights if pin is not None else ():
+        pin(artifact)
+    problem, outputs = (_load(store, trial) if record.folds_sha256 is None
+                        else fold_outputs(store, trial, record.folds_sha256, record.n_folds))
+    if outputs is not None:
+        problem = _mismatch(outputs, record.require_split_sha256(), len(record.classes or ()) or None,
+                            first.outputs if first else None)
+    if problem is not None or outputs is None:
+        return None, problem
+    # Its accuracy, whatever metric ranked it (a study of loss or macro-F1 ranks by that, through ranked_trials).
+    accuracy = trial.user_attrs.get("val_accuracy", trial.value)
+    return Candidate(trial.number, dict(trial.params), float(accuracy or 0.0), trial_record.weights or "", outputs,
+                     tuple(weights) if record.folds_sha256 is not None else ()), None
 
 
 def _load(store: ArtifactStore, trial: optuna.trial.FrozenTrial) -> tuple[str | None, TrialOutputs | None]:

@@ -8,9 +8,8 @@ so it has no NLL or temperature; its ECE uses the winning class's vote share as 
 
 Member weights are fitted on validation outputs only, two ways (`greedy_selection`, Caruana et al. 2004, and
 `fit_nll_weights`, direct minimisation of the validation NLL over the simplex); temperature scaling is fitted on
-validation too. A `Row` measures one combination: validation numbers, then accuracy, NLL and ECE on test,
-before and after its temperature. The ensemble (hpsearch.ensemble) and the greedy soup (hpsearch.soup) both
-build their rows here.
+the same outputs too. What judges those fits is cross-fitting (hpsearch.ensemble._crossfit); a comparison line is
+a `Row` (hpsearch.ensemble._rows).
 """
 
 from __future__ import annotations
@@ -50,25 +49,6 @@ class Outputs:
     y_test: np.ndarray
 
 
-@dataclass(frozen=True)
-class Row:
-    """One line of the comparison; metrics on the held-out test split."""
-
-    key: Literal["single", "hard", "soft", "weighted", "soup"]
-    name: str
-    trials: tuple[int, ...]  # members with non-zero weight
-    weights: tuple[float, ...]  # their weights
-    val_nll: float | None
-    accuracy: float
-    nll: float | None  # None for hard voting (votes are not probabilities)
-    ece: float
-    temperature: float | None  # fitted on validation; None for hard voting
-    nll_scaled: float | None  # after temperature scaling
-    ece_scaled: float | None
-    val_accuracy: float  # of this combination on validation
-    temperature_at_bound: bool = False  # T reached T_BOUNDS: no finite optimum (validation perfectly separated)
-
-
 # ----------------------------------------------------------------------------------------- probabilities
 
 
@@ -99,16 +79,24 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float((predictions == labels).mean())
 
 
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray,
+                     n_bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin (i/B, (i+1)/B]: count, accuracy and mean confidence (NaN when empty). The
+    one binning of this project: the ECE of the comparison table and the report's reliability diagram."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hits = np.bincount(bins, weights=np.asarray(correct, dtype=np.float64), minlength=n_bins) / counts
+        mean = np.bincount(bins, weights=confidence, minlength=n_bins) / counts
+    return counts, hits, mean
+
+
 def ece_from(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error: bins (i/B, (i+1)/B] of confidence, sum_b |B_b|/n * |acc_b - conf_b|."""
-    confidence = np.asarray(confidence, dtype=np.float64)
-    correct = np.asarray(correct, dtype=np.float64)
-    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        inside = bins == b
-        total += inside.sum() * abs(correct[inside].mean() - confidence[inside].mean())
-    return total / len(confidence)
+    counts, hits, mean = calibration_bins(confidence, correct, n_bins)
+    filled = counts > 0
+    return float((counts[filled] * np.abs(hits[filled] - mean[filled])).sum() / counts.sum())
 
 
 def expected_calibration_error(log_probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
@@ -210,38 +198,11 @@ def at_bound(temperature: float) -> bool:
     return temperature <= T_BOUNDS[0] * 1.01 or temperature >= T_BOUNDS[1] * 0.99
 
 
-# ------------------------------------------------------------------------------------------------ rows
-
-
-def soft_row(key: Literal["single", "soft", "weighted", "soup"], name: str, data: Outputs, weights: np.ndarray,
-             trials: Sequence[int]) -> Row:
-    """The weighted average of the members' probabilities, measured; T fitted on its validation outputs."""
-    val = mixture_log_probs(data.val, weights)
-    test = mixture_log_probs(data.test, weights)
-    temperature = fit_temperature(val, data.y_val)
-    scaled = scale(test, temperature)
-    nonzero = [i for i, w in enumerate(weights) if w > 0]
-    return Row(key, name, tuple(trials[i] for i in nonzero), tuple(float(weights[i]) for i in nonzero),
-               nll(val, data.y_val), accuracy(test.argmax(axis=1), data.y_test), nll(test, data.y_test),
-               expected_calibration_error(test, data.y_test), temperature, nll(scaled, data.y_test),
-               expected_calibration_error(scaled, data.y_test), accuracy(val.argmax(axis=1), data.y_val),
-               at_bound(temperature))
-
-
-def hard_row(data: Outputs, trials: Sequence[int]) -> tuple[Row, int]:
-    """Majority voting, measured; with the number of test samples whose vote was a tie."""
-    predictions, share, ties = hard_vote(data.test)
-    correct = predictions == data.y_test
-    m = len(trials)
-    val_predictions, _, _ = hard_vote(data.val)
-    row = Row("hard", "hard voting", tuple(trials), (1.0 / m,) * m, None, accuracy(predictions, data.y_test),
-              None, ece_from(share, correct), None, None, None, accuracy(val_predictions, data.y_val))
-    return row, ties
-
-
-def usable_temperature(row: Row) -> float:
-    """The T to ship with a row: its fitted T, or 1 where none was fitted or it ran to a bound (overfit)."""
-    return 1.0 if row.temperature is None or row.temperature_at_bound else row.temperature
+def degenerate(fitted: float, fit_accuracy: float) -> bool:
+    """Whether a fitted T has no finite optimum behind it: it ran to a search bound, or it sharpens (T < 1)
+    outputs that classify every fitting sample right, where NLL falls as T -> 0 and the search stops wherever its
+    tolerance does. Cross-fitting cannot catch the second case: every held-out part is error-free too."""
+    return at_bound(fitted) or (fitted < 1.0 and fit_accuracy == 1.0)
 
 
 def choose_weights(fits: Sequence[WeightFit], uniform_nll: float, m: int) -> WeightFit:

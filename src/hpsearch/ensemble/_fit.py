@@ -1,21 +1,29 @@
 """Ensembles of a study's best trials, built from their stored outputs only (no model is re-run).
 
-The top k candidates (hpsearch.candidates) are combined. Member weights are fitted on the validation outputs
-only, two ways, and the one with the lower validation NLL wins (hpsearch.combine):
+The top k candidates (hpsearch.candidates) are combined. The fitting outputs are the validation split's (or,
+with `[data] folds`, the out-of-fold outputs of every train+val image). Member weights are fitted there two
+ways, and the one with the lower NLL wins (hpsearch.combine):
 
 - greedy ensemble selection with replacement (Caruana et al., 2004): add, one round at a time, the member
-  whose addition gives the lowest validation NLL of the running average; keep the best prefix; a member's
-  weight is how often it was picked in that prefix;
-- direct minimisation of the validation NLL of the weighted average over the simplex (scipy SLSQP; the NLL
-  of a mixture is convex in its weights, so this is the global optimum up to solver tolerance).
+  whose addition gives the lowest NLL of the running average; keep the best prefix; a member's weight is how
+  often it was picked in that prefix;
+- direct minimisation of the NLL of the weighted average over the simplex (scipy SLSQP; the NLL of a mixture
+  is convex in its weights, so this is the global optimum up to solver tolerance).
+
+Those outputs also picked each trial's best epoch and ranked the trials, so a fit judged on them looks better
+than it is. Every decision therefore rests on cross-fitted evidence (hpsearch.ensemble._crossfit): weights and
+T refitted without each part of the fitting outputs and scored on it. A temperature ships only where it lowers
+that held-out NLL; `--method auto` (the default) ships the lowest held-out NLL among the best single trial,
+uniform and weighted soft voting. Hard voting ships votes, not probabilities, so it has no NLL to compare and
+is shipped only when asked for.
 
 The held-out test outputs are used only to compare, in one table: the best single trial, hard voting,
 uniform soft voting and weighted soft voting; accuracy, NLL and ECE (15 equal-width confidence bins),
-and for the probabilistic rows the same after temperature scaling fitted on validation.
+before and after the temperature each row ships.
 
 In a cross-validated study (`[data] folds`) a member is a trial's K fold models, their softmaxes averaged
-uniformly; the weights are fitted on the out-of-fold outputs of every train+val image (hpsearch.candidates), and
-the test rows compare the fold-averaged members in the same table. A soup (one averaged model) is refused there.
+uniformly; the test rows compare the fold-averaged members in the same table. A soup (one averaged model) is
+refused there.
 
 With `--method soup` (hpsearch.soup) the table gains a "greedy soup" row: one model whose weights average
 several trials', re-run on the data (weight averaging changes the function), measured like the other rows.
@@ -24,29 +32,30 @@ several trials', re-run on the data (weight averaging changes the function), mea
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from hpsearch.ensemble._candidates import Candidate, Selection, select_candidates, stack_outputs
+from hpsearch.ensemble._candidates import Candidate, Selection, select_candidates, stack_outputs, trial_candidate
 from hpsearch.ensemble._combine import (
     ECE_BINS,
     GREEDY_ROUNDS,
     HARD_TIE_RULE,
     T_BOUNDS,
-    Row,
+    Outputs,
     WeightFit,
     choose_weights,
     fit_nll_weights,
     greedy_selection,
-    hard_row,
+    member_log_probs,
     mixture_nll,
-    soft_row,
     true_class_log_probs,
-    usable_temperature,
 )
+from hpsearch.ensemble._crossfit import PARTS, HeldOut
+from hpsearch.ensemble._rows import Row, hard_row, soft_row, usable_temperature
 from hpsearch.ensemble._soup import Soup, SoupInfo, make_soup
 from hpsearch.errors import EnsembleError, UsageError
 from hpsearch.record import read_study_record
@@ -57,9 +66,11 @@ if TYPE_CHECKING:
 
     from hpsearch.store import ArtifactStore
 
-Method = Literal["weighted", "soft", "hard", "soup"]
-# What build_ensemble combines from stored outputs; "soup" (hpsearch.soup) re-runs an averaged model instead.
-METHODS: tuple[Method, ...] = ("weighted", "soft", "hard")
+Method = Literal["auto", "single", "weighted", "soft", "hard", "soup"]
+# What build_ensemble combines from stored outputs; "soup" (hpsearch.soup) re-runs an averaged model instead;
+# "auto" is one of the PROBABILISTIC ones, chosen by its cross-fitted held-out NLL.
+METHODS: tuple[Method, ...] = ("auto", "single", "weighted", "soft", "hard")
+PROBABILISTIC: tuple[Method, ...] = ("single", "soft", "weighted")  # in the order ties are broken
 FIT_NAMES = {"greedy": "greedy selection", "slsqp": "direct NLL minimisation (SLSQP)", "uniform": "uniform"}
 
 
@@ -81,9 +92,10 @@ class Member:
 
 @dataclass(frozen=True)
 class EnsembleResult:
-    method: Method
+    method: Method  # what ships: never "auto"
     members: tuple[Member, ...]  # of `method`; weights sum to 1
-    temperature: float | None  # to apply with `method`: fitted T, 1.0 if it ran to a bound, None for hard voting
+    temperature: float | None  # to apply with `method`: fitted T where held-out evidence backs it, else 1.0;
+    # None for hard voting
     weight_fit: WeightFit  # the fit the weighted row uses
     fits: tuple[WeightFit, ...]  # every fit tried (greedy, slsqp), for the report
     rows: tuple[Row, ...]  # single, hard, soft, weighted
@@ -93,14 +105,83 @@ class EnsembleResult:
     sizes: Mapping[str, int]  # val, test
     candidates: tuple[int, ...]  # trial numbers in rank order; WeightFit.weights line up with them
     soup: SoupInfo | None = None  # only with --method soup
+    asked: Method = "weighted"  # what the user asked for (--method)
+    fit_data: str = "validation outputs"  # what fitted the weights and T, in words
 
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.key == key)
 
+    def fitting(self) -> dict[str, Any]:
+        """Which data fitted, chose and measured what: the export's manifest and ensemble.json record it."""
+        shipped = self.row(self.method)
+        sizes = f"{self.sizes['val']} {self.fit_data}"
+        if shipped.temperature is None:
+            temperature = "none: hard voting ships vote shares"
+        elif shipped.temperature_ships:
+            temperature = (f"T = {shipped.temperature:.4g}, fitted on all {sizes}; shipped because cross-fitted on "
+                           f"them it lowered held-out NLL from {_g(shipped.heldout, 'nll')} to "
+                           f"{_g(shipped.heldout, 'nll_scaled')}")
+        else:
+            temperature = (f"T = 1: the T fitted on {sizes} ({_t(shipped.fitted_temperature)}) is not backed by "
+                           "cross-fitted held-out NLL (a gain above 1.645 standard errors, with at least 10 mistakes "
+                           "to fit it by)" + (" (a degenerate fit: a search bound, or sharpening "
+                                                         "outputs without a mistake)"
+                                                         if shipped.temperature_at_bound else ""))
+        weights = {"single": "none: one member", "soft": "none: uniform", "hard": "none: uniform votes",
+                   "soup": "none: one averaged model"}.get(self.method, f"{FIT_NAMES[self.weight_fit.name]} on all "
+                                                                        f"{sizes}")
+        choice = (f"auto: the lowest cross-fitted held-out NLL among {', '.join(PROBABILISTIC)}"
+                  if self.asked == "auto" else f"asked for with --method {self.asked}")
+        return {
+            "selection": f"each trial's best epoch and the trials' ranking: accuracy on the {self.fit_data}",
+            "weights": weights, "temperature": temperature, "choice": choice,
+            "evidence": f"cross-fitting in {PARTS} stratified parts of the {sizes}: weights and T refitted without "
+                        "each part, scored on it",
+            "test": f"{self.sizes['test']} test images, used for the comparison only, never for a fit or a choice",
+            "heldout": {r.key: {"accuracy": r.heldout.accuracy, "nll": _finite(r.heldout.nll),
+                                "nll_scaled": _finite(r.heldout.nll_scaled)}
+                        for r in self.rows if r.heldout is not None},
+        }
 
-def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = "weighted", *,
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _g(heldout: HeldOut | None, name: str) -> str:
+    return "—" if heldout is None else f"{getattr(heldout, name):.4f}"
+
+
+def _t(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3g}"
+
+
+def weight_fitter(rounds: int = GREEDY_ROUNDS) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Weights as the weighted row fits them (greedy or SLSQP, whichever has the lower NLL; uniform if neither
+    beats it), as a function of the outputs: cross-fitting refits it on each part's complement."""
+    def fit(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return np.asarray(_fit_weights(true_class_log_probs(log_probs, labels), rounds)[0].weights)
+
+    return fit
+
+
+def _fit_weights(true: np.ndarray, rounds: int) -> tuple[WeightFit, tuple[WeightFit, ...]]:
+    m = true.shape[0]
+    fits = (greedy_selection(true, rounds)[0], fit_nll_weights(true))
+    return choose_weights(fits, mixture_nll(true, np.full(m, 1.0 / m)), m), fits
+
+
+def choose_method(rows: Sequence[Row]) -> Method:
+    """`--method auto`: the probabilistic row with the lowest cross-fitted held-out NLL of what it ships (with
+    its T where T ships); ties go to the earlier of PROBABILISTIC (the simpler combination)."""
+    by_key = {r.key: r for r in rows}
+    return min(PROBABILISTIC, key=lambda k: (by_key[k].shipped_heldout_nll, PROBABILISTIC.index(k)))
+
+
+def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = "auto", *,
                    rounds: int = GREEDY_ROUNDS) -> EnsembleResult:
-    """Fit weights on validation, compare the four ways of combining on test, and pick `method`'s members.
+    """Fit weights on the fitting outputs, gather cross-fitted evidence for every row, compare the four ways of
+    combining on test, and pick `method`'s members (with "auto", the row the held-out evidence favours).
 
     `candidates` must be in rank order (best validation accuracy first): the first is the best single trial.
     """
@@ -109,55 +190,72 @@ def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = 
     data = stack_outputs(candidates)
     m = len(candidates)
     trials = [c.trial for c in candidates]
-    true_val = true_class_log_probs(data.val, data.y_val)
     uniform = np.full(m, 1.0 / m)
-    greedy, _ = greedy_selection(true_val, rounds)
-    fits = (greedy, fit_nll_weights(true_val))
-    chosen = choose_weights(fits, mixture_nll(true_val, uniform), m)
+    chosen, fits = _fit_weights(true_class_log_probs(data.val, data.y_val), rounds)
 
     single = soft_row("single", f"best single trial (#{trials[0]})", data, np.eye(m)[0], trials)
     hard, ties = hard_row(data, trials)
     soft = soft_row("soft", "uniform soft voting", data, uniform, trials)
-    weighted = soft_row("weighted", "weighted soft voting", data, np.asarray(chosen.weights), trials)
+    weighted = soft_row("weighted", "weighted soft voting", data, np.asarray(chosen.weights), trials,
+                        fit_weights=weight_fitter(rounds))
+    rows = (single, hard, soft, weighted)
     collapsed = len(weighted.trials) == 1
+    shipped: Method = choose_method(rows) if method == "auto" else method
 
-    weights = {"weighted": chosen.weights, "soft": tuple(uniform), "hard": tuple(uniform)}[method]
+    weights = {"weighted": chosen.weights, "soft": tuple(uniform), "hard": tuple(uniform),
+               "single": tuple(np.eye(m)[0])}[shipped]
     members = tuple(Member(c.trial, dict(c.params), arch, w, c.weights_artifact, c.val_accuracy,
                            fold_artifacts=c.fold_weights)
                     for c, w in zip(candidates, weights, strict=True) if w > 0)
-    temperature = {"weighted": usable_temperature(weighted), "soft": usable_temperature(soft), "hard": None}[method]
-    notes = _notes(fits, chosen, (single, soft, weighted), collapsed, ties, len(data.y_test))
+    temperature = None if shipped == "hard" else usable_temperature(next(r for r in rows if r.key == shipped))
     k = len(candidates[0].fold_weights)
+    fit_data = ("out-of-fold outputs of train+val (each image predicted by the fold model that never saw it)"
+                if k else "validation outputs")
+    notes = _notes(fits, chosen, rows, collapsed, ties, len(data.y_test), method, shipped)
     if k:
         notes = (f"cross-validated: each member is one trial's {k} fold models, their softmaxes averaged uniformly; "
                  f"weights and T are fitted on the out-of-fold outputs of all {len(data.y_val)} train+val images "
                  "(each predicted by the fold model that never saw it)", *notes)
-    return EnsembleResult(method, members, temperature, chosen, fits, (single, hard, soft, weighted), collapsed,
+    return EnsembleResult(shipped, members, temperature, chosen, fits, rows, collapsed,
                           notes, candidates[0].outputs.split_sha256,
-                          {"val": len(data.y_val), "test": len(data.y_test)}, tuple(trials))
+                          {"val": len(data.y_val), "test": len(data.y_test)}, tuple(trials), asked=method,
+                          fit_data=fit_data)
 
 
-def _notes(fits: Sequence[WeightFit], chosen: WeightFit, soft_rows: Sequence[Row], collapsed: bool, ties: int,
-           n_test: int) -> tuple[str, ...]:
-    weighted = soft_rows[-1]
+def _notes(fits: Sequence[WeightFit], chosen: WeightFit, rows: Sequence[Row], collapsed: bool, ties: int,
+           n_test: int, asked: Method, shipped: Method) -> tuple[str, ...]:
+    weighted = rows[-1]
     tried = ", ".join(f"{FIT_NAMES[f.name]} {f.val_nll:.6f}" for f in fits)
     others = [f.val_nll for f in fits if f.name != chosen.name]
     margin = f" (lower by {min(others) - chosen.val_nll:.2g})" if others and chosen.name != "uniform" else ""
-    notes = [f"weights: validation NLL {tried}; the weighted row uses {FIT_NAMES[chosen.name]}{margin}"
+    notes = [f"weights: NLL on the fitting outputs {tried}; the weighted row uses {FIT_NAMES[chosen.name]}{margin}"
              + (" (neither fit beat uniform weights)" if chosen.name == "uniform" else "")]
+    heldout = "; ".join(f"{r.key} {r.shipped_heldout_nll:.4f}" for r in rows if r.shipped_heldout_nll is not None)
+    if asked == "auto":
+        notes.append(f"chosen: {shipped}, the lowest cross-fitted held-out NLL ({PARTS} parts; with each row's "
+                     f"shipped T): {heldout}")
+    else:
+        notes.append(f"{shipped} as asked (--method); cross-fitted held-out NLL ({PARTS} parts): {heldout}")
     if collapsed:
         notes.append(f"the weighted ensemble collapsed to a single member (trial {weighted.trials[0]}): weighted "
                      "soft voting is that one model, not an ensemble")
-    notes.append(f"hard voting: {HARD_TIE_RULE}; {ties} of {n_test} test samples were ties")
-    notes.append(f"ECE: {ECE_BINS} equal-width confidence bins; T: temperature fitted on validation by 1-D "
-                 f"minimisation of NLL over T in [{T_BOUNDS[0]}, {T_BOUNDS[1]}] (accuracy unchanged)")
-    for row in soft_rows:
-        if row.temperature_at_bound:
-            why = (f"validation accuracy is {row.val_accuracy:.4f}, so sharper is always better there"
-                   if row.val_accuracy == 1.0 else "validation NLL has no minimum inside the bounds")
-            notes.append(f"{row.name}: T ran to the search bound ({row.temperature:.3g}): {why}; T overfits "
-                         "validation, its 'after T' numbers are no calibration, and T = 1 is kept for export")
-    return tuple(notes)
+    notes.append(f"hard voting: {HARD_TIE_RULE}; {ties} of {n_test} test samples were ties; it ships votes, not "
+                 "probabilities, so it is chosen only when asked for")
+    notes.append(f"ECE: {ECE_BINS} equal-width confidence bins; T: fitted by 1-D minimisation of NLL over T in "
+                 f"[{T_BOUNDS[0]}, {T_BOUNDS[1]}] (accuracy unchanged), shipped only where cross-fitting shows it "
+                 "lowers held-out NLL; the 'after T' columns are at the T each row ships")
+    for row in rows:
+        if row.temperature_at_bound and row.fitted_temperature is not None:
+            why = (f"its accuracy on the fitting outputs is {row.val_accuracy:.4f}, so sharper is always better there"
+                   if row.val_accuracy == 1.0 else "NLL has no minimum inside the bounds")
+            notes.append(f"{row.name}: T ran to the search bound ({row.fitted_temperature:.3g}): {why}; T overfits, "
+                         "and T = 1 is kept")
+        elif row.fitted_temperature is not None and row.fitted_temperature != 1.0 and not row.temperature_ships:
+            notes.append(f"{row.name}: the fitted T = {row.fitted_temperature:.3g} is not backed by held-out evidence "
+                         f"(cross-fitted NLL {row.heldout.nll:.4f} at T = 1, {row.heldout.nll_scaled:.4f} with T; "
+                         "a T ships on a gain above 1.645 standard errors with at least 10 mistakes to fit it by), "
+                         "so T = 1 is kept" if row.heldout is not None else "")
+    return tuple(n for n in notes if n)
 
 
 def with_soup(result: EnsembleResult, soup: Soup, candidates: Sequence[Candidate]) -> EnsembleResult:
@@ -173,7 +271,43 @@ def with_soup(result: EnsembleResult, soup: Soup, candidates: Sequence[Candidate
     note = (f"greedy soup kept: {info.reason}; the export is one model, the average of trials "
             + ", ".join(f"#{t}" for t in info.ingredients) + "'s weights")
     return dataclasses.replace(result, method="soup", members=(member,), temperature=usable_temperature(soup.row),
-                               rows=rows, soup=info, notes=(*result.notes, note))
+                               rows=rows, soup=info, notes=(*result.notes, note), asked="soup")
+
+
+def single_trial(candidate: Candidate, arch: str) -> EnsembleResult:
+    """One trial exported alone (`hpsearch export --trial N`): its temperature decided as every row's is (cross-
+    fitted held-out evidence on its fitting outputs), its test numbers measured the same way."""
+    o = candidate.outputs
+    data = Outputs(val=member_log_probs([o.val_logits.double().numpy()]),
+                   test=member_log_probs([o.test_logits.double().numpy()]),
+                   y_val=o.val_labels.numpy().astype(np.int64), y_test=o.test_labels.numpy().astype(np.int64))
+    row = soft_row("single", f"trial #{candidate.trial}", data, np.ones(1), [candidate.trial])
+    member = Member(candidate.trial, dict(candidate.params), arch, 1.0, candidate.weights_artifact,
+                    candidate.val_accuracy, fold_artifacts=candidate.fold_weights)
+    fit = WeightFit("uniform", (1.0,), float(row.val_nll or 0.0))
+    fit_data = "out-of-fold outputs of train+val" if candidate.fold_weights else "validation outputs"
+    notes = [f"trial {candidate.trial} exported alone (--trial); T: shipped only where cross-fitting ({PARTS} "
+             "parts) shows it lowers held-out NLL"]
+    if row.fitted_temperature is not None and not row.temperature_ships and row.fitted_temperature != 1.0:
+        notes.append(f"the fitted T = {row.fitted_temperature:.3g} is not shipped (T = 1)")
+    return EnsembleResult("single", (member,), usable_temperature(row), fit, (), (row,), False, tuple(notes),
+                          o.split_sha256, {"val": len(data.y_val), "test": len(data.y_test)}, (candidate.trial,),
+                          asked="single", fit_data=fit_data)
+
+
+def study_trial(study: optuna.Study, store: ArtifactStore, number: int, arch: str,
+                pin: Callable[[str], None] | None = None) -> tuple[EnsembleResult, Selection]:
+    """`hpsearch export --trial N`: trial N of the study as a one-member export; one line when it cannot be."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state.name != "COMPLETE":
+        state = "does not exist" if trial is None else f"is {trial.state.name}"
+        raise UsageError(f"--trial {number}: trial {number} of study {study.study_name!r} {state}; export a COMPLETE "
+                         "trial (`hpsearch status` lists them)")
+    candidate, problem = trial_candidate(study, store, trial, pin=pin)
+    if candidate is None:
+        raise UsageError(f"--trial {number}: {problem}")
+    arch = str(read_study_record(study).config_value("model", "arch", arch))
+    return single_trial(candidate, arch), Selection((candidate,), ())
 
 
 def study_ensemble(study: optuna.Study, store: ArtifactStore, *, top_k: int, method: Method, arch: str,
@@ -195,7 +329,7 @@ def study_ensemble(study: optuna.Study, store: ArtifactStore, *, top_k: int, met
                             f"({len(selection.skipped)} skipped, see the warnings); an ensemble needs at least 2 "
                             "COMPLETE trials whose outputs are in the artifact store")
     arch = str(record.config_value("model", "arch", arch))
-    result = build_ensemble(selection.candidates, arch, "weighted" if method == "soup" else method)
+    result = build_ensemble(selection.candidates, arch, "auto" if method == "soup" else method)
     if method == "soup":
         import torch
 

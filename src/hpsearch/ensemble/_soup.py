@@ -30,7 +30,8 @@ import torch
 from hpsearch.config import StudyConfig
 from hpsearch.data import DeviceData, ImagePool, RecordMismatch, Split, rebuild_study_data
 from hpsearch.ensemble._candidates import Candidate
-from hpsearch.ensemble._combine import Outputs, Row, accuracy, member_log_probs, nll, soft_row
+from hpsearch.ensemble._combine import Outputs, accuracy, member_log_probs, nll
+from hpsearch.ensemble._rows import Row, soft_row
 from hpsearch.errors import EnsembleError
 from hpsearch.model import builder_kwargs
 from hpsearch.predict import plain_model

@@ -8,10 +8,12 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from hpsearch.ensemble import Candidate, EnsembleResult, Row
+from hpsearch.ensemble import Candidate, EnsembleResult, Row, at_bound
 
-# Every column but `val NLL` is measured on the test split; `(T)`: after temperature scaling.
-COMPARISON_HEADERS = ("method", "members", "weights", "val NLL", "acc", "NLL", "ECE", "T", "NLL (T)", "ECE (T)")
+# `held-out NLL` and `held-out acc` are cross-fitted on the fitting outputs (validation, or out-of-fold), of what
+# the row ships (with its T where one ships); the rest is measured on the test split; `(T)`: at the shipped T.
+COMPARISON_HEADERS = ("method", "members", "weights", "held-out acc", "held-out NLL", "acc", "NLL", "ECE", "T",
+                      "NLL (T)", "ECE (T)")
 
 
 def _f(value: float | None, digits: int = 4) -> str:
@@ -20,6 +22,20 @@ def _f(value: float | None, digits: int = 4) -> str:
 
 def _weights_cell(row: Row) -> str:
     return " ".join(f"#{t}:{w:.2f}" for t, w in zip(row.trials, row.weights, strict=True))
+
+
+def temperature_cell(row: Row) -> str:
+    """The T a row ships; where it ships none, the T it fitted and why it was not kept: `(bound)` when it ran to
+    the search's edge, `(not backed held out)` when cross-fitting showed no clear gain with it."""
+    if row.temperature is None:
+        return "—"
+    if row.temperature_ships or row.fitted_temperature is None or row.fitted_temperature == 1.0:
+        return _f(row.temperature, 3)
+    if row.temperature_at_bound:  # degenerate: at a search bound, or sharpening outputs without a mistake
+        why = "bound" if at_bound(row.fitted_temperature) else "no mistake to fit it"
+    else:
+        why = "not backed held out"
+    return f"1 (fit {row.fitted_temperature:.3g}: {why})"
 
 
 def table_cells(result: EnsembleResult) -> list[list[str]]:
@@ -31,9 +47,10 @@ def table_cells(result: EnsembleResult) -> list[list[str]]:
             name += " [collapsed to 1 member]"
         if row.key == "soup" and result.soup is not None and not result.soup.kept:
             name += " [not kept]"
-        t = _f(row.temperature, 3) + (" (bound)" if row.temperature_at_bound else "")
-        cells.append([name, str(len(row.trials)), _weights_cell(row), _f(row.val_nll), _f(row.accuracy),
-                      _f(row.nll), _f(row.ece), t, _f(row.nll_scaled), _f(row.ece_scaled)])
+        cells.append([name, str(len(row.trials)), _weights_cell(row),
+                      _f(row.heldout.accuracy if row.heldout is not None else None), _f(row.shipped_heldout_nll),
+                      _f(row.accuracy), _f(row.nll), _f(row.ece), temperature_cell(row), _f(row.nll_scaled),
+                      _f(row.ece_scaled)])
     return cells
 
 
@@ -62,9 +79,9 @@ def report_markdown(result: EnsembleResult, study_name: str, candidates: Sequenc
     parts = [
         f"# Ensemble of study `{study_name}`",
         "",
-        f"Split `{result.split_sha256}`: {result.sizes['val']} validation, {result.sizes['test']} test samples. "
-        "Weights and temperatures are fitted on validation outputs only; every metric below except `val NLL` "
-        "is on the held-out test split.",
+        f"Split `{result.split_sha256}`: {result.sizes['val']} {result.fit_data}, {result.sizes['test']} test "
+        "samples. Weights and temperatures are fitted on those outputs; what ships is decided by cross-fitting on "
+        "them (refitted without each part, scored on it); the test split only measures.",
         "",
         f"Chosen method: **{result.method}** ({len(result.members)} members"
         + (f", T = {result.temperature:.3f}" if result.temperature is not None else "") + ").",
@@ -73,8 +90,10 @@ def report_markdown(result: EnsembleResult, study_name: str, candidates: Sequenc
     if result.collapsed:
         parts += [f"**The weighted ensemble collapsed to a single member (trial {result.row('weighted').trials[0]})"
                   ": weighted soft voting is that one model, not an ensemble.**", ""]
-    parts += ["## Comparison", "", "`val NLL` is on validation; acc, NLL and ECE are on test, before and after "
-              "temperature scaling with the T fitted on validation.", "",
+    parts += ["## Which data fitted what", "", *(f"- {k}: {v}" for k, v in result.fitting().items()
+                                                  if isinstance(v, str)), ""]
+    parts += ["## Comparison", "", "`held-out acc` and `held-out NLL` are cross-fitted on the fitting outputs; acc, "
+              "NLL and ECE are on test, before and after the temperature each row ships.", "",
               _markdown_table(COMPARISON_HEADERS, table_cells(result), left=(0, 2)), "",
               "## Candidates (rank order)", "",
               _markdown_table(["trial", "val acc", "fitted weight", "params"], cand_rows, left=(0, 3)), "",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpsearch._testhooks import hold_at
-from hpsearch.ensemble import EnsembleResult, Method, Selection, study_ensemble
+from hpsearch.ensemble import EnsembleResult, Method, Selection, study_ensemble, study_trial
 from hpsearch.errors import UsageError
 from hpsearch.export._write import write_ensemble_dir, write_export
 from hpsearch.record import read_study_record
@@ -26,12 +26,13 @@ class Exported:
 
 
 def export_ensemble(study_file: str, *, storage: str | None = None, artifacts: str | None = None,
-                    top_k: int | None = None, method: Method = "weighted", out: str | Path = "best-ensemble",
+                    top_k: int | None = None, method: Method = "auto", out: str | Path = "best-ensemble",
                     export: bool = True, onnx: bool = False, device: str | None = None,
                     on_warning: Callable[[str], None] | None = None,
-                    on_start: Callable[[str], None] | None = None) -> Exported:
+                    on_start: Callable[[str], None] | None = None, trial: int | None = None) -> Exported:
     """`hpsearch ensemble`: the study's top-k trials combined and compared, written to `out` (report.md and
-    ensemble.json; with `export` the deployable ensemble; with `onnx` ensemble.onnx too)."""
+    ensemble.json; with `export` the deployable ensemble; with `onnx` ensemble.onnx too). With `trial`
+    (`hpsearch export --trial N`): that one trial, exported the same way."""
     if onnx:
         if not export:
             raise UsageError("--onnx exports the ensemble as a graph; it cannot go with --no-export")
@@ -40,7 +41,7 @@ def export_ensemble(study_file: str, *, storage: str | None = None, artifacts: s
         require_onnx()  # before any work: a missing optional package is bad input, not a late crash
     cfg, study, url = open_existing(study_file, storage)
     top_k = top_k or cfg.ensemble.top_k
-    if top_k < 2:
+    if top_k < 2 and trial is None:
         raise UsageError(f"top_k {top_k}: an ensemble needs at least 2 members; set --top-k or [ensemble] top_k")
     store = open_artifact_store(resolve_artifacts(artifacts, study, cfg.study.artifacts), create=False)
     pinned: list[str] = []  # workers running beside this export keep these weights until it is written
@@ -50,9 +51,12 @@ def export_ensemble(study_file: str, *, storage: str | None = None, artifacts: s
         pin(study, artifact_id)
 
     try:
-        result, selection = study_ensemble(study, store, top_k=top_k, method=method, arch=cfg.model.arch,
-                                           device=lambda: resolve_device(device or cfg.train.device),
-                                           on_warning=on_warning, on_start=on_start, pin=pin_weights)
+        if trial is not None:
+            result, selection = study_trial(study, store, trial, cfg.model.arch, pin=pin_weights)
+        else:
+            result, selection = study_ensemble(study, store, top_k=top_k, method=method, arch=cfg.model.arch,
+                                               device=lambda: resolve_device(device or cfg.train.device),
+                                               on_warning=on_warning, on_start=on_start, pin=pin_weights)
         hold_at("ensemble")
         classes = read_study_record(study).class_names
         folder = write_ensemble_dir(Path(out), result, study.study_name, classes, selection.candidates,

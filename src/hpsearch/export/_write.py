@@ -11,7 +11,9 @@ In one atomic rename (`staged_dir`) the folder gets report.md (hpsearch.report) 
 - `manifest.json`: format_version, classes, the full preprocessing, the members (arch, trial, hyperparameters,
   weight, file, sha256), how they combine (method, temperature), the metrics table, the study and its storage
   (password redacted);
-- `SHA256SUMS`: the sha256 of manifest.json and of every member file, in `sha256sum -c` format;
+- `README.md`: a model card written from the manifest (hpsearch.export._card): what it is, classes,
+  preprocessing, held-out metrics and their data, members, and how to load it without hpsearch;
+- `SHA256SUMS`: the sha256 of manifest.json, README.md and every member file, in `sha256sum -c` format;
 - with `--onnx`, `ensemble.onnx` (and its external data file, if any): the whole ensemble as one ONNX graph,
   listed with its sha256 in the manifest (`onnx`) and in SHA256SUMS (see hpsearch.onnx_export).
 
@@ -37,7 +39,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from hpsearch import __version__
 from hpsearch.ensemble import HARD_TIE_RULE, Candidate, EnsembleResult, Member
 from hpsearch.errors import EnsembleError, ExportError, first_line
-from hpsearch.export._comparison import report_markdown
+from hpsearch.export._card import CARD_FILE, model_card
+from hpsearch.export._comparison import COMPARISON_HEADERS, report_markdown, table_cells
 from hpsearch.model import builder_kwargs
 from hpsearch.predict import (
     FOLDS_FORMAT_VERSION,
@@ -72,6 +75,7 @@ COMBINE_RULES = {
     "hard": "p = (v + 1e-3 mean_m softmax(z_m)) / (1 + 1e-3), v = share of members whose argmax is each class "
             "(votes; the small term breaks ties by the highest summed probability)",
     "soup": "p = softmax(z / T) of the one member, whose weights are the greedy soup's average",
+    "single": "p = softmax(z / T) of the one member, the best single trial",
 }
 # A cross-validated member m is its fold models k: p_m = mean_k softmax(z_mk), uniformly; members combine as above.
 FOLD_RULES = {
@@ -79,6 +83,8 @@ FOLD_RULES = {
                 "weighted average of members' fold-averaged softmaxes, then T",
     "soft": "p = softmax(log(mean_m p_m) / T), p_m = mean_k softmax(z_mk) over member m's fold models: uniform "
             "average of members' fold-averaged softmaxes, then T",
+    "single": "p = softmax(log(p_m) / T) of the one member m, the best trial, p_m = mean_k softmax(z_mk) over its "
+              "fold models",
     "hard": "p = (v + 1e-3 mean_m p_m) / (1 + 1e-3), v = share of members whose argmax of p_m = mean_k "
             "softmax(z_mk) is each class (votes; the small term breaks ties by the highest summed probability)",
 }
@@ -156,7 +162,10 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
         "combine": {"weighted": "weighted average of member softmax probabilities",
                     "soft": "uniform average of member softmax probabilities",
                     "hard": f"majority vote of member argmax; {HARD_TIE_RULE}",
-                    "soup": "one model: the uniform average of the greedy soup's ingredients' weights"}[result.method],
+                    "soup": "one model: the uniform average of the greedy soup's ingredients' weights",
+                    "single": "the best single trial alone"}[result.method],
+        "asked": result.asked,
+        "fitting": result.fitting(),
         "temperature": _number(result.temperature),
         "weight_fit": result.weight_fit.name,
         "candidates": list(result.candidates),
@@ -171,8 +180,13 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
                      "val_nll": _number(r.val_nll), "test_accuracy": _number(r.accuracy),
                      "test_nll": _number(r.nll), "test_ece": _number(r.ece), "temperature": _number(r.temperature),
                      "test_nll_scaled": _number(r.nll_scaled), "test_ece_scaled": _number(r.ece_scaled),
-                     "val_accuracy": _number(r.val_accuracy), "temperature_at_bound": r.temperature_at_bound}
+                     "val_accuracy": _number(r.val_accuracy), "temperature_at_bound": r.temperature_at_bound,
+                     "fitted_temperature": _number(r.fitted_temperature),
+                     "heldout_accuracy": None if r.heldout is None else _number(r.heldout.accuracy),
+                     "heldout_nll": _number(r.shipped_heldout_nll)}
                     for r in result.rows],
+        # The comparison as the terminal and report.md print it (markers included): what `hpsearch report` shows.
+        "table": {"headers": list(COMPARISON_HEADERS), "rows": table_cells(result)},
         "notes": list(result.notes),
         "skipped": list(skipped),
         "soup": None if result.soup is None else {
@@ -278,12 +292,14 @@ def write_export(folder: Path, result: EnsembleResult, study: optuna.Study, stor
         "combine": {"method": result.method, "temperature": result.temperature,
                     "rule": (FOLD_RULES if folds else COMBINE_RULES)[result.method]},
         "temperature": result.temperature, "members": members, "metrics": list(metrics),
+        "fitting": result.fitting(),
     }
     if onnx:
         from hpsearch.export._onnx import write_onnx
 
         manifest["onnx"] = write_onnx(folder, ensemble_from_manifest(folder, manifest, "loop"))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    files = [MANIFEST, *(name for m in members for name, _ in member_files(m)),
+    (folder / CARD_FILE).write_text(model_card(manifest), encoding="utf-8")
+    files = [MANIFEST, CARD_FILE, *(name for m in members for name, _ in member_files(m)),
              *(name for name, _ in onnx_files(manifest))]
     (folder / SUMS).write_text("".join(f"{sha256_file(folder / f)}  {f}\n" for f in files), encoding="utf-8")

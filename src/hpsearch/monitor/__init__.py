@@ -6,6 +6,7 @@ from hpsearch.monitor._dashboard import serve
 from hpsearch.monitor._status import status_object
 from hpsearch.monitor._tables import (
     describe_trial,
+    format_cell,
     state_counts,
     status_renderables,
     top_trials_table,
@@ -14,6 +15,7 @@ from hpsearch.monitor._tables import (
 
 __all__ = [
     "describe_trial",
+    "format_cell",
     "serve",
     "state_counts",
     "status_object",

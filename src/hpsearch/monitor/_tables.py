@@ -64,7 +64,7 @@ def scheduler_label(params: dict[str, object]) -> str:
         "cosine": ("cosine_min_ratio",),
         "onecycle": ("onecycle_div",),
     }.get(name, ())
-    values = [_format("", params[a]) for a in args if a in params]
+    values = [format_cell("", params[a]) for a in args if a in params]
     short = {"exponential": "exp"}.get(name, name)
     return f"{short}({', '.join(values)})" if values else name
 
@@ -72,14 +72,15 @@ def scheduler_label(params: dict[str, object]) -> str:
 def params_text(params: dict[str, Any]) -> str:
     """A trial's parameters as a user reads them: one `name = value` a line, floats to 3 significant digits
     (lr = 0.00123, not 0.0012345678901234567)."""
-    return "\n".join(f"  {name} = {_format('', value)}" for name, value in params.items())
+    return "\n".join(f"  {name} = {format_cell('', value)}" for name, value in params.items())
 
 
 def _epoch(value: object) -> int | None:
     return int(value) + 1 if isinstance(value, int) else None  # shown 1-based, like the progress line
 
 
-def _format(column: str, value: object) -> str:
+def format_cell(column: str, value: object) -> str:
+    """A trials-table cell as every table of hpsearch prints it (terminal and the report's HTML): lr 1.05e-03."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if column in ("lr", "weight_decay") and isinstance(value, float):
@@ -100,7 +101,7 @@ def frame_table(frame: pd.DataFrame, title: str) -> Table:
         table.add_column(HEADERS.get(str(column), str(column)), justify="left" if text else "right",
                          no_wrap=column == "scheduler")
     for record in frame.to_dict("records"):
-        table.add_row(*(_format(str(c), record[c]) for c in frame.columns))
+        table.add_row(*(format_cell(str(c), record[c]) for c in frame.columns))
     return table
 
 
@@ -161,7 +162,7 @@ def running_trials_table(study: optuna.Study, epochs: int, now: datetime | None 
             str(t.number), record.worker or "", device_label(record),
             (f"{last + 1}/{epochs}" if last is not None else f"0/{epochs}") if not folds else
             f"fold {len(record.folds) + 1}/{folds}",
-            _format("val_accuracy", t.intermediate_values[last]) if last is not None else "",
+            format_cell("val_accuracy", t.intermediate_values[last]) if last is not None else "",
             _duration((now - t.datetime_start).total_seconds()) if t.datetime_start else "",
             f"trial {resumed['trial']}, " + (f"fold {resumed['folds_done']}, " if "folds_done" in resumed else "")
             + f"epoch {resumed['epochs_done']}" if resumed else "",

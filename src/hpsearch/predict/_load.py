@@ -264,7 +264,7 @@ def check_members(folder: Path, manifest: Mapping[str, Any]) -> None:
 
 # How an export's members combine (hpsearch.export writes the rule of each beside it): `hard` votes, the others
 # average the members' softmaxes with their weights (a soup or a single trial: one member of weight 1).
-METHODS = ("weighted", "soft", "hard", "soup")
+METHODS = ("weighted", "soft", "hard", "soup", "single")
 
 
 def _check_combine(folder: Path, manifest: Mapping[str, Any], members: list[dict[str, Any]]) -> None:

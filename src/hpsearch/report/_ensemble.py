@@ -26,6 +26,7 @@ from hpsearch.ensemble import (
     Candidate,
     expected_calibration_error,
     fold_outputs,
+    member_log_probs,
     mixture_log_probs,
     scale,
     stack_outputs,
@@ -38,7 +39,7 @@ from hpsearch.store import ArtifactStore, TrialOutputs, load_trial_outputs
 
 WEIGHTS_FILE = "ensemble_weights.png"
 RELIABILITY_FILE = "ensemble_reliability.png"
-RELIABILITY_BINS = 10
+RELIABILITY_BINS = ECE_BINS  # the table's ECE and the diagram's bins are one computation (calibration_bins)
 # The comparison's columns as ensemble.json names them, in the order a reader compares them.
 COMPARISON = ("name", "trials", "weights", "val_accuracy", "test_accuracy", "test_nll", "test_ece", "temperature",
               "test_nll_scaled", "test_ece_scaled")
@@ -63,7 +64,13 @@ def read_ensemble(folder: str | Path) -> dict[str, Any]:
 
 
 def comparison_table(result: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per combination ensemble.json compares (best single, hard, soft, weighted, soup), on test."""
+    """One row per combination ensemble.json compares (best single, hard, soft, weighted, soup): the table
+    `hpsearch ensemble` printed, its markers ([chosen], (bound), ...) included; from an older ensemble.json
+    without it, the metrics."""
+    table = result.get("table")
+    if isinstance(table, dict) and isinstance(table.get("headers"), list) and isinstance(table.get("rows"), list):
+        headers = [str(h) for h in table["headers"]]
+        return pd.DataFrame([[str(c) for c in row] for row in table["rows"]], columns=headers)
     rows = [{column: row.get(column) for column in COMPARISON} for row in result["metrics"]]
     frame = pd.DataFrame(rows, columns=list(COMPARISON))
     frame["trials"] = [", ".join(map(str, t or ())) for t in frame["trials"]]
@@ -102,7 +109,7 @@ def _member_outputs(study: optuna.Study, store: ArtifactStore, members: list[Map
 def reliability(result: Mapping[str, Any], study: optuna.Study, store: ArtifactStore) -> Figure:
     """The shipped combination's test outputs, binned, at T = 1 and at the recorded T."""
     method, temperature = result.get("method"), result.get("temperature")
-    if method not in ("soft", "weighted"):
+    if method not in ("single", "soft", "weighted"):
         raise plots.PlotSkipped(f"method {method!r} ships no mixture of the members' stored probabilities")
     if temperature is None:
         raise plots.PlotSkipped("ensemble.json records no temperature")
@@ -110,17 +117,23 @@ def reliability(result: Mapping[str, Any], study: optuna.Study, store: ArtifactS
         raise plots.PlotSkipped("the ensemble was built on another split than the study's")
     members = list(result["members"])
     candidates = _member_outputs(study, store, members)
-    try:
-        data = stack_outputs(candidates)
-    except EnsembleError as err:  # fewer than 2 members, or outputs that do not line up
-        raise plots.PlotSkipped(str(err)) from None
-    mixture = mixture_log_probs(data.test, np.array([float(m["weight"]) for m in members]))
+    if len(candidates) == 1:  # the best single trial shipped alone
+        outputs = candidates[0].outputs
+        mixture = member_log_probs([outputs.test_logits.double().numpy()])[0]
+        labels = outputs.test_labels.numpy()
+    else:
+        try:
+            data = stack_outputs(candidates)
+        except EnsembleError as err:  # outputs that do not line up
+            raise plots.PlotSkipped(str(err)) from None
+        mixture = mixture_log_probs(data.test, np.array([float(m["weight"]) for m in members]))
+        labels = data.y_test
     panels = []
     for title, log_probs in ((f"before (T=1), {method}", mixture),
                              (f"after (T={float(temperature):.3g})", scale(mixture, float(temperature)))):
         probs = np.exp(log_probs)
-        ece = expected_calibration_error(log_probs, data.y_test, RELIABILITY_BINS)
-        panels.append((f"{title}: ECE {ece:.3f}", probs.max(axis=1), probs.argmax(axis=1) == data.y_test))
+        ece = expected_calibration_error(log_probs, labels, RELIABILITY_BINS)
+        panels.append((f"{title}: ECE {ece:.4f}", probs.max(axis=1), probs.argmax(axis=1) == labels))
     return plots.reliability_diagram(panels, RELIABILITY_BINS)
 
 
@@ -131,6 +144,6 @@ def ensemble_builders(result: Mapping[str, Any], study: optuna.Study, store: Art
         (WEIGHTS_FILE, "Ensemble members' weights",
          lambda: plots.member_weights([int(m["trial"]) for m in members], [float(m["weight"]) for m in members],
                                       str(result.get("method")))),
-        (RELIABILITY_FILE, f"Ensemble reliability on the test split, before and after temperature scaling "
-         f"({RELIABILITY_BINS} bins; the table's ECE uses {ECE_BINS})", lambda: reliability(result, study, store)),
+        (RELIABILITY_FILE, f"Ensemble reliability on the test split, before and after its temperature "
+         f"({RELIABILITY_BINS} bins, as the table's ECE)", lambda: reliability(result, study, store)),
     ]

@@ -14,7 +14,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial
 
-from hpsearch.monitor import state_counts
+from hpsearch.monitor import format_cell, state_counts
 from hpsearch.record import read_study_record
 from hpsearch.store import ranked_trials, redact
 
@@ -38,6 +38,12 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}")
 
 
+def _trials_table(frame: pd.DataFrame) -> str:
+    """The top-trials table with every cell as the terminal prints it (hpsearch.monitor.format_cell)."""
+    cells = pd.DataFrame({c: [format_cell(str(c), v) for v in frame[c].tolist()] for c in frame.columns})
+    return _table(cells)
+
+
 def _summary(study: optuna.Study, url: str, trial: FrozenTrial) -> str:
     counts = ", ".join(f"{state} {n}" for state, n in state_counts(study).items() if n)
     record = read_study_record(study)
@@ -47,8 +53,7 @@ def _summary(study: optuna.Study, url: str, trial: FrozenTrial) -> str:
             ("trials", counts), ("split", ", ".join(f"{k} {v}" for k, v in sizes.items())),
             ("classes", str(len(record.class_names))),
             ("best trial", f"trial {best.number}: {(study.metric_names or ['val_accuracy'])[0]} {best.value:.4f}"),
-            ("its params", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in best.params.items())),
+            ("its params", ", ".join(f"{k}={format_cell(k, v)}" for k, v in best.params.items())),
             ("per-class results of", f"trial {trial.number} (the best with stored outputs)")]
     return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
                                for k, v in rows) + "</table>"
@@ -65,7 +70,7 @@ def page(study: optuna.Study, url: str, trial: FrozenTrial, top: pd.DataFrame, p
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Study {name}</title>"
             f"<style>{STYLE}</style></head><body><h1>Study {name}</h1>{_summary(study, url, trial)}"
             f"<h2>Notes</h2><ul class='notes'>{note_list}</ul>"
-            f"<h2>Top {len(top)} trials (COMPLETE)</h2>{_table(top)}"
+            f"<h2>Top {len(top)} trials (COMPLETE)</h2>{_trials_table(top)}"
             f"<h2>Per class: trial {trial.number} on the validation split</h2>{_table(per_class)}"
             + ("" if ensemble is None else f"<h2>Ensemble: test-split comparison</h2>{_table(ensemble)}")
             + f"<h2>Figures</h2>{figures}</body></html>\n")

@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch.ensemble import ECE_BINS, calibration_bins
 from hpsearch.record import read_study_record
 from hpsearch.store import best_trial
 
@@ -95,41 +96,73 @@ def objective_name(study: optuna.Study) -> str:
     return study.metric_names[0] if study.metric_names else "val_accuracy"
 
 
+def last_reported(trial: FrozenTrial) -> float | None:
+    """A trial's value at its last reported step (a PRUNED trial's last epoch, or fold, before it was stopped)."""
+    step = trial.last_step
+    value = trial.intermediate_values.get(step) if step is not None else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _pruned_points(study: optuna.Study) -> list[tuple[int, float]]:
+    """(trial number, last reported value) of every PRUNED trial that reported a step."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    return [(t.number, v) for t in trials if (v := last_reported(t)) is not None]
+
+
 def optimization_history(study: optuna.Study) -> Figure:
-    """Each COMPLETE trial's validation accuracy and the best so far: did the search still improve?"""
+    """Each COMPLETE trial's validation accuracy and the best so far, and each PRUNED trial at its last reported
+    value (grey x): did the search still improve, and what did the pruner stop?"""
     if not _complete(study):
         raise PlotSkipped("no COMPLETE trial")
     import matplotlib.pyplot as plt
 
     with plt.rc_context():  # Optuna switches pyplot's global style to ggplot; keep that inside this figure
         ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=objective_name(study))
+    pruned = _pruned_points(study)
+    if pruned:
+        ax.scatter([n for n, _ in pruned], [v for _, v in pruned], marker="x", color=PRUNED_STYLE["color"],
+                   label=f"PRUNED ({len(pruned)}), at its last reported value", zorder=3)
+        ax.legend(loc="lower right")
     return _figure_of(ax)
 
 
-def varying_params(study: optuna.Study) -> list[str]:
-    """Parameters every COMPLETE trial has and that take more than one value among them: importances of a
-    constant (or of a scheduler's own parameter, absent from other trials) mean nothing."""
-    complete = _complete(study)
-    shared = set.intersection(*(set(t.params) for t in complete)) if complete else set()
-    return sorted(p for p in shared if len({repr(t.params[p]) for t in complete}) > 1)
+def importances(study: optuna.Study) -> dict[str, float]:
+    """Parameter importances as optuna-dashboard computes them for this study: PED-ANOVA over every parameter
+    of the COMPLETE trials, on the objective turned to "lower is better" for a maximized study."""
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    with warnings.catch_warnings():
+        # the evaluator warns that it favours low targets whenever a target is given: the sign above is the answer
+        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes the importances.*")
+        return get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(),
+                                     target=lambda t: sign * float(t.value))
 
 
 def param_importances(study: optuna.Study) -> Figure:
-    """How much each parameter explains of validation accuracy (Optuna's default evaluator, PED-ANOVA)."""
-    if len(_complete(study)) < 2:
+    """How much each parameter explains of validation accuracy: the same evaluator and target as
+    optuna-dashboard (so both show the same numbers), titled with the number of COMPLETE trials it rests on."""
+    complete = _complete(study)
+    n = len(complete)
+    if n < 2:
         raise PlotSkipped("parameter importances need at least 2 COMPLETE trials")
-    params = varying_params(study)
-    if not params:
+    if all(len({repr(t.params.get(p)) for t in complete}) < 2 for p in {p for t in complete for p in t.params}):
         raise PlotSkipped("no parameter takes more than one value across the COMPLETE trials")
-    import matplotlib.pyplot as plt
-
     try:
-        with plt.rc_context():
-            ax = optuna.visualization.matplotlib.plot_param_importances(study, params=params,
-                                                                        target_name=objective_name(study))
+        values = importances(study)
     except (ValueError, RuntimeError, ZeroDivisionError) as err:  # the evaluator refuses too little data
         raise PlotSkipped(f"the importance evaluator could not run ({err})") from None
-    return _figure_of(ax)
+    if not values:
+        raise PlotSkipped("the importance evaluator found no parameter to rank")
+    names = list(values)[::-1]  # most important on top
+    fig = Figure(figsize=(7, 0.45 * len(names) + 1.8), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.barh([literal(k) for k in names], [values[k] for k in names], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_xlabel("importance (PED-ANOVA, normalised to sum 1)")
+    few = " — few trials: a rough ranking" if n < 20 else ""
+    ax.set_title(f"Parameter importances from {n} COMPLETE trials (as optuna-dashboard){few}")
+    return fig
 
 
 def parallel_coordinate(study: optuna.Study) -> Figure:
@@ -138,13 +171,19 @@ def parallel_coordinate(study: optuna.Study) -> Figure:
     if len(complete) < 2:
         raise PlotSkipped("a parallel coordinate needs at least 2 COMPLETE trials")
     drawn_study, originals = _sampled(study, complete, MAX_LINES)
+    # A conditional parameter (a scheduler's own) is absent from the other trials, which Optuna would draw as a
+    # "None" category on top of its values: only the parameters every COMPLETE trial has get an axis.
+    shared = sorted(set.intersection(*(set(t.params) for t in complete)))
+    left_out = sorted({p for t in complete for p in t.params} - set(shared))
     import matplotlib.pyplot as plt
 
     with plt.rc_context(), warnings.catch_warnings():
         # a parameter with one value among them is drawn on a degenerate axis: right, not worth a warning
         warnings.filterwarnings("ignore", message=".*identical low and high ylims.*")
-        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(drawn_study, target_name=objective_name(study))
-    _title(ax, "Parallel Coordinate Plot", len(originals), len(complete))
+        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(drawn_study, params=shared,
+                                                                      target_name=objective_name(study))
+    title = "Parallel Coordinate Plot" + (f" (conditional, left out: {', '.join(left_out)})" if left_out else "")
+    _title(ax, title, len(originals), len(complete))
     fig = _figure_of(ax)
     # Optuna keeps matplotlib's 6.4-inch default: with a scheduler's own parameters the axes' labels collide
     fig.set_size_inches(max(6.4, 1.3 * len(ax.get_xticks())), 5.5)
@@ -168,21 +207,31 @@ def learning_curves(study: optuna.Study) -> Figure:
 
     with plt.rc_context():
         ax = optuna.visualization.matplotlib.plot_intermediate_values(drawn_study)
+    folds = read_study_record(study).folds_sha256 is not None  # cross-validated: a trial reports one step per fold
+    best = best_trial(study)
+    handles = [Line2D([], [], color="tab:blue", label="COMPLETE (or RUNNING)"),
+               Line2D([], [], label="PRUNED", **PRUNED_STYLE)]
     for line in ax.get_lines():
         drawn = re.fullmatch(r"Trial(\d+)", str(line.get_label()))  # Optuna labels each curve "Trial<number>"
         original = originals.get(int(drawn.group(1))) if drawn else None
         if original is not None:
             line.set_label(f"Trial{original.number}")  # the study's number, not the sample copy's
+            if not folds:  # steps are 0-based epochs; users read epochs 1-based, as every table prints them
+                line.set_xdata(np.asarray(line.get_xdata(), dtype=float) + 1)
             if original.state == TrialState.PRUNED:
                 line.set(**PRUNED_STYLE)
+            if best is not None and original.number == best.number:
+                line.set(color="tab:red", linewidth=2.5, zorder=5)
+                handles.insert(0, Line2D([], [], color="tab:red", linewidth=2.5,
+                                         label=f"best: trial {best.number} ({best.value:.4f})"))
     legend = ax.get_legend()
     if legend is not None:
-        legend.remove()  # one entry per trial: unreadable past a dozen; two entries say what matters
-    ax.legend(handles=[Line2D([], [], color="tab:blue", label="COMPLETE (or RUNNING)"),
-                       Line2D([], [], label="PRUNED", **PRUNED_STYLE)], loc="lower right")
-    folds = read_study_record(study).folds_sha256 is not None  # cross-validated: a trial reports one step per fold
+        legend.remove()  # one entry per trial: unreadable past a dozen; the best and the two kinds say what matters
+    ax.relim()
+    ax.autoscale_view()
+    ax.legend(handles=handles, loc="lower right")
     name = objective_name(study)  # what each step reported
-    ax.set_xlabel(f"fold (0-based): that fold's best-epoch {name}" if folds else "epoch (0-based)")
+    ax.set_xlabel(f"fold (0-based): that fold's best-epoch {name}" if folds else "epoch")
     ax.set_ylabel(name)
     _title(ax, "Fold accuracies" if folds else "Learning curves", len(originals), len(curves))
     return _figure_of(ax)
@@ -191,27 +240,35 @@ def learning_curves(study: optuna.Study) -> Figure:
 # ------------------------------------------------------------------------------------------ our own plots
 
 
-def _complete_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """The COMPLETE rows of a trials frame (hpsearch.study_report.trials_table) that have `columns`."""
+def _finished_rows(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """The COMPLETE rows of a trials frame (hpsearch.report._study.trials_table) with their value, and the PRUNED
+    ones with their last reported value, that have `columns`; `shown` holds the value drawn, `pruned` the state."""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise PlotSkipped(f"the study searches no {', '.join(missing)}")
-    rows = frame[(frame["state"] == "COMPLETE") & frame["value"].notna()].dropna(subset=list(columns))
-    if rows.empty:
+    complete = frame["state"] == "COMPLETE"
+    rows = frame.assign(shown=frame["value"].where(complete, frame["last_reported"]), pruned=frame["state"] == "PRUNED")
+    rows = rows[(complete | rows["pruned"]) & rows["shown"].notna()].dropna(subset=list(columns))
+    if not (~rows["pruned"]).any():
         raise PlotSkipped(f"no COMPLETE trial with {', '.join(columns)}")
     return rows
 
 
 def lr_vs_accuracy(frame: pd.DataFrame) -> Figure:
     """Validation accuracy against learning rate (log axis), one colour per optimizer: the "Adam vs RMSprop"
-    question, and each optimizer's good learning-rate range, in one figure. PRUNED trials have no final
-    accuracy and are left out."""
-    rows = _complete_rows(frame, ["lr", "optimizer"])
+    question, and each optimizer's good learning-rate range, in one figure. PRUNED trials are drawn at their last
+    reported value, as an x of their optimizer's colour: a learning rate the pruner stopped is a finding too."""
+    rows = _finished_rows(frame, ["lr", "optimizer"])
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    size = 24 if len(rows) < 500 else 6  # small points when thousands would overlap
     for optimizer, group in rows.groupby("optimizer", sort=True):
-        ax.scatter(group["lr"], group["value"], label=f"{literal(optimizer)} ({len(group)})", alpha=0.8,
-                   s=24 if len(rows) < 500 else 6)  # small points when thousands would overlap
+        done, pruned = group[~group["pruned"]], group[group["pruned"]]
+        label = f"{literal(optimizer)} ({len(done)}" + (f" + {len(pruned)} pruned)" if len(pruned) else ")")
+        points = ax.scatter(done["lr"], done["shown"], label=label, alpha=0.8, s=size)
+        if len(pruned):
+            ax.scatter(pruned["lr"], pruned["shown"], marker="x", alpha=0.8, s=size, color=points.get_facecolor()[0])
+    ax.scatter([], [], marker="x", color=PRUNED_STYLE["color"], label="x: PRUNED, at its last reported value")
     ax.set_xscale("log")
     # Ticks at 1, 2 and 5 of each decade, labelled once each: matplotlib's own minor labels run into each
     # other when the range spans about a decade, the usual learning-rate range.
@@ -220,23 +277,30 @@ def lr_vs_accuracy(frame: pd.DataFrame) -> Figure:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("learning rate (log)")
     ax.set_ylabel("val_accuracy")
-    ax.set_title("Validation accuracy vs learning rate, by optimizer (COMPLETE trials)")
+    ax.set_title("Validation accuracy vs learning rate, by optimizer")
     ax.grid(True, alpha=0.3)
     ax.legend(title="optimizer (trials)")
     return fig
 
 
 def cell_stats(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per optimizer × scheduler: mean and best val_accuracy and the number of COMPLETE trials."""
-    rows = _complete_rows(frame, ["optimizer", "scheduler"])
-    return rows.groupby(["optimizer", "scheduler"])["value"].agg(mean="mean", best="max", n="count")
+    """Per optimizer × scheduler: mean, best and count of the COMPLETE trials' val_accuracy, and the count and
+    best last reported value of the PRUNED ones."""
+    rows = _finished_rows(frame, ["optimizer", "scheduler"])
+    keys = ["optimizer", "scheduler"]
+    done = rows[~rows["pruned"]].groupby(keys)["shown"].agg(mean="mean", best="max", n="count")
+    pruned = rows[rows["pruned"]].groupby(keys)["shown"].agg(pruned="count", pruned_best="max")
+    stats = done.join(pruned, how="outer")
+    stats[["n", "pruned"]] = stats[["n", "pruned"]].fillna(0).astype(int)
+    return stats
 
 
 def optimizer_scheduler_grid(frame: pd.DataFrame) -> Figure:
-    """A heatmap of mean val_accuracy per optimizer × scheduler, each cell annotated with its best and its
-    trial count: a mean over 1 trial is luck, over 20 a finding."""
+    """A heatmap of mean val_accuracy per optimizer × scheduler, each cell annotated with its best, its trial
+    count and its PRUNED trials (count, best last reported value): a mean over 1 trial is luck, over 20 a
+    finding, and a pair that was only ever pruned is a finding too."""
     stats = cell_stats(frame)
-    # Axes from every trial, not only COMPLETE ones: an optimizer whose trials were all pruned is a finding.
+    # Axes from every trial, not only finished ones: an optimizer whose trials all failed is a finding.
     optimizers = sorted(map(str, frame["optimizer"].dropna().unique()))
     schedulers = sorted(map(str, frame["scheduler"].dropna().unique()))
     mean = np.full((len(optimizers), len(schedulers)), np.nan)
@@ -244,21 +308,23 @@ def optimizer_scheduler_grid(frame: pd.DataFrame) -> Figure:
     ax = fig.add_subplot()
     for i, opt in enumerate(optimizers):
         for j, sched in enumerate(schedulers):
-            if (opt, sched) in stats.index:
-                cell = stats.loc[(opt, sched)]
+            lines = []
+            cell = stats.loc[(opt, sched)] if (opt, sched) in stats.index else None
+            if cell is not None and cell["n"]:
                 mean[i, j] = cell["mean"]
-                text = f"mean {cell['mean']:.4f}\nbest {cell['best']:.4f}\nn={int(cell['n'])}"
-            else:
-                text = "n=0"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black",
+                lines += [f"mean {cell['mean']:.4f}", f"best {cell['best']:.4f}"]
+            lines.append(f"n={int(cell['n']) if cell is not None else 0}")
+            if cell is not None and cell["pruned"]:
+                lines.append(f"+{int(cell['pruned'])} pruned (≤{cell['pruned_best']:.4f})")
+            ax.text(j, i, "\n".join(lines), ha="center", va="center", fontsize=8, color="black",
                     bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0})
     image = ax.imshow(np.ma.masked_invalid(mean), cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, label="mean val_accuracy")
+    fig.colorbar(image, ax=ax, label="mean val_accuracy (COMPLETE)")
     ax.set_xticks(range(len(schedulers)), [literal(s) for s in schedulers])
     ax.set_yticks(range(len(optimizers)), [literal(o) for o in optimizers])
     ax.set_xlabel("scheduler")
     ax.set_ylabel("optimizer")
-    ax.set_title("Optimizer × scheduler (COMPLETE trials; empty cell: never completed)")
+    ax.set_title("Optimizer × scheduler (n: COMPLETE trials; PRUNED at their last reported value)")
     return fig
 
 
@@ -333,26 +399,14 @@ def member_weights(trials: Sequence[int], weights: Sequence[float], method: str)
     return fig
 
 
-def reliability_bins(confidence: np.ndarray, correct: np.ndarray,
-                     n_bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per confidence bin (i/B, (i+1)/B], as hpsearch.combine.ece_from bins: count, accuracy, mean confidence
-    (NaN for an empty bin)."""
-    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    counts = np.bincount(bins, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        hits = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins) / counts
-        mean = np.bincount(bins, weights=confidence, minlength=n_bins) / counts
-    return counts, hits, mean
-
-
-def reliability_diagram(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], n_bins: int = 10) -> Figure:
+def reliability_diagram(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], n_bins: int = ECE_BINS) -> Figure:
     """Accuracy vs confidence per bin, one column per (title, confidence, correct) panel, with each bin's image
     count beneath (axes labelled "counts: <title>"): before and after temperature scaling, side by side."""
     fig = Figure(figsize=(4.5 * len(panels), 5.5), layout="constrained")
     grid = fig.add_gridspec(2, len(panels), height_ratios=(3, 1))
     centres = (np.arange(n_bins) + 0.5) / n_bins
     for j, (title, confidence, correct) in enumerate(panels):
-        counts, hits, mean = reliability_bins(confidence, correct, n_bins)
+        counts, hits, mean = calibration_bins(confidence, correct, n_bins)
         top, bottom = fig.add_subplot(grid[0, j]), fig.add_subplot(grid[1, j])
         top.bar(centres, np.nan_to_num(hits), width=1 / n_bins, edgecolor="black", label="accuracy")
         # where in its bin the confidence sits: a bin's gap to the diagonal is from there, not the bin's centre

@@ -3,8 +3,9 @@
 In one atomic rename (hpsearch.export.staged_dir) the folder gets:
 
 - `trials.csv`: one row per trial (Optuna's `trials_dataframe()`: number, state, value, duration, every
-  parameter) plus this project's attrs: best_epoch (0-based, as stored), pruned_reason, fail_reason, and
-  retry_of (the trial it retries, from Optuna's RetryHeartbeatStaleTrialCallback);
+  parameter) plus this project's attrs: best_epoch (1-based, as every table shows epochs), last_reported (the
+  value at the last reported step: where a PRUNED trial was stopped), pruned_reason, fail_reason, and retry_of
+  (the trial it retries, from Optuna's RetryHeartbeatStaleTrialCallback);
 - one PNG per figure of hpsearch.plots that can be drawn for this study (the others are named, with why, in
   the report's notes), including the best trial's confusion matrix on the validation split;
 - `per_class.csv`: that trial's per-class validation accuracy;
@@ -110,7 +111,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
     # Int64: a missing value is blank, not NaN turning 3 into 3.0, in the CSV
     records = [read_trial_record(t) for t in trials]
-    frame["best_epoch"] = pd.array([r.best_epoch for r in records], dtype="Int64")
+    # 1-based, as every table and the learning curves show epochs (stored 0-based)
+    frame["best_epoch"] = pd.array([None if r.best_epoch is None else r.best_epoch + 1 for r in records],
+                                   dtype="Int64")
+    frame["last_reported"] = [plots.last_reported(t) for t in trials]  # a PRUNED trial's value when stopped
     frame["pruned_reason"] = [r.pruned_reason for r in records]
     frame["fail_reason"] = [r.fail_reason for r in records]
     frame["retry_of"] = pd.array([retried(t) for t in trials], dtype="Int64")
@@ -143,10 +147,10 @@ def best_with_outputs(study: optuna.Study, store: ArtifactStore,
 
 
 def confusion(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Counts [true, predicted] over the validation split, from its logits' argmax."""
-    n = logits.shape[1]
-    predicted = logits.argmax(axis=1)
-    return np.bincount(labels.astype(np.int64) * n + predicted, minlength=n * n).reshape(n, n)
+    """Counts [true, predicted] over the validation split, from its logits' argmax (scikit-learn's)."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, logits.argmax(axis=1), labels=np.arange(logits.shape[1]))
 
 
 def per_class_table(matrix: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
@@ -220,17 +224,19 @@ def figure_builders(study: optuna.Study, frame: pd.DataFrame, matrix: np.ndarray
                     trial: int, outputs: TrialOutputs | None = None) -> list[tuple[str, str, Callable[[], Figure]]]:
     """(file name, caption, builder) of every figure the report tries, in the page's order."""
     return [
-        ("optimization_history.png", "Optimization history (COMPLETE trials, best so far)",
+        ("optimization_history.png", "Optimization history (COMPLETE trials, best so far; PRUNED at their last "
+         "reported value)",
          lambda: plots.optimization_history(study)),
         ("learning_curves.png", "Fold accuracies: each fold's best-epoch validation accuracy, the steps the pruner "
          "compares (PRUNED dashed grey)" if read_study_record(study).folds_sha256 else
-         "Learning curves: validation accuracy per epoch (PRUNED dashed grey)",
+         "Learning curves: validation accuracy per epoch (best trial red, PRUNED dashed grey)",
          lambda: plots.learning_curves(study)),
         ("param_importances.png", "Parameter importances", lambda: plots.param_importances(study)),
         ("parallel_coordinate.png", "Parallel coordinate", lambda: plots.parallel_coordinate(study)),
         ("lr_vs_accuracy.png", "Validation accuracy vs learning rate, by optimizer",
          lambda: plots.lr_vs_accuracy(frame)),
-        ("optimizer_scheduler.png", "Optimizer × scheduler: mean and best validation accuracy",
+        ("optimizer_scheduler.png", "Optimizer × scheduler: mean and best validation accuracy, PRUNED trials "
+         "counted",
          lambda: plots.optimizer_scheduler_grid(frame)),
         (CONFUSION_FILE, f"Confusion matrix of trial {trial} on the validation split",
          lambda: plots.confusion_matrix(matrix, classes, f"trial {trial}, validation split")),
