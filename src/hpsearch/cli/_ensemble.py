@@ -34,7 +34,7 @@ def cmd_export(args: argparse.Namespace) -> ExitCode:
 
     exported = export_ensemble(args.study, storage=args.storage, artifacts=args.artifacts, method="single",
                                out=args.out or f"trial-{args.trial}", onnx=args.onnx, trial=args.trial)
-    return _print_exported(exported, False, args.onnx, getattr(args, "json", False))
+    return _print_exported(exported, False, args.onnx, args.json)
 
 
 def _print_exported(exported: Exported, no_export: bool, onnx: bool, as_json: bool) -> ExitCode:

@@ -58,12 +58,19 @@ COMMANDS: dict[str, Help] = {
         "hpsearch stop studies/digits.toml --now"),
     "ensemble": Help(
         "weigh the top-k trials' stored outputs into an ensemble and compare",
-        "Combine the study's top-k trials into an ensemble without retraining: weights are fitted on the stored "
-        "validation outputs, then the ensemble is compared with the best single trial, hard and soft voting on "
-        "the test split. Writes report.md and ensemble.json to --out and, unless --no-export, the member weights "
-        "and a manifest that `predict` reads.",
+        "Combine the study's top-k trials into an ensemble without retraining: weights and a temperature are "
+        "fitted on the stored validation outputs, and what ships (the best single trial, uniform or weighted soft "
+        "voting; a temperature or none) rests on cross-fitted held-out evidence; every choice is then compared on "
+        "the test split. Writes report.md and ensemble.json to --out and, unless --no-export, the member weights, "
+        "a model card and a manifest that `predict` reads.",
         "hpsearch ensemble studies/digits.toml --top-k 5 --out best-ensemble\n"
         "hpsearch ensemble studies/digits.toml --json | jq '.metrics[] | {method, test_accuracy}'"),
+    "export": Help(
+        "export one trial as `ensemble` exports an ensemble",
+        "Export one COMPLETE trial the way `hpsearch ensemble` exports an ensemble: its weights, a manifest, a "
+        "model card and checksums that `predict` and plain PyTorch load; its temperature is decided by the same "
+        "held-out evidence.",
+        "hpsearch export studies/digits.toml --trial 7 --out trial-7\nhpsearch predict trial-7 photos/"),
     "report": Help(
         "a finished study as trials.csv, PNG plots, per-class results and one self-contained report.html",
         "Write a report of the study to --out: trials.csv, per-class results, PNG plots (optimization history, "

@@ -141,13 +141,14 @@ def _add_ensemble(commands: Commands) -> None:
                           "(needs the optional extra: pip install -e '.[onnx]')")
     _json(ens)
     ens.set_defaults(handler="hpsearch.cli._ensemble:cmd_ensemble")
-    one = commands.add_parser("export", help="export one trial as `hpsearch ensemble` exports an ensemble")
-    one.add_argument("study", metavar="STUDY.toml")
+    one = _command(commands, "export")
+    one.add_argument("study", metavar="STUDY.toml", help=STUDY_HELP)
     _storage(one)
     _artifacts(one)
     one.add_argument("--trial", type=int, required=True, help="the COMPLETE trial to export")
     one.add_argument("--out", metavar="DIR", default=None, help="folder, replaced atomically (default trial-N)")
     one.add_argument("--onnx", action="store_true", help="also write ensemble.onnx (the optional onnx extra)")
+    _json(one)
     one.set_defaults(handler="hpsearch.cli._ensemble:cmd_export")
 
 
