@@ -3,8 +3,9 @@ tests/support/_slurm.py), against a fresh PostgreSQL database:
 
 - `sbatch --wait --array=0-1`: the study finishes with trials from both array tasks, each trial naming its job
   and task, nothing left RUNNING;
-- `scancel` of one array task mid-trial: SLURM's SIGTERM ends that task's trial FAIL with one retry queued and
-  its checkpoint kept; the other task's worker runs the retry from that checkpoint; nothing is left RUNNING.
+- `scancel` of one array task mid-trial, and the SIGTERM to the batch shell that `--signal=B:TERM@120` sends before
+  the time limit: that task's trial ends FAIL with one retry queued and its checkpoint kept; the other task's
+  worker runs the retry from that checkpoint; nothing is left RUNNING.
 
 The machine has no GPU: the jobs ask `--gres=none --cpus-per-task=1`, overriding the script's `--gres=gpu:1`, as
 a user on CPU nodes does. Each trial holds after its first epoch's checkpoint (HPSEARCH_TEST_HOLD) until the
@@ -130,8 +131,14 @@ def test_a_job_array_runs_the_study_with_a_worker_per_task(cluster: SlurmCluster
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.timeout(600)
+# `scancel`: SIGTERM to every process of the task, SIGKILL after KillWait (as preemption with its GraceTime).
+# `--batch --signal=TERM`: SIGTERM to the batch shell only, what `--signal=B:TERM@120` sends before the time
+# limit; it reaches the worker only because the script execs it.
+@pytest.mark.parametrize("scancel", [["scancel"], ["scancel", "--batch", "--signal=TERM"]],
+                         ids=["cancelled", "time-limit-signal"])
 def test_scancel_of_a_task_mid_trial_fails_its_trial_and_the_retry_resumes(
-        cluster: SlurmCluster, postgres_url: str, study_file: Callable[..., Path], tmp_path: Path) -> None:
+        cluster: SlurmCluster, postgres_url: str, study_file: Callable[..., Path], tmp_path: Path,
+        scancel: list[str]) -> None:
     path = study_file("cancel", study={"n_trials": 2}, train={"epochs": 2, "checkpoint_every": 1})
     release = tmp_path / "release"
     sbatch = _submit(cluster, path, tmp_path, postgres_url, release)
@@ -139,7 +146,7 @@ def test_scancel_of_a_task_mid_trial_fails_its_trial_and_the_retry_resumes(
     held = _held_by_both_tasks(postgres_url, "cancel", job, cluster, tmp_path)
     victim = held[f"{job}_1"]
 
-    cluster.command("scancel", f"{job}_1")
+    cluster.command(*scancel, f"{job}_1")
     cancelled_at = time.monotonic()
 
     def victim_failed() -> bool:

@@ -50,7 +50,8 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel every job and wait until none is left (so that no job step outlives the test), then stop the
         daemons this cluster started."""
-        with contextlib.suppress(Exception):
+        # pytest.fail raises no Exception subclass: a drain that times out must not skip stopping the daemons.
+        with contextlib.suppress(Exception, pytest.fail.Exception):
             if any(d.poll() is None for d in self.daemons):
                 self.command("scancel", "--user", "root", check=False)
                 wait_until("the cluster's jobs gone after scancel", lambda: not self.jobs(), timeout=DRAIN_S, every=1)
@@ -62,6 +63,23 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     daemon.kill()
                     daemon.wait(timeout=10)
+        # A failed test can leave a job's process that SLURM lost track of (an orphan, reparented to init, that
+        # proctrack/linuxproc no longer sees); each carries this cluster's SLURM_CONF in its environment.
+        for pid in _carrying(f"SLURM_CONF={self.env['SLURM_CONF']}".encode()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _carrying(entry: bytes) -> list[int]:
+    """The processes of this machine whose environment holds `entry` (NAME=value), this one excepted."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if entry in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+    return found
 
 
 def slurm_missing() -> str | None:
