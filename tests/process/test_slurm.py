@@ -5,7 +5,9 @@ tests/support/_slurm.py), against a fresh PostgreSQL database:
   and task, nothing left RUNNING;
 - `scancel` of one array task mid-trial, and the SIGTERM to the batch shell that `--signal=B:TERM@120` sends before
   the time limit: that task's trial ends FAIL with one retry queued and its checkpoint kept; the other task's
-  worker runs the retry from that checkpoint; nothing is left RUNNING.
+  worker runs the retry from that checkpoint; nothing is left RUNNING;
+- `scontrol requeue` of one task mid-trial (--requeue; what preemption with PreemptMode=REQUEUE does): the task
+  comes back and its new worker resumes the trial from its checkpoint.
 
 The machine has no GPU: the jobs ask `--gres=none --cpus-per-task=1`, overriding the script's `--gres=gpu:1`, as
 a user on CPU nodes does. Each trial holds after its first epoch's checkpoint (HPSEARCH_TEST_HOLD) until the
@@ -172,3 +174,41 @@ def test_scancel_of_a_task_mid_trial_fails_its_trial_and_the_retry_resumes(
     assert retry.user_attrs["resumed_from"] == {"trial": victim.number, "epochs_done": 1}
     assert retry.user_attrs["worker"].endswith(f" slurm {job}_0"), "the surviving task ran the retry"
     print(f"\nSLURM scancel of a task mid-trial: its trial FAIL {cancel_to_fail:.1f} s after, retried from epoch 1")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.timeout(600)
+def test_a_requeued_task_comes_back_and_resumes_its_trial_from_the_checkpoint(
+        cluster: SlurmCluster, postgres_url: str, study_file: Callable[..., Path], tmp_path: Path) -> None:
+    # `scontrol requeue` does what preemption with PreemptMode=REQUEUE does to a --requeue job: SIGTERM, then the
+    # task back in the queue. The other task stays held, so only the requeued task's new worker can take the retry.
+    path = study_file("requeue", study={"n_trials": 2}, train={"epochs": 2, "checkpoint_every": 1})
+    release = tmp_path / "release"
+    sbatch = _submit(cluster, path, tmp_path, postgres_url, release)
+    job = _job_id(sbatch)
+    victim = _held_by_both_tasks(postgres_url, "requeue", job, cluster, tmp_path)[f"{job}_1"]
+
+    cluster.command("scontrol", "requeue", f"{job}_1")
+    # SLURM holds a requeued job for a while (BeginTime, about 2 minutes); a test has no minutes to wait.
+    wait_until("the requeued task pending", lambda: "PENDING" in cluster.command(
+        "squeue", "--noheader", "--array", f"--jobs={job}_1", "--format=%T").stdout, timeout=60, every=0.5)
+    cluster.command("scontrol", "update", f"JobId={job}_1", "StartTime=now")
+
+    def resumed() -> FrozenTrial | None:
+        return next((t for t in trials_of(postgres_url, "requeue") if t.system_attrs.get("failed_trial")
+                     == victim.number and t.state in (TrialState.RUNNING, TrialState.COMPLETE)), None)
+
+    retry = wait_until("the requeued task running the retry", resumed, timeout=HELD_S, every=0.5)
+    release.touch()
+    _finish(sbatch, tmp_path)
+
+    trials = trials_of(postgres_url, "requeue")
+    by_number = {t.number: t for t in trials}
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING], states_of(trials)
+    assert by_number[victim.number].state == TrialState.FAIL
+    retry = by_number[retry.number]
+    assert retry.state == TrialState.COMPLETE, (retry.state.name, _outputs(tmp_path))
+    assert retry.user_attrs["resumed_from"] == {"trial": victim.number, "epochs_done": 1}
+    assert retry.user_attrs["worker"].endswith(f" slurm {job}_1"), "the requeued task's worker ran it"
+    assert retry.user_attrs["worker"] != victim.user_attrs["worker"], "a new worker process, after the requeue"
