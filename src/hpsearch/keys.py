@@ -30,7 +30,7 @@ SKIPPED_IMAGES = "skipped_images"  # unreadable files left out ([data] bad_image
 PIN = "pin:"  # + an artifact id: until when (unix seconds) a running `ensemble` needs it; keep_weights waits
 
 # ------------------------------------------------------------------------------------------ trial attrs
-WORKER = "worker"  # host:pid of the process running it (a supervisor finds a dead worker's trial by it)
+WORKER = "worker"  # host:pid running it, and its SLURM job (a supervisor finds a dead worker's trial by it)
 SEED = "seed"
 # A trial system attr that never lands: a worker behind the storage proxy beats by writing it, and the proxy's
 # storage records a heartbeat instead (Optuna's gRPC protocol has no heartbeat call).
@@ -69,5 +69,17 @@ def without_failure(user_attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def worker_tag(pid: int | None = None) -> str:
-    """Who runs a trial: host and pid, recorded on the trial so a supervisor can find a dead worker's trial."""
-    return f"{socket.gethostname()}:{pid or os.getpid()}"
+    """Who runs a trial: host and pid, recorded on the trial so a supervisor can find a dead worker's trial;
+    under SLURM the job and array task too (`node7:4242 slurm 1234_7`), so that `status` names what to
+    `scancel` or `sacct`. The workers of one supervisor share its job, so its tag for a worker is the worker's."""
+    job = slurm_job()
+    return f"{socket.gethostname()}:{pid or os.getpid()}" + (f" slurm {job}" if job else "")
+
+
+def slurm_job(env: Mapping[str, str] = os.environ) -> str | None:
+    """The SLURM job running this process as SLURM's own commands write it: `1234_7` for task 7 of array job
+    1234, `1234` for a plain job; None outside SLURM. A label, recorded as SLURM gave it, never parsed."""
+    array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return env.get("SLURM_JOB_ID") or None

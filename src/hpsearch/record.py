@@ -137,7 +137,7 @@ def read_study_record(study: RecordedStudy) -> StudyRecord:
 class TrialRecord:
     """What a trial records: who ran it, from what, how it ended, and where its artifacts are."""
 
-    worker: str | None  # host:pid
+    worker: str | None  # host:pid, then " slurm JOB_TASK" when SLURM started it
     seed: int | None
     device: str | None
     gpu: dict[str, Any] | None  # {"index", "name", "uuid", "memory_mib", "visible"}

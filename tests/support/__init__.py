@@ -1,8 +1,8 @@
 """What the tests share besides fixtures (those are in conftest.py): tiny study files and the `hpsearch` command in
 a fresh process (_studies), the storages and artifact stores tests run against (_storages) and the dashboard over
-them (_dashboard), the processes the process-level tests start and kill (_processes), image folders (_images), what a
-drawn figure shows (_figures), and the small real studies and exports the ensemble, export and predict tests build
-without training (_exports, _lab).
+them (_dashboard), the processes the process-level tests start and kill (_processes), a single-node SLURM cluster
+(_slurm), image folders (_images), what a drawn figure shows (_figures), and the small real studies and exports the
+ensemble, export and predict tests build without training (_exports, _lab).
 
 Test modules import these as `from tests.support import ...` (this package re-exports them all); no test module
 imports another's helpers."""
@@ -26,6 +26,7 @@ from tests.support._processes import (
     trials_of,
     wait_until,
 )
+from tests.support._slurm import SlurmCluster, slurm_cluster
 from tests.support._storages import (
     ARTIFACT_STORES,
     PG_ADMIN_URL,
@@ -59,6 +60,7 @@ __all__ = [
     "Lab",
     "Procs",
     "Proxy",
+    "SlurmCluster",
     "State",
     "alive",
     "bomb_png",
@@ -90,6 +92,7 @@ __all__ = [
     "s3_keys",
     "scatter_points",
     "session_members",
+    "slurm_cluster",
     "solid_png",
     "states_of",
     "storage_proxy",

@@ -97,7 +97,7 @@ def states_of(trials: list[FrozenTrial]) -> dict[str, int]:
 
 
 def pid_of(tag: str) -> int:
-    host, pid = tag.rsplit(":", 1)
+    host, pid = tag.split(" ", 1)[0].rsplit(":", 1)  # "host:pid", then " slurm JOB_TASK" under SLURM
     assert host == socket.gethostname(), tag
     return int(pid)
 

@@ -86,7 +86,8 @@ def _add_worker(commands: Commands) -> None:
     worker = _command(commands, "worker")
     _trials(worker)
     worker.add_argument("--device", choices=DEVICES, help="default: [train] device (auto)")
-    worker.add_argument("--worker-index", type=int, default=0, help="seeds this worker's sampler (default 0)")
+    worker.add_argument("--worker-index", type=int, help="seeds this worker's sampler (default: "
+                        "SLURM_ARRAY_TASK_ID under a SLURM job array, else 0)")
     _artifacts(worker)
     worker.set_defaults(handler="hpsearch.cli._run:cmd_worker")
 

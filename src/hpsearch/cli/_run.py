@@ -178,14 +178,16 @@ def cmd_worker(args: argparse.Namespace) -> ExitCode:
 
     from hpsearch.monitor import describe_trial
     from hpsearch.search import run_trials
+    from hpsearch.slurm import worker_index
     from hpsearch.workers import install_stop_handler, watch_supervisor
 
+    index = worker_index(args.worker_index)  # a SLURM array task's id when no --worker-index is given
     install_stop_handler()
     watch_supervisor()  # under `run --workers N`: stop, trial FAIL and queued, when `run` dies (even kill -9)
-    run = _open_run(args, worker=args.worker_index)
+    run = _open_run(args, worker=index)
 
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        console.print(f"[dim]worker {args.worker_index}[/] " + describe_trial(trial), highlight=False)
+        console.print(f"[dim]worker {index}[/] " + describe_trial(trial), highlight=False)
 
     try:
         guard = run_trials(run.study, run.objective(), run.n_trials, timeout=args.timeout, callbacks=[on_trial])
@@ -196,5 +198,5 @@ def cmd_worker(args: argparse.Namespace) -> ExitCode:
         print_error(str(broken))
         return broken.exit_code  # the supervisor restarts this worker with a fresh GPU context
     if guard.stopped:
-        console.print(f"[dim]worker {args.worker_index}[/] stopped: {guard.stopped}", highlight=False, soft_wrap=True)
+        console.print(f"[dim]worker {index}[/] stopped: {guard.stopped}", highlight=False, soft_wrap=True)
     return ExitCode.WORKER_FAILURE_STREAK if guard.tripped else ExitCode.OK

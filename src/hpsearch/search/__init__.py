@@ -4,7 +4,7 @@ samplers, pruners, study creation and resume checks, the callbacks around trials
 
 from __future__ import annotations
 
-from hpsearch.search._run import Run, open_run, run_trials
+from hpsearch.search._run import Run, open_run, run_trials, thread_share
 from hpsearch.search._study import study_preprocess
 
-__all__ = ["Run", "open_run", "run_trials", "study_preprocess"]
+__all__ = ["Run", "open_run", "run_trials", "study_preprocess", "thread_share"]

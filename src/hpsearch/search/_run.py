@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import keys
 from hpsearch.config import StudyConfig, read_study_file
 from hpsearch.data import StudyData
-from hpsearch.errors import DeviceBrokenError, StoreFullError
+from hpsearch.errors import DeviceBrokenError, StoreFullError, UsageError
 from hpsearch.model import check_study_model
 from hpsearch.record import read_trial_record
 from hpsearch.search._callbacks import (
@@ -36,6 +36,7 @@ from hpsearch.search._callbacks import (
 from hpsearch.search._memory import free_device_memory
 from hpsearch.search._objective import Objective
 from hpsearch.search._study import open_study, prepare
+from hpsearch.slurm import cpus_per_task
 from hpsearch.store import (
     FINISHED,
     ArtifactStore,
@@ -85,6 +86,19 @@ class Run:
         return Objective(self.cfg, self.prepared, self.device, files, **kwargs)
 
 
+def thread_share() -> int | None:
+    """The CPU threads this process's torch may use: its supervisor's share of the machine (HPSEARCH_THREADS),
+    else the CPUs its SLURM job holds (torch's default, every core of the node, would take other jobs' cores);
+    None (torch's default) when neither says."""
+    threads = os.environ.get("HPSEARCH_THREADS", "").strip()
+    if threads:
+        if not threads.isdigit() or int(threads) < 1:
+            raise UsageError(f"HPSEARCH_THREADS={threads!r} is not a number of threads; give a whole number from 1 "
+                             f"or unset it")
+        return int(threads)
+    return cpus_per_task()
+
+
 def open_run(study_file: str, *, storage: str | None = None, artifacts: str | None = None,
              device: str | None = None, n_trials: int | None = None, worker: int = 0,
              overrides: Sequence[str] = ()) -> Run:
@@ -94,9 +108,9 @@ def open_run(study_file: str, *, storage: str | None = None, artifacts: str | No
     cfg = read_study_file(study_file, overrides)
     check_study_model(cfg)
     resolved = resolve_device(device or cfg.train.device)
-    threads = os.environ.get("HPSEARCH_THREADS")
-    if threads:
-        use_threads(int(threads))
+    threads = thread_share()
+    if threads is not None:
+        use_threads(threads)
     url = resolve_storage_url(storage, cfg.study.storage)
     # Every call of this process (its trials', Optuna's, the supervisor's) rides out a storage outage; a SQLite
     # file made only to be refused (bad data, an unusable store) is not left behind.

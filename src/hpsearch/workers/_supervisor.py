@@ -31,6 +31,7 @@ import optuna
 from hpsearch import keys
 from hpsearch.errors import ExitCode, StorageUnavailableError, UsageError
 from hpsearch.processes import is_stopped, process_state
+from hpsearch.slurm import cpus_per_task
 from hpsearch.store import fail_trials_of, finished_trials, pending, stop_generation, target_reached
 from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
 from hpsearch.workers._restarts import Backoff, RestartPolicy
@@ -69,7 +70,8 @@ def worker_env(index: int, n_workers: int, gpus: Sequence[int], per_gpu: int, st
         # Its neighbours on that GPU (round-robin past the last GPU adds some): each keeps its share of the GPU's
         # free memory for resident data (hpsearch.data placement_for).
         env[GPU_SHARERS_ENV] = str(sum(gpu_of(w) == gpu_of(index) for w in range(n_workers)))
-    threads = max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    # Inside a SLURM job the CPUs to share are the job's, not the node's (other jobs hold the rest).
+    threads = max(1, (cpus_per_task() or os.cpu_count() or 1) // max(1, n_workers))
     env["HPSEARCH_THREADS"] = str(threads)
     return env
 
