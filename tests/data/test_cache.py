@@ -325,6 +325,6 @@ def test_the_cache_is_allocated_before_it_is_mapped(tmp_path: Path, monkeypatch:
         load_pool(cfg)
     folder = tmp_path / "cache"
     assert str(full.value) == (
-        f"cache: no room for 13.5 KiB in {str(folder)!r} (decoded images of {root}); free space there or set "
+        f"cache: no room for 13.8 kB in {str(folder)!r} (decoded images of {root}); free space there or set "
         "[data] cache_dir / $HPSEARCH_CACHE_DIR to a larger disk"), full.value
     assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) == []
