@@ -170,7 +170,7 @@ def test_cli_ensemble_json_and_its_table_into_a_pipe(tmp_path: Path, study_file:
     path, url, store = cli_study(tmp_path, study_file, [("good", .9), ("good", .85), ("good", .8)])
     out = tmp_path / "best-ensemble"
     argv = [sys.executable, "-m", "hpsearch", "ensemble", str(path), "--storage", url, "--artifacts", str(store),
-            "--out", str(out), "--no-export"]
+            "--out", str(out), "--no-export", "--method", "weighted"]  # auto would pick by held-out evidence
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     proc = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -191,5 +191,6 @@ def test_cli_ensemble_json_and_its_table_into_a_pipe(tmp_path: Path, study_file:
     assert "…" not in table.stdout, table.stdout
     weighted = next(line for line in table.stdout.splitlines() if "weighted soft voting [chosen]" in line)
     cells = [c.strip() for c in weighted.split("│")[1:-1]]
-    assert cells[3] == f"{rows['weighted']['val_nll']:.4f}" and cells[4] == f"{rows['weighted']['test_accuracy']:.4f}"
-    assert cells[9] == f"{rows['weighted']['test_ece_scaled']:.4f}", table.stdout
+    # method, members, weights, held-out acc, held-out NLL, acc, NLL, ECE, T, NLL (T), ECE (T): every cell whole
+    assert cells[5] == f"{rows['weighted']['test_accuracy']:.4f}", table.stdout
+    assert cells[10] == f"{rows['weighted']['test_ece_scaled']:.4f}", table.stdout
