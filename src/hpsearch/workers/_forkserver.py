@@ -9,13 +9,15 @@ before it imports torch itself, so both imports overlap.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
@@ -109,10 +111,29 @@ def forkserver_launch() -> Launch:
 def stop_forkserver() -> None:
     """Wait until the forkserver and multiprocessing's resource tracker have exited: nothing outlives the run.
     Both exit by themselves once their pipe closes, a moment after this process; `multiprocessing` has no
-    public call to close it now and wait, so this uses the private `_stop` that its own tests use."""
+    public call to close it now and wait, so this uses the private `_stop` that its own tests use.
+
+    A Ctrl-C or SIGTERM that lands meanwhile is ignored: the run is already ending, and an interrupt between
+    `_stop`'s closing the pipe and its clearing the pid would leave the helper half-stopped, so that the next
+    `_stop` fails on a closed descriptor instead of the run exiting with its own code."""
     from multiprocessing import forkserver, resource_tracker
 
-    for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
-        stop = getattr(helper, "_stop", None)
-        if callable(stop):
-            stop()
+    with _signals_ignored(signal.SIGINT, signal.SIGTERM):
+        for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
+            stop = getattr(helper, "_stop", None)
+            if callable(stop):
+                stop()
+
+
+@contextlib.contextmanager
+def _signals_ignored(*signals: signal.Signals) -> Iterator[None]:
+    """Ignore these signals inside the block (main thread only; elsewhere Python delivers none anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
