@@ -60,7 +60,7 @@ def _print_exported(exported: Exported, no_export: bool, onnx: bool, as_json: bo
 
 def _ensemble_object(folder: Path, *, exported: bool, onnx: bool) -> dict[str, Any]:
     """`ensemble --json`: the ensemble.json it wrote (members, weights, the comparison's metrics), and where the
-    files are; the keys a script reads are listed in the README's CLI section."""
+    files are; the keys a script reads are listed in docs/cli.md."""
     from hpsearch.export import RESULT_FILE
 
     result: dict[str, Any] = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))

@@ -48,7 +48,7 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object on stdout instead of tables (keys: README, section CLI)")
+                   help="print one JSON object on stdout instead of tables (keys: docs/cli.md)")
 
 
 def _storage(p: argparse.ArgumentParser) -> None:

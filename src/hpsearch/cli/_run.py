@@ -123,8 +123,24 @@ def _run(args: argparse.Namespace) -> ExitCode:
                            on_event=lambda line: console.print(line, highlight=False))
         console.print(f"{finished_trials(study)}/{run.n_trials} finished trials")
         show(top_trials_table(study, cfg.ensemble.top_k))
+        _where_results_are(args, run)
         return code
-    return _run_here(args, run)
+    code = _run_here(args, run)
+    _where_results_are(args, run)
+    return code
+
+
+def _where_results_are(args: argparse.Namespace, run: Run) -> None:
+    """The run's last lines: where the study and its trials' files are, and the commands that read them."""
+    from hpsearch.store import redact
+
+    console.print(f"results: study {run.cfg.study.name!r} in {redact(run.url)}; each trial's weights and outputs "
+                  f"in {run.artifacts}", highlight=False, soft_wrap=True)
+    same = [flag for flag, given in (("--storage", args.storage), ("--artifacts", args.artifacts)) if given]
+    tail = f" (each with the same {' and '.join(same)})" if same else ""
+    console.print(f"next: hpsearch status {args.study} | hpsearch report {args.study} --out report | "
+                  f"hpsearch ensemble {args.study} --out ensemble{tail}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 def _run_here(args: argparse.Namespace, run: Run) -> ExitCode:

@@ -16,44 +16,56 @@ class Strict(BaseModel):
     # "3" as 3 and "yes" or "off" as a bool, and a study file's quoted number or word is a mistake, not a value.
     # What TOML gives for each field still passes: an integer for a float field, a string for a Literal; `[low,
     # high]` lists become tuples in the range validators (config._space), before the strict check.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # Each field's docstring is its user-facing description: tools/study_keys.py writes the README's study-file
+    # reference from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
 
 class StudySection(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The Optuna study's name: letters, digits, `_`, `.`, `-`."""
     n_trials: int = Field(20, ge=1)
-    # What a trial is judged by, on validation (its best epoch, each epoch's report to the pruner, the ranking):
-    # accuracy, balanced_accuracy (mean per-class recall), macro_f1 or loss (cross-entropy).
+    """Finished trials (COMPLETE + PRUNED; FAIL does not count) the study runs to."""
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "loss"] = "accuracy"
-    # Follows the metric (minimize for loss); a file may state it, and then it must agree.
+    """What a trial is judged by on validation (scikit-learn's balanced accuracy and macro-F1; loss =
+    cross-entropy): each epoch reports it to the pruner, it picks the best epoch and ranks the trials."""
     direction: Literal["maximize", "minimize"] = Field(None, validate_default=True)  # type: ignore[assignment]
+    """Follows the metric (minimize for loss); if given, it must agree."""
     sampler: Literal["tpe", "random", "gp"] = "tpe"
-    # wilcoxon: only with [data] folds (a trial reports one step per fold; see WilcoxonPruner).
+    """tpe is multivariate, grouped, with the constant liar for parallel workers."""
     pruner: Literal["median", "hyperband", "wilcoxon", "none"] = "median"
-    # Trials the median pruner waits for, and epochs before it may prune a trial.
+    """wilcoxon only with `[data] folds` (a trial reports one step per fold)."""
     pruner_startup_trials: int = Field(5, ge=0)
+    """median: trials to finish before pruning starts."""
     pruner_warmup_epochs: int = Field(1, ge=0)
-    # wilcoxon: prune once the signed-rank test says, at this p-value, that the trial's folds are worse than
-    # the best trial's (Optuna's default 0.1; with 5 folds the exact test can first reach it after 4 folds).
+    """median: epochs before a trial may be pruned."""
+    # Optuna's default 0.1; with 5 folds the exact signed-rank test can first reach it after 4 folds.
     pruner_p_threshold: float = Field(0.1, gt=0, lt=1)
+    """wilcoxon: prune once the signed-rank test says at this p-value that the trial's folds are worse than the
+    best trial's."""
     seed: int = Field(0, ge=0)
+    """The split, the folds and the samplers; trial k trains with seed + k."""
     storage: str | None = None
+    """A storage URL without a password (refused): `--storage` and `$HPSEARCH_STORAGE` win; default
+    `sqlite:///hpsearch.db`."""
     artifacts: str | None = None
-    # A run stops, rather than burning the budget, when this many trials in a row fail.
+    """The artifact store, a folder or `s3://BUCKET/PREFIX` (recorded in the study); default `./artifacts`."""
     max_consecutive_failures: int = Field(5, ge=1)
-    # Workers on RDB storages beat every `heartbeat_interval` s; a trial silent for `heartbeat_grace` s is
-    # failed and retried once (its worker died). Long GPU trials are fine: beats run in a thread. 0 = off.
+    """A run stops, rather than burn its budget, when this many trials in a row fail."""
+    # Beats run in a thread: long GPU trials are fine.
     heartbeat_interval: int = Field(60, ge=0)
+    """Database storages: seconds between a running trial's heartbeats (0 = off)."""
     heartbeat_grace: int = Field(600, ge=1)
-    # A storage call that fails on a dropped connection, a database restart or the proxy restarting is retried
-    # with backoff for this many seconds; past it the running trial ends FAIL (checkpoint kept, retry queued) once
-    # the storage answers again, and the run goes on. 0 = no retry.
+    """A trial silent this long is FAIL and retried once with the same parameters; above heartbeat_interval."""
     storage_patience: int = Field(120, ge=0)
-    # Weights of trials outside the best `keep_weights` are deleted as the study runs (outputs are kept).
-    # Default: [ensemble] top_k + 3. 0 keeps every trial's weights.
+    """Seconds a storage call is retried through an outage (0 = no retry); past it the running trial ends FAIL
+    with its checkpoint kept and a retry queued, once the storage answers again."""
     keep_weights: int | None = Field(None, ge=0)
-    # The study stops once a trial's metric reaches this (for loss: at or below; every worker, after its trial).
+    """Weights of COMPLETE trials outside the best K are deleted as the study runs (outputs are kept); default
+    `[ensemble] top_k` + 3; 0 keeps all."""
     target: float | None = Field(None, gt=0, le=1)
+    """Stop the study once a trial's metric reaches this (for loss: at or below): every worker, on any machine,
+    after its current trial; `run` exits 0 and says so."""
 
     @field_validator("direction", mode="before")
     @classmethod
@@ -109,30 +121,39 @@ def _has_password(url: str) -> bool:
 
 class DataSection(Strict):
     dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    """digits: scikit-learn's bundled 8x8 digits (offline); imagefolder: one folder per class under `root`."""
     root: str = "data"
+    """Where CIFAR (downloaded there) or the image folder lives."""
     image_size: int = Field(32, ge=8, le=1024)
+    """The model's input side; images are resized per batch on the device."""
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the images held out for validation (stratified)."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    # rrc: random resized crop (scale 0.25-1, aspect 3/4-4/3) of the stored image, resized to image_size.
+    """Share held out for test, for datasets without their own test split."""
     augment: list[Literal["crop", "flip", "cutout", "rrc"]] = Field(default_factory=lambda: ["crop"])
-    # Use at most this many images (stratified), for smoke runs; 0 uses everything.
+    """Training augmentations, run batched on the device; rrc = random resized crop (scale 0.25-1, aspect
+    3/4-4/3) of the stored image; flip is refused for digits (a mirrored 2 is no 2)."""
     subset: int = Field(0, ge=0)
-    # Image folders: decoded once at this size (0: image_size; larger leaves room for rrc) into the cache.
+    """Use at most this many images (stratified), for smoke runs; 0 = all."""
     stored_size: int = Field(0, ge=0, le=2048)
-    # An unreadable image file: fail (name it and stop) or skip (leave it out; the study lists it).
+    """imagefolder: the side images are decoded and cached at (0 = image_size; larger leaves room for rrc)."""
     bad_images: Literal["fail", "skip"] = "fail"
-    # Where decoded image folders and CIFAR live ("" = $HPSEARCH_CACHE_DIR or ~/.cache/hpsearch/images).
+    """imagefolder: an unreadable file (a decompression bomb included) or a link out of `root` stops the study,
+    named; skip leaves it out, listed in the study and counted by `status`."""
     cache_dir: str = ""
-    # auto: on a GPU the splits stay in device memory when they fit device_memory_fraction of its free
-    # memory, else batches stream from the cache; on the CPU batches are gathered from the cache (no copy).
+    """Where decoded images are cached ("" = `$HPSEARCH_CACHE_DIR` or `~/.cache/hpsearch/images`)."""
     placement: Literal["auto", "resident", "stream"] = "auto"
+    """Where a worker's splits live: auto keeps them in GPU memory when they fit device_memory_fraction of it,
+    else streams batches from the cache (on the CPU: gathered from the cache, no copy)."""
     device_memory_fraction: float = Field(0.5, gt=0, le=0.95)
-    # Only for `synthetic`: how many images, how many classes.
+    """auto on a GPU: resident when the splits fit this share of its free memory (shared by its workers)."""
     synthetic_size: int = Field(2000, ge=20)
+    """synthetic only: how many images."""
     synthetic_classes: int = Field(10, ge=2)
-    # Stratified k-fold cross-validation over train+val (K >= 2); 0 = one train/val split. The test split is
-    # never in any fold.
+    """synthetic only: how many classes."""
     folds: int = Field(0, ge=0)
+    """K >= 2: a trial is judged by stratified K-fold cross-validation over train+val (the test split is in no
+    fold); 0 = one train/val split."""
 
     @field_validator("folds")
     @classmethod
@@ -174,8 +195,13 @@ class DataSection(Strict):
 
 class ModelSection(Strict):
     arch: str = "resnet18"
-    weights: str = "none"  # none | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | a local file
+    """A torchvision classification model of the families resnet/resnext/wide_resnet, regnet, mobilenet,
+    efficientnet, convnext, densenet, vgg, vit, swin; its head is replaced for the study's classes."""
+    weights: str = "none"
+    """none | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | a local .safetensors or .pt state-dict
+    file (loaded with weights_only=True)."""
     freeze: Literal["none", "backbone"] = "none"
+    """backbone: train only the new head (see `[train] unfreeze_epoch`)."""
 
     @field_validator("arch")
     @classmethod
@@ -207,42 +233,48 @@ def looks_like_path(weights: str) -> bool:
 
 class TrainSection(Strict):
     epochs: int = Field(6, ge=1)
+    """Epochs per trial (per fold with `[data] folds`)."""
     batch_size: int = Field(128, ge=1)
+    """The training batch size; `[space] batch_size` searches it instead."""
     eval_batch_size: int = Field(512, ge=1)
+    """The batch size of validation, test and `predict`."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Label smoothing for the training loss (validation loss is plain cross-entropy); [space] label_smoothing
-    # searches it instead.
+    """auto: the GPU when there is one, else the CPU."""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    # How the learning rate follows a searched [space] batch_size: none (as searched) or linear (lr * batch size /
-    # base_batch_size; 0 = this table's batch_size). The trial records the searched lr.
+    """Of the training loss (validation loss is plain cross-entropy); `[space] label_smoothing` searches it."""
     lr_scaling: Literal["none", "linear"] = "none"
+    """How lr follows a searched batch size: none, or linear (lr * batch size / base_batch_size); the trial
+    records the searched lr."""
     base_batch_size: int = Field(0, ge=0)
-    # With [model] freeze = "backbone": the backbone trains too from this epoch on (1-based: 3 unfreezes it after
-    # two head-only epochs), at the backbone's learning rate; 0 = never.
+    """The batch size the searched lr is for (0 = batch_size)."""
     unfreeze_epoch: int = Field(0, ge=0)
-    # A resumable checkpoint (through the artifact store, written while the next epoch trains) lets a retried
-    # trial continue from it instead of epoch 1. By default one is taken at the first epoch end after every
-    # checkpoint_minutes of training (0 = every epoch); checkpoint_every = N takes one every N epochs instead
-    # (0 = never: short trials restart cheaper than they save) and wins over the minutes. A study file sets one
-    # of the two (parse_study); a recorded config holds both.
+    """With `[model] freeze = "backbone"`: the backbone trains too from this epoch on (1-based: 3 = after two
+    head-only epochs), at lr (the head at lr * head_lr_mult); 0 = never."""
+    # A study file sets one of the two (parse_study); a recorded config holds both.
     checkpoint_every: int | None = Field(None, ge=0)
+    """A resumable checkpoint every N epochs instead of by the minutes (0 = never: short trials restart cheaper
+    than they save)."""
     checkpoint_minutes: float = Field(5.0, ge=0)
-    # auto: bf16 autocast on a GPU that supports it, else fp16 with a gradient scaler; fp32 on the CPU.
-    # Stored validation/test outputs are always computed in fp32.
+    """A resumable checkpoint at the first epoch end after every this many minutes of training (0 = every
+    epoch), written while the next epoch trains: a retried trial continues from it instead of epoch 1."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # torch.compile once per worker, reused by every later trial of the same architecture, image size and
-    # batch size (a new dropout does not recompile); the first trial pays the compilation.
+    """auto: bf16 on a GPU that has it, else fp16 with a gradient scaler; fp32 on the CPU. Stored outputs are
+    fp32 either way."""
+    # The first trial pays the compilation; a new dropout does not recompile.
     compile: bool = False
+    """torch.compile once per worker, reused by later trials of the same architecture, image and batch size."""
 
 
 class EnsembleSection(Strict):
     top_k: int = Field(5, ge=1)
+    """Trials `hpsearch ensemble` combines by default (`--top-k` overrides)."""
 
 
 class TrackingSection(Strict):
     # TensorBoard is an optional extra: off by default, so a plain install runs every study.
     # Strict (as every field): a study file's "yes" or "off" should not switch logging.
     tensorboard: bool = False
-    # Each trial writes under <log_dir>/<study>/trial-<n>. A relative folder is taken from the current directory
-    # when `run` starts; workers on several machines need one shared absolute folder to see each other's trials.
+    """Each trial's scalars per epoch and its hyperparameters in TensorBoard (`pip install 'hpsearch[tensorboard]'`)."""
     log_dir: str = Field("runs", min_length=1)
+    """Trials write `<log_dir>/<study>/trial-<n>`; relative to where `run` starts; workers on several machines
+    need one shared absolute folder."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -25,42 +25,58 @@ def _range(value: Any, *, log: bool = False, integer: bool = False) -> tuple[flo
     return (low, high)
 
 
-FloatRange = Annotated[tuple[float, float], Field(description="[low, high]")]
-IntRange = Annotated[tuple[int, int], Field(description="[low, high]")]
+# `[low, high]`, as the file writes it.
+FloatRange = tuple[float, float]
+IntRange = tuple[int, int]
 
 
 class StepSpace(Strict):
+    """StepLR"""
+
     step_size: IntRange = (1, 3)
+    """epochs between two decays (Optuna parameter `step_size`)"""
     gamma: FloatRange = (0.1, 0.5)
+    """the decay factor, log (`step_gamma`)"""
 
     _v = field_validator("step_size", mode="before")(lambda v: _range(v, integer=True))
     _g = field_validator("gamma", mode="before")(lambda v: _range(v, log=True))
 
 
 class ExponentialSpace(Strict):
+    """ExponentialLR"""
+
     gamma: FloatRange = (0.7, 0.99)
+    """the factor per epoch, log (`exp_gamma`)"""
 
     _g = field_validator("gamma", mode="before")(lambda v: _range(v, log=True))
 
 
 class PlateauSpace(Strict):
+    """ReduceLROnPlateau on validation loss"""
+
     factor: FloatRange = (0.1, 0.5)
+    """the decay factor, log (`plateau_factor`)"""
     patience: IntRange = (0, 2)
+    """epochs without improvement before a decay (`plateau_patience`)"""
 
     _f = field_validator("factor", mode="before")(lambda v: _range(v, log=True))
     _p = field_validator("patience", mode="before")(lambda v: _range(v, integer=True))
 
 
 class CosineSpace(Strict):
-    # The learning rate at the end of the cosine, as a fraction of the trial's lr (eta_min = lr * min_ratio).
+    """CosineAnnealingLR per optimizer step over the run, after the warmup"""
+
     min_ratio: FloatRange = (1e-3, 1e-1)
+    """the final lr as a fraction of lr, log (`cosine_min_ratio`)"""
 
     _m = field_validator("min_ratio", mode="before")(lambda v: _range(v, log=True))
 
 
 class OneCycleSpace(Strict):
-    # OneCycleLR's div_factor: the cycle starts (and its warmup rises from) lr / div_factor.
+    """OneCycleLR per optimizer step: its rise is the warmup (2 steps at least), then a linear fall"""
+
     div_factor: FloatRange = (10.0, 100.0)
+    """the cycle starts at lr / div_factor, log (`onecycle_div`)"""
 
     _d = field_validator("div_factor", mode="before")(lambda v: _range(v, log=True))
 
@@ -73,28 +89,37 @@ _OPTIONAL_KEYS = ("warmup_epochs", "head_lr_mult", "label_smoothing", "batch_siz
 
 class SpaceSection(Strict):
     lr: FloatRange = (1e-4, 1e-1)
+    """The learning rate (log)."""
     optimizer: list[Literal["adam", "rmsprop", "sgd", "adamw"]] = Field(default_factory=lambda: ["adam", "rmsprop"])
+    """A choice."""
     scheduler: list[Literal["step", "exponential", "plateau", "cosine", "onecycle", "none"]] = Field(
         default_factory=lambda: ["step", "exponential", "plateau"]
     )
+    """A choice; each has its own table of parameters below."""
     dropout: FloatRange = (0.0, 0.5)
-    # Optional: searched (log) when given, else no weight decay.
+    """In front of the classifier head."""
+    # The rest is optional, off (None) by default, so a study file without them keeps its meaning.
     weight_decay: FloatRange | None = None
-    # Each optional, off (None) by default so a study file without them keeps its meaning:
-    # A linear warmup of the learning rate over this many epochs (fractions too: 0.5 is half an epoch's steps),
-    # stepped per optimizer step, before any scheduler.
+    """Searched (log) when given, else 0."""
     warmup_epochs: FloatRange | None = None
-    # The new head's learning rate over the backbone's (log): two optimizer param groups, backbone at lr.
+    """A linear warmup from 1% of lr over this many epochs (0.5 = half an epoch's steps), per optimizer step,
+    before any scheduler; else none."""
     head_lr_mult: FloatRange | None = None
-    # Label smoothing of the training loss, searched (else [train] label_smoothing).
+    """The new head's lr over the backbone's (log; two param groups); else 1."""
     label_smoothing: FloatRange | None = None
-    # The training batch size, a choice (else [train] batch_size); [train] lr_scaling says how lr follows it.
+    """Searched instead of `[train] label_smoothing`."""
     batch_size: list[int] | None = None
+    """A choice, instead of `[train] batch_size` (`[train] lr_scaling` says how lr follows it)."""
     step: StepSpace = Field(default_factory=StepSpace)
+    """StepLR's parameters."""
     exponential: ExponentialSpace = Field(default_factory=ExponentialSpace)
+    """ExponentialLR's parameters."""
     plateau: PlateauSpace = Field(default_factory=PlateauSpace)
+    """ReduceLROnPlateau's parameters."""
     cosine: CosineSpace = Field(default_factory=CosineSpace)
+    """CosineAnnealingLR's parameters."""
     onecycle: OneCycleSpace = Field(default_factory=OneCycleSpace)
+    """OneCycleLR's parameters."""
 
     _lr = field_validator("lr", "weight_decay", "head_lr_mult", mode="before")(
         lambda v: None if v is None else _range(v, log=True))

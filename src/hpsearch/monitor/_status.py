@@ -1,4 +1,4 @@
-"""`status --json`: a study's state as one object with stable keys, for scripts (the README's CLI section lists
+"""`status --json`: a study's state as one object with stable keys, for scripts (docs/cli.md lists
 them); the same facts the status tables show, as numbers rather than text."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _failed(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def status_object(study: optuna.Study, storage_url: str, artifacts: str, top_k: int) -> dict[str, Any]:
-    """What `hpsearch status --json` prints (keys documented in the README's CLI section)."""
+    """What `hpsearch status --json` prints (keys documented in docs/cli.md)."""
     trials = study.get_trials(deepcopy=False)
     best = best_trial(study)
     record = read_study_record(study)
