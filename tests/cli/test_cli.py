@@ -336,6 +336,10 @@ def test_run_finishes_the_study_and_prints_each_trial(ran):
     assert "trial 0 COMPLETE" in ran.run.stderr and "trial 1 COMPLETE" in ran.run.stderr
     assert "Traceback" not in ran.run.stderr
     assert f"top 2 trials of '{STUDY}'" in ran.run.stdout
+    # It ends by saying where the results are and what reads them (with the storage and store it was given).
+    tail = " ".join(ran.run.stderr.split())
+    assert f"results: study '{STUDY}' in" in tail and f"weights and outputs in {ran.artifacts}" in tail, tail
+    assert f"next: hpsearch status {ran.study}" in tail and "with the same --storage and --artifacts" in tail, tail
     # Nothing lands in the working directory: the storage and the store are where they were told to be.
     assert not (ran.folder / "hpsearch.db").exists() and not (ran.folder / "artifacts").exists()
     assert len([p for p in ran.artifacts.iterdir() if p.is_file()]) == 4
