@@ -17,6 +17,7 @@ from hpsearch.config import ConfigError, ModelSection
 from hpsearch.model._build import (
     DropoutLinear,
     build_model,
+    dropout,
     head_path,
     load_weights_file,
     plain_state_dict,
@@ -72,6 +73,20 @@ def test_dropout_linear_drops_its_input_in_training_only() -> None:
     # Same parameters and keys as the Linear it replaces.
     assert set(layer.state_dict()) == {"weight", "bias"}
     assert "dropout=1.0" in repr(layer)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_compiled_dropout_drops_at_its_rate_in_bf16(p: float) -> None:
+    """The written-out dropout of compiled models (p a 0-d tensor) on bf16 activations, as under autocast: the
+    share of dropped values is p, not p shifted by bf16's grid (drawn in bf16, p = 0.1 dropped 0.1016)."""
+    torch.manual_seed(0)
+    x = torch.ones(10_000_000, dtype=torch.bfloat16)
+    out = dropout(x, torch.tensor(p), training=True)
+    assert out.dtype == torch.bfloat16
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - p) < 6e-4, dropped  # 10^7 draws: one standard error is under 1.6e-4
+    kept = out[out != 0].float()
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-2)  # inverted dropout's scale
 
 
 def test_dropout_is_applied_to_the_head_input_of_a_built_model() -> None:

@@ -289,3 +289,21 @@ def test_import_train_does_not_import_optuna() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_fixed_shape_evaluation_feeds_one_batch_shape_and_gives_the_same_logits(tiny: TrialData) -> None:
+    """What CUDA evaluation does by default: every batch padded to the eval batch size (one shape for cuDNN's
+    autotuning and a compiled model), the padding's outputs dropped; the logits are those of plain batches."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_hook(lambda _m, inputs, _out: shapes.append(tuple(inputs[0].shape)))
+    assert len(tiny.val) % 16 and len(tiny.test) < 64  # a short last batch, and a split smaller than one batch
+    plain = predict_logits(model, tiny.val, tiny.preprocess, 16, fixed_shape=False)
+    assert len({s[0] for s in shapes}) == 2
+    shapes.clear()
+    fixed = predict_logits(model, tiny.val, tiny.preprocess, 16, fixed_shape=True)
+    fixed_test = predict_logits(model, tiny.test, tiny.preprocess, 64, fixed_shape=True)
+    assert {s[0] for s in shapes} == {16, 64}
+    assert fixed.shape == plain.shape and fixed_test.shape[0] == len(tiny.test)
+    torch.testing.assert_close(fixed, plain, rtol=1e-5, atol=1e-5)

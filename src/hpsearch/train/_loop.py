@@ -76,17 +76,26 @@ FP32 = Precision(None, False)
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, data: DeviceData, preprocess: Preprocess, batch_size: int,
-                   precision: Precision = FP32) -> torch.Tensor:
+                   precision: Precision = FP32, *, fixed_shape: bool | None = None) -> torch.Tensor:
     """Logits of a split in its order; in fp32 unless told (the per-epoch validation may use autocast: stored
-    outputs never do, so the ensemble's fit matches `predict` and ONNX)."""
+    outputs never do, so the ensemble's fit matches `predict` and ONNX).
+
+    With `fixed_shape` (the default on CUDA) every batch the model sees has `batch_size` rows: a short one (the
+    split's last, or a split smaller than a batch) is padded with copies of its last image, whose outputs are
+    dropped. Each new input shape costs cuDNN's autotuning a search and a compiled model a recompilation (then
+    a dynamic-shape graph); val, test and every fold's validation part would each bring their own."""
     model.eval()
     device = data.device
+    fixed = device.type == "cuda" if fixed_shape is None else fixed_shape
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     outs = []
     with ieee_fp32():  # a greedy soup's re-run too: the fp32 math of the stored outputs and of predict
         for images, _ in data.batches(batch_size):
+            rows = len(images)
+            if fixed and rows < batch_size:
+                images = torch.cat([images, images[-1:].expand(batch_size - rows, *images.shape[1:])])
             with precision.autocast(device):
-                outs.append(model(preprocess(images).contiguous(memory_format=fmt)).float())
+                outs.append(model(preprocess(images).contiguous(memory_format=fmt)).float()[:rows])
     return torch.cat(outs)
 
 
