@@ -5,12 +5,16 @@ memory faked: no GPU here; the pool, split and folds are real)."""
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from hpsearch.config import DataSection
 from hpsearch.data import load_pool, make_split
+from hpsearch.data._batches import gather_rows
 from hpsearch.data._placement import placement_for, resident_allowance, resident_bytes
 
 GPU = torch.device("cuda")
@@ -71,3 +75,20 @@ def test_out_of_memory_placing_the_splits_falls_back_to_streaming_in_one_line(tm
     warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "data: the splits did not fit on cpu" in warnings[0], done.stderr
     assert "streaming them from the host instead" in warnings[0]
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 37, 128])
+def test_gather_rows_over_threads_is_index_select(rows: int, mapped: bool, tmp_path: Path) -> None:
+    """A streamed batch's rows, gathered by several threads in contiguous runs, are `index_select`'s, in order,
+    from a memory map as from memory."""
+    data = np.random.default_rng(0).integers(0, 256, (300, 3, 8, 8), dtype=np.uint8)
+    if mapped:
+        data.tofile(tmp_path / "pool.u8")
+        data = np.memmap(tmp_path / "pool.u8", dtype=np.uint8, mode="r+", shape=data.shape)
+    images = torch.from_numpy(np.asarray(data))
+    index = torch.from_numpy(np.random.default_rng(1).permutation(300)[:rows])
+    out = torch.empty((rows, 3, 8, 8), dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        gather_rows(images, index, out, pool)
+    assert torch.equal(out, torch.index_select(images, 0, index))

@@ -7,6 +7,7 @@ batch: no process holds a copy of its own.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,30 +72,37 @@ class DeviceData:
 
     def _streamed_cuda(self, takes: list[torch.Tensor], device_takes: list[torch.Tensor]
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Gather batch i+1 into pinned memory (a thread) while batch i is copied and used; two buffers, each
-        reused only once the copy out of it has finished (its CUDA event)."""
+        """Gather batch i+1 into pinned memory (a thread, itself spreading the rows over GATHER_THREADS) while
+        batch i is copied and used. The copy runs on a stream of its own, so it overlaps the compute stream's
+        kernels; the compute stream waits for it, never the host. Two buffers, each refilled only once the copy
+        out of it has finished (an event on the copy stream: the compute work queued meanwhile is not waited for)."""
         if not takes:
             return
         shape = (len(takes[0]), *self._images.shape[1:])
         buffers = [torch.empty(shape, dtype=self._images.dtype).pin_memory() for _ in range(2)]
         copied: list[torch.cuda.Event | None] = [None, None]
+        copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
 
-        def gather(i: int) -> torch.Tensor:
-            slot = i % 2
-            if copied[slot] is not None:
-                copied[slot].synchronize()  # in this thread: the step loop never waits on the host
-            out = buffers[slot][:len(takes[i])]
-            torch.index_select(self._images, 0, self._index[takes[i]], out=out)
-            return out
+        with ThreadPoolExecutor(max_workers=1) as ahead, ThreadPoolExecutor(max_workers=GATHER_THREADS) as rows:
+            def gather(i: int) -> torch.Tensor:
+                slot = i % 2
+                if copied[slot] is not None:
+                    copied[slot].synchronize()  # in this thread: the step loop never waits on the host
+                out = buffers[slot][:len(takes[i])]
+                gather_rows(self._images, self._index[takes[i]], out, rows)
+                return out
 
-        with ThreadPoolExecutor(max_workers=1) as ahead:
             pending = ahead.submit(gather, 0)
             for i in range(len(takes)):
                 host = pending.result()
-                images = host.to(self.device, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
+                with torch.cuda.stream(copy_stream):
+                    images = host.to(self.device, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(copy_stream)
                 copied[i % 2] = event
+                compute.wait_event(event)
+                images.record_stream(compute)  # its memory is used on the compute stream: not reused before
                 if i + 1 < len(takes):
                     pending = ahead.submit(gather, i + 1)
                 yield images, self.labels[device_takes[i]]
@@ -102,6 +110,20 @@ class DeviceData:
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)
         return n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+
+
+# Threads that gather one streamed batch: a memory-mapped cache faults its pages in one at a time per thread,
+# so a few threads keep several reads in flight (torch's index_select releases the GIL).
+GATHER_THREADS = 4
+
+
+def gather_rows(images: torch.Tensor, index: torch.Tensor, out: torch.Tensor, pool: ThreadPoolExecutor,
+                parts: int = GATHER_THREADS) -> None:
+    """`torch.index_select(images, 0, index, out=out)`, its rows spread over `pool` in `parts` contiguous runs."""
+    bounds = np.linspace(0, len(index), num=min(parts, len(index)) + 1, dtype=np.int64)
+    runs = [(int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+    for done in [pool.submit(torch.index_select, images, 0, index[lo:hi], out=out[lo:hi]) for lo, hi in runs]:
+        done.result()
 
 
 @dataclass(frozen=True)
