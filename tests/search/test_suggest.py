@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 
-from hpsearch.config import read_study_file
+from hpsearch.config import parse_study, read_study_file
 from hpsearch.search._objective import suggest
 from hpsearch.train import Hyperparams
 
@@ -45,4 +45,25 @@ def test_a_study_file_without_the_new_keys_draws_what_it_always_drew(tmp_path: P
         assert names - {"lr", "optimizer", "scheduler", "dropout"} <= {
             "step_size", "step_gamma", "exp_gamma", "plateau_factor", "plateau_patience"}
         assert (hp.warmup_epochs, hp.head_lr_mult, hp.label_smoothing, hp.batch_size) == (0.0, 1.0, None, None)
+        assert (hp.mixing, hp.augment_strength, hp.ema) == ("none", 0.0, False)
         study.tell(trial, 0.5)
+
+
+def test_the_regularizers_are_drawn_recorded_and_trained_with(tmp_path: Path) -> None:
+    space = {"mixing": ["none", "mixup", "cutmix"], "mix_alpha": [0.2, 1.0], "augment_strength": [0.0, 0.5],
+             "ema": [False, True]}
+    cfg = parse_study({"study": {"name": "r"}, "space": space})
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", sampler=optuna.samplers.RandomSampler(2))
+    seen: dict[str, set[object]] = {"mixing": set(), "ema": set()}
+    for _ in range(16):
+        trial = study.ask()
+        hp = suggest(trial, cfg.space)
+        study.tell(trial, 0.5)
+        recorded = study.trials[-1].params  # read back from the storage
+        assert set(space) <= set(recorded)
+        assert Hyperparams.from_params(recorded) == hp
+        assert (hp.mixing, hp.mix_alpha, hp.augment_strength, hp.ema) == tuple(recorded[k] for k in space)
+        assert 0.2 <= hp.mix_alpha <= 1.0 and 0.0 <= hp.augment_strength <= 0.5 and isinstance(hp.ema, bool)
+        seen["mixing"].add(hp.mixing)
+        seen["ema"].add(hp.ema)
+    assert seen == {"mixing": {"none", "mixup", "cutmix"}, "ema": {False, True}}
