@@ -130,6 +130,7 @@ def test_rand_augment_changes_a_uint8_batch_and_keeps_its_shape_and_dtype() -> N
     out = rand_augment(images, 0.8)
     assert out.shape == images.shape and out.dtype == torch.uint8 and out.device == images.device
     assert not torch.equal(out, images)
+    assert rand_augment(images, 0.01) is images  # below magnitude 1: none
     # One draw per group of 4 images (not one per batch): 16 copies of one image come out as 4 different ones.
     same = images[:1].expand(16, -1, -1, -1)
     torch.manual_seed(1)

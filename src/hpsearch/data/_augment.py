@@ -121,8 +121,10 @@ def rand_augment(images: torch.Tensor, strength: float) -> torch.Tensor:
     dispatch per image and op, the step loop's bottleneck on a GPU; so the batch is cut into
     `RAND_AUGMENT_GROUPS` groups, each with its own draw: a few batched calls per step, and a batch no longer
     gets one and the same transformation."""
-    transform = v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=round(strength * (MAGNITUDE_BINS - 1)),
-                               num_magnitude_bins=MAGNITUDE_BINS)
+    magnitude = round(strength * (MAGNITUDE_BINS - 1))
+    if magnitude == 0:  # a strength below 1/60: none (at magnitude 0, Solarize would still invert white pixels)
+        return images
+    transform = v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS)
     groups = images.chunk(min(RAND_AUGMENT_GROUPS, images.shape[0]))
     return torch.cat([transform(group) for group in groups])
 

@@ -220,7 +220,7 @@ class _Run:
     @property
     def evaluated(self) -> nn.Module:
         """What validation, the best epoch's weights and so the stored outputs come from: the moving average
-        when the trial keeps one, else the trained model."""
+        when the trial keeps one (evaluated eagerly, also under `[train] compile`), else the trained model."""
         return self.ema.module if self.ema is not None else self.forward
 
     def steps(self, data: TrialData) -> StepTotals:
