@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/trial_speed.py [--device cpu|cuda] [--arch resnet18] [--image-size 32]
                                           [--batch-size 128] [--images 10000] [--windows 5] [--steps 8]
+                                          [--recipes]
 
 On one device, model and batch size, after a warm-up, the median images/s over `--windows` timed windows of
 `--steps` optimizer steps each, for:
@@ -12,7 +13,9 @@ On one device, model and batch size, after a warm-up, the median images/s over `
 2. naive-bf16: the same under bf16 autocast;
 3. ours: hpsearch's trial loop (`hpsearch.train._loop.train_steps` on `trial_data`: uint8 batches on the device,
    batched crop + flip, the study's precision), resident and streamed;
-4. bare: the optimizer step alone on random tensors already on the device.
+4. bare: the optimizer step alone on random tensors already on the device;
+5. with `--recipes`, ours (resident) again with each regularizer a study's [space] may turn on: mixup, cutmix,
+   randaugment (augment_strength 0.5) and ema, each with its cost relative to ours.
 
 The images are CIFAR-sized random uint8 (no dataset download here); every pipeline sees the same ones. Last
 line: `ours/naive=X ours/bare=Y` (ours = the resident run). Needs torch and torchvision; (3) needs hpsearch but
@@ -117,12 +120,16 @@ def naive(images: np.ndarray, labels: np.ndarray, device: torch.device, args: ar
     return timed(step, device, args)
 
 
+RECIPES = ("mixup", "cutmix", "randaugment", "ema")
+
+
 def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: argparse.Namespace,
-         placement: str) -> float:
+         placement: str, recipe: str = "") -> float:
     from hpsearch.config import DataSection, TrainSection
-    from hpsearch.data import ImagePool, Split, trial_data
+    from hpsearch.data import ImagePool, Split, mixer, trial_data
     from hpsearch.train import Hyperparams
     from hpsearch.train._accelerator import choose_precision
+    from hpsearch.train._ema import WeightEMA
     from hpsearch.train._loop import train_steps
     from hpsearch.train._optim import make_schedule
 
@@ -145,9 +152,15 @@ def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: arg
     aug = torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else gen
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    # A recipe as a trial with it on runs it (RECIPES; "" = none).
+    recipe_args = {"mix": mixer(recipe, 1.0, 10) if recipe in ("mixup", "cutmix") else None,
+                   "augment_strength": 0.5 if recipe == "randaugment" else 0.0,
+                   "ema": WeightEMA(model, 0.999) if recipe == "ema" else None}
+
     # One call of train_steps (one epoch of the split's train part) is one window of `--steps` steps.
     def window() -> None:
-        train_steps(model, optimizer, scaler, data, train.batch_size, 0.0, schedule, precision, gen, aug)
+        train_steps(model, optimizer, scaler, data, train.batch_size, 0.0, schedule, precision, gen, aug,
+                    **recipe_args)
 
     steps, args.steps = args.steps, 1
     try:
@@ -188,6 +201,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per timed window")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="ours without flip (digits-like)")
     parser.add_argument("--skip", default="", help="comma-separated modes to leave out (naive,naive-bf16,...)")
+    parser.add_argument("--recipes", action="store_true", help="also ours with each of " + ", ".join(RECIPES))
     args = parser.parse_args()
     device = torch.device(args.device)
     threads = os.environ.get("HPSEARCH_THREADS")
@@ -210,12 +224,17 @@ def main() -> None:
         ("ours-streamed", lambda: ours(images, labels, device, args, "stream")),
         ("bare", lambda: bare(device, args)),
     ]
+    if args.recipes:
+        runs += [(f"ours-{r}", lambda r=r: ours(images, labels, device, args, "resident", r)) for r in RECIPES]
     for mode, run in runs:
         if mode in skip:
             continue
         rates[mode] = run()
-        print(f"{mode:>14}: {rates[mode]:9.1f} images/s")
+        print(f"{mode:>16}: {rates[mode]:9.1f} images/s")
     print(f"loadavg after: {loadavg()}")
+    if args.recipes and "ours-resident" in rates:
+        print(" ".join(f"{r}={rates['ours-resident'] / rates[f'ours-{r}']:.2f}x" for r in RECIPES
+                       if f"ours-{r}" in rates), "(time per step over ours)")
     if {"ours-resident", "naive", "bare"} <= rates.keys():
         print(f"ours/naive={rates['ours-resident'] / rates['naive']:.2f} "
               f"ours/bare={rates['ours-resident'] / rates['bare']:.2f}")

@@ -22,7 +22,8 @@ FINGERPRINTS_BEFORE = {
     "digits.toml": "96cf734a53a1341c",
     "imagefolder-example.toml": "9e4a6448814706dc",
 }
-NEW_SPACE_KEYS = ("warmup_epochs", "head_lr_mult", "label_smoothing", "batch_size")
+NEW_SPACE_KEYS = ("warmup_epochs", "head_lr_mult", "label_smoothing", "batch_size", "mixing", "mix_alpha",
+                  "augment_strength", "ema")
 
 
 @pytest.mark.parametrize("name", sorted(FINGERPRINTS_BEFORE))
@@ -32,6 +33,18 @@ def test_a_study_file_from_before_keeps_its_meaning(name: str) -> None:
     assert all(getattr(cfg.space, key) is None for key in NEW_SPACE_KEYS)
     assert cfg.study.metric == "accuracy" and cfg.study.direction == "maximize"
     assert (cfg.train.lr_scaling, cfg.train.unfreeze_epoch) == ("none", 0)
+
+
+# digits-recipes.toml's, from before mixing, mix_alpha, augment_strength and ema: its studies still resume.
+RECIPES_FINGERPRINT = "5611cabadecb7075"
+REGULARIZER_KEYS = ("mixing", "mix_alpha", "augment_strength", "ema")
+
+
+def test_the_recipes_study_keeps_its_fingerprint_without_the_regularizers() -> None:
+    cfg = read_study_file(next(p for p in STUDY_FILES if p.name == "digits-recipes.toml"))
+    assert cfg.space_fingerprint() == RECIPES_FINGERPRINT
+    assert all(getattr(cfg.space, key) is None for key in REGULARIZER_KEYS)
+    assert not set(REGULARIZER_KEYS) & {p.name for p in cfg.space.parameters()}
 
 
 def test_every_shipped_study_is_known_here_or_new() -> None:
@@ -45,7 +58,8 @@ def test_the_new_keys_are_off_by_default() -> None:
     assert all(getattr(space, key) is None for key in NEW_SPACE_KEYS)
     assert "cosine" not in space.scheduler and "onecycle" not in space.scheduler
     assert (train.lr_scaling, train.base_batch_size, train.unfreeze_epoch, train.label_smoothing) == ("none", 0, 0, 0)
-    assert "warmup_epochs" not in space.fingerprint_data() and "cosine" not in space.fingerprint_data()
+    assert not set(NEW_SPACE_KEYS) & set(space.fingerprint_data()) and "cosine" not in space.fingerprint_data()
+    assert not set(NEW_SPACE_KEYS) & {p.name for p in space.parameters()}
 
 
 def _space(**values: Any) -> str:
@@ -57,9 +71,29 @@ def _space(**values: Any) -> str:
 @pytest.mark.parametrize("values", [
     {"warmup_epochs": [0.0, 1.0]}, {"head_lr_mult": [1.0, 10.0]}, {"label_smoothing": [0.0, 0.2]},
     {"batch_size": [32, 64]}, {"cosine": {"min_ratio": [0.01, 0.1]}}, {"onecycle": {"div_factor": [5, 50]}},
+    {"mixing": ["none", "mixup"]}, {"augment_strength": [0.0, 1.0]}, {"ema": [False, True]},
 ])
 def test_each_new_range_is_part_of_the_fingerprint(values: dict[str, Any]) -> None:
     assert _space(**values) != _space()
+
+
+def test_mixings_choices_and_alpha_are_part_of_the_fingerprint() -> None:
+    mixing = {"mixing": ["none", "mixup", "cutmix"]}
+    prints = {_space(**mixing), _space(mixing=["mixup", "cutmix"]), _space(**mixing, mix_alpha=[0.2, 1.0]),
+              _space(**mixing, mix_alpha=[0.2, 0.4])}
+    assert len(prints) == 4
+
+
+def test_the_regularizers_are_optuna_parameters_in_every_trial() -> None:
+    cfg = parse_study({"study": {"name": "r"}, "space": {"mixing": ["none", "mixup", "cutmix"], "mix_alpha": [0.2, 1],
+                                                          "augment_strength": [0, 0.5], "ema": [False, True]}})
+    params = {p.name: p for p in cfg.space.parameters()}
+    assert (params["mixing"].kind, params["mixing"].choices) == ("choice", ("none", "mixup", "cutmix"))
+    assert (params["mix_alpha"].kind, params["mix_alpha"].low, params["mix_alpha"].high) == ("float", 0.2, 1.0)
+    assert (params["augment_strength"].low, params["augment_strength"].high, params["augment_strength"].log) == (
+        0.0, 0.5, False)
+    assert params["ema"].choices == (False, True)
+    assert all(params[name].when is None for name in ("mixing", "mix_alpha", "augment_strength", "ema"))
 
 
 @pytest.mark.parametrize(("study", "direction"), [
@@ -82,6 +116,19 @@ RECIPE_REFUSALS: list[tuple[str, dict[str, dict[str, Any]], str, tuple[str, ...]
     ("batch-size-range", {"space": {"batch_size": 64}}, "space.batch_size", ("list of positive integers",)),
     ("batch-size-zero", {"space": {"batch_size": [0, 32]}}, "space.batch_size", ("positive integers",)),
     ("batch-size-twice", {"space": {"batch_size": [32, 32]}}, "space.batch_size", ("twice",)),
+    ("unknown-mixing", {"space": {"mixing": ["none", "mixmatch"]}}, "space.mixing",
+     ("'mixmatch'", "'none'", "'mixup'", "'cutmix'")),
+    ("mixing-empty", {"space": {"mixing": []}}, "space.mixing", ("at least one choice",)),
+    ("mix-alpha-without-mixing", {"space": {"mix_alpha": [0.2, 1.0]}}, "space.mix_alpha",
+     ("mixing", "mixup", "cutmix")),
+    ("mix-alpha-with-none-only", {"space": {"mixing": ["none"], "mix_alpha": [0.2, 1.0]}}, "space.mix_alpha",
+     ("offers neither",)),
+    ("mix-alpha-zero", {"space": {"mixing": ["mixup"], "mix_alpha": [0, 1]}}, "space.mix_alpha", ("> 0",)),
+    ("strength-above-one", {"space": {"augment_strength": [0, 2]}}, "space.augment_strength", ("[0, 1]",)),
+    ("strength-a-number", {"space": {"augment_strength": 0.5}}, "space.augment_strength", ("[low, high]",)),
+    ("ema-a-bool", {"space": {"ema": True}}, "space.ema", ("a list", "[false, true]")),
+    ("ema-a-word", {"space": {"ema": ["on", "off"]}}, "space.ema", ("true or false",)),
+    ("ema-decay-one", {"train": {"ema_decay": 1.0}}, "train.ema_decay", ("less than 1",)),
     ("unknown-lr-scaling", {"train": {"lr_scaling": "sqrt"}}, "train.lr_scaling", ("'sqrt'", "none", "linear")),
     ("lr-scaling-without-batch", {"train": {"lr_scaling": "linear"}}, "train.lr_scaling",
      ("batch_size", "none")),
@@ -131,6 +178,19 @@ def test_check_prints_the_resolved_space_of_the_recipes_study() -> None:
     assert "(scheduler = cosine)" in lines["cosine_min_ratio"]
     assert f"lr * batch_size / {cfg.train.base_batch_size}" in text
     assert not (REPO / "unused.db").exists()
+
+
+def test_check_prints_the_regularizers(study_file: Callable[..., Path]) -> None:
+    path = study_file(space={"mixing": ["none", "cutmix"], "mix_alpha": [0.2, 1.0], "augment_strength": [0.0, 0.6],
+                             "ema": [False, True]}, train={"ema_decay": 0.99})
+    proc = _hpsearch("check", str(path), "--storage", "sqlite:///unused.db", cwd=path.parent)
+    assert proc.returncode == 0, proc.stderr
+    space = proc.stdout.split("search space")[1].splitlines()[1:]
+    lines = {line.split()[0]: line for line in space if line.startswith("  ")}
+    assert "one of ['none', 'cutmix']" in lines["mixing"]
+    assert "uniform [0.2, 1]" in lines["mix_alpha"] and "uniform [0, 0.6]" in lines["augment_strength"]
+    assert "one of [False, True]" in lines["ema"]
+    assert list(lines)[:4] == ["lr", "optimizer", "scheduler", "dropout"]
 
 
 def test_check_json_holds_the_objective_and_the_space() -> None:

@@ -2,7 +2,8 @@
 
 - a 2-trial study on CUDA through `run --workers 1 --gpus 0`: pinned, each trial recording its physical GPU and
   peak memory, stored outputs in fp32 that an fp32 forward of the stored weights reproduces;
-- the step loop of an epoch with no host synchronization (torch.cuda.set_sync_debug_mode("error"));
+- the step loop of an epoch with no host synchronization (torch.cuda.set_sync_debug_mode("error")), also with
+  each regularizer a study may turn on (mixup, cutmix, RandAugment, the weights' moving average);
 - a real CUDA out-of-memory inside a step (the fault hook allocates beyond free memory), retried once, the worker
   going on with its memory freed;
 - a real device-side error (an out-of-range index in a kernel) under `run --workers 2 --workers-per-gpu 2`: the
@@ -68,12 +69,14 @@ def test_a_two_trial_study_on_cuda_is_pinned_and_stores_fp32_outputs(tmp_path: P
     assert torch.allclose(outputs.val_logits, again, atol=1e-4, rtol=0)
 
 
-def test_the_step_loop_never_waits_for_the_device() -> None:
+@pytest.mark.parametrize("recipe", ["none", "mixup", "cutmix", "randaugment", "ema"])
+def test_the_step_loop_never_waits_for_the_device(recipe: str) -> None:
     from hpsearch.config import DataSection, ModelSection, TrainSection
-    from hpsearch.data import load_pool, make_split, trial_data
+    from hpsearch.data import load_pool, make_split, mixer, trial_data
     from hpsearch.model import build_model
     from hpsearch.train import Hyperparams
     from hpsearch.train._accelerator import choose_precision
+    from hpsearch.train._ema import WeightEMA
     from hpsearch.train._loop import train_steps
     from hpsearch.train._optim import make_optimizer, make_schedule
 
@@ -90,12 +93,15 @@ def test_the_step_loop_never_waits_for_the_device() -> None:
     schedule = make_schedule(optimizer, hp, 1, 1)
     scaler = precision.scaler(CUDA)
     gen, aug = torch.Generator().manual_seed(0), torch.Generator(device=CUDA).manual_seed(0)
-    args = (data, train.batch_size, 0.0, schedule, precision, gen, aug)
-    train_steps(model, optimizer, scaler, *args)  # warm-up: first-use allocations
+    args = (data, train.batch_size, 0.1, schedule, precision, gen, aug)
+    extras = {"mix": mixer(recipe, 1.0, pool.num_classes) if recipe in ("mixup", "cutmix") else None,
+              "augment_strength": 0.6 if recipe == "randaugment" else 0.0,
+              "ema": WeightEMA(model, 0.99) if recipe == "ema" else None}
+    train_steps(model, optimizer, scaler, *args, **extras)  # warm-up: first-use allocations
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = train_steps(model, optimizer, scaler, *args)
+        loss = train_steps(model, optimizer, scaler, *args, **extras)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss.loss_sum).item()

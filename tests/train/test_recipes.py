@@ -10,20 +10,13 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from hpsearch.config import DataSection, ModelSection, TrainSection
-from hpsearch.data import TrialData, load_pool, make_split, trial_data
+from hpsearch.config import ModelSection, TrainSection
+from hpsearch.data import TrialData
 from hpsearch.train import Checkpoint, Hyperparams, train_trial
 from hpsearch.train._loop import _start_run, _train_epoch
 
 CPU = torch.device("cpu")
 HP = Hyperparams(lr=1e-3, optimizer="adam", scheduler="none")
-
-
-@pytest.fixture(scope="module")
-def tiny() -> TrialData:
-    cfg = DataSection(dataset="digits", image_size=32, subset=200, augment=["crop"])
-    pool = load_pool(cfg)
-    return trial_data(pool, make_split(pool, cfg, seed=0), cfg, pretrained=False, device=CPU)
 
 
 def _train(**values: object) -> TrainSection:

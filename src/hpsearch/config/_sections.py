@@ -250,6 +250,9 @@ class TrainSection(Strict):
     unfreeze_epoch: int = Field(0, ge=0)
     """With `[model] freeze = "backbone"`: the backbone trains too from this epoch on (1-based: 3 = after two
     head-only epochs), at lr (the head at lr * head_lr_mult); 0 = never."""
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    """With `[space] ema`: the weights' moving average's decay per optimizer step (it averages about
+    1 / (1 - ema_decay) steps: keep that well below a trial's steps)."""
     # A study file sets one of the two (parse_study); a recorded config holds both.
     checkpoint_every: int | None = Field(None, ge=0)
     """A resumable checkpoint every N epochs instead of by the minutes (0 = never: short trials restart cheaper

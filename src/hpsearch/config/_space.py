@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from hpsearch.config._sections import Strict
 
@@ -84,7 +84,8 @@ class OneCycleSpace(Strict):
 # Scheduler branches with their own table of parameters (their Optuna names are prefixed by the branch's).
 BRANCHES = ("step", "exponential", "plateau", "cosine", "onecycle")
 # Keys added after the first studies: absent from a fingerprint while off, so a study created before them resumes.
-_OPTIONAL_KEYS = ("warmup_epochs", "head_lr_mult", "label_smoothing", "batch_size")
+_OPTIONAL_KEYS = ("warmup_epochs", "head_lr_mult", "label_smoothing", "batch_size", "mixing", "mix_alpha",
+                  "augment_strength", "ema")
 
 
 class SpaceSection(Strict):
@@ -110,6 +111,16 @@ class SpaceSection(Strict):
     """Searched instead of `[train] label_smoothing`."""
     batch_size: list[int] | None = None
     """A choice, instead of `[train] batch_size` (`[train] lr_scaling` says how lr follows it)."""
+    mixing: list[Literal["none", "mixup", "cutmix"]] | None = None
+    """A choice: each training image mixed with its batch neighbour, and its label with it (soft targets; label
+    smoothing on top); else none."""
+    mix_alpha: FloatRange | None = None
+    """mixup's and cutmix's Beta(alpha, alpha) of the mixing ratio (needs `mixing`); else 1."""
+    augment_strength: FloatRange | None = None
+    """RandAugment (2 ops) of the uint8 training batches on the device, at magnitude strength x 30 of its 31 bins
+    (0 = none); else none."""
+    ema: list[bool] | None = None
+    """A choice (`[false, true]`): validate, test and keep the weights' moving average (`[train] ema_decay`)."""
     step: StepSpace = Field(default_factory=StepSpace)
     """StepLR's parameters."""
     exponential: ExponentialSpace = Field(default_factory=ExponentialSpace)
@@ -123,12 +134,14 @@ class SpaceSection(Strict):
 
     _lr = field_validator("lr", "weight_decay", "head_lr_mult", mode="before")(
         lambda v: None if v is None else _range(v, log=True))
-    _d = field_validator("dropout", "warmup_epochs", "label_smoothing", mode="before")(
-        lambda v: None if v is None else _range(v))
+    _d = field_validator("dropout", "warmup_epochs", "label_smoothing", "mix_alpha", "augment_strength",
+                         mode="before")(lambda v: None if v is None else _range(v))
 
-    @field_validator("optimizer", "scheduler")
+    @field_validator("optimizer", "scheduler", "mixing", "ema")
     @classmethod
-    def _non_empty(cls, choices: list[str]) -> list[str]:
+    def _non_empty(cls, choices: list[Any] | None) -> list[Any] | None:
+        if choices is None:
+            return None
         if not choices:
             raise ValueError("needs at least one choice")
         if len(set(choices)) != len(choices):
@@ -142,11 +155,38 @@ class SpaceSection(Strict):
             raise ValueError(f"must lie in [0, 1), got {list(value)}")
         return value
 
+    @field_validator("mix_alpha")
+    @classmethod
+    def _alpha(cls, value: tuple[float, float] | None, info: ValidationInfo) -> tuple[float, float] | None:
+        # A field validator (mixing comes first, so it is in info.data) so the error names space.mix_alpha.
+        if value is None:
+            return None
+        if value[0] <= 0:
+            raise ValueError(f"is a Beta distribution's alpha and must be > 0, got {list(value)}")
+        if not set(info.data.get("mixing") or ()) - {"none"}:
+            raise ValueError("is the alpha of mixup or cutmix, but [space] mixing offers neither; add mixing = "
+                             "[\"none\", \"mixup\", \"cutmix\"] (or some of them) or leave mix_alpha out")
+        return value
+
+    @field_validator("augment_strength")
+    @classmethod
+    def _unit(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and (value[0] < 0 or value[1] > 1):
+            raise ValueError(f"must lie in [0, 1] (0 = no RandAugment, 1 = its largest magnitude), got {list(value)}")
+        return value
+
     @field_validator("warmup_epochs")
     @classmethod
     def _not_negative(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
         if value is not None and value[0] < 0:
             raise ValueError(f"must be >= 0 epochs, got {list(value)}")
+        return value
+
+    @field_validator("ema", mode="before")
+    @classmethod
+    def _ema_choice(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, list):
+            raise ValueError(f"is a choice, a list: ema = [false, true] searches it, [true] keeps it on; got {value!r}")
         return value
 
     @field_validator("batch_size", mode="before")
@@ -187,6 +227,16 @@ class SpaceSection(Strict):
         params += [Param(name, "float", *bounds, log=log) for name, bounds, log in optional if bounds is not None]
         if self.batch_size is not None:
             params.append(Param("batch_size", "choice", choices=tuple(self.batch_size)))
+        if self.mixing is not None:
+            params.append(Param("mixing", "choice", choices=tuple(self.mixing)))
+        # Drawn in every trial, also one whose mixing is none (which trains without it): a parameter's presence
+        # depends on the scheduler only.
+        if self.mix_alpha is not None:
+            params.append(Param("mix_alpha", "float", *self.mix_alpha))
+        if self.augment_strength is not None:
+            params.append(Param("augment_strength", "float", *self.augment_strength))
+        if self.ema is not None:
+            params.append(Param("ema", "choice", choices=tuple(self.ema)))
         branches = {
             "step": [Param("step_size", "int", *self.step.step_size), Param("step_gamma", "float", *self.step.gamma,
                                                                              log=True)],

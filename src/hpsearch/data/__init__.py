@@ -4,7 +4,7 @@ augmentation. Knows nothing of Optuna.
 
 from __future__ import annotations
 
-from hpsearch.data._augment import training_input
+from hpsearch.data._augment import Mixer, mixer, rand_augment, training_input
 from hpsearch.data._batches import DeviceData, TrialData, trial_data
 from hpsearch.data._datasets import ImagePool, cache_state, load_pool
 from hpsearch.data._folds import Folds, make_folds
@@ -18,6 +18,7 @@ __all__ = [
     "DeviceData",
     "Folds",
     "ImagePool",
+    "Mixer",
     "Placement",
     "RecordMismatch",
     "Split",
@@ -28,7 +29,9 @@ __all__ = [
     "load_pool",
     "make_folds",
     "make_split",
+    "mixer",
     "preprocess_for",
+    "rand_augment",
     "rebuild_study_data",
     "training_input",
     "trial_data",

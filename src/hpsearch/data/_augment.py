@@ -1,16 +1,20 @@
-"""Batched augmentation: crop, flip, cutout and random resized crop of whole batches on the training device.
+"""Batched augmentation: crop, flip, cutout and random resized crop of whole batches on the training device,
+RandAugment of the uint8 batches, and mixup / cutmix of images and labels.
 
 Resizing to `image_size`, augmentation and normalization happen on whole batches on the device (airbench
-style), never per image in Python.
+style), never per image in Python. RandAugment, mixup and cutmix are torchvision's (transforms.v2), which draw
+their random choices from torch's global CPU generator on every device (a checkpoint saves it): host-side draws,
+no device synchronization.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from hpsearch.preprocess import Preprocess
 
@@ -24,9 +28,12 @@ def augment(x: torch.Tensor, names: Sequence[str], generator: torch.Generator | 
 
 
 def training_input(images: torch.Tensor, preprocess: Preprocess, names: Sequence[str],
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, strength: float = 0.0) -> torch.Tensor:
     """A uint8 training batch at its stored size -> augmented, normalized model input at image_size. With rrc,
-    the random crop of the stored image is what gets resized (one batched resample), then normalized."""
+    the random crop of the stored image is what gets resized (one batched resample), then normalized. A
+    `strength` above 0 first RandAugments the uint8 batch (`rand_augment`)."""
+    if strength > 0:
+        images = rand_augment(images, strength)
     if "rrc" in names:
         x = random_resized_crop(images.float().div_(255), preprocess.image_size, generator)
         x = preprocess.normalize(x)
@@ -99,3 +106,41 @@ def cutout(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
 
 
 _AUGMENT = {"crop": random_crop, "flip": random_flip, "cutout": cutout}
+
+RAND_AUGMENT_OPS = 2  # RandAugment's num_ops: ops applied one after the other
+MAGNITUDE_BINS = 31  # torchvision's default: magnitudes 0..30
+RAND_AUGMENT_GROUPS = 4  # independent draws per batch
+
+
+def rand_augment(images: torch.Tensor, strength: float) -> torch.Tensor:
+    """torchvision's RandAugment (v2: `RAND_AUGMENT_OPS` random ops from its 14, geometric ones filling with 0)
+    at magnitude round(strength x 30) of 31 bins, on a uint8 batch [N, C, H, W] on its device; same shape, dtype.
+
+    Granularity: v2's RandAugment draws one op (and its sign) per call and applies it to every image of
+    a batched tensor (the ops themselves are batched tensor ops). Calling it per image would cost one Python
+    dispatch per image and op, the step loop's bottleneck on a GPU; so the batch is cut into
+    `RAND_AUGMENT_GROUPS` groups, each with its own draw: a few batched calls per step, and a batch no longer
+    gets one and the same transformation."""
+    magnitude = round(strength * (MAGNITUDE_BINS - 1))
+    if magnitude == 0:  # a strength below 1/60: none (at magnitude 0, Solarize would still invert white pixels)
+        return images
+    transform = v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS)
+    groups = images.chunk(min(RAND_AUGMENT_GROUPS, images.shape[0]))
+    return torch.cat([transform(group) for group in groups])
+
+
+Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def mixer(mixing: str, alpha: float, num_classes: int) -> Mixer | None:
+    """`mixing`'s batch transform (none: None): model inputs [N, C, H, W] and int64 labels [N] -> inputs with
+    each image mixed with its neighbour in the (shuffled) batch, and soft labels [N, num_classes] that mix the two
+    one-hot labels in the same proportion (rows sum to 1). mixup blends whole images by lam ~ Beta(alpha,
+    alpha); cutmix pastes a box of the neighbour of area 1 - lam. One lam per batch, as torchvision draws it."""
+    if mixing == "none":
+        return None
+    if mixing == "mixup":
+        return v2.MixUp(alpha=alpha, num_classes=num_classes)
+    if mixing == "cutmix":
+        return v2.CutMix(alpha=alpha, num_classes=num_classes)
+    raise ValueError(f"mixing: {mixing!r} is not one of none, mixup, cutmix")

@@ -25,6 +25,10 @@ class Hyperparams:
     head_lr_mult: float = 1.0  # the head's lr over the backbone's (1: one param group, as before)
     label_smoothing: float | None = None  # None: [train] label_smoothing
     batch_size: int | None = None  # None: [train] batch_size
+    mixing: str = "none"  # none | mixup | cutmix: two training images and their labels mixed
+    mix_alpha: float = 1.0  # the mixing ratio's Beta(alpha, alpha)
+    augment_strength: float = 0.0  # RandAugment's magnitude as a fraction of its largest; 0 = none
+    ema: bool = False  # validate, test and keep the weights' moving average ([train] ema_decay)
 
     @classmethod
     def from_params(cls, params: dict[str, object]) -> Hyperparams:

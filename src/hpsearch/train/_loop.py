@@ -19,7 +19,7 @@ from torch import nn
 
 from hpsearch import keys
 from hpsearch._testhooks import fault_at
-from hpsearch.data import DeviceData, TrialData, training_input
+from hpsearch.data import DeviceData, Mixer, TrialData, mixer, training_input
 from hpsearch.kernels import ieee_fp32
 from hpsearch.model import (
     ModelSettings,
@@ -34,6 +34,7 @@ from hpsearch.preprocess import Preprocess
 from hpsearch.train._accelerator import Precision, choose_precision
 from hpsearch.train._checkpoints import EVERY_EPOCH, CheckpointPolicy, host_copy
 from hpsearch.train._compile import compiled_model
+from hpsearch.train._ema import WeightEMA
 from hpsearch.train._hyperparams import Hyperparams
 from hpsearch.train._metrics import evaluate, rank_key, score
 from hpsearch.train._optim import Schedule, make_optimizer, make_schedule, param_groups
@@ -118,9 +119,10 @@ class Checkpoint:
     augment_generator: torch.Tensor | None = None  # the device generator of the augmentation, on a GPU
     cuda_rng: torch.Tensor | None = None  # CUDA's RNG of the trial's device (dropout on the GPU)
     scaler: dict[str, Any] | None = None  # fp16's gradient scaler
+    ema: dict[str, torch.Tensor] | None = None  # the weights' moving average (AveragedModel's state), when on
 
     FIELDS = ("epoch", "model", "optimizer", "scheduler", "generator", "rng", "best_state", "augment_generator",
-              "cuda_rng", "scaler")
+              "cuda_rng", "scaler", "ema")
 
     def save(self, path: str) -> None:
         data = {**{k: getattr(self, k) for k in self.FIELDS}, "history": [asdict(m) for m in self.history]}
@@ -153,10 +155,15 @@ class StepTotals:
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 data: TrialData, batch_size: int, label_smoothing: float, schedule: Schedule, precision: Precision,
-                gen: torch.Generator, aug: torch.Generator) -> StepTotals:
+                gen: torch.Generator, aug: torch.Generator, *, mix: Mixer | None = None, augment_strength: float = 0.0,
+                ema: WeightEMA | None = None) -> StepTotals:
     """One epoch of optimizer steps; returns their summed loss, on the device: nothing in here waits for the
     device (the GPU test runs it under torch.cuda.set_sync_debug_mode("error")), except fp16's scaler, which
     reads its inf check.
+
+    A trial's recipe adds to each step: RandAugment of the uint8 batch at `augment_strength` (0: none), `mix`
+    (mixup or cutmix: the loss then takes soft targets, label smoothing applied on top of them), and the weights'
+    moving average `ema`, updated after each optimizer step.
 
     With fp16's scaler a step whose loss is inf or NaN (an overflow) is one the scaler skips, lowering its
     scale: it is left out of the sum and the count, so one overflow no longer makes the epoch's loss infinite
@@ -167,14 +174,20 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
     loss_sum = torch.zeros((), device=device)
     counted = torch.zeros((), dtype=torch.int64, device=device)
     for images, labels in data.train.batches(batch_size, shuffle=True, generator=gen, drop_last=True):
-        x = training_input(images, data.preprocess, data.augment, aug)
+        x = training_input(images, data.preprocess, data.augment, aug, augment_strength)
+        targets = labels
+        if mix is not None:
+            x, targets = mix(x, labels)  # class probabilities [N, classes]
         with precision.autocast(device):
             logits = model(x.contiguous(memory_format=fmt))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        # With probabilities as targets, torch smooths them the same way: targets * (1 - s) + s / classes.
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
         schedule.after_step()  # a float per param group: no device work
         if precision.scaled:  # on the device, no sync: a skipped step adds nothing
             finite = torch.isfinite(loss.detach())
@@ -205,10 +218,25 @@ class _Run:
     batch_size: int  # the trial's (searched or [train]'s)
     label_smoothing: float  # the trial's (searched or [train]'s)
     unfreeze_epoch: int = 0  # 1-based epoch from which a frozen backbone trains too; 0 = never
+    mix: Mixer | None = None  # the trial's mixup or cutmix
+    augment_strength: float = 0.0  # the trial's RandAugment strength (0: none)
+    ema: WeightEMA | None = None  # the weights' moving average, when the trial keeps one
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What validation, the best epoch's weights and so the stored outputs come from: the moving average
+        when the trial keeps one (evaluated eagerly, also under `[train] compile`), else the trained model."""
+        return self.ema.module if self.ema is not None else self.forward
+
+    def steps(self, data: TrialData) -> StepTotals:
+        """One epoch of this trial's optimizer steps."""
+        return train_steps(self.forward, self.optimizer, self.scaler, data, self.batch_size, self.label_smoothing,
+                           self.scheduler, self.precision, self.gen, self.aug, mix=self.mix,
+                           augment_strength=self.augment_strength, ema=self.ema)
 
     def restore(self, resume: Checkpoint) -> None:
         """Continue from a checkpoint: weights, optimizer, scheduler, scaler and every generator."""
@@ -224,6 +252,8 @@ class _Run:
             torch.cuda.set_rng_state(resume.cuda_rng, self.device)
         if resume.scaler:
             self.scaler.load_state_dict(resume.scaler)
+        if self.ema is not None and resume.ema is not None:
+            self.ema.load_state_dict(resume.ema)
 
     def checkpoint(self, epoch: int, history: list[EpochMetrics], best_state: dict[str, torch.Tensor]
                    ) -> Checkpoint:
@@ -234,7 +264,8 @@ class _Run:
             torch.get_rng_state(), list(history), best_state,
             augment_generator=self.aug.get_state() if self.cuda else None,
             cuda_rng=torch.cuda.get_rng_state(self.device) if self.cuda else None,
-            scaler=self.scaler.state_dict() if self.precision.scaled else None)
+            scaler=self.scaler.state_dict() if self.precision.scaled else None,
+            ema=host_copy(self.ema.state_dict()) if self.ema is not None else None)
 
 
 def _start_run(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialData, hp: Hyperparams, seed: int,
@@ -268,8 +299,11 @@ def _start_run(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialDa
     steps = data.train.num_batches(batch_size, drop_last=True)
     schedule = make_schedule(optimizer, hp, steps, train_cfg.epochs)
     smoothing = train_cfg.label_smoothing if hp.label_smoothing is None else hp.label_smoothing
+    # A copy of the built weights (after the seeded draws above: the same initial weights with or without it).
+    ema = WeightEMA(model, train_cfg.ema_decay) if hp.ema else None
     return _Run(model, forward, optimizer, schedule, precision.scaler(device), precision, gen, aug, device,
-                batch_size, smoothing, unfreeze)
+                batch_size, smoothing, unfreeze, mixer(hp.mixing, hp.mix_alpha, data.num_classes),
+                hp.augment_strength, ema)
 
 
 def lr_scale(train_cfg: TrainSettings, batch_size: int) -> float:
@@ -285,10 +319,8 @@ def _train_epoch(run: _Run, data: TrialData, train_cfg: TrainSettings, epoch: in
     if run.unfreeze_epoch and epoch + 1 >= run.unfreeze_epoch:
         unfreeze_backbone(run.model)  # in the optimizer since the start, without gradients until now
     set_train_mode(run.model)
-    totals = train_steps(run.forward, run.optimizer, run.scaler, data, run.batch_size, run.label_smoothing,
-                         run.scheduler, run.precision, run.gen, run.aug)
-    train_loss = totals.epoch_loss(epoch)
-    val_logits = predict_logits(run.forward, data.val, data.preprocess, train_cfg.eval_batch_size, run.precision)
+    train_loss = run.steps(data).epoch_loss(epoch)
+    val_logits = predict_logits(run.evaluated, data.val, data.preprocess, train_cfg.eval_batch_size, run.precision)
     val_loss, val_accuracy = evaluate(val_logits, data.val.labels)
     if not math.isfinite(val_loss):
         raise NonFiniteLoss(epoch, "validation loss")
@@ -351,7 +383,7 @@ def _train(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialData, 
         metrics = _train_epoch(run, data, train_cfg, epoch, metric)
         history.append(metrics)
         if _is_better(metrics, best, metric):
-            best, best_state = metrics, plain_state_dict(run.model)
+            best, best_state = metrics, plain_state_dict(run.model if run.ema is None else run.ema.module)
         if on_epoch is not None:
             on_epoch(metrics)
         epochs_since += 1
@@ -361,7 +393,7 @@ def _train(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialData, 
             on_checkpoint(run.checkpoint(epoch, history, best_state))
             last_checkpoint, epochs_since = time.monotonic(), 0
     assert best is not None
-    run.model.load_state_dict(best_state)
+    run.model.load_state_dict(best_state)  # the moving average's weights, when the trial keeps one
     # The stored outputs: fp32 whatever the training precision (they are what the ensemble is fit on).
     val_logits = predict_logits(run.forward, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
     test_logits = predict_logits(run.forward, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
