@@ -14,17 +14,25 @@ On one device, model and batch size, after a warm-up, the median images/s over `
 3. ours: hpsearch's trial loop (`hpsearch.train._loop.train_steps` on `trial_data`: uint8 batches on the device,
    batched crop + flip, the study's precision), resident and streamed;
 4. bare: the optimizer step alone on random tensors already on the device;
-5. with `--recipes`, ours (resident) again with each regularizer a study's [space] may turn on: mixup, cutmix,
+5. trial: a whole trial as the objective runs it (`train_trial`: the model built, 2 epochs with their
+   validation and the best epoch's outputs), its training images x epochs over its wall time: what the step
+   loop's figure becomes once everything around it is counted;
+6. with `--recipes`, ours (resident) again with each regularizer a study's [space] may turn on: mixup, cutmix,
    randaugment (augment_strength 0.5) and ema, each with its cost relative to ours.
 
-The images are CIFAR-sized random uint8 (no dataset download here); every pipeline sees the same ones. Last
-line: `ours/naive=X ours/bare=Y` (ours = the resident run). Needs torch and torchvision; (3) needs hpsearch but
+Kernel settings are each mode's own, set on entry and restored after (none leaks into the next mode): naive
+and naive-bf16 run with torch's defaults, as a tutorial does (cuDNN autotuning off, its TF32 convolutions on);
+ours, bare and trial run as a trial does (`hpsearch.kernels.ieee_fp32`: autotuning on, TF32 off), so ours/bare
+isolates the input pipeline. The images are CIFAR-sized random uint8 (no dataset download here); every pipeline
+sees the same ones. Last line: `ours/naive=X ours/naive-bf16=Y ours/bare=Z trial/ours=W` (ours = the resident
+run). Needs torch and torchvision; (3) needs hpsearch but
 no database and no Optuna.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -47,6 +55,19 @@ def loadavg() -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def tutorial_kernels() -> Iterator[None]:
+    """torch's default kernel flags, whatever ran before: cuDNN autotuning off, TF32 convolutions on."""
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = before
 
 
 def timed(step: Callable[[], None], device: torch.device, args: argparse.Namespace) -> float:
@@ -150,8 +171,6 @@ def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: arg
     scaler = precision.scaler(device)
     gen = torch.Generator().manual_seed(0)
     aug = torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else gen
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     # A recipe as a trial with it on runs it (RECIPES; "" = none).
     recipe_args = {"mix": mixer(recipe, 1.0, 10) if recipe in ("mixup", "cutmix") else None,
                    "augment_strength": 0.5 if recipe == "randaugment" else 0.0,
@@ -168,6 +187,33 @@ def ours(images: np.ndarray, labels: np.ndarray, device: torch.device, args: arg
     finally:
         args.steps = steps
     return rate
+
+
+def trial(images: np.ndarray, labels: np.ndarray, device: torch.device, args: argparse.Namespace) -> float:
+    from hpsearch.config import DataSection, ModelSection, TrainSection
+    from hpsearch.data import ImagePool, Split, trial_data
+    from hpsearch.train import Hyperparams, train_trial
+
+    pool = ImagePool(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+                     torch.from_numpy(labels), [str(c) for c in range(10)])
+    n = len(labels)
+    held = max(args.batch_size, n // 10)  # validation and test
+    n_train = n - 2 * held
+    split = Split(np.arange(n_train), np.arange(n_train, n_train + held), np.arange(n_train + held, n))
+    cfg = DataSection(dataset="synthetic", image_size=args.image_size, augment=["crop", "flip"] if args.flip else
+                      ["crop"], placement="resident")
+    data = trial_data(pool, split, cfg, False, device)
+    model_cfg = ModelSection(arch=args.arch)
+    hp = Hyperparams(lr=1e-3, optimizer="adam", scheduler="none")
+    epochs = 2
+    train = TrainSection(epochs=epochs, batch_size=args.batch_size, device=device.type)  # type: ignore[arg-type]
+    warm = TrainSection(epochs=1, batch_size=args.batch_size, device=device.type)  # type: ignore[arg-type]
+    train_trial(model_cfg, warm, data, hp, seed=0, device=device)  # compilation of kernels, autotuning
+    sync(device)
+    start = time.perf_counter()
+    train_trial(model_cfg, train, data, hp, seed=1, device=device)
+    sync(device)
+    return n_train * epochs / (time.perf_counter() - start)
 
 
 def bare(device: torch.device, args: argparse.Namespace) -> float:
@@ -217,27 +263,31 @@ def main() -> None:
     labels = rng.integers(0, 10, args.images).astype(np.int64)
     skip = set(args.skip.split(",")) - {""}
     rates: dict[str, float] = {}
+    from hpsearch.kernels import ieee_fp32
+
     runs: list[tuple[str, Callable[[], float]]] = [
         ("naive", lambda: naive(images, labels, device, args, bf16=False)),
         ("naive-bf16", lambda: naive(images, labels, device, args, bf16=True)),
         ("ours-resident", lambda: ours(images, labels, device, args, "resident")),
         ("ours-streamed", lambda: ours(images, labels, device, args, "stream")),
         ("bare", lambda: bare(device, args)),
+        ("trial", lambda: trial(images, labels, device, args)),
     ]
     if args.recipes:
         runs += [(f"ours-{r}", lambda r=r: ours(images, labels, device, args, "resident", r)) for r in RECIPES]
     for mode, run in runs:
         if mode in skip:
             continue
-        rates[mode] = run()
+        with tutorial_kernels() if mode.startswith("naive") else ieee_fp32():
+            rates[mode] = run()
         print(f"{mode:>16}: {rates[mode]:9.1f} images/s")
     print(f"loadavg after: {loadavg()}")
     if args.recipes and "ours-resident" in rates:
         print(" ".join(f"{r}={rates['ours-resident'] / rates[f'ours-{r}']:.2f}x" for r in RECIPES
                        if f"ours-{r}" in rates), "(time per step over ours)")
-    if {"ours-resident", "naive", "bare"} <= rates.keys():
-        print(f"ours/naive={rates['ours-resident'] / rates['naive']:.2f} "
-              f"ours/bare={rates['ours-resident'] / rates['bare']:.2f}")
+    ratios = [("ours/naive", "ours-resident", "naive"), ("ours/naive-bf16", "ours-resident", "naive-bf16"),
+              ("ours/bare", "ours-resident", "bare"), ("trial/ours", "trial", "ours-resident")]
+    print(" ".join(f"{name}={rates[a] / rates[b]:.2f}" for name, a, b in ratios if {a, b} <= rates.keys()))
 
 
 if __name__ == "__main__":
