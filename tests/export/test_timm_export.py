@@ -1,9 +1,10 @@
 """A study of a timm model end to end: one tiny trial of timm's test_convnext trained through the objective on
-digits, exported with `hpsearch export --trial`, and reloaded by `hpsearch.load_ensemble` (and by the model card's
-own lines) to give the outputs the trial stored."""
+digits, exported with `hpsearch export --trial` (with its ONNX graph), and reloaded by `hpsearch.load_ensemble`
+(and by the model card's own lines) to give the outputs the trial stored."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -50,9 +51,12 @@ def test_a_timm_trial_trains_exports_and_reloads_to_its_stored_outputs(
                                outputs.val_logits)
 
     out = tmp_path / "export"
+    onnx = importlib.util.find_spec("onnxruntime") is not None  # the test extra has it; the graph is checked too
     assert main(["export", str(path), "--storage", url, "--artifacts", str(artifacts), "--trial", "0",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), *(["--onnx"] if onnx else [])]) == 0
     manifest = json.loads((out / MANIFEST).read_text())
+    if onnx:  # the export ran the graph with ONNX Runtime against the module, within its tolerance
+        assert manifest["onnx"]["check"]["max_abs_diff"] <= manifest["onnx"]["check"]["tolerance"]
     (member,) = manifest["members"]
     assert (member["arch"], member["builder_kwargs"], member["num_classes"]) == ("timm:test_convnext", {}, n_classes)
 

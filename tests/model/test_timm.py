@@ -164,6 +164,14 @@ def test_an_unknown_timm_name_is_refused_naming_model_arch(study_file: Callable[
     assert "model.arch" in text and str(path) in text and "'no_such_model'" in text and "timm.list_models()" in text
 
 
+def test_a_timm_model_whose_classifier_is_no_linear_is_refused(study_file: Callable[..., Path]) -> None:
+    # A distilled DeiT has two heads (get_classifier() is a tuple): there is no one head to replace.
+    with pytest.raises(ConfigError) as info:
+        check_study_model(read_study_file(_study(study_file, "timm:deit_tiny_distilled_patch16_224")))
+    text = str(info.value)
+    assert info.value.field == "model.arch" and "\n" not in text and "not one nn.Linear" in text, text
+
+
 @pytest.mark.parametrize(("model", "field", "words"), [
     ({"arch": "timm:ConvNeXt"}, "model.arch", ("timm:NAME", "lowercase")),
     ({"arch": "timm:resnet50.a1_in1k"}, "model.arch", ("no pretrained tag",)),  # a tag names weights to fetch
