@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from hpsearch.cli._main import main
 from hpsearch.config import ConfigError, ModelSection, parse_study, read_study_file
 from hpsearch.model import build_model, builder_kwargs, check_study_model, head_path, plain_state_dict, set_dropout
 from hpsearch.model._build import DropoutLinear, set_train_mode
@@ -155,13 +156,14 @@ def test_a_study_of_a_timm_model_passes_the_check(study_file: Callable[..., Path
 
 
 def test_an_unknown_timm_name_is_refused_naming_model_arch(study_file: Callable[..., Path]) -> None:
-    path = _study(study_file, "timm:no_such_model")
+    path = _study(study_file, "timm:convnext_nanoo")
     cfg = read_study_file(path)  # config is timm-free: the name is asked of timm by the model check
     with pytest.raises(ConfigError) as info:
         check_study_model(cfg)
     text = str(info.value)
     assert info.value.field == "model.arch" and "\n" not in text
-    assert "model.arch" in text and str(path) in text and "'no_such_model'" in text and "timm.list_models()" in text
+    assert "model.arch" in text and str(path) in text and "'convnext_nanoo'" in text and "timm.list_models()" in text
+    assert "e.g. timm:convnext_nano" in text  # the closest names this timm has
 
 
 def test_a_timm_model_whose_classifier_is_no_linear_is_refused(study_file: Callable[..., Path]) -> None:
@@ -187,11 +189,18 @@ def test_timm_names_and_weights_hpsearch_never_fetches_are_refused_when_parsed(
 
 
 def test_without_timm_a_timm_study_says_how_to_install_it(study_file: Callable[..., Path],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = read_study_file(_study(study_file, "timm:test_convnext"))
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = _study(study_file, "timm:test_convnext")
+    assert main(["check", str(path)]) == 0
+    capsys.readouterr()
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError, as when it is not installed
     with pytest.raises(ConfigError) as info:
-        check_study_model(cfg)
+        check_study_model(read_study_file(path))
     text = str(info.value)
     assert info.value.field == "model.arch" and "\n" not in text
     assert "pip install 'hpsearch[timm]'" in text and "timm:test_convnext" in text
+    # `hpsearch check` (as `run`): exit 2 and that one line, no traceback.
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'hpsearch[timm]'" in err and "model.arch" in err and "Traceback" not in err

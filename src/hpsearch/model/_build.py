@@ -132,10 +132,14 @@ def _check_timm(arch: str, name: str) -> None:
     except TimmMissing as err:
         raise ConfigError("model.arch", f"{arch}: {err}") from None
     if not known:
+        import difflib
+
         import timm
 
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = ", ".join(f"timm:{c}" for c in close) or "timm:convnext_nano or timm:efficientnet_b0"
         raise ConfigError("model.arch", f"{name!r} is not a model of this timm ({timm.__version__}); pick one of "
-                          "timm.list_models(), e.g. timm:convnext_nano or timm:efficientnet_b0")
+                          f"timm.list_models(), e.g. {hint}")
 
 
 def _arch_kwargs(cfg: ModelSettings, image_size: int) -> dict[str, Any]:
