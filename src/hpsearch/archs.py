@@ -1,7 +1,9 @@
-"""The torchvision architecture families hpsearch supports, and where a local weights file is; torch-free.
+"""The architectures hpsearch supports (torchvision families, timm names), where a weights file is; torch-free.
 
 Both the study file's schema (`config`, which validates `[model] arch` and the weights file) and the model
-builder (`model`, which builds and loads them) read these, so they live below both.
+builder (`model`, which builds and loads them) read these, so they live below both. A timm model is named
+`timm:NAME` (the prefix keeps torchvision's names unambiguous); whether the installed timm has NAME is asked of
+timm itself, lazily, by `hpsearch.timm_archs` (this module, like config, imports neither torch nor timm).
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ def family_of(arch: str) -> str | None:
         if re.fullmatch(pattern, arch):
             return family
     return None
+
+
+TIMM_PREFIX = "timm:"
+# A timm model name as timm.list_models() spells them, without a pretrained tag (`.in1k`): those name weights,
+# which hpsearch never asks timm for.
+TIMM_NAME = r"[a-z][a-z0-9_]*"
+
+
+def timm_name(arch: str) -> str | None:
+    """NAME of an architecture written `timm:NAME`, or None for a torchvision name."""
+    return arch.removeprefix(TIMM_PREFIX) if arch.startswith(TIMM_PREFIX) else None
 
 
 def resolve_path(value: str, source: str | Path | None) -> Path:

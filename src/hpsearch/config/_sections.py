@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from hpsearch.archs import FAMILIES, family_of
+from hpsearch.archs import FAMILIES, TIMM_NAME, family_of, timm_name
 
 
 class Strict(BaseModel):
@@ -196,16 +196,28 @@ class DataSection(Strict):
 class ModelSection(Strict):
     arch: str = "resnet18"
     """A torchvision classification model of the families resnet/resnext/wide_resnet, regnet, mobilenet,
-    efficientnet, convnext, densenet, vgg, vit, swin; its head is replaced for the study's classes."""
+    efficientnet, convnext, densenet, vgg, vit, swin; or `timm:NAME`, any model of the installed timm
+    (`pip install 'hpsearch[timm]'`; e.g. `timm:convnext_nano`, `timm:efficientnet_b0`) whose classifier is one
+    Linear. Its head is replaced for the study's classes, the trial's dropout in front of it (for timm, where
+    its drop_rate would act)."""
     weights: str = "none"
     """none | a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | a local .safetensors or .pt state-dict
-    file (loaded with weights_only=True)."""
+    file (loaded with weights_only=True). timm models take none or a local file (e.g. a timm checkpoint's
+    model.safetensors): hpsearch never downloads timm's pretrained weights."""
     freeze: Literal["none", "backbone"] = "none"
     """backbone: train only the new head (see `[train] unfreeze_epoch`)."""
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
+        name = timm_name(arch)
+        if name is not None:
+            # Whether the installed timm has it is asked of timm, later (model.check_study_model): config is
+            # timm-free.
+            if not re.fullmatch(TIMM_NAME, name):
+                raise ValueError(f"{arch!r} is no timm model name: write timm:NAME with NAME as timm.list_models() "
+                                 "gives it (lowercase, no pretrained tag such as .in1k), e.g. timm:convnext_nano")
+            return arch
         if family_of(arch) is None:
             families = ", ".join(FAMILIES)
             raise ValueError(
@@ -213,6 +225,17 @@ class ModelSection(Strict):
                 f"{families} (e.g. resnet18, efficientnet_b0, convnext_tiny, vit_b_16)"
             )
         return arch
+
+    @field_validator("weights")
+    @classmethod
+    def _timm_weights(cls, weights: str, info: ValidationInfo) -> str:
+        # A field validator (arch comes first, so it is in info.data) so the error names model.weights.
+        arch = info.data.get("arch", "")
+        if timm_name(arch) is not None and weights.lower() != "none" and not looks_like_path(weights):
+            raise ValueError(f"{weights!r} is no weights of {arch}: timm models start from none or a local "
+                             ".safetensors/.pt state-dict file; hpsearch never downloads timm's pretrained weights "
+                             "(download the model.safetensors yourself and give its path)")
+        return weights
 
     @property
     def weights_kind(self) -> Literal["none", "torchvision", "file"]:

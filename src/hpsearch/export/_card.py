@@ -1,6 +1,6 @@
 """The export's README.md, a model card: what the folder is, its classes and preprocessing, its held-out metrics
-and the data each came from, its members and weights, and the few lines that load it with plain torchvision and
-with ONNX Runtime. Written from the manifest alone, so it describes exactly what the folder ships.
+and the data each came from, its members and weights, and the few lines that load it with plain torchvision (and
+timm) and with ONNX Runtime. Written from the manifest alone, so it describes exactly what the folder ships.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def model_card(manifest: Mapping[str, Any]) -> str:
                    + (", ".join(f["file"] for f in m["folds"]) if "folds" in m else m.get("file", ""))
                    + f" | {_params(m.get('hyperparameters', {}))} |" for m in members]
     t = combine.get("temperature")
+    timm = any(str(m["arch"]).startswith("timm:") for m in members)
     lines = [
         f"# {manifest['study']}: {combine['method']} ({len(members)} member{'s' * (len(members) != 1)})",
         "",
@@ -70,8 +71,9 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         "",
         "## Load it", "",
         "With hpsearch: `hpsearch.load_ensemble(FOLDER)` (checks every sha256 first), or `hpsearch predict FOLDER "
-        "IMAGES...`. With plain torchvision, from the manifest alone:",
-        "", "```python", *_torchvision_lines(), "```",
+        "IMAGES...`. With plain torchvision" + (" and timm (a `timm:NAME` member is timm's NAME)" if timm else "")
+        + ", from the manifest alone:",
+        "", "```python", *_torchvision_lines(timm), "```",
     ]
     if "onnx" in manifest:
         lines += ["", "With ONNX Runtime (no torch needed):", "", "```python", "import onnxruntime",
@@ -81,18 +83,34 @@ def model_card(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _torchvision_lines() -> list[str]:
+def _torchvision_lines(timm: bool = False) -> list[str]:
+    if timm:  # timm's model of that name, never its pretrained weights: the member's own load strictly
+        build = [
+            "def build(spec):",
+            "    if spec[\"arch\"].startswith(\"timm:\"):  # pip install timm",
+            "        import timm",
+            "        return timm.create_model(spec[\"arch\"].removeprefix(\"timm:\"), pretrained=False,",
+            "                                 num_classes=spec[\"num_classes\"], **spec[\"builder_kwargs\"])",
+            "    return torchvision.models.get_model(spec[\"arch\"], num_classes=spec[\"num_classes\"],",
+            "                                        **spec[\"builder_kwargs\"])",
+            "",
+        ]
+        model = ["        model = build(spec)"]
+    else:
+        build = []
+        model = ["        model = torchvision.models.get_model(spec[\"arch\"], num_classes=spec[\"num_classes\"],",
+                 "                                             **spec[\"builder_kwargs\"])"]
     return [
         "import json, torch, torchvision",
         "from safetensors.torch import load_file",
         "",
         "m = json.load(open(\"manifest.json\"))",
+        *build,
         "def member(spec, x):  # a member's softmax; a cross-validated member averages its fold models'",
         "    files = [f[\"file\"] for f in spec[\"folds\"]] if \"folds\" in spec else [spec[\"file\"]]",
         "    probs = []",
         "    for name in files:",
-        "        model = torchvision.models.get_model(spec[\"arch\"], num_classes=spec[\"num_classes\"],",
-        "                                             **spec[\"builder_kwargs\"])",
+        *model,
         "        model.load_state_dict(load_file(name), strict=True)",
         "        probs.append(model.eval()(x).softmax(-1))",
         "    return torch.stack(probs).mean(0)",

@@ -5,7 +5,8 @@ In one atomic rename (`staged_dir`) the folder gets report.md (hpsearch.report) 
 `--no-export`, the deployable ensemble:
 
 - `member-<trial>.safetensors`: each member's best-epoch weights, plain torchvision keys; each loads with
-  `torchvision.models.get_model(arch, num_classes=len(classes), **builder_kwargs).load_state_dict(..., strict=True)`;
+  `torchvision.models.get_model(arch, num_classes=len(classes), **builder_kwargs).load_state_dict(..., strict=True)`
+  (a `timm:NAME` member: `timm.create_model(NAME, pretrained=False, num_classes=..., **builder_kwargs)`);
   a kept greedy soup is one `soup.safetensors` (the averaged weights); a cross-validated member (`[data] folds`)
   is one `member-<trial>-fold-<k>.safetensors` per fold, listed under the member's `folds`;
 - `manifest.json`: format_version, classes, the full preprocessing, the members (arch, trial, hyperparameters,
@@ -229,7 +230,7 @@ def _write_member(folder: Path, store: ArtifactStore, trial: optuna.trial.Frozen
     try:
         plain_model(arch, n_classes, kwargs).load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ExportError(f"trial {trial.number}'s weights do not load into torchvision {arch} "
+        raise ExportError(f"trial {trial.number}'s weights do not load into {arch} "
                           f"({first_line(err)})") from None
     name = f"member-{trial.number}.safetensors" if fold is None else f"member-{trial.number}-fold-{fold[0]}.safetensors"
     metadata = {"arch": arch, "trial": str(trial.number), "num_classes": str(n_classes),

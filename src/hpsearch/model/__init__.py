@@ -1,5 +1,5 @@
-"""torchvision models by name: weights (enum or local file), a new head with dropout, freezing. Knows nothing
-of Optuna.
+"""torchvision and timm models by name: weights (enum or local file), a new head with dropout, freezing.
+Knows nothing of Optuna.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Models by torchvision name: weights (torchvision enum or local file), a new head, optional freezing.
+"""Models by torchvision or timm name: weights (torchvision enum or local file), a new head, optional freezing.
 
-The head is the architecture's own final `nn.Linear`, resized for the dataset's classes. The trial's
-dropout sits in front of it without adding a module to the state dict, so saved weights keep plain
-torchvision keys and load into `torchvision.models.get_model(arch, num_classes=n)` with `strict=True`.
+The head is the architecture's own final `nn.Linear` (a timm model's `get_classifier()`), resized for the
+dataset's classes. The trial's dropout sits in front of it without adding a module to the state dict, so saved
+weights keep plain torchvision (or timm) keys and load into `torchvision.models.get_model(arch, num_classes=n)`
+(`timm.create_model(NAME, num_classes=n)`) with `strict=True`. timm models are built with drop_rate 0: the
+trial's dropout on the classifier's input is where timm's drop_rate acts in most of its models.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from hpsearch.archs import family_of, resolve_path
+from hpsearch.archs import family_of, resolve_path, timm_name
 from hpsearch.errors import ConfigError, first_line
 from hpsearch.model._settings import ModelSettings, StudyModelSettings
+from hpsearch.timm_archs import TimmMissing, classifier_path, create_timm, is_timm_model, timm_builder_kwargs
 
 
 class DropoutLinear(nn.Linear):
@@ -71,8 +74,11 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 def head_path(model: nn.Module) -> str:
-    """Dotted name of the classifier head: the last `nn.Linear` in registration order."""
-    name = None
+    """Dotted name of the classifier head: a timm model's `get_classifier()`, else the last `nn.Linear` in
+    registration order."""
+    name = classifier_path(model)
+    if name is not None:
+        return name
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             name = module_name
@@ -105,8 +111,35 @@ def _weights_enum(arch: str, name: str) -> models.WeightsEnum:
 
 
 def builder_kwargs(arch: str, image_size: int) -> dict[str, Any]:
-    """Extra `torchvision.models.get_model` arguments: ViT builds its position embedding for one input size."""
+    """Extra `torchvision.models.get_model` arguments: ViT builds its position embedding for one input size (for
+    timm, `timm.create_model`'s: `img_size` for its models of a fixed input size)."""
+    name = timm_name(arch)
+    if name is not None:
+        return timm_builder_kwargs(name, image_size)
     return {"image_size": image_size} if family_of(arch) == "vit" else {}
+
+
+def _create(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    name = timm_name(arch)
+    if name is not None:
+        return create_timm(name, num_classes, kwargs)
+    return models.get_model(arch, num_classes=num_classes, **kwargs)
+
+
+def _check_timm(arch: str, name: str) -> None:
+    try:
+        known = is_timm_model(name)
+    except TimmMissing as err:
+        raise ConfigError("model.arch", f"{arch}: {err}") from None
+    if not known:
+        import difflib
+
+        import timm
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = ", ".join(f"timm:{c}" for c in close) or "timm:convnext_nano or timm:efficientnet_b0"
+        raise ConfigError("model.arch", f"{name!r} is not a model of this timm ({timm.__version__}); pick one of "
+                          f"timm.list_models(), e.g. {hint}")
 
 
 def _arch_kwargs(cfg: ModelSettings, image_size: int) -> dict[str, Any]:
@@ -117,8 +150,12 @@ def _arch_kwargs(cfg: ModelSettings, image_size: int) -> dict[str, Any]:
 
 
 def check_model_config(cfg: ModelSettings, image_size: int) -> None:
-    """Refuse, before any trial, weights names and image sizes this architecture cannot take."""
-    if cfg.arch not in models.list_models(module=models):
+    """Refuse, before any trial, weights names and image sizes this architecture cannot take (and timm models
+    that this timm lacks, or timm itself missing)."""
+    name = timm_name(cfg.arch)
+    if name is not None:
+        _check_timm(cfg.arch, name)
+    elif cfg.arch not in models.list_models(module=models):
         raise ConfigError("model.arch", f"{cfg.arch!r} is not in this torchvision's model registry")
     family = family_of(cfg.arch)
     if family == "vit":
@@ -136,12 +173,15 @@ def check_model_config(cfg: ModelSettings, image_size: int) -> None:
     # Run the real forward on the meta device: shape errors surface here, at no compute cost.
     with torch.device("meta"):
         try:
-            model = models.get_model(cfg.arch, num_classes=10, **_arch_kwargs(cfg, image_size))
+            model = _create(cfg.arch, 10, _arch_kwargs(cfg, image_size))
         except NotImplementedError:
             # RegNet's builder computes its widths with tensors, which meta cannot read back: build on CPU.
             with torch.device("cpu"):
-                model = models.get_model(cfg.arch, num_classes=10, **_arch_kwargs(cfg, image_size))
+                model = _create(cfg.arch, 10, _arch_kwargs(cfg, image_size))
             model = model.to("meta")
+        if name is not None and classifier_path(model) is None:
+            raise ConfigError("model.arch", f"{cfg.arch}'s classifier is not one nn.Linear (get_classifier() is "
+                              f"{type(model.get_classifier()).__name__}); pick a timm model with a Linear head")
         try:
             model.eval()(torch.empty(2, 3, image_size, image_size))
         except (RuntimeError, ValueError, AssertionError) as err:
@@ -211,8 +251,7 @@ def build_model(cfg: ModelSettings, num_classes: int, image_size: int, dropout: 
                 tensor_dropout: bool = False) -> nn.Module:
     """The architecture with its weights loaded, a fresh head for `num_classes`, dropout before the head (with
     `tensor_dropout`, its probability a 0-d buffer that set_dropout changes in place: for torch.compile)."""
-    kwargs = _arch_kwargs(cfg, image_size)
-    model = models.get_model(cfg.arch, num_classes=num_classes, **kwargs)
+    model = _create(cfg.arch, num_classes, _arch_kwargs(cfg, image_size))
     head = head_path(model)
     state = _pretrained_state(cfg)
     if state is not None:
@@ -285,7 +324,7 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The torchvision-keyed state dict, detached, contiguous, on the CPU (what safetensors wants)."""
+    """The torchvision- (timm-) keyed state dict, detached, contiguous, on the CPU (what safetensors wants)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 

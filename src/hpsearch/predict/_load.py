@@ -1,14 +1,16 @@
 """Loading an exported ensemble folder: verify every checksum, build the members, combine them (no Optuna needed).
 
 `load_ensemble(DIR)` checks every checksum before reading anything (a flipped byte anywhere is refused), builds
-the members with plain torchvision and returns a module from preprocessed images to class probabilities; its
+the members with plain torchvision (or timm) and returns a module from preprocessed images to class probabilities; its
 members run one by one or, per architecture, as one vmapped forward (`strategy`, see hpsearch.infer).
 Nothing here unpickles: safetensors and JSON only. The checksums detect corruption, not tampering: whoever
 can rewrite the folder can rewrite SHA256SUMS too, so before building a member the loader also refuses what
-hpsearch never writes (`check_members`): an architecture outside the supported families, builder arguments other
-than ViT's image size, sizes past the study file's bounds; members are always built with `weights=None`, so a
-manifest cannot make torchvision download anything. This module imports neither Optuna nor the study config, so
-an export loads anywhere torch and torchvision do.
+hpsearch never writes (`check_members`): an architecture outside the supported families (or a `timm:NAME` that
+the installed timm does not have), builder arguments other than ViT's image size (timm's `img_size` for its
+models of a fixed input size), sizes past the study file's bounds; members are always built with `weights=None`
+(timm's with `pretrained=False`), so a manifest cannot make torchvision or timm download anything. This module
+imports neither Optuna nor the study config, so an export loads anywhere torch and torchvision do (and timm, for
+timm members).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpsearch.archs import FAMILIES, family_of
+from hpsearch.archs import FAMILIES, family_of, timm_name
 from hpsearch.errors import ExportError
 from hpsearch.kernels import ieee_fp32
 from hpsearch.predict._members import STRATEGIES, MemberRunner, plain_model
 from hpsearch.preprocess import Preprocess
+from hpsearch.timm_archs import TimmMissing, is_timm_model, timm_builder_kwargs
 
 FORMAT_VERSION = 1
 # A cross-validated export: a member is its fold models (`folds`: fold, file, sha256), p_m = mean_k softmax(z_mk).
@@ -222,7 +225,9 @@ def check_members(folder: Path, manifest: Mapping[str, Any]) -> None:
     is built: classes that are not 1 to MAX_CLASSES names, an image size out of IMAGE_SIZES, a member whose
     `arch` is not a torchvision architecture of a supported family (hpsearch.archs), whose `num_classes` is not
     the number of classes, or whose `builder_kwargs` are anything but what hpsearch.model.builder_kwargs writes
-    (ViT's `image_size`, divisible by its patch size; nothing for the other families)."""
+    (ViT's `image_size`, divisible by its patch size; nothing for the other families). A `timm:NAME` member
+    needs timm installed and NAME one of its models; its builder_kwargs are timm's `img_size` for models of a
+    fixed input size, nothing for the others."""
     from torchvision import models
 
     classes = manifest.get("classes")
@@ -241,13 +246,18 @@ def check_members(folder: Path, manifest: Mapping[str, Any]) -> None:
     for i, member in enumerate(members):
         arch = member.get("arch")
         family = family_of(arch) if isinstance(arch, str) else None
-        if family is None or arch not in registry:
+        is_timm = isinstance(arch, str) and timm_name(arch) is not None
+        if is_timm:
+            _check_timm_member(folder, i, member)
+        elif family is None or arch not in registry:
             raise _refuse(folder, f"members[{i}].arch", arch, "is not a torchvision architecture of a supported "
                           f"family ({', '.join(FAMILIES)})")
         if "num_classes" in member and (type(member["num_classes"]) is not int
                                         or member["num_classes"] != len(classes)):
             raise _refuse(folder, f"members[{i}].num_classes", member["num_classes"],
                           f"is not the number of classes, {len(classes)}")
+        if is_timm:
+            continue
         kwargs = member.get("builder_kwargs", {})
         allowed = {"image_size"} if family == "vit" else set()
         if not isinstance(kwargs, dict) or not set(kwargs) <= allowed:
@@ -260,6 +270,26 @@ def check_members(folder: Path, manifest: Mapping[str, Any]) -> None:
             if size % patch:
                 raise _refuse(folder, f"members[{i}].builder_kwargs.image_size", size,
                               f"is not divisible by {arch}'s patch size {patch}")
+
+
+def _check_timm_member(folder: Path, i: int, member: Mapping[str, Any]) -> None:
+    """A `timm:NAME` member: timm installed, NAME one of its models, builder_kwargs what builder_kwargs writes."""
+    arch = member["arch"]
+    name = timm_name(arch) or ""
+    try:
+        known = is_timm_model(name)
+    except TimmMissing as err:
+        raise _refuse(folder, f"members[{i}].arch", arch, f"needs timm ({err})") from None
+    if not known:
+        raise _refuse(folder, f"members[{i}].arch", arch, "is not a model of the installed timm")
+    kwargs = member.get("builder_kwargs", {})
+    allowed = set(timm_builder_kwargs(name, IMAGE_SIZES[0]))
+    if not isinstance(kwargs, dict) or set(kwargs) != allowed:
+        given = sorted(kwargs) if isinstance(kwargs, dict) else kwargs
+        raise _refuse(folder, f"members[{i}].builder_kwargs", given, f"are not builder arguments hpsearch writes "
+                      f"for {arch} ({', '.join(sorted(allowed)) or 'none'})")
+    if "img_size" in kwargs:
+        _image_size(folder, f"members[{i}].builder_kwargs.img_size", kwargs["img_size"])
 
 
 # How an export's members combine (hpsearch.export writes the rule of each beside it): `hard` votes, the others

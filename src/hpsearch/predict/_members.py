@@ -1,5 +1,5 @@
-"""How an ensemble's members are built and run: plain torchvision models; one forward per member (loop), or one
-batched forward per architecture (vmap).
+"""How an ensemble's members are built and run: plain torchvision (or timm) models; one forward per member (loop),
+or one batched forward per architecture (vmap).
 
 `vmap` stacks the parameters and buffers of the members that share an architecture
 (`torch.func.stack_module_state`) and runs them as one call (`torch.func.functional_call` under `torch.vmap`),
@@ -22,13 +22,19 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from hpsearch.archs import timm_name
+from hpsearch.timm_archs import create_timm
+
 Strategy = Literal["auto", "loop", "vmap"]
 STRATEGIES: tuple[Strategy, ...] = ("auto", "loop", "vmap")
 
 
 def plain_model(arch: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
-    """A member's architecture as plain torchvision builds it, never with torchvision's weights (a manifest
-    cannot ask for a download): its own are loaded with strict=True."""
+    """A member's architecture as plain torchvision (or, for `timm:NAME`, timm) builds it, never with pretrained
+    weights (a manifest cannot ask for a download): its own are loaded with strict=True."""
+    name = timm_name(arch)
+    if name is not None:
+        return create_timm(name, num_classes, kwargs)
     from torchvision import models
 
     return models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
