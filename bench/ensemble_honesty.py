@@ -2,7 +2,7 @@
 its temperature) and accuracy against the best single trial's and uniform soft voting's, and the temperature's
 effect on test NLL.
 
-    .venv/bin/python bench/ensemble_honesty.py [--study studies/digits.toml] [--seeds 0,1,2] [--n-trials N]
+    .venv/bin/python bench/ensemble_honesty.py [--study studies/digits.toml] [--seeds 0,1,2] [--n-trials N] [--keep DIR]
 
 For each seed, writes a copy of the study file with that `[study] seed` (and its own name), runs `hpsearch run` on
 a fresh SQLite file and artifact folder, then `hpsearch ensemble --no-export`, exactly as a user would, and reads
@@ -12,6 +12,7 @@ the ensemble.json it wrote. Prints one line per seed and, per column, the mean a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -65,10 +66,14 @@ def main() -> None:
     parser.add_argument("--study", type=Path, default=ROOT / "studies" / "digits.toml")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n-trials", type=int, default=None, help="fewer finished trials than the file's n_trials")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="run in this folder and keep its studies (a rerun resumes them), not a temporary one")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []
-    with tempfile.TemporaryDirectory(prefix="hpsearch-honesty-") as tmp:
+    folder = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="hpsearch-honesty-")
+    with folder as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for seed in seeds:
             row = one_seed(args.study.resolve(), Path(tmp), seed, args.n_trials)
             results.append(row)
