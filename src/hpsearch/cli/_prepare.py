@@ -22,8 +22,12 @@ import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpsearch.errors import ExitCode, HpsearchError
+
+if TYPE_CHECKING:
+    from hpsearch.search import Run
 
 CHILD_NAME = "hpsearch-prep"  # its /proc/PID/comm, so that `ps` and bench/host_memory.py tell it from a worker
 STOP_GRACE_S = 30.0  # how long an interrupted preparation may take to end before it is killed
@@ -43,6 +47,7 @@ class Prepared:
 
 def prepared_here(args: argparse.Namespace) -> Prepared:
     """open_run in this process (the child's work; the in-process tests' too); with `--gpus`, check_gpus first."""
+    from hpsearch._testhooks import hold_at
     from hpsearch.config import read_study_file
     from hpsearch.search import open_run
     from hpsearch.workers import check_gpus, visible_gpus
@@ -52,10 +57,15 @@ def prepared_here(args: argparse.Namespace) -> Prepared:
         check_gpus(args.gpus, args.device or cfg.train.device)  # before the study opens: no trial on a wrong GPU
     run = open_run(args.study, storage=args.storage, artifacts=args.artifacts, device=args.device,
                    n_trials=args.n_trials, overrides=args.set)
-    folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
+    hold_at("prepared")
     gpus = () if run.device.type == "cpu" else tuple(args.gpus or visible_gpus())
-    return Prepared(run.url, str(run.artifacts), run.n_trials, str(run.device), gpus,
-                    f"{run.prepared.split.sizes()}{folds}")
+    return Prepared(run.url, str(run.artifacts), run.n_trials, str(run.device), gpus, data_facts(run))
+
+
+def data_facts(run: Run) -> str:
+    """The banner's split sizes, and folds."""
+    folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
+    return f"{run.prepared.split.sizes()}{folds}"
 
 
 def prepared_in_this_process(args: argparse.Namespace, forked: bool) -> Prepared | ExitCode:

@@ -82,7 +82,8 @@ def cmd_run(args: argparse.Namespace) -> ExitCode:
 
 def _cpu_workers_likely(device: str) -> bool:
     """Whether `run --workers` will fork CPU workers, told without importing torch: a CPU device, or `auto` on
-    a machine with no NVIDIA device node. Only a head start: `run_workers` decides from the resolved device."""
+    a machine with no NVIDIA device node. Then the forkserver starts first and the preparation is forked from it;
+    `run_workers` still decides from the resolved device how it starts the workers."""
     return device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl"))
 
 
@@ -104,12 +105,12 @@ def _banner(args: argparse.Namespace, cfg: StudyConfig, url: str, finished: int,
 
 def _run(args: argparse.Namespace) -> ExitCode:
     """`run` in this process: its trials here, with a progress bar."""
+    from hpsearch.cli._prepare import data_facts
     from hpsearch.store import finished_trials
 
     run = _open_run(args)
-    folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
-    _banner(args, run.cfg, run.url, finished_trials(run.study), run.n_trials, f"{run.prepared.split.sizes()}{folds}",
-            str(run.device), run.artifacts)
+    _banner(args, run.cfg, run.url, finished_trials(run.study), run.n_trials, data_facts(run), str(run.device),
+            run.artifacts)
     code = _run_here(args, run)
     _where_results_are(args, run.cfg, run.url, run.artifacts)
     return code
