@@ -8,9 +8,10 @@ resource tracker (its children), the preparation's child (forked from the forkse
 hpsearch-prep) and the workers (the forkserver's other children). For each it prints its peak resident set
 (VmHWM: the kernel's own high-water mark, with every page it mapped: libraries, the image cache's page-cache
 pages), its peak own memory (RssAnon: anonymous pages, never shared), its resident set while the workers run
-(VmRSS at the last sample with a worker alive) and, for the processes that run no trial, the most pages of the
-image cache's files (the decoded images, or the file being built) it held at once (/proc/PID/smaps); for the
-supervisor, whether libtorch was ever mapped into it (/proc/PID/maps).
+(VmRSS at the last sample with a worker alive, and its Pss then: shared pages divided among their sharers) and,
+for the processes that run no trial, the most pages of the image cache's files (the decoded images, or the file
+being built) it held at once (/proc/PID/smaps); for the supervisor, whether libtorch was ever mapped into it
+(/proc/PID/maps).
 
     .venv/bin/python bench/host_memory.py [--images 4000] [--size 224] [--again] [--json]
 
@@ -86,6 +87,7 @@ class Peak:
     hwm_mib: float = 0.0  # VmHWM
     anon_mib: float = 0.0  # peak RssAnon
     rss_with_workers_mib: float = 0.0  # VmRSS at the last sample that saw a worker alive
+    pss_with_workers_mib: float = 0.0  # Pss (shared pages divided among their sharers) at that sample
     cache_mib: float = 0.0  # peak resident pages of files in the cache folder (the decoded images, the build's file)
     maps_torch: bool = False  # whether libtorch was ever mapped into it (/proc/PID/maps)
 
@@ -116,6 +118,16 @@ def _mapped_mib(pid: int, folder: Path) -> float:
         elif inside and first == "Rss:":
             total += int(line.split()[1])
     return total / 1024
+
+
+def _pss_mib(pid: int) -> float:
+    """Proportional set size of `pid` in MiB (/proc/PID/smaps_rollup): each shared page divided among the
+    processes that map it (the forkserver's torch, shared with the workers it forked, counts a third each)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in text.splitlines() if line.startswith("Pss:")), 0.0)
 
 
 def _maps_torch(pid: int) -> bool:
@@ -178,6 +190,7 @@ def measure(root: Path, work: Path, size: int, label: str) -> dict[str, object]:
                 peak.anon_mib = max(peak.anon_mib, status["RssAnon"])
                 if working:
                     peak.rss_with_workers_mib = status["VmRSS"]
+                    peak.pss_with_workers_mib = _pss_mib(pid) or peak.pss_with_workers_mib  # 0: it just exited
                 if not peak.role.startswith("worker"):  # the workers map the images on purpose
                     peak.cache_mib = max(peak.cache_mib, _mapped_mib(pid, work / "cache"))
                 if peak.role == "supervisor":
@@ -202,12 +215,15 @@ def _print(result: dict[str, object], decoded_mib: float) -> None:
     assert isinstance(processes, list)
     for p in processes:
         print(f"  {p['role']:>16} (pid {p['pid']}): peak resident (VmHWM) {p['hwm_mib']:7.1f} MiB, peak own "
-              f"(RssAnon) {p['anon_mib']:7.1f} MiB, resident while workers run {p['rss_with_workers_mib']:7.1f} MiB"
+              f"(RssAnon) {p['anon_mib']:7.1f} MiB, resident while workers run {p['rss_with_workers_mib']:7.1f} MiB "
+              f"(Pss {p['pss_with_workers_mib']:6.1f})"
               + ("" if p["role"].startswith("worker") else f", image pages held at most {p['cache_mib']:.1f} MiB")
               + (f", libtorch mapped: {'yes' if p['maps_torch'] else 'no'}" if p["role"] == "supervisor" else ""))
     idle = [p for p in processes if not p["role"].startswith("worker") and p["role"] != "preparation"]
+    rss, pss = (sum(p[key] for p in idle) for key in ("rss_with_workers_mib", "pss_with_workers_mib"))
     print(f"  processes that run no trial beside the workers ({', '.join(p['role'] for p in idle)}): peak resident "
-          f"{sum(p['hwm_mib'] for p in idle):.1f} MiB in all")
+          f"{sum(p['hwm_mib'] for p in idle):.1f} MiB in all; while the workers run {rss:.1f} MiB resident, "
+          f"Pss {pss:.1f} MiB")
 
 
 def main() -> None:
