@@ -1,14 +1,17 @@
 """Host memory of the processes of `run --workers 2` that train nothing: the supervisor and the forkserver.
 
 Writes a folder of N JPEGs (4 classes) at --size px (kept across runs in --folder), then runs `hpsearch run STUDY
---workers 2 --device cpu` on it from an empty cache (the supervisor decodes the folder) and, with --again, a
-second time on the cache it left (the supervisor maps it). While a run lasts every process of it is sampled
+--workers 2 --device cpu` on it from an empty cache (the study's preparation decodes the folder) and, with --again,
+a second time on the cache it left (the preparation maps it). While a run lasts every process of it is sampled
 every 0.1 s from /proc/PID/status: the supervisor (the `run` process), the forkserver and multiprocessing's
-resource tracker (its children), and the workers (the forkserver's children). For each it prints its peak
-resident set (VmHWM: the kernel's own high-water mark, with every page it mapped: libraries, the image cache's
-page-cache pages), its peak own memory (RssAnon: anonymous pages, never shared), its resident set while the
-workers run (VmRSS at the last sample with a worker alive) and, for the processes that run no trial, the most
-pages of the image cache's files (the decoded images, or the file being built) it held at once (/proc/PID/smaps).
+resource tracker (its children), the preparation's child (forked from the forkserver before any worker, named
+hpsearch-prep) and the workers (the forkserver's other children). For each it prints its peak resident set
+(VmHWM: the kernel's own high-water mark, with every page it mapped: libraries, the image cache's page-cache
+pages), its peak own memory (RssAnon: anonymous pages, never shared), its resident set while the workers run
+(VmRSS at the last sample with a worker alive, and its Pss then: shared pages divided among their sharers) and,
+for the processes that run no trial, the most pages of the image cache's files (the decoded images, or the file
+being built) it held at once (/proc/PID/smaps); for the supervisor, whether libtorch was ever mapped into it
+(/proc/PID/maps).
 
     .venv/bin/python bench/host_memory.py [--images 4000] [--size 224] [--again] [--json]
 
@@ -84,7 +87,9 @@ class Peak:
     hwm_mib: float = 0.0  # VmHWM
     anon_mib: float = 0.0  # peak RssAnon
     rss_with_workers_mib: float = 0.0  # VmRSS at the last sample that saw a worker alive
+    pss_with_workers_mib: float = 0.0  # Pss (shared pages divided among their sharers) at that sample
     cache_mib: float = 0.0  # peak resident pages of files in the cache folder (the decoded images, the build's file)
+    maps_torch: bool = False  # whether libtorch was ever mapped into it (/proc/PID/maps)
 
 
 def _status(pid: int) -> dict[str, float] | None:
@@ -113,6 +118,23 @@ def _mapped_mib(pid: int, folder: Path) -> float:
         elif inside and first == "Rss:":
             total += int(line.split()[1])
     return total / 1024
+
+
+def _pss_mib(pid: int) -> float:
+    """Proportional set size of `pid` in MiB (/proc/PID/smaps_rollup): each shared page divided among the
+    processes that map it (the forkserver's torch, shared with the workers it forked, counts a third each)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in text.splitlines() if line.startswith("Pss:")), 0.0)
+
+
+def _maps_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def _children(pid: int) -> list[int]:
@@ -150,8 +172,14 @@ def measure(root: Path, work: Path, size: int, label: str) -> dict[str, object]:
                 if child not in peaks:
                     peaks[child] = Peak(_role(child), child)
                 if peaks[child].role == "forkserver":
-                    for index, worker in enumerate(_children(child)):
-                        peaks.setdefault(worker, Peak(f"worker {index}", worker))
+                    # Its children: first the study's preparation (it has exited before the first worker
+                    # starts; it names itself hpsearch-prep a moment after its fork), then the workers.
+                    for forked in _children(child):
+                        if forked not in peaks:
+                            forked_before = [p for p in peaks.values() if p.role == "preparation"
+                                             or p.role.startswith("worker")]
+                            peaks[forked] = Peak(f"worker {len(forked_before) - 1}" if forked_before
+                                                 else "preparation", forked)
             figures = {pid: _status(pid) for pid in list(peaks)}
             working = any(peak.role.startswith("worker") and figures[pid] is not None for pid, peak in peaks.items())
             for pid, status in figures.items():
@@ -162,8 +190,11 @@ def measure(root: Path, work: Path, size: int, label: str) -> dict[str, object]:
                 peak.anon_mib = max(peak.anon_mib, status["RssAnon"])
                 if working:
                     peak.rss_with_workers_mib = status["VmRSS"]
+                    peak.pss_with_workers_mib = _pss_mib(pid) or peak.pss_with_workers_mib  # 0: it just exited
                 if not peak.role.startswith("worker"):  # the workers map the images on purpose
                     peak.cache_mib = max(peak.cache_mib, _mapped_mib(pid, work / "cache"))
+                if peak.role == "supervisor":
+                    peak.maps_torch = peak.maps_torch or _maps_torch(pid)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -184,10 +215,15 @@ def _print(result: dict[str, object], decoded_mib: float) -> None:
     assert isinstance(processes, list)
     for p in processes:
         print(f"  {p['role']:>16} (pid {p['pid']}): peak resident (VmHWM) {p['hwm_mib']:7.1f} MiB, peak own "
-              f"(RssAnon) {p['anon_mib']:7.1f} MiB, resident while workers run {p['rss_with_workers_mib']:7.1f} MiB"
-              + ("" if p["role"].startswith("worker") else f", image pages held at most {p['cache_mib']:.1f} MiB"))
-    idle = [p for p in processes if not p["role"].startswith("worker")]
-    print(f"  processes that run no trial: peak resident {sum(p['hwm_mib'] for p in idle):.1f} MiB in all")
+              f"(RssAnon) {p['anon_mib']:7.1f} MiB, resident while workers run {p['rss_with_workers_mib']:7.1f} MiB "
+              f"(Pss {p['pss_with_workers_mib']:6.1f})"
+              + ("" if p["role"].startswith("worker") else f", image pages held at most {p['cache_mib']:.1f} MiB")
+              + (f", libtorch mapped: {'yes' if p['maps_torch'] else 'no'}" if p["role"] == "supervisor" else ""))
+    idle = [p for p in processes if not p["role"].startswith("worker") and p["role"] != "preparation"]
+    rss, pss = (sum(p[key] for p in idle) for key in ("rss_with_workers_mib", "pss_with_workers_mib"))
+    print(f"  processes that run no trial beside the workers ({', '.join(p['role'] for p in idle)}): peak resident "
+          f"{sum(p['hwm_mib'] for p in idle):.1f} MiB in all; while the workers run {rss:.1f} MiB resident, "
+          f"Pss {pss:.1f} MiB")
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 
 A process-level test stops a command at a named point until the test releases it.
 `HPSEARCH_TEST_HOLD="POINT:PATH"` makes the process wait at POINT until PATH exists. The points: a number N
-(a trial, after writing its checkpoint of epoch N) and `ensemble` (`hpsearch ensemble`, after pinning and
-choosing its members, before writing them). A signal, a kill or a concurrent run then lands at the same moment
+(a trial, after writing its checkpoint of epoch N), `ensemble` (`hpsearch ensemble`, after pinning and
+choosing its members, before writing them) and `prepared` (the child that prepares `run --workers`' study, once
+the study is open, before it reports back). A signal, a kill or a concurrent run then lands at the same moment
 every time, however loaded the machine, with no polling for a window. Unset (always, outside tests), it costs
 one environment lookup.
 

@@ -13,9 +13,11 @@ epoch's checkpoint, and the signal lands there. The signal test bounds how long 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -180,3 +182,58 @@ def test_second_signal_does_not_abort_the_shutdown(study_file: Callable[..., Pat
     assert {t.state for t in trials if t.number in running} == {TrialState.FAIL}, states_of(trials)
     retried = sorted(t.system_attrs["failed_trial"] for t in trials if t.state == TrialState.WAITING)
     assert retried == sorted(running), states_of(trials)
+
+
+# --------------------------------------------------------------------- 4. a signal during the preparation
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "ctrl-c-to-group"])
+def test_signal_during_the_preparation_ends_its_child_and_exits_130(signum: signal.Signals, to_group: bool,
+                                                                    study_file: Callable[..., Path], tmp_path: Path,
+                                                                    procs: Procs) -> None:
+    """The study's preparation runs in a child of the forkserver (the supervisor never imports torch): a signal
+    while it runs (held once the study is open) ends the child, and `run` exits 130 as a single-process run does,
+    with no worker started, no trial, nothing left running."""
+    path = study_file("early", study={"n_trials": 4})
+    url = f"sqlite:///{tmp_path / 'early.db'}"
+    run = procs.start(hpsearch_argv("run", str(path), "--workers", "2", "--storage", url,
+                                    "--artifacts", str(tmp_path / "artifacts")), "run",
+                      **{HOLD_ENV: f"prepared:{tmp_path / 'never'}"})
+
+    def preparing() -> list[int]:
+        assert run.poll() is None, procs.output(run)
+        return [pid for pid in session_members(run.pid) if _comm(pid) == "hpsearch-prep"]
+
+    child = wait_until("the preparation's child", preparing, timeout=240, every=0.2)[0]
+    wait_until("the study to be open", lambda: _has_study(tmp_path / "early.db", "early"), timeout=240)
+    if to_group:
+        os.killpg(run.pid, signum)
+    else:
+        os.kill(run.pid, signum)
+    code = procs.wait(run, timeout=SIGNAL_TO_EXIT_S)
+    output = procs.output(run)
+    assert code == 130, (code, output)
+    assert "interrupted" in output and "Traceback" not in output, output
+    wait_until("the run's helpers to be gone", lambda: not session_members(run.pid), timeout=10, every=0.1)
+    wait_until("the preparation's child to be gone", lambda: not alive(child), timeout=10, every=0.1)
+    assert trials_of(url, "early") == []
+
+
+def _has_study(db: Path, name: str) -> bool:
+    """Whether the SQLite file holds the study, read only: never creating the file or Optuna's tables, which the
+    preparation creates meanwhile."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            return conn.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+    except sqlite3.OperationalError:  # no file yet, or no table yet
+        return False
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""

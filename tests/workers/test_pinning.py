@@ -121,6 +121,14 @@ def test_gpus_where_cuda_sees_none_is_one_line_and_no_trial(tmp_path, extra: lis
     assert optuna.study.get_all_study_names(url) == []
 
 
+def _prepare_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --gpus` prepares its study in a spawned child (hpsearch.cli._prepare), which would not see the CUDA
+    these tests fake in their own process: here the preparation runs in the test's process."""
+    from hpsearch.cli import _prepare
+
+    monkeypatch.setattr(_prepare, "prepare", _prepare.prepared_in_this_process)
+
+
 def test_a_gpu_cuda_does_not_see_is_one_line(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import torch
 
@@ -129,6 +137,7 @@ def test_a_gpu_cuda_does_not_see_is_one_line(tmp_path, monkeypatch: pytest.Monke
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a machine with two GPUs
+    _prepare_in_this_process(monkeypatch)
     url = f"sqlite:///{tmp_path / 's.db'}"
     assert main(["run", _auto_study(tmp_path), "--storage", url, "--gpus", "1,3"]) == ExitCode.BAD_INPUT
     assert capsys.readouterr().err.strip() == "error: --gpus 1,3: CUDA sees 2 GPU(s) here; give indices 0..1"
@@ -153,6 +162,7 @@ def test_one_worker_with_gpus_runs_pinned_to_that_gpu(tmp_path, monkeypatch: pyt
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    _prepare_in_this_process(monkeypatch)
     seen = tmp_path / "worker.json"
     record = ("import json, os, sys; open(sys.argv[1], 'w').write(json.dumps("
               "[os.environ.get('CUDA_VISIBLE_DEVICES'), sys.argv[2:]]))")

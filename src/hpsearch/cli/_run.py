@@ -73,24 +73,17 @@ def _print_space(cfg: StudyConfig) -> None:
 
 def cmd_run(args: argparse.Namespace) -> ExitCode:
     cfg = _read_file_first(args)
-    if args.gpus is not None:
-        from hpsearch.workers import check_gpus
-
-        check_gpus(args.gpus, args.device or cfg.train.device)  # before the study opens: no trial on a wrong GPU
-    if args.workers > 1 and _cpu_workers_likely(args.device or cfg.train.device):
-        from hpsearch.workers import start_forkserver, stop_forkserver
-
-        start_forkserver()  # it imports torch for the workers while this process imports its own
-        try:
-            return _run(args)
-        finally:
-            stop_forkserver()
+    if args.workers > 1 or args.gpus:
+        # `--gpus` with one worker too: a worker process is pinned (CUDA_VISIBLE_DEVICES) before CUDA starts in
+        # it; a process that has asked CUDA about its devices could not be pinned any more.
+        return _supervise(args, cfg)
     return _run(args)
 
 
 def _cpu_workers_likely(device: str) -> bool:
     """Whether `run --workers` will fork CPU workers, told without importing torch: a CPU device, or `auto` on
-    a machine with no NVIDIA device node. Only a head start: `run_workers` decides from the resolved device."""
+    a machine with no NVIDIA device node. Then the forkserver starts first and the preparation is forked from it;
+    `run_workers` still decides from the resolved device how it starts the workers."""
     return device == "cpu" or (device == "auto" and not os.path.exists("/dev/nvidiactl"))
 
 
@@ -101,41 +94,79 @@ def _open_run(args: argparse.Namespace, worker: int = 0) -> Run:
                     n_trials=args.n_trials, worker=worker, overrides=args.set)
 
 
+def _banner(args: argparse.Namespace, cfg: StudyConfig, url: str, finished: int, n_trials: int, data: str,
+            device: str, artifacts: str) -> None:
+    from hpsearch.store import redact
+
+    console.print(f"study [bold]{cfg.study.name}[/] on {redact(url)}: {finished}/{n_trials} finished; "
+                  f"{cfg.model.arch} on {cfg.data.dataset} {data}, device {device}, {args.workers} worker(s); "
+                  f"artifacts in {artifacts}", soft_wrap=True)
+
+
 def _run(args: argparse.Namespace) -> ExitCode:
-    from hpsearch.monitor import top_trials_table
-    from hpsearch.store import finished_trials, redact
+    """`run` in this process: its trials here, with a progress bar."""
+    from hpsearch.cli._prepare import data_facts
+    from hpsearch.store import finished_trials
 
     run = _open_run(args)
-    cfg, study = run.cfg, run.study
-    folds = f" in {len(run.prepared.folds.sizes())} folds of train+val" if run.prepared.folds is not None else ""
-    console.print(f"study [bold]{cfg.study.name}[/] on {redact(run.url)}: {finished_trials(study)}/{run.n_trials} "
-                  f"finished; {cfg.model.arch} on {cfg.data.dataset} {run.prepared.split.sizes()}{folds}, "
-                  f"device {run.device}, {args.workers} worker(s); artifacts in {run.artifacts}", soft_wrap=True)
-    if args.workers > 1 or args.gpus:
-        # `--gpus` with one worker too: a worker process is pinned (CUDA_VISIBLE_DEVICES) before CUDA starts in
-        # it; this process has already asked CUDA about its devices and could not be pinned any more.
-        from hpsearch.workers import run_workers
-
-        if args.verbosity:  # its workers print as quietly (or as fully) as it does
-            os.environ[VERBOSITY_ENV] = str(args.verbosity)
-
-        code = run_workers(run, args.workers, gpus=args.gpus, per_gpu=args.workers_per_gpu, timeout=args.timeout,
-                           on_event=lambda line: console.print(line, highlight=False))
-        console.print(f"{finished_trials(study)}/{run.n_trials} finished trials")
-        show(top_trials_table(study, cfg.ensemble.top_k))
-        _where_results_are(args, run)
-        return code
+    _banner(args, run.cfg, run.url, finished_trials(run.study), run.n_trials, data_facts(run), str(run.device),
+            run.artifacts)
     code = _run_here(args, run)
-    _where_results_are(args, run)
+    _where_results_are(args, run.cfg, run.url, run.artifacts)
     return code
 
 
-def _where_results_are(args: argparse.Namespace, run: Run) -> None:
+def _supervise(args: argparse.Namespace, cfg: StudyConfig) -> ExitCode:
+    """`run --workers N` / `run --gpus`: a supervisor that never imports torch. The study's preparation (every
+    check, the data, the study created or resumed) runs in a child (hpsearch.cli._prepare); then this process
+    opens the storage and the study itself and supervises the workers."""
+    forked = args.gpus is None and _cpu_workers_likely(args.device or cfg.train.device)
+    if not forked:
+        return _supervise_prepared(args, cfg, forked)
+    from hpsearch.workers import start_forkserver, stop_forkserver
+
+    start_forkserver()  # it imports torch once, for the preparation's child and for the workers
+    try:
+        return _supervise_prepared(args, cfg, forked)
+    finally:
+        stop_forkserver()
+
+
+def _supervise_prepared(args: argparse.Namespace, cfg: StudyConfig, forked: bool) -> ExitCode:
+    import optuna
+
+    from hpsearch.cli import _prepare
+    from hpsearch.monitor import top_trials_table
+    from hpsearch.store import finished_trials, open_storage, retrying
+    from hpsearch.workers import WorkerJob, run_workers
+
+    prepared = _prepare.prepare(args, forked)
+    if not isinstance(prepared, _prepare.Prepared):
+        return prepared  # refused: the child printed its one line
+    # The same retrying storage as open_run's: the supervisor too rides out a storage outage.
+    storage = retrying(open_storage(prepared.url, heartbeat_interval=cfg.study.heartbeat_interval,
+                                    heartbeat_grace=cfg.study.heartbeat_grace), cfg.study.storage_patience)
+    study = optuna.load_study(study_name=cfg.study.name, storage=storage)
+    _banner(args, cfg, prepared.url, finished_trials(study), prepared.n_trials, prepared.data, prepared.device,
+            prepared.artifacts)
+    if args.verbosity:  # its workers print as quietly (or as fully) as it does
+        os.environ[VERBOSITY_ENV] = str(args.verbosity)
+    job = WorkerJob(study, storage, prepared.url, str(cfg.source), prepared.artifacts, prepared.n_trials,
+                    cfg.study.target, prepared.gpus, tuple(args.set))
+    code = run_workers(job, args.workers, per_gpu=args.workers_per_gpu, timeout=args.timeout,
+                       on_event=lambda line: console.print(line, highlight=False))
+    console.print(f"{finished_trials(study)}/{prepared.n_trials} finished trials")
+    show(top_trials_table(study, cfg.ensemble.top_k))
+    _where_results_are(args, cfg, prepared.url, prepared.artifacts)
+    return code
+
+
+def _where_results_are(args: argparse.Namespace, cfg: StudyConfig, url: str, artifacts: str) -> None:
     """The run's last lines: where the study and its trials' files are, and the commands that read them."""
     from hpsearch.store import redact
 
-    console.print(f"results: study {run.cfg.study.name!r} in {redact(run.url)}; each trial's weights and outputs "
-                  f"in {run.artifacts}", highlight=False, soft_wrap=True)
+    console.print(f"results: study {cfg.study.name!r} in {redact(url)}; each trial's weights and outputs "
+                  f"in {artifacts}", highlight=False, soft_wrap=True)
     same = [flag for flag, given in (("--storage", args.storage), ("--artifacts", args.artifacts)) if given]
     tail = f" (each with the same {' and '.join(same)})" if same else ""
     console.print(f"next: hpsearch status {args.study} | hpsearch report {args.study} --out report | "

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import optuna
 
@@ -35,9 +34,6 @@ from hpsearch.slurm import cpus_per_task
 from hpsearch.store import fail_trials_of, finished_trials, pending, stop_generation, target_reached
 from hpsearch.workers._forkserver import Launch, WorkerProcess, forkserver_launch, stop_forkserver
 from hpsearch.workers._restarts import Backoff, RestartPolicy
-
-if TYPE_CHECKING:
-    from hpsearch.search import Run
 
 STOP_GRACE_S = 30.0
 SUPERVISOR_PID_ENV = "HPSEARCH_SUPERVISOR_PID"
@@ -369,15 +365,31 @@ def watch_supervisor(every_s: float = SUPERVISOR_POLL_S) -> threading.Thread | N
     return thread
 
 
-def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, per_gpu: int = 1,
-                timeout: float | None = None, on_event: Callable[[str], None] = print) -> ExitCode:
+@dataclass(frozen=True)
+class WorkerJob:
+    """What `run_workers` needs of a prepared run, torch-free: the supervisor never imports torch (its study's
+    preparation ran in a child, hpsearch.cli._prepare)."""
+
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    url: str  # the resolved storage URL: each worker opens it itself
+    study_file: str
+    artifacts: str
+    n_trials: int
+    target: float | None
+    gpus: Sequence[int] = ()  # the GPUs the workers are pinned to (checked by `check_gpus`); none: CPU workers
+    overrides: Sequence[str] = ()  # `--set` over the study file: the workers read it as `run` did
+
+
+def run_workers(job: WorkerJob, n_workers: int, *, per_gpu: int = 1, timeout: float | None = None,
+                on_event: Callable[[str], None] = print) -> ExitCode:
     """`run --workers N` (and `run --gpus`, even with one worker): N `hpsearch worker` processes on this study,
-    pinned round-robin to `gpus` (default: every visible GPU unless the run is on the CPU), supervised until the
-    study holds its trials. `gpus` were checked by `check_gpus`."""
-    pinned = [] if run.device.type == "cpu" else list(gpus or visible_gpus())
-    passed = [str(run.cfg.source), "--artifacts", str(run.artifacts), "--n-trials", str(run.n_trials),
+    pinned round-robin to `job.gpus` (none: CPU workers forked from the forkserver), supervised until the study
+    holds its trials."""
+    pinned = list(job.gpus)
+    passed = [job.study_file, "--artifacts", job.artifacts, "--n-trials", str(job.n_trials),
               "--device", "cuda" if pinned else "cpu"]
-    for override in run.overrides:  # the workers read the study as `run` did, or their resume check refuses it
+    for override in job.overrides:  # the workers read the study as `run` did, or their resume check refuses it
         passed += ["--set", override]
     if timeout:
         passed += ["--timeout", str(timeout)]
@@ -385,18 +397,18 @@ def run_workers(run: Run, n_workers: int, *, gpus: Sequence[int] | None = None, 
     launch = popen if pinned else forkserver_launch()
     args = [[*passed, "--worker-index", str(i)] for i in range(n_workers)]
     workers = [Worker(i, worker_command(args[i]) if pinned else args[i],
-                      worker_env(i, n_workers, pinned, per_gpu, storage=run.url), launch)
+                      worker_env(i, n_workers, pinned, per_gpu, storage=job.url), launch)
                for i in range(n_workers)]
-    seen = stop_generation(run.study.user_attrs)  # the stop requests made before this start do not apply
+    seen = stop_generation(job.study.user_attrs)  # the stop requests made before this start do not apply
 
     def done() -> bool:
         # The budget, the target or `hpsearch stop`: a worker that returned 0 for any of them is not restarted.
-        return (finished_trials(run.study) >= run.n_trials
-                or target_reached(run.study, run.cfg.study.target) is not None
-                or pending(run.study.user_attrs, seen) is not None)
+        return (finished_trials(job.study) >= job.n_trials
+                or target_reached(job.study, job.target) is not None
+                or pending(job.study.user_attrs, seen) is not None)
 
     try:
-        return Supervisor(run.study, run.storage, workers, done=done, on_event=on_event).run()
+        return Supervisor(job.study, job.storage, workers, done=done, on_event=on_event).run()
     finally:
         if not pinned:
             stop_forkserver()
