@@ -159,6 +159,21 @@ def test_a_read_only_command_on_a_mistyped_sqlite_path_creates_nothing(tmp_path,
     assert not typo.exists()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_artifact_store_under_a_file_is_one_line_and_leaves_nothing(tmp_path, workers):
+    """--artifacts inside a regular file (a typo, a stale file): one line naming the folder and the fix, exit 2,
+    no traceback, and no SQLite file left; with --workers the preparation's child refuses it the same way."""
+    path = write_study(tmp_path / "t.toml", tiny_tables("t"))
+    (tmp_path / "store").write_text("not a folder")
+    done = run_cli("run", str(path), "--workers", workers, "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+                   "--artifacts", str(tmp_path / "store" / "artifacts"), cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert f"cannot make the folder {tmp_path / 'store' / 'artifacts'}" in lines[-1], done.stderr
+    assert "--artifacts" in lines[-1] and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
 def test_a_refused_cifar_run_leaves_no_data_folder_behind(tmp_path):
     """data.root names a folder that does not exist and the download fails (a proxy that refuses): `run` exits 2
     naming data.root, and the folders torchvision made to download into are gone again, as is the storage."""

@@ -137,7 +137,14 @@ def open_artifact_store(location: str | Path, *, create: bool = True) -> Artifac
     if not create and not path.is_dir():
         raise ArtifactStoreError(f"artifacts: {path} is not a folder; pass the study's artifact store "
                                  "with --artifacts")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder should be, no permission to make it, a read-only disk
+        raise ArtifactStoreError(f"artifacts: cannot make the folder {path} ({err.strerror}); point --artifacts "
+                                 "or [study] artifacts at a folder you can write") from None
+    if create and not os.access(path, os.W_OK | os.X_OK):
+        raise ArtifactStoreError(f"artifacts: {path} is not writable by this user; point --artifacts or [study] "
+                                 "artifacts at a folder you can write") from None
     return AtomicFileSystemArtifactStore(str(path))
 
 
