@@ -9,7 +9,9 @@ timm itself, lazily, by `hpsearch.timm_archs` (this module, like config, imports
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 # Supported torchvision classification families: name pattern and the smallest input side they take.
 # ViT and Swin carry extra constraints (patch size, pretrained input size) checked in model/_build.py.
@@ -43,6 +45,14 @@ TIMM_NAME = r"[a-z][a-z0-9_]*"
 def timm_name(arch: str) -> str | None:
     """NAME of an architecture written `timm:NAME`, or None for a torchvision name."""
     return arch.removeprefix(TIMM_PREFIX) if arch.startswith(TIMM_PREFIX) else None
+
+
+def trial_arch(arch: str, params: Mapping[str, Any]) -> str:
+    """A trial's architecture: the `arch` it drew from `[space] arch` (its Optuna parameter), else `arch`, the
+    study's `[model] arch`. Every per-trial use of the architecture (training, stored metadata, ensemble and
+    export members, soups) asks this."""
+    drawn = params.get("arch")
+    return arch if drawn is None else str(drawn)
 
 
 def resolve_path(value: str, source: str | Path | None) -> Path:

@@ -22,8 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpsearch.archs import trial_arch
 from hpsearch.cli._main import main
-from hpsearch.ensemble._soup import SoupError, SoupStep, average_states, check_same_start, greedy_soup, soup_decision
+from hpsearch.ensemble._soup import (
+    SoupError,
+    SoupStep,
+    average_states,
+    check_one_arch,
+    check_same_start,
+    greedy_soup,
+    soup_decision,
+)
 from hpsearch.keys import INIT_WEIGHTS as ATTR_INIT_WEIGHTS
 from hpsearch.predict import MANIFEST, SUMS, load_ensemble, sha256_file
 from hpsearch.store import open_storage
@@ -189,3 +198,15 @@ def test_real_trials_from_one_weights_file(lab: Lab, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- TTA
 
 
+
+
+def test_a_soup_refuses_trials_of_two_archs_in_one_line() -> None:
+    # [space] arch draws one per trial (its parameter `arch`); a trial without one trained [model] arch.
+    archs = {t: trial_arch("resnet18", params) for t, params in
+             {3: {}, 5: {"arch": "resnet18"}, 7: {"arch": "timm:test_convnext"}}.items()}
+    assert check_one_arch({3: archs[3], 5: archs[5]}) == "resnet18"
+    with pytest.raises(SoupError) as info:
+        check_one_arch(archs)
+    text = str(info.value)
+    assert "\n" not in text and "trial 3 trained resnet18 but trial 7 timm:test_convnext" in text
+    assert "--method weighted, soft or hard" in text

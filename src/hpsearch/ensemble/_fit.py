@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from hpsearch.archs import trial_arch
 from hpsearch.ensemble._candidates import Candidate, Selection, select_candidates, stack_outputs, trial_candidate
 from hpsearch.ensemble._combine import (
     ECE_BINS,
@@ -204,7 +205,7 @@ def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = 
 
     weights = {"weighted": chosen.weights, "soft": tuple(uniform), "hard": tuple(uniform),
                "single": tuple(np.eye(m)[0])}[shipped]
-    members = tuple(Member(c.trial, dict(c.params), arch, w, c.weights_artifact, c.val_accuracy,
+    members = tuple(Member(c.trial, dict(c.params), trial_arch(arch, c.params), w, c.weights_artifact, c.val_accuracy,
                            fold_artifacts=c.fold_weights)
                     for c, w in zip(candidates, weights, strict=True) if w > 0)
     temperature = None if shipped == "hard" else usable_temperature(next(r for r in rows if r.key == shipped))
@@ -282,8 +283,8 @@ def single_trial(candidate: Candidate, arch: str) -> EnsembleResult:
                    test=member_log_probs([o.test_logits.double().numpy()]),
                    y_val=o.val_labels.numpy().astype(np.int64), y_test=o.test_labels.numpy().astype(np.int64))
     row = soft_row("single", f"trial #{candidate.trial}", data, np.ones(1), [candidate.trial])
-    member = Member(candidate.trial, dict(candidate.params), arch, 1.0, candidate.weights_artifact,
-                    candidate.val_accuracy, fold_artifacts=candidate.fold_weights)
+    member = Member(candidate.trial, dict(candidate.params), trial_arch(arch, candidate.params), 1.0,
+                    candidate.weights_artifact, candidate.val_accuracy, fold_artifacts=candidate.fold_weights)
     fit = WeightFit("uniform", (1.0,), float(row.val_nll or 0.0))
     fit_data = "out-of-fold outputs of train+val" if candidate.fold_weights else "validation outputs"
     notes = [f"trial {candidate.trial} exported alone (--trial); T: shipped only where cross-fitting ({PARTS} "

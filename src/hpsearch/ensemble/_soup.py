@@ -2,8 +2,9 @@
 
 A soup is only meaningful when the trials fine-tuned the same architecture from the same starting weights:
 then they tend to land in one basin of the loss, and the average of their weights is a model of its own that
-can beat each of them at the cost of one. Trials of a study share its architecture and its `[model] weights`;
-a study with `weights = "none"` started every trial from its own random initialisation, and is refused.
+can beat each of them at the cost of one. Trials of a study share its `[model] weights` and, unless `[space]
+arch` drew theirs (mixed ones are refused), its architecture; a study with `weights = "none"` started every
+trial from its own random initialisation, and is refused.
 
 Greedy soup: take the candidates in rank order (best validation accuracy first); the soup starts as the best
 trial; each next trial's weights are added to the uniform average when the averaged model's validation
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from hpsearch.archs import trial_arch
 from hpsearch.config import StudyConfig
 from hpsearch.data import DeviceData, ImagePool, RecordMismatch, Split, rebuild_study_data
 from hpsearch.ensemble._candidates import Candidate
@@ -97,6 +99,17 @@ def soup_config(study: optuna.Study) -> StudyConfig:
                         "(model.weights = none), so its trials did not start from the same weights and averaging "
                         "them is meaningless; use --method weighted, soft or hard")
     return cfg
+
+
+def check_one_arch(archs: Mapping[int, str]) -> str:
+    """The one architecture of the trials (`[space] arch` draws one per trial); mixed ones are refused."""
+    (first, arch), *rest = archs.items()
+    other = next(((t, a) for t, a in rest if a != arch), None)
+    if other is not None:
+        raise SoupError(f"--method soup: trial {first} trained {arch} but trial {other[0]} {other[1]} ([space] arch); "
+                        "a soup averages the weights of one architecture; use --method weighted, soft or hard, or "
+                        "--top-k over trials of one architecture")
+    return arch
 
 
 def check_same_start(starts: Mapping[int, str | None]) -> None:
@@ -220,6 +233,7 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
     cfg = soup_config(study)
     by_trial = {c.trial: c for c in candidates}
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    arch = check_one_arch({c.trial: trial_arch(cfg.model.arch, c.params) for c in candidates})
     check_same_start({c.trial: read_trial_record(frozen[c.trial]).init_weights if c.trial in frozen else None
                       for c in candidates})
     check_same_architecture([(c.trial, signature(load_weights(store, c.weights_artifact))) for c in candidates])
@@ -232,7 +246,6 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
     val, test = DeviceData(pool, split.val, device), DeviceData(pool, split.test, device)
     y_val = pool.labels[torch.from_numpy(split.val)].numpy().astype(np.int64)
     y_test = pool.labels[torch.from_numpy(split.test)].numpy().astype(np.int64)
-    arch = cfg.model.arch
     n_classes = len(record.classes or ()) or pool.num_classes
     model = plain_model(arch, n_classes, builder_kwargs(arch, pre.image_size)).to(device).eval()
 
