@@ -98,8 +98,9 @@ def _banner(args: argparse.Namespace, cfg: StudyConfig, url: str, finished: int,
             device: str, artifacts: str) -> None:
     from hpsearch.store import redact
 
+    archs = " | ".join(cfg.searched_archs or (cfg.model.arch,))  # `[space] arch`: the ones the trials draw
     console.print(f"study [bold]{cfg.study.name}[/] on {redact(url)}: {finished}/{n_trials} finished; "
-                  f"{cfg.model.arch} on {cfg.data.dataset} {data}, device {device}, {args.workers} worker(s); "
+                  f"{archs} on {cfg.data.dataset} {data}, device {device}, {args.workers} worker(s); "
                   f"artifacts in {artifacts}", soft_wrap=True)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from hpsearch.archs import resolve_path
+from hpsearch.archs import resolve_path, timm_name
 from hpsearch.config._study import StudyConfig
 from hpsearch.errors import ConfigError
 
@@ -73,6 +73,7 @@ def parse_study(data: dict[str, Any], source: str | Path | None = None) -> Study
     _check_weights_file(config, source)
     _check_pruner_folds(config, source)
     _check_recipes(config, source)
+    _check_space_arch(config, source)
     _check_tracking_installed(config, source)
     return config.model_copy(update={"source": str(source) if source else None})
 
@@ -115,6 +116,23 @@ def _check_recipes(config: StudyConfig, source: str | Path | None) -> None:
     if train.lr_scaling != "none" and space.batch_size is None and not train.base_batch_size:
         raise ConfigError("train.lr_scaling", f"{train.lr_scaling!r} scales lr with a searched batch size, but "
                           "[space] has no batch_size; add batch_size = [..] there or set lr_scaling = \"none\"",
+                          source)
+
+
+def _check_space_arch(config: StudyConfig, source: str | Path | None) -> None:
+    """`[space] arch`: every listed architecture takes `[model] weights` (whether a torchvision one has that
+    weights name is asked of torchvision, in model.check_study_model)."""
+    archs, model = config.space.arch, config.model
+    if archs is None:
+        return
+    if model.weights_kind == "file":
+        raise ConfigError("space.arch", f"searches {len(archs)} architecture(s), but [model] weights is the local "
+                          f"file {model.weights!r}, which fits one; leave [space] arch out and set [model] arch, or "
+                          "start from weights = \"none\" or a torchvision weights name", source)
+    timm = [a for a in archs if timm_name(a) is not None]
+    if model.weights_kind == "torchvision" and timm:
+        raise ConfigError("space.arch", f"{timm[0]!r} is a timm model, which never starts from torchvision weights "
+                          f"({model.weights!r}); list torchvision models only, or set [model] weights = \"none\"",
                           source)
 
 

@@ -193,6 +193,25 @@ class DataSection(Strict):
         return augment
 
 
+def known_arch(arch: str) -> str:
+    """`arch` if it names a supported torchvision architecture or is written `timm:NAME`, else a ValueError."""
+    name = timm_name(arch)
+    if name is not None:
+        # Whether the installed timm has it is asked of timm, later (model.check_study_model): config is
+        # timm-free.
+        if not re.fullmatch(TIMM_NAME, name):
+            raise ValueError(f"{arch!r} is no timm model name: write timm:NAME with NAME as timm.list_models() "
+                             "gives it (lowercase, no pretrained tag such as .in1k), e.g. timm:convnext_nano")
+        return arch
+    if family_of(arch) is None:
+        families = ", ".join(FAMILIES)
+        raise ValueError(
+            f"unknown architecture {arch!r}; use a torchvision classification model of the families "
+            f"{families} (e.g. resnet18, efficientnet_b0, convnext_tiny, vit_b_16)"
+        )
+    return arch
+
+
 class ModelSection(Strict):
     arch: str = "resnet18"
     """A torchvision classification model of the families resnet/resnext/wide_resnet, regnet, mobilenet,
@@ -207,24 +226,7 @@ class ModelSection(Strict):
     freeze: Literal["none", "backbone"] = "none"
     """backbone: train only the new head (see `[train] unfreeze_epoch`)."""
 
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, arch: str) -> str:
-        name = timm_name(arch)
-        if name is not None:
-            # Whether the installed timm has it is asked of timm, later (model.check_study_model): config is
-            # timm-free.
-            if not re.fullmatch(TIMM_NAME, name):
-                raise ValueError(f"{arch!r} is no timm model name: write timm:NAME with NAME as timm.list_models() "
-                                 "gives it (lowercase, no pretrained tag such as .in1k), e.g. timm:convnext_nano")
-            return arch
-        if family_of(arch) is None:
-            families = ", ".join(FAMILIES)
-            raise ValueError(
-                f"unknown architecture {arch!r}; use a torchvision classification model of the families "
-                f"{families} (e.g. resnet18, efficientnet_b0, convnext_tiny, vit_b_16)"
-            )
-        return arch
+    _known_arch = field_validator("arch")(lambda arch: known_arch(arch))
 
     @field_validator("weights")
     @classmethod

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from hpsearch.config._sections import Strict
+from hpsearch.config._sections import Strict, known_arch
 
 
 def _range(value: Any, *, log: bool = False, integer: bool = False) -> tuple[float, float]:
@@ -85,7 +85,7 @@ class OneCycleSpace(Strict):
 BRANCHES = ("step", "exponential", "plateau", "cosine", "onecycle")
 # Keys added after the first studies: absent from a fingerprint while off, so a study created before them resumes.
 _OPTIONAL_KEYS = ("warmup_epochs", "head_lr_mult", "label_smoothing", "batch_size", "mixing", "mix_alpha",
-                  "augment_strength", "ema")
+                  "augment_strength", "ema", "arch")
 
 
 class SpaceSection(Strict):
@@ -121,6 +121,12 @@ class SpaceSection(Strict):
     (0 = none); else none."""
     ema: list[bool] | None = None
     """A choice (`[false, true]`): validate, test and keep the weights' moving average (`[train] ema_decay`)."""
+    arch: list[str] | None = None
+    """A choice of architectures, each written as `[model] arch` is (e.g. `["resnet18", "efficientnet_b0",
+    "timm:convnext_nano"]`): each trial trains the one it draws (its parameter `arch`) instead of `[model] arch`,
+    with `[model] weights` and `freeze`. With weights = none any mix; with a torchvision weights name only
+    torchvision models that have it; a local weights file fits one architecture and is refused here. A soup
+    (`ensemble --method soup`) takes trials of one architecture."""
     step: StepSpace = Field(default_factory=StepSpace)
     """StepLR's parameters."""
     exponential: ExponentialSpace = Field(default_factory=ExponentialSpace)
@@ -137,7 +143,22 @@ class SpaceSection(Strict):
     _d = field_validator("dropout", "warmup_epochs", "label_smoothing", "mix_alpha", "augment_strength",
                          mode="before")(lambda v: None if v is None else _range(v))
 
-    @field_validator("optimizer", "scheduler", "mixing", "ema")
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _arch_choice(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, list):
+            raise ValueError(f"is a choice, a list of architectures, e.g. arch = [\"resnet18\", \"timm:convnext_nano\"]"
+                             f" (one: set [model] arch); got {value!r}")
+        return value
+
+    @field_validator("arch")
+    @classmethod
+    def _archs(cls, archs: list[str] | None) -> list[str] | None:
+        for arch in archs or ():
+            known_arch(arch)
+        return archs
+
+    @field_validator("optimizer", "scheduler", "mixing", "ema", "arch")
     @classmethod
     def _non_empty(cls, choices: list[Any] | None) -> list[Any] | None:
         if choices is None:
@@ -218,7 +239,9 @@ class SpaceSection(Strict):
     def parameters(self) -> list[Param]:
         """The Optuna parameters a trial suggests, in the order it suggests them; a branch's only when the trial's
         scheduler is that branch. `search.suggest` walks this list and `check` prints it."""
-        params = [Param("lr", "float", *self.lr, log=True),
+        # The architecture first: what every other parameter of the trial is tuned for.
+        params = [Param("arch", "choice", choices=tuple(self.arch))] if self.arch is not None else []
+        params += [Param("lr", "float", *self.lr, log=True),
                   Param("optimizer", "choice", choices=tuple(self.optimizer)),
                   Param("scheduler", "choice", choices=tuple(self.scheduler)),
                   Param("dropout", "float", *self.dropout)]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pydantic import Field
 
+from hpsearch.archs import trial_arch
 from hpsearch.config._sections import (
     DataSection,
     EnsembleSection,
@@ -32,3 +35,14 @@ class StudyConfig(Strict):
 
     def space_fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.space.fingerprint_data(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def searched_archs(self) -> Sequence[str] | None:
+        """The architectures `[space] arch` searches; None when every trial trains `[model] arch`."""
+        return None if self.space.arch is None else tuple(self.space.arch)
+
+    def trial_model(self, params: Mapping[str, Any]) -> ModelSection:
+        """`[model]` as a trial with these Optuna parameters trains it: its drawn `arch`, if any, in place of
+        `[model] arch`."""
+        arch = trial_arch(self.model.arch, params)
+        return self.model if arch == self.model.arch else self.model.model_copy(update={"arch": arch})

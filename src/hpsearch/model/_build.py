@@ -329,10 +329,18 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_study_model(cfg: StudyModelSettings) -> None:
-    """`check_model_config` of a study file, its errors naming the file like the parse errors do."""
-    try:
-        check_model_config(cfg.model, cfg.data.image_size)
-    except ConfigError as err:
-        if err.source is not None or cfg.source is None:
-            raise
-        raise ConfigError(err.field, str(err).removeprefix(f"{err.field}: "), cfg.source) from None
+    """`check_model_config` of a study file, its errors naming the file like the parse errors do; with `[space]
+    arch`, of every listed architecture (not `[model] arch`), an error naming space.arch and the architecture."""
+    archs = cfg.searched_archs
+    for arch in archs if archs is not None else (None,):
+        model = cfg.model if arch is None else cfg.trial_model({"arch": arch})
+        try:
+            check_model_config(model, cfg.data.image_size)
+        except ConfigError as err:
+            if arch is None and (err.source is not None or cfg.source is None):
+                raise
+            field, message = err.field, err.message
+            if arch is not None:
+                named = message.startswith((arch, repr(arch)))
+                field, message = "space.arch", message if named else f"{arch!r}: {message}"
+            raise ConfigError(field, message, err.source or cfg.source) from None

@@ -3,8 +3,9 @@ model stays independent of that schema (the layer above it)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 WeightsKind = Literal["none", "torchvision", "file"]
 
@@ -29,8 +30,8 @@ class ImageSizeSetting(Protocol):
 
 
 class StudyModelSettings(Protocol):
-    """What checking a study's model reads (`config.StudyConfig`): its model, its image size, and the file it
-    came from, which errors name."""
+    """What checking a study's model reads (`config.StudyConfig`): its model, the architectures its trials train
+    (`[space] arch`; None: `[model] arch`), its image size, and the file it came from, which errors name."""
 
     @property
     def model(self) -> ModelSettings: ...
@@ -38,3 +39,6 @@ class StudyModelSettings(Protocol):
     def data(self) -> ImageSizeSetting: ...
     @property
     def source(self) -> str | Path | None: ...
+    @property
+    def searched_archs(self) -> Sequence[str] | None: ...
+    def trial_model(self, params: Mapping[str, Any]) -> ModelSettings: ...

@@ -113,7 +113,7 @@ class CrossValidation:
                                **{keys.CHECKPOINT_FOLD: fold})
 
         data = self.fold_data(fold)
-        return train_trial(self.cfg.model, self.cfg.train, data, hp, seed=seed, device=self.device,
+        return train_trial(self.cfg.trial_model(trial.params), self.cfg.train, data, hp, seed=seed, device=self.device,
                            on_epoch=on_epoch, resume=resume, on_checkpoint=on_checkpoint,
                            checkpoint=checkpoint_policy(self.cfg.train), metric=self.cfg.study.metric)
 
@@ -122,7 +122,7 @@ class CrossValidation:
         outputs = TrialOutputs(result.val_logits, result.test_logits, self.split_sha,
                                self.pool.labels[val_index], self.base.test.labels.cpu(), val_index,
                                self.folds_sha, fold)
-        metadata = {"arch": self.cfg.model.arch, "num_classes": str(self.base.num_classes),
+        metadata = {"arch": self.cfg.trial_model(trial.params).arch, "num_classes": str(self.base.num_classes),
                     "trial": str(trial.number), "fold": str(fold)}
         ids = upload_model_files(self.files, trial.number, result.state_dict, outputs, metadata)
         return {"fold": fold, "val_accuracy": result.best.val_accuracy, "val_loss": result.best.val_loss,

@@ -119,8 +119,10 @@ class Objective:
         self.state_bytes = 0  # the model's weights in bytes, once a trial has saved some
         self.on_epoch = on_epoch
         self._writer: CheckpointWriter | None = None  # the running trial's background checkpoint writes
-        # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights.
-        self.init_weights = init_weights_tag(cfg.model)
+        # Recorded per trial: a greedy soup (hpsearch.soup) needs trials that started from the same weights. Per
+        # architecture: with `[space] arch` a torchvision weights name means each one's own weights.
+        self.init_weights = {arch: init_weights_tag(cfg.trial_model({"arch": arch}))
+                             for arch in cfg.searched_archs or (cfg.model.arch,)}
         # The splits move to the device once per process, not once per trial.
         self.data = _place(prepared, cfg, device)
         # Built with the objective, when the run starts: a relative [tracking] log_dir is that moment's folder.
@@ -196,7 +198,7 @@ class Objective:
                                            "visible": os.environ.get("CUDA_VISIBLE_DEVICES")})
         trial.set_user_attr(keys.MEMORY_AT_START, memory_in_use(self.device))
         reset_peak_memory(self.device)
-        trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights)
+        trial.set_user_attr(keys.INIT_WEIGHTS, self.init_weights[self.cfg.trial_model(trial.params).arch])
         resume, resumed_from = self._resume_point(trial, retried)
         record = read_trial_record(trial)
         folds_done = len(record.folds)  # a retry inherits its original's finished folds
@@ -229,7 +231,7 @@ class Objective:
         """Train (a single split, or the unfinished folds) and store the artifacts; the trial's value."""
         if self.folds is not None:
             return self.folds.run(trial, start.hp, start.seed, log, start.resume)
-        result = train_trial(self.cfg.model, self.cfg.train, self.data, start.hp, seed=start.seed,
+        result = train_trial(self.cfg.trial_model(trial.params), self.cfg.train, self.data, start.hp, seed=start.seed,
                              device=self.device, on_epoch=self._reporter(trial, log), resume=start.resume,
                              on_checkpoint=lambda c: self._checkpoint(trial, c),
                              checkpoint=checkpoint_policy(self.cfg.train), metric=self.cfg.study.metric)
@@ -345,7 +347,7 @@ class Objective:
         # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere.
         outputs = TrialOutputs(result.val_logits, result.test_logits, self.prepared.split.sha256(),
                                self.data.val.labels.cpu(), self.data.test.labels.cpu())
-        metadata = {"arch": self.cfg.model.arch, "num_classes": str(self.data.num_classes),
+        metadata = {"arch": self.cfg.trial_model(trial.params).arch, "num_classes": str(self.data.num_classes),
                     "trial": str(trial.number)}
         self.state_bytes = _nbytes(result.state_dict)
         upload_trial_artifacts(self.files, trial, result.state_dict, outputs, metadata)

@@ -29,6 +29,9 @@ class Hyperparams:
     mix_alpha: float = 1.0  # the mixing ratio's Beta(alpha, alpha)
     augment_strength: float = 0.0  # RandAugment's magnitude as a fraction of its largest; 0 = none
     ema: bool = False  # validate, test and keep the weights' moving average ([train] ema_decay)
+    # [space] arch: the architecture the trial drew (None: [model] arch). The model settings a trial trains with
+    # carry it (config.StudyConfig.trial_model); here it only keeps a trial's parameters whole.
+    arch: str | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, object]) -> Hyperparams:
