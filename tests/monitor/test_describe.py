@@ -22,3 +22,16 @@ def test_a_failure_reason_with_brackets_prints_as_written():
     console = Console(record=True, width=300)
     console.print(describe_trial(trial))
     assert "OSError: store [/mnt/artifacts] gone; see [study] artifacts" in console.export_text()
+
+
+def test_a_trial_of_a_searched_arch_names_it_in_its_line_and_the_table():
+    from hpsearch.monitor import trials_frame
+
+    dist = {"arch": optuna.distributions.CategoricalDistribution(["resnet18", "timm:test_convnext"]),
+            "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    trials = [optuna.trial.create_trial(value=0.5, params={"arch": arch, "lr": 1e-3}, distributions=dist)
+              for arch in ("timm:test_convnext", "resnet18")]
+    assert describe_trial(trials[0]).endswith("(timm:test_convnext ? lr=1.00e-03 ? dropout=nan)")
+    assert trials_frame(trials)["arch"].tolist() == ["timm:test_convnext", "resnet18"]
+    plain = optuna.trial.create_trial(value=0.5, params={"lr": 1e-3}, distributions={"lr": dist["lr"]})
+    assert "arch" not in trials_frame([plain]).columns and "(? lr=" in describe_trial(plain)

@@ -45,6 +45,7 @@ def trials_frame(trials: list[FrozenTrial], metric: str = "val_accuracy") -> pd.
             # Its accuracy whatever metric the study optimizes (the value, for an accuracy study).
             "val_accuracy": t.user_attrs.get("val_accuracy", t.value) if t.values else None,
             "epoch": _epoch(read_trial_record(t).best_epoch),
+            **({"arch": p["arch"]} if "arch" in p else {}),  # a study of `[space] arch`
             "lr": p.get("lr"),
             "optimizer": p.get("optimizer"),
             "scheduler": scheduler_label(p),
@@ -200,7 +201,8 @@ def _duration(seconds: float) -> str:
 def describe_trial(trial: FrozenTrial) -> str:
     """One line per finished trial, for the run's log."""
     p = trial.params
-    what = f"{p.get('optimizer', '?')} lr={p.get('lr', float('nan')):.2e} {p.get('scheduler', '?')} " \
+    arch = f"{p['arch']} " if "arch" in p else ""  # a study of `[space] arch`
+    what = f"{arch}{p.get('optimizer', '?')} lr={p.get('lr', float('nan')):.2e} {p.get('scheduler', '?')} " \
            f"dropout={p.get('dropout', float('nan')):.2f}"
     record = read_trial_record(trial)
     if trial.state == TrialState.COMPLETE:
