@@ -1,9 +1,11 @@
 """A study over two architectures (`[space] arch`) end to end: each trial trains the one it drew and records it,
 its stored weights load strictly into that architecture and give its stored outputs, and the ensemble of the two
-exports members of each architecture that `hpsearch.load_ensemble` rebuilds to the trials' stored test outputs."""
+exports members of each architecture that `hpsearch.load_ensemble` (and the ONNX graph, and the model card's
+lines) rebuild to the trials' stored test outputs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +30,8 @@ ARCHS = ["resnet18", "timm:test_convnext"]
 
 @pytest.mark.slow
 @pytest.mark.inprocess
-def test_trials_of_two_archs_train_store_and_export_their_own(study_file: Callable[..., Path],
-                                                              tmp_path: Path) -> None:
+def test_trials_of_two_archs_train_store_and_export_their_own(study_file: Callable[..., Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     path = study_file("archs", space={"arch": ARCHS, "scheduler": ["exponential"]})
     url, artifacts = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "artifacts"
     cfg, prepared, study, objective = start(path, url, artifacts)
@@ -54,9 +56,12 @@ def test_trials_of_two_archs_train_store_and_export_their_own(study_file: Callab
                                    load_trial_outputs(store, trial).val_logits)
 
     out = tmp_path / "ensemble"
+    onnx = importlib.util.find_spec("onnxruntime") is not None  # the test extra has it
     assert main(["ensemble", str(path), "--storage", url, "--artifacts", str(artifacts), "--top-k", "2",
-                 "--method", "soft", "--out", str(out)]) == 0
+                 "--method", "soft", "--out", str(out), *(["--onnx"] if onnx else [])]) == 0
     manifest = json.loads((out / MANIFEST).read_text())
+    if onnx:  # one graph of both members, run with ONNX Runtime against the modules within its tolerance
+        assert manifest["onnx"]["check"]["max_abs_diff"] <= manifest["onnx"]["check"]["tolerance"]
     assert {m["trial"]: m["arch"] for m in manifest["members"]} == {0: ARCHS[0], 1: ARCHS[1]}
     ensemble = hpsearch.load_ensemble(out)
     images = prepared.pool.images[torch.from_numpy(prepared.split.test)]
@@ -65,3 +70,12 @@ def test_trials_of_two_archs_train_store_and_export_their_own(study_file: Callab
         for member, entry in zip(ensemble.members, manifest["members"], strict=True):
             expected = load_trial_outputs(store, trials[entry["trial"]]).test_logits
             torch.testing.assert_close(member(x), expected, rtol=1e-4, atol=1e-4)
+        probs = ensemble(x[:16])
+
+    # The model card's plain lines build each member as its own architecture too (torchvision and timm).
+    code = (out / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(out)
+    scope: dict[str, object] = {"x": x[:16]}
+    with torch.no_grad():
+        exec(code, scope)  # the card's own code: running it is the point
+    torch.testing.assert_close(scope["probs"].float(), probs, rtol=1e-4, atol=1e-5)
