@@ -97,3 +97,14 @@ def test_check_prints_the_arch_parameter(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "arch" in out and "one of ['resnet18', 'timm:test_convnext']" in out
 
+
+
+def test_the_run_banner_names_the_searched_archs(capsys: pytest.CaptureFixture[str]) -> None:
+    from argparse import Namespace
+
+    from hpsearch.cli._run import _banner
+
+    for space, words in (({"arch": ARCHS}, " | ".join(ARCHS) + " on digits"), ({}, "resnet18 on digits")):
+        cfg = parse_study({"study": {"name": "a"}, "space": space})
+        _banner(Namespace(workers=1), cfg, "sqlite:///x.db", 0, 20, "(split)", "cpu", "artifacts")
+        assert words in capsys.readouterr().err.replace("\n", " ")  # the console writes to stderr
