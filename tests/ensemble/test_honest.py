@@ -151,3 +151,19 @@ def test_an_export_keeps_t_1_where_validation_is_perfectly_separated_and_records
     assert "## Which data fitted what" in report
     # the T column says which T was fitted and why it is not shipped
     assert "1 (fit 0.0686: no mistake to fit it)" in report
+
+
+def test_auto_on_a_validation_split_with_few_mistakes_says_its_evidence_is_thin() -> None:
+    """Near-perfect validation (margin 8: a handful of mistakes in 200) gives `auto` no mistakes to choose by: the
+    result says so, naming the count and the way out; with 600 noisier samples, or a method asked for, it does not."""
+    thin = build_ensemble(candidates(members(0, margin=8.0, noise=0.3)), arch="resnet18")
+    mistakes = round((1 - thin.row("single").val_accuracy) * 200)
+    assert mistakes < 10
+    warning = [n for n in thin.notes if n.startswith("thin evidence")]
+    assert len(warning) == 1 and f"on which the best trial makes {mistakes} mistakes" in warning[0], thin.notes
+    assert "[data] folds" in warning[0] and "--method soft" in warning[0]
+    asked = build_ensemble(candidates(members(0, margin=8.0, noise=0.3)), arch="resnet18", method="soft")
+    assert not [n for n in asked.notes if n.startswith("thin evidence")]
+    ample = build_ensemble(candidates(members(0, margin=4.0, noise=1.5, n_val=600)), arch="resnet18")
+    assert round((1 - ample.row("single").val_accuracy) * 600) >= 10
+    assert not [n for n in ample.notes if n.startswith("thin evidence")]
