@@ -153,9 +153,17 @@ def test_an_export_keeps_t_1_where_validation_is_perfectly_separated_and_records
     assert "1 (fit 0.0686: no mistake to fit it)" in report
 
 
-def test_auto_on_a_validation_split_with_few_mistakes_says_its_evidence_is_thin() -> None:
+def test_auto_on_a_validation_split_with_few_mistakes_says_its_evidence_is_thin(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Near-perfect validation (margin 8: a handful of mistakes in 200) gives `auto` no mistakes to choose by: the
-    result says so, naming the count and the way out; with 600 noisier samples, or a method asked for, it does not."""
+    result says so, naming the count and the way out, and `hpsearch ensemble` prints it as written; with 600
+    noisier samples, or a method asked for, it does not."""
+    path, url, store = real_study(tmp_path, members(0, margin=8.0, noise=0.3))
+    assert main(["ensemble", str(path), "--storage", url, "--artifacts", str(store), "--out", str(tmp_path / "e"),
+                 "--top-k", "12", "--no-export"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "- thin evidence: the choice rests on 200 validation images" in printed
+    assert "cross-validate the study ([data] folds)" in printed, printed  # not eaten as rich markup
     thin = build_ensemble(candidates(members(0, margin=8.0, noise=0.3)), arch="resnet18")
     mistakes = round((1 - thin.row("single").val_accuracy) * 200)
     assert mistakes < 10

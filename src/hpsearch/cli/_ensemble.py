@@ -49,12 +49,12 @@ def _print_exported(exported: Exported, no_export: bool, onnx: bool, as_json: bo
                                   f"held-out acc and NLL cross-fitted on "
                                   f"{'out-of-fold train+val' if folds else 'validation'}, the rest on test; "
                                   "(T) at the shipped temperature"))
-        for note in result.notes:
-            show(f"- {note}", highlight=False)
+        for note in result.notes:  # plain text: a note may hold "[data] folds", which rich would take as markup
+            show(f"- {note}", markup=False, highlight=False)
     written = "" if no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
                                     f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
                                     + (", ensemble.onnx" if onnx else "") + ")")
-    console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", highlight=False)
+    console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", markup=False, highlight=False)
     return ExitCode.OK
 
 
@@ -73,12 +73,13 @@ def cmd_report(args: argparse.Namespace) -> ExitCode:
     from hpsearch.report import REPORT_FILE, write_report
 
     written = write_report(args.study, storage=args.storage, artifacts=args.artifacts, out=args.out,
-                           on_file=lambda path: console.print(f"wrote {path}", highlight=False, soft_wrap=True),
+                           on_file=lambda path: console.print(f"wrote {path}", markup=False, highlight=False,
+                                                              soft_wrap=True),
                            ensemble=args.ensemble)
     for note in written.notes:
-        console.print(f"- {note}", highlight=False, soft_wrap=True)
+        console.print(f"- {note}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"report with {len(written.figures)} figures, per class from trial {written.trial}: "
-                  f"{written.folder / REPORT_FILE}", highlight=False, soft_wrap=True)
+                  f"{written.folder / REPORT_FILE}", markup=False, highlight=False, soft_wrap=True)
     return ExitCode.OK
 
 
