@@ -51,8 +51,9 @@ def _print_exported(exported: Exported, no_export: bool, onnx: bool, as_json: bo
                                   "(T) at the shipped temperature"))
         for note in result.notes:  # plain text: a note may hold "[data] folds", which rich would take as markup
             show(f"- {note}", markup=False, highlight=False)
+    files = sum(len(m.fold_artifacts) or 1 for m in result.members)
     written = "" if no_export else (f" and the exported ensemble ({folder / 'manifest.json'}, "
-                                    f"{sum(len(m.fold_artifacts) or 1 for m in result.members)} member files"
+                                    f"{files} member file{'s' if files != 1 else ''}"
                                     + (", ensemble.onnx" if onnx else "") + ")")
     console.print(f"wrote {folder / 'report.md'}, {folder / 'ensemble.json'}{written}", markup=False, highlight=False)
     return ExitCode.OK
