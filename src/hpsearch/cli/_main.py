@@ -19,25 +19,38 @@ Command = Callable[[argparse.Namespace], ExitCode]
 
 def main(argv: Sequence[str] | None = None) -> ExitCode:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    set_verbosity(args.verbosity, optuna=args.uses_optuna)
-    # We use Optuna's heartbeat and retry callbacks on purpose; their ExperimentalWarnings are noise to users.
-    warnings.filterwarnings("ignore", message=r".*(is experimental|experimental feature).*")
+    set_up_process(args.verbosity, optuna=args.uses_optuna)
     try:
         return _command(args.handler)(args)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: running trials were marked FAIL and queued for retry from their "
                       "checkpoints; `hpsearch run` resumes the study")
         return ExitCode.INTERRUPTED
-    except HpsearchError as err:
+    except Exception as err:
+        code = refusal(err)
+        if code is None:
+            raise
+        return code
+
+
+def set_up_process(verbosity: int, *, optuna: bool) -> None:
+    """Log format, verbosity and warnings of a process that runs a command (`main`, or run's preparation child)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    set_verbosity(verbosity, optuna=optuna)
+    # We use Optuna's heartbeat and retry callbacks on purpose; their ExperimentalWarnings are noise to users.
+    warnings.filterwarnings("ignore", message=r".*(is experimental|experimental feature).*")
+
+
+def refusal(err: Exception) -> ExitCode | None:
+    """An error the user can act on, printed as its one line, and its exit code; None: a bug, to be raised."""
+    if isinstance(err, HpsearchError):
         print_error(str(err))
         return err.exit_code
-    except Exception as err:
-        line = _proxy_failure(err)
-        if line is None:
-            raise
-        print_error(line)
-        return ExitCode.STORAGE_DOWN
+    line = _proxy_failure(err)
+    if line is None:
+        return None
+    print_error(line)
+    return ExitCode.STORAGE_DOWN
 
 
 def _command(handler: str) -> Command:

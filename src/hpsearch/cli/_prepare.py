@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import multiprocessing
 import os
 import signal
-import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpsearch.errors import ExitCode, HpsearchError
+from hpsearch.errors import ExitCode
 
 if TYPE_CHECKING:
     from hpsearch.search import Run
@@ -75,22 +72,15 @@ def prepared_in_this_process(args: argparse.Namespace, forked: bool) -> Prepared
 
 def _outcome(args: argparse.Namespace) -> Prepared | ExitCode:
     """Prepared, or the exit code of a refusal whose one line is printed here, as `main` prints it."""
-    from hpsearch.cli._output import print_error
+    from hpsearch.cli._main import refusal
 
     try:
         return prepared_here(args)
-    except HpsearchError as err:
-        print_error(str(err))
-        return err.exit_code
     except Exception as err:
-        if "grpc" in sys.modules:  # the storage proxy's failure, one line as `main` says it
-            from hpsearch.store import proxy_failure
-
-            line = proxy_failure(err)
-            if line is not None:
-                print_error(line)
-                return ExitCode.STORAGE_DOWN
-        raise
+        code = refusal(err)
+        if code is None:
+            raise
+        return code
 
 
 def _child(args: argparse.Namespace, env: dict[str, str], conn: Connection) -> None:
@@ -99,13 +89,11 @@ def _child(args: argparse.Namespace, env: dict[str, str], conn: Connection) -> N
         Path("/proc/self/comm").write_text(CHILD_NAME)
     os.environ.clear()
     os.environ.update(env)
-    from hpsearch.cli._output import set_verbosity
+    from hpsearch.cli._main import set_up_process
     from hpsearch.workers import install_stop_handler
 
     install_stop_handler()  # SIGTERM as Ctrl-C; a second signal does not interrupt the first one's clean-up
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    set_verbosity(args.verbosity, optuna=True)
-    warnings.filterwarnings("ignore", message=r".*(is experimental|experimental feature).*")
+    set_up_process(args.verbosity, optuna=True)
     try:
         outcome: Prepared | ExitCode = _outcome(args)
     except KeyboardInterrupt:
