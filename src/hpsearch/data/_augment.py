@@ -9,6 +9,7 @@ no device synchronization.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -124,9 +125,15 @@ def rand_augment(images: torch.Tensor, strength: float) -> torch.Tensor:
     magnitude = round(strength * (MAGNITUDE_BINS - 1))
     if magnitude == 0:  # a strength below 1/60: none (at magnitude 0, Solarize would still invert white pixels)
         return images
-    transform = v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS)
+    transform = _rand_augment(magnitude)
     groups = images.chunk(min(RAND_AUGMENT_GROUPS, images.shape[0]))
     return torch.cat([transform(group) for group in groups])
+
+
+@functools.cache
+def _rand_augment(magnitude: int) -> v2.RandAugment:
+    """One transform per magnitude, built once, not at every step (it holds no state between calls)."""
+    return v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS)
 
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
