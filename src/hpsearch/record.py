@@ -65,7 +65,7 @@ class StudyRecord:
     space_fingerprint: str | None  # a resumed study must keep its search space ...
     space: dict[str, Any] | None  # ... and this one names what changed
     split_sha256: str | None  # the split every trial's outputs line up with
-    split_sizes: dict[str, int] | None  # {"train", "val", "test"}: images in each part
+    split_sizes: dict[str, int] | None  # {"train", "val", "test"[, "calibration"]}: images in each part
     folds_sha256: str | None  # [data] folds: the fold assignment every trial's folds line up with
     fold_sizes: tuple[int, ...] | None
     classes: tuple[str, ...] | None

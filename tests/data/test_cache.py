@@ -141,7 +141,7 @@ def test_unreadable_files_fail_by_default_and_are_left_out_and_listed_with_skip(
     assert pool.given_val is not None and list(pool.given_val) == list(range(12, 18))
     assert sorted(pool.labels[torch.from_numpy(pool.given_val)].tolist()) == [0, 0, 1, 1, 2, 2]
     split = make_split(pool, imagefolder_section(root, tmp_path, bad_images="skip"), seed=0)
-    assert sorted(np.concatenate([split.train, split.val, split.test]).tolist()) == list(range(18))
+    assert sorted(np.concatenate([split.train, split.val, split.test, split.calibration]).tolist()) == list(range(18))
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:

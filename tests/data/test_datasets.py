@@ -63,19 +63,19 @@ def test_digits_are_scikit_learns_own_without_importing_it() -> None:
 
 
 def _parts(split: Split) -> list[np.ndarray]:
-    return [split.train, split.val, split.test]
+    return [split.train, split.val, split.test, split.calibration]
 
 
 def test_split_is_disjoint_covers_the_pool_and_is_stratified(digits: ImagePool) -> None:
     cfg = DataSection(dataset="digits", val_fraction=0.2, test_fraction=0.2)
     split = make_split(digits, cfg, seed=0)
-    train, val, test = _parts(split)
-    union = np.concatenate([train, val, test])
+    train, val, test, calibration = _parts(split)
+    union = np.concatenate([train, val, test, calibration])
     assert len(np.unique(union)) == len(union), "parts overlap"
     assert np.array_equal(np.sort(union), np.arange(len(digits.labels)))
     labels = digits.labels.numpy()
     n = len(labels)
-    for part, fraction in ((train, 0.6), (val, 0.2), (test, 0.2)):
+    for part, fraction in ((train, 0.5), (val, 0.2), (test, 0.2), (calibration, 0.1)):
         assert abs(len(part) / n - fraction) < 0.01
         assert set(labels[part]) == set(range(10)), "a class is missing from a part"
         for c in range(10):
@@ -84,11 +84,13 @@ def test_split_is_disjoint_covers_the_pool_and_is_stratified(digits: ImagePool) 
 
 
 def test_split_other_fractions(digits: ImagePool) -> None:
-    split = make_split(digits, DataSection(dataset="digits", val_fraction=0.1, test_fraction=0.3), seed=0)
+    cfg = DataSection(dataset="digits", val_fraction=0.1, test_fraction=0.3, calibration_fraction=0.15)
+    split = make_split(digits, cfg, seed=0)
     n = len(digits.labels)
     assert abs(len(split.val) / n - 0.1) < 0.01
     assert abs(len(split.test) / n - 0.3) < 0.01
-    assert abs(len(split.train) / n - 0.6) < 0.01
+    assert abs(len(split.calibration) / n - 0.15) < 0.01
+    assert abs(len(split.train) / n - 0.45) < 0.01
 
 
 def test_split_deterministic_per_seed_and_sha256_stable(digits: ImagePool) -> None:
@@ -98,7 +100,10 @@ def test_split_deterministic_per_seed_and_sha256_stable(digits: ImagePool) -> No
         assert np.array_equal(x, y)
     assert a.sha256() == b.sha256()
     # Pinned: a resumed study compares this hash, so the split of a seed must never change between versions.
-    assert a.sha256() == "0f67b37ce4f503310ccdf5632aa5dd94224fea12cb3b7c875bf7515d29cfe023"
+    assert a.sha256() == "7db2996e7d3b1eaeb8cf3d822afa4c85e16ebbcb72a551e4e8e998b00946d160"
+    # Studies made before splits had a calibration part resume with calibration_fraction = 0: the hash they recorded.
+    without = make_split(digits, DataSection(dataset="digits", calibration_fraction=0), seed=0)
+    assert without.sha256() == "0f67b37ce4f503310ccdf5632aa5dd94224fea12cb3b7c875bf7515d29cfe023"
     c = make_split(digits, cfg, seed=1)
     assert not np.array_equal(a.val, c.val)
     assert not np.array_equal(a.test, c.test)
@@ -121,7 +126,8 @@ def test_subset_is_honoured_stratified_and_deterministic(digits: ImagePool) -> N
     union = np.concatenate(_parts(split))
     assert len(np.unique(union)) == len(union)
     assert abs(len(union) - 300) <= 10
-    assert abs(len(split.train) - 180) <= 10 and abs(len(split.val) - 60) <= 10 and abs(len(split.test) - 60) <= 10
+    assert abs(len(split.train) - 150) <= 10 and abs(len(split.val) - 60) <= 10 and abs(len(split.test) - 60) <= 10
+    assert abs(len(split.calibration) - 30) <= 5
     labels = digits.labels.numpy()
     counts = np.bincount(labels[union], minlength=10)
     assert counts.min() >= 25 and counts.max() <= 35, counts
@@ -129,7 +135,10 @@ def test_subset_is_honoured_stratified_and_deterministic(digits: ImagePool) -> N
         assert set(labels[part]) == set(range(10))
     again = make_split(digits, cfg, seed=0)
     assert split.sha256() == again.sha256()
-    assert split.sha256() == "5ab627a86062578363cd1febe2609e7cef2ec91c0fafedd71ce63c5a7f314021"
+    assert split.sha256() == "568bb3dfd2f53c1a4c0540e8f5990c2cbb0deb538214103a808bc781370632c1"
+    # Without a calibration part, the hash studies made before there was one recorded.
+    assert make_split(digits, DataSection(dataset="digits", subset=300, calibration_fraction=0), seed=0).sha256() == (
+        "5ab627a86062578363cd1febe2609e7cef2ec91c0fafedd71ce63c5a7f314021")
     other = make_split(digits, cfg, seed=1)
     assert not np.array_equal(np.sort(union), np.sort(np.concatenate(_parts(other))))
 
@@ -165,8 +174,12 @@ def test_imagefolder_with_given_val_and_test(tmp_path: Path) -> None:
     split = make_split(pool, cfg, seed=0)
     assert np.array_equal(split.val, np.sort(pool.given_val))
     assert np.array_equal(split.test, np.sort(pool.given_test))
-    assert np.array_equal(np.sort(split.train), np.arange(n_train))
-    assert make_split(pool, cfg, seed=5).sha256() == split.sha256()
+    # The calibration part comes out of train/ (the given val/ and test/ are kept as they are).
+    assert np.array_equal(np.sort(np.concatenate([split.train, split.calibration])), np.arange(n_train))
+    # Only the calibration part is drawn (from train/): without one, the seed changes nothing.
+    assert not np.array_equal(make_split(pool, cfg, seed=5).calibration, split.calibration)
+    fixed = cfg.model_copy(update={"calibration_fraction": 0.0})
+    assert make_split(pool, fixed, seed=5).sha256() == make_split(pool, fixed, seed=0).sha256()
 
 
 def test_imagefolder_train_only_is_split(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import torch
 from scipy.special import log_softmax, logsumexp
@@ -21,8 +20,8 @@ from scipy.special import log_softmax, logsumexp
 from hpsearch.cli._main import main
 from hpsearch.ensemble._candidates import Candidate
 from hpsearch.ensemble._fit import build_ensemble
-from hpsearch.store import StudyArtifacts, TrialOutputs, open_artifact_store, open_storage, upload_trial_artifacts
-from tests.support import tiny_tables, write_study
+from hpsearch.store import TrialOutputs
+from tests.support import study_of_outputs
 
 SHA = "c" * 64
 CLASSES = 10
@@ -107,23 +106,7 @@ def test_a_temperature_that_helps_held_out_ships_and_helps_on_test(seed: int) ->
 
 
 def real_study(tmp_path: Path, outputs: list[TrialOutputs]) -> tuple[Path, str, Path]:
-    """A real SQLite study and artifact folder whose trials stored `outputs` (values: best first)."""
-    from hpsearch.config import read_study_file
-
-    path = write_study(tmp_path / "honest.toml", tiny_tables("honest"))
-    url, store_dir = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "artifacts"
-    storage = open_storage(url)
-    study = optuna.create_study(study_name="honest", storage=storage, direction="maximize")
-    files = StudyArtifacts(open_artifact_store(store_dir), storage, "honest", str(store_dir))
-    for attr, value in (("split_sha256", SHA), ("classes", [str(c) for c in range(CLASSES)]),
-                        ("config", read_study_file(path).model_dump(mode="json")), ("artifacts_dir", str(store_dir))):
-        study.set_user_attr(attr, value)
-    for i, o in enumerate(outputs):
-        trial = study.ask()
-        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-        upload_trial_artifacts(files, trial, {"w": torch.zeros(2)}, o, {"arch": "resnet18"})
-        study.tell(trial, 0.9 - 1e-3 * i)
-    return path, url, store_dir
+    return study_of_outputs(tmp_path, "honest", outputs, CLASSES)
 
 
 def test_an_export_keeps_t_1_where_validation_is_perfectly_separated_and_records_what_fitted_what(
@@ -163,7 +146,8 @@ def test_auto_on_a_validation_split_with_few_mistakes_says_its_evidence_is_thin(
                  "--top-k", "12", "--no-export"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "- thin evidence: the choice rests on 200 validation images" in printed
-    assert "cross-validate the study ([data] folds)" in printed, printed  # not eaten as rich markup
+    assert "([data] calibration_fraction, in a new study) or cross-validate it ([data] folds)" in printed, printed
+    # (not eaten as rich markup)
     thin = build_ensemble(candidates(members(0, margin=8.0, noise=0.3)), arch="resnet18")
     mistakes = round((1 - thin.row("single").val_accuracy) * 200)
     assert mistakes < 10

@@ -127,11 +127,14 @@ def test_tiny_study_end_to_end_then_resume(storage_url, study_file, tmp_path, ca
         assert weights.keys() == load_file(str(weights_path)).keys()
         model = torchvision.models.get_model("resnet18", num_classes=10)
         model.load_state_dict(weights, strict=True)
-
         outputs = load_trial_outputs(store, trial)
         assert outputs.split_sha256 == study.user_attrs["split_sha256"]
         assert tuple(outputs.val_logits.shape) == (sizes["val"], 10)
         assert tuple(outputs.test_logits.shape) == (sizes["test"], 10)
+        calibration = torch.as_tensor(prepared.split.calibration)  # only the ensemble reads its outputs
+        assert outputs.calibration_logits is not None and tuple(outputs.calibration_logits.shape) == (
+            sizes["calibration"], 10) and sizes["calibration"] > 0
+        assert torch.equal(outputs.calibration_labels, prepared.pool.labels[calibration])
         assert torch.isfinite(outputs.test_logits).all()
         assert torch.equal(outputs.val_labels, val_labels)
         assert torch.equal(outputs.test_labels, prepared.pool.labels[torch.as_tensor(prepared.split.test)])

@@ -2,7 +2,7 @@
 a fresh process (_studies), the storages and artifact stores tests run against (_storages) and the dashboard over
 them (_dashboard), the processes the process-level tests start and kill (_processes), a single-node SLURM cluster
 (_slurm), image folders (_images), what a drawn figure shows (_figures), and the small real studies and exports the
-ensemble, export and predict tests build without training (_exports, _lab).
+ensemble, export and predict tests build without training (_exports, _lab, _outputs).
 
 Test modules import these as `from tests.support import ...` (this package re-exports them all); no test module
 imports another's helpers."""
@@ -12,6 +12,7 @@ from tests.support._exports import N_MEMBERS, Exported, build_export, fit_head, 
 from tests.support._figures import MATH_CLASS, SYNTHETIC_SPACE, csv_rows, drawn_texts, scatter_points, synthetic_study
 from tests.support._images import COLOURS, bomb_png, colour_folder, imagefolder_section, solid_png
 from tests.support._lab import Lab, State, lab_ensemble, lab_study, lab_study_file, make_lab, perturbed
+from tests.support._outputs import study_of_outputs
 from tests.support._processes import (
     Procs,
     alive,
@@ -96,6 +97,7 @@ __all__ = [
     "solid_png",
     "states_of",
     "storage_proxy",
+    "study_of_outputs",
     "synthetic_study",
     "tiny_tables",
     "trials_of",

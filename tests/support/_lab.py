@@ -64,8 +64,9 @@ def lab_study(lab: Lab, name: str, states: Sequence[State], weights: str | None 
     storage = open_storage(lab.url)
     study = open_study(cfg, storage, prepared, lab.store)
     pool, split = prepared.pool, prepared.split
-    x = {k: lab.pre(pool.images[torch.from_numpy(getattr(split, k))]) for k in ("val", "test")}
-    y = {k: pool.labels[torch.from_numpy(getattr(split, k))] for k in ("val", "test")}
+    parts = ("val", "test", "calibration")  # what a trial stores outputs of
+    x = {k: lab.pre(pool.images[torch.from_numpy(getattr(split, k))]) for k in parts}
+    y = {k: pool.labels[torch.from_numpy(getattr(split, k))] for k in parts}
     files = StudyArtifacts(open_artifact_store(lab.store), storage, study.study_name, str(lab.store))
     for i, state in enumerate(states):
         trial = study.ask()
@@ -76,9 +77,10 @@ def lab_study(lab: Lab, name: str, states: Sequence[State], weights: str | None 
         model = models.get_model(archs[i] if archs else "resnet18", num_classes=10)
         model.load_state_dict(state)
         with torch.no_grad():
-            val, test = model.eval()(x["val"]), model(x["test"])
-        upload_trial_artifacts(files, trial, state, TrialOutputs(val, test, split.sha256(), y["val"], y["test"]),
-                               {"arch": "resnet18"})
+            val, test, calibration = model.eval()(x["val"]), model(x["test"]), model(x["calibration"])
+        outputs = TrialOutputs(val, test, split.sha256(), y["val"], y["test"], calibration_logits=calibration,
+                               calibration_labels=y["calibration"])
+        upload_trial_artifacts(files, trial, state, outputs, {"arch": "resnet18"})
         study.tell(trial, float((val.argmax(1) == y["val"]).float().mean()))
     return path
 

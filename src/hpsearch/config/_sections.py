@@ -119,6 +119,9 @@ def _has_password(url: str) -> bool:
     return ":" in credentials or re.search(r"[?&](?:ssl)?password=", url, re.IGNORECASE) is not None
 
 
+DEFAULT_CALIBRATION_FRACTION = 0.1
+
+
 class DataSection(Strict):
     dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
     """digits: scikit-learn's bundled 8x8 digits (offline); imagefolder: one folder per class under `root`."""
@@ -130,6 +133,11 @@ class DataSection(Strict):
     """Share of the images held out for validation (stratified)."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
     """Share held out for test, for datasets without their own test split."""
+    calibration_fraction: float | None = Field(None, ge=0, lt=1)
+    """Share held out from training and from every choice the search makes (best epoch, pruning, ranking):
+    `hpsearch ensemble` fits its weights and temperature and makes its choice on it, so they are judged on
+    images nothing else was selected on. Default 0.1 with one train/val split, 0 with folds (the out-of-fold
+    outputs serve); 0 = none: the ensemble fits on the validation outputs, and says so."""
     augment: list[Literal["crop", "flip", "cutout", "rrc"]] = Field(default_factory=lambda: ["crop"])
     """Training augmentations, run batched on the device; rrc = random resized crop (scale 0.25-1, aspect
     3/4-4/3) of the stored image; flip is refused for digits (a mirrored 2 is no 2)."""
@@ -164,12 +172,23 @@ class DataSection(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if self.folds and self.calibration_fraction:
+            raise ValueError("calibration_fraction: with folds the ensemble fits on the out-of-fold outputs; leave "
+                             "calibration_fraction out or set folds = 0")
+        if self.val_fraction + self.test_fraction + self.calibration_share >= 0.9:
+            raise ValueError("val_fraction + test_fraction + calibration_fraction must leave at least 10% for "
+                             "training")
         if self.stored_size and self.stored_size < self.image_size:
             raise ValueError(f"stored_size {self.stored_size} is below image_size {self.image_size}; store at "
                              "image_size or larger (0 means image_size)")
         return self
+
+    @property
+    def calibration_share(self) -> float:
+        """The calibration part's share of the images, its default resolved (0.1 on one split, 0 with folds)."""
+        if self.calibration_fraction is not None:
+            return self.calibration_fraction
+        return 0.0 if self.folds else DEFAULT_CALIBRATION_FRACTION
 
     @property
     def decoded_size(self) -> int:

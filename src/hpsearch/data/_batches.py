@@ -136,12 +136,13 @@ class TrialData:
     preprocess: Preprocess
     augment: tuple[str, ...]
     num_classes: int
+    calibration: DeviceData | None = None  # predicted once, by the best epoch's model, for the ensemble only
 
 
 def trial_data(pool: ImagePool, split: Split, cfg: DataSettings, pretrained: bool, device: torch.device, *,
                sharers: int = 1, placement: Placement | None = None) -> TrialData:
-    """Place the three splits once (resident or streamed: `placement`, else what `placement_for` decides for one
-    of `sharers` workers on this GPU); every trial of a worker reuses them."""
+    """Place the splits once (resident or streamed: `placement`, else what `placement_for` decides for one of
+    `sharers` workers on this GPU); every trial of a worker reuses them."""
     placement = placement or placement_for(pool, split, cfg, device, sharers=sharers)
     return TrialData(
         train=DeviceData(pool, split.train, device, placement),
@@ -150,4 +151,5 @@ def trial_data(pool: ImagePool, split: Split, cfg: DataSettings, pretrained: boo
         preprocess=preprocess_for(pool, split, cfg, pretrained),
         augment=tuple(cfg.augment),
         num_classes=pool.num_classes,
+        calibration=DeviceData(pool, split.calibration, device, placement) if len(split.calibration) else None,
     )

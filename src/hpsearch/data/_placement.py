@@ -19,9 +19,9 @@ from hpsearch.data._split import Split
 
 
 def resident_bytes(row_bytes: int, split: Split, folds: int) -> int:
-    """Device memory the resident copies of a worker take at their peak: the three splits, plus one fold's train
-    and validation images under cross-validation (folds >= 2)."""
-    rows = len(split.train) + len(split.val) + len(split.test)
+    """Device memory the resident copies of a worker take at their peak: the splits, plus one fold's train and
+    validation images under cross-validation (folds >= 2)."""
+    rows = len(split.train) + len(split.val) + len(split.test) + len(split.calibration)
     if folds:
         rows += len(split.train) + len(split.val)  # the folds partition train+val
     return row_bytes * rows

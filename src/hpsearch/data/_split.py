@@ -1,13 +1,15 @@
-"""The study's one seeded, stratified train/val/test split of a pool.
+"""The study's one seeded, stratified train/val/calibration/test split of a pool.
 
-A `Split` is three index arrays into the pool. Train/val/test never overlap, are fixed by the study seed, and
-their sha256 is recorded in the study so every trial's outputs line up sample by sample.
+A `Split` is four index arrays into the pool. They never overlap, are fixed by the study seed, and their sha256
+is recorded in the study so every trial's outputs line up sample by sample. Validation picks each trial's best
+epoch, feeds the pruner and ranks the trials; calibration is used by none of them, only by the ensemble, which
+fits its weights and temperature there (`[data] calibration_fraction`; empty with folds or when set to 0).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,20 +23,25 @@ class Split:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    calibration: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
-        for part in (self.train, self.val, self.test):
+        # An empty calibration part leaves the digest as it was before there was one: such studies still resume.
+        parts = (self.train, self.val, self.test) + ((self.calibration,) if len(self.calibration) else ())
+        for part in parts:
             digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
             digest.update(b"|")
         return digest.hexdigest()
 
     def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        sizes = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        return sizes | ({"calibration": len(self.calibration)} if len(self.calibration) else {})
 
 
 def make_split(pool: ImagePool, cfg: DataSettings, seed: int) -> Split:
-    """One stratified split, fixed by the seed. Parts the dataset fixes itself are kept as given."""
+    """One stratified split, fixed by the seed. Parts the dataset fixes itself are kept as given. Calibration is
+    cut last, from what would otherwise train: validation and test are the same with or without it."""
     rng = np.random.default_rng(seed)
     labels = pool.labels.numpy()
     fixed = np.zeros(len(labels), dtype=bool)
@@ -55,8 +62,14 @@ def make_split(pool: ImagePool, cfg: DataSettings, seed: int) -> Split:
                                                                           is None else 0)), rng)
     elif cfg.subset:
         val = _stratified_take(val, labels, max(pool.num_classes, round(cfg.subset * cfg.val_fraction)), rng)
-    split = Split(np.sort(free), np.sort(val), np.sort(test))
-    for name, part in (("train", split.train), ("val", split.val), ("test", split.test)):
+    calibration = np.zeros(0, dtype=np.int64)
+    if cfg.calibration_share:
+        remaining = 1 - (cfg.test_fraction if pool.given_test is None else 0) - (
+            cfg.val_fraction if pool.given_val is None else 0)
+        free, calibration = _stratified_cut(free, labels, cfg.calibration_share / remaining, rng)
+    split = Split(np.sort(free), np.sort(val), np.sort(test), np.sort(calibration))
+    parts = [("train", split.train), ("val", split.val), ("test", split.test)]
+    for name, part in parts + ([("calibration", split.calibration)] if cfg.calibration_share else []):
         if len(part) == 0:
             raise DataError(f"data: the {name} split is empty; use more data or other val/test fractions")
     return split

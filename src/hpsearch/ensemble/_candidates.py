@@ -8,13 +8,16 @@ why, and the next one is tried. No model is re-run: the outputs are what each tr
 A cross-validated study's (`[data] folds`) candidate is a trial with all K fold models: its validation outputs
 are out-of-fold (every train+val image predicted by the fold model that never saw it, in pool order), its test
 outputs the uniform average of its K fold models' softmaxes; the fold outputs must carry the study's folds.
+
+What the ensemble fits on (`fit_part`): the calibration split's outputs where the study cut one, else the
+out-of-fold or validation outputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -153,7 +156,31 @@ def _mismatch(outputs: TrialOutputs, sha: str, n_classes: int | None, first: Tri
         return "its stored labels differ from the best candidate's"
     if first is not None and outputs.val_index is not None and not outputs.val_index.equal(first.val_index):
         return "its out-of-fold images differ from the best candidate's"
+    if first is not None and not _same(outputs.calibration_labels, first.calibration_labels):
+        return "its stored calibration labels differ from the best candidate's"
     return None
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.equal(b))
+
+
+FitPart = Literal["calibration", "validation", "out-of-fold"]
+
+
+def fit_part(outputs: TrialOutputs) -> FitPart:
+    """Which outputs an ensemble fits on: the calibration split's where the study has one (nothing else chose on
+    it), else the out-of-fold outputs of a cross-validated study, else validation's."""
+    if outputs.calibration_logits is not None:
+        return "calibration"
+    return "out-of-fold" if outputs.val_index is not None else "validation"
+
+
+def fit_outputs(outputs: TrialOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (or log-probabilities) and labels of `fit_part(outputs)`."""
+    if outputs.calibration_logits is not None and outputs.calibration_labels is not None:
+        return outputs.calibration_logits, outputs.calibration_labels
+    return outputs.val_logits, outputs.val_labels
 
 
 def stack_outputs(candidates: Sequence[Candidate]) -> Outputs:
@@ -165,12 +192,13 @@ def stack_outputs(candidates: Sequence[Candidate]) -> Outputs:
         o = c.outputs
         if o.split_sha256 != first.split_sha256 or o.val_logits.shape != first.val_logits.shape \
                 or o.test_logits.shape != first.test_logits.shape or not o.val_labels.equal(first.val_labels) \
-                or not o.test_labels.equal(first.test_labels):
+                or not o.test_labels.equal(first.test_labels) or fit_part(o) != fit_part(first) \
+                or not _same(o.calibration_labels, first.calibration_labels):
             raise EnsembleError(f"trial {c.trial}'s outputs do not line up with trial {candidates[0].trial}'s "
                                 "(split, shape or labels differ)")
     return Outputs(
-        val=member_log_probs([c.outputs.val_logits.double().numpy() for c in candidates]),
+        fit=member_log_probs([fit_outputs(c.outputs)[0].double().numpy() for c in candidates]),
         test=member_log_probs([c.outputs.test_logits.double().numpy() for c in candidates]),
-        y_val=first.val_labels.numpy().astype(np.int64),
+        y_fit=fit_outputs(first)[1].numpy().astype(np.int64),
         y_test=first.test_labels.numpy().astype(np.int64),
     )

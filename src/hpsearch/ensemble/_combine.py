@@ -41,11 +41,12 @@ class WeightFit:
 
 @dataclass(frozen=True)
 class Outputs:
-    """Members' outputs stacked for combining: log-probabilities on validation and test, and the labels."""
+    """Members' outputs stacked for combining: log-probabilities on the fitting data (the calibration split, or
+    validation, or out-of-fold: hpsearch.ensemble._candidates.stack_outputs says which) and on test, and labels."""
 
-    val: np.ndarray  # [m, n_val, c] log-probabilities
+    fit: np.ndarray  # [m, n_fit, c] log-probabilities
     test: np.ndarray  # [m, n_test, c]
-    y_val: np.ndarray
+    y_fit: np.ndarray
     y_test: np.ndarray
 
 

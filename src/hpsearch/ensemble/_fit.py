@@ -1,8 +1,10 @@
 """Ensembles of a study's best trials, built from their stored outputs only (no model is re-run).
 
-The top k candidates (hpsearch.candidates) are combined. The fitting outputs are the validation split's (or,
-with `[data] folds`, the out-of-fold outputs of every train+val image). Member weights are fitted there two
-ways, and the one with the lower NLL wins (hpsearch.combine):
+The top k candidates (hpsearch.candidates) are combined. The fitting outputs are the calibration split's: a
+part of the data no trial trained on, picked its best epoch or was pruned or ranked by (`[data]
+calibration_fraction`, 0.1 by default). With `[data] folds` they are the out-of-fold outputs of every train+val
+image; a study that cut no calibration part falls back to its validation outputs, and says so. Member weights
+are fitted there two ways, and the one with the lower NLL wins (hpsearch.combine):
 
 - greedy ensemble selection with replacement (Caruana et al., 2004): add, one round at a time, the member
   whose addition gives the lowest NLL of the running average; keep the best prefix; a member's weight is how
@@ -10,12 +12,12 @@ ways, and the one with the lower NLL wins (hpsearch.combine):
 - direct minimisation of the NLL of the weighted average over the simplex (scipy SLSQP; the NLL of a mixture
   is convex in its weights, so this is the global optimum up to solver tolerance).
 
-Those outputs also picked each trial's best epoch and ranked the trials, so a fit judged on them looks better
-than it is. Every decision therefore rests on cross-fitted evidence (hpsearch.ensemble._crossfit): weights and
-T refitted without each part of the fitting outputs and scored on it. A temperature ships only where it lowers
-that held-out NLL; `--method auto` (the default) ships the lowest held-out NLL among the best single trial,
-uniform and weighted soft voting. Hard voting ships votes, not probabilities, so it has no NLL to compare and
-is shipped only when asked for.
+A fit judged on the outputs it was fitted to looks better than it is (and validation or out-of-fold outputs
+also picked the epochs and ranked the trials). Every decision therefore rests on cross-fitted evidence
+(hpsearch.ensemble._crossfit): weights and T refitted without each part of the fitting outputs and scored on
+it. A temperature ships only where it lowers that held-out NLL; `--method auto` (the default) ships the lowest
+held-out NLL among the best single trial, uniform and weighted soft voting. Hard voting ships votes, not
+probabilities, so it has no NLL to compare and is shipped only when asked for.
 
 The held-out test outputs are used only to compare, in one table: the best single trial, hard voting,
 uniform soft voting and weighted soft voting; accuracy, NLL and ECE (15 equal-width confidence bins),
@@ -40,7 +42,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from hpsearch.archs import trial_arch
-from hpsearch.ensemble._candidates import Candidate, Selection, select_candidates, stack_outputs, trial_candidate
+from hpsearch.ensemble._candidates import (
+    Candidate,
+    FitPart,
+    Selection,
+    fit_outputs,
+    fit_part,
+    select_candidates,
+    stack_outputs,
+    trial_candidate,
+)
 from hpsearch.ensemble._combine import (
     ECE_BINS,
     GREEDY_ROUNDS,
@@ -73,6 +84,12 @@ Method = Literal["auto", "single", "weighted", "soft", "hard", "soup"]
 METHODS: tuple[Method, ...] = ("auto", "single", "weighted", "soft", "hard")
 PROBABILISTIC: tuple[Method, ...] = ("single", "soft", "weighted")  # in the order ties are broken
 FIT_NAMES = {"greedy": "greedy selection", "slsqp": "direct NLL minimisation (SLSQP)", "uniform": "uniform"}
+# What fitted the weights and T, in words, by hpsearch.ensemble._candidates.fit_part.
+FIT_DATA: dict[FitPart, str] = {
+    "calibration": "calibration outputs (a split no trial trained on, picked its epoch by or was ranked by)",
+    "validation": "validation outputs",
+    "out-of-fold": "out-of-fold outputs of train+val (each image predicted by the fold model that never saw it)",
+}
 
 
 @dataclass(frozen=True)
@@ -103,19 +120,24 @@ class EnsembleResult:
     collapsed: bool  # the weighted ensemble is a single member
     notes: tuple[str, ...]
     split_sha256: str
-    sizes: Mapping[str, int]  # val, test
+    sizes: Mapping[str, int]  # fit (the fitting outputs), test
     candidates: tuple[int, ...]  # trial numbers in rank order; WeightFit.weights line up with them
     soup: SoupInfo | None = None  # only with --method soup
     asked: Method = "weighted"  # what the user asked for (--method)
-    fit_data: str = "validation outputs"  # what fitted the weights and T, in words
+    fit_part: FitPart = "validation"  # which outputs fitted the weights and T
 
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.key == key)
 
+    @property
+    def fit_data(self) -> str:
+        """What fitted the weights and T, in words."""
+        return FIT_DATA[self.fit_part]
+
     def fitting(self) -> dict[str, Any]:
         """Which data fitted, chose and measured what: the export's manifest and ensemble.json record it."""
         shipped = self.row(self.method)
-        sizes = f"{self.sizes['val']} {self.fit_data}"
+        sizes = f"{self.sizes['fit']} {self.fit_data}"
         if shipped.temperature is None:
             temperature = "none: hard voting ships vote shares"
         elif shipped.temperature_ships:
@@ -134,7 +156,8 @@ class EnsembleResult:
         choice = (f"auto: the lowest cross-fitted held-out NLL among {', '.join(PROBABILISTIC)}"
                   if self.asked == "auto" else f"asked for with --method {self.asked}")
         return {
-            "selection": f"each trial's best epoch and the trials' ranking: accuracy on the {self.fit_data}",
+            "selection": "each trial's best epoch and the trials' ranking: the study's metric on the "
+                         + ("out-of-fold outputs" if self.fit_part == "out-of-fold" else "validation outputs"),
             "weights": weights, "temperature": temperature, "choice": choice,
             "evidence": f"cross-fitting in {PARTS} stratified parts of the {sizes}: weights and T refitted without "
                         "each part, scored on it",
@@ -192,7 +215,7 @@ def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = 
     m = len(candidates)
     trials = [c.trial for c in candidates]
     uniform = np.full(m, 1.0 / m)
-    chosen, fits = _fit_weights(true_class_log_probs(data.val, data.y_val), rounds)
+    chosen, fits = _fit_weights(true_class_log_probs(data.fit, data.y_fit), rounds)
 
     single = soft_row("single", f"best single trial (#{trials[0]})", data, np.eye(m)[0], trials)
     hard, ties = hard_row(data, trials)
@@ -210,18 +233,17 @@ def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = 
                     for c, w in zip(candidates, weights, strict=True) if w > 0)
     temperature = None if shipped == "hard" else usable_temperature(next(r for r in rows if r.key == shipped))
     k = len(candidates[0].fold_weights)
-    fit_data = ("out-of-fold outputs of train+val (each image predicted by the fold model that never saw it)"
-                if k else "validation outputs")
+    part = fit_part(candidates[0].outputs)
     notes = _notes(fits, chosen, rows, collapsed, ties, len(data.y_test), method, shipped)
-    notes += _thin_evidence(single, len(data.y_val), method, cross_validated=bool(k))
+    notes += _thin_evidence(single, len(data.y_fit), method, part)
     if k:
         notes = (f"cross-validated: each member is one trial's {k} fold models, their softmaxes averaged uniformly; "
-                 f"weights and T are fitted on the out-of-fold outputs of all {len(data.y_val)} train+val images "
+                 f"weights and T are fitted on the out-of-fold outputs of all {len(data.y_fit)} train+val images "
                  "(each predicted by the fold model that never saw it)", *notes)
     return EnsembleResult(shipped, members, temperature, chosen, fits, rows, collapsed,
                           notes, candidates[0].outputs.split_sha256,
-                          {"val": len(data.y_val), "test": len(data.y_test)}, tuple(trials), asked=method,
-                          fit_data=fit_data)
+                          {"fit": len(data.y_fit), "test": len(data.y_test)}, tuple(trials), asked=method,
+                          fit_part=part)
 
 
 def _notes(fits: Sequence[WeightFit], chosen: WeightFit, rows: Sequence[Row], collapsed: bool, ties: int,
@@ -260,18 +282,18 @@ def _notes(fits: Sequence[WeightFit], chosen: WeightFit, rows: Sequence[Row], co
     return tuple(n for n in notes if n)
 
 
-def _thin_evidence(single: Row, n_fit: int, asked: Method, *, cross_validated: bool) -> tuple[str, ...]:
-    """A warning where `auto` chose on one validation split holding too few mistakes to tell the rows apart: there
-    the rows differ by their confidence on images they all get right, and the best trial is best there partly by
-    luck (the split ranked it). Measured on digits (bench/RESULTS.md): uniform soft voting had a higher test
-    accuracy than what `auto` shipped on every seed."""
+def _thin_evidence(single: Row, n_fit: int, asked: Method, part: FitPart) -> tuple[str, ...]:
+    """A warning where `auto` chose on the validation split (a study that cut no calibration part) holding too few
+    mistakes to tell the rows apart: there the rows differ by their confidence on images they all get right, and
+    the best trial is best there partly by luck (the split ranked it). Measured on digits (bench/RESULTS.md):
+    uniform soft voting had a higher test accuracy than what `auto` shipped on every seed."""
     mistakes = round((1.0 - single.val_accuracy) * n_fit)
-    if asked != "auto" or cross_validated or mistakes >= MIN_MISTAKES:
+    if asked != "auto" or part != "validation" or mistakes >= MIN_MISTAKES:
         return ()
     return (f"thin evidence: the choice rests on {n_fit} validation images on which the best trial makes {mistakes} "
             f"mistakes (under {MIN_MISTAKES}): the rows differ there by their confidence on images all get right, "
-            "and that split ranked the trials; cross-validate the study ([data] folds) for evidence that holds, or "
-            "ask for --method soft",)
+            "and that split ranked the trials; give the study a calibration part ([data] calibration_fraction, in a "
+            "new study) or cross-validate it ([data] folds), or ask for --method soft",)
 
 
 def with_soup(result: EnsembleResult, soup: Soup, candidates: Sequence[Candidate]) -> EnsembleResult:
@@ -294,21 +316,21 @@ def single_trial(candidate: Candidate, arch: str) -> EnsembleResult:
     """One trial exported alone (`hpsearch export --trial N`): its temperature decided as every row's is (cross-
     fitted held-out evidence on its fitting outputs), its test numbers measured the same way."""
     o = candidate.outputs
-    data = Outputs(val=member_log_probs([o.val_logits.double().numpy()]),
+    fit_logits, fit_labels = fit_outputs(o)
+    data = Outputs(fit=member_log_probs([fit_logits.double().numpy()]),
                    test=member_log_probs([o.test_logits.double().numpy()]),
-                   y_val=o.val_labels.numpy().astype(np.int64), y_test=o.test_labels.numpy().astype(np.int64))
+                   y_fit=fit_labels.numpy().astype(np.int64), y_test=o.test_labels.numpy().astype(np.int64))
     row = soft_row("single", f"trial #{candidate.trial}", data, np.ones(1), [candidate.trial])
     member = Member(candidate.trial, dict(candidate.params), trial_arch(arch, candidate.params), 1.0,
                     candidate.weights_artifact, candidate.val_accuracy, fold_artifacts=candidate.fold_weights)
     fit = WeightFit("uniform", (1.0,), float(row.val_nll or 0.0))
-    fit_data = "out-of-fold outputs of train+val" if candidate.fold_weights else "validation outputs"
     notes = [f"trial {candidate.trial} exported alone (--trial); T: shipped only where cross-fitting ({PARTS} "
              "parts) shows it lowers held-out NLL"]
     if row.fitted_temperature is not None and not row.temperature_ships and row.fitted_temperature != 1.0:
         notes.append(f"the fitted T = {row.fitted_temperature:.3g} is not shipped (T = 1)")
     return EnsembleResult("single", (member,), usable_temperature(row), fit, (), (row,), False, tuple(notes),
-                          o.split_sha256, {"val": len(data.y_val), "test": len(data.y_test)}, (candidate.trial,),
-                          asked="single", fit_data=fit_data)
+                          o.split_sha256, {"fit": len(data.y_fit), "test": len(data.y_test)}, (candidate.trial,),
+                          asked="single", fit_part=fit_part(o))
 
 
 def study_trial(study: optuna.Study, store: ArtifactStore, number: int, arch: str,

@@ -82,16 +82,16 @@ def soft_row(key: RowKey, name: str, data: Outputs, weights: np.ndarray, trials:
              fit_weights: WeightFitter | None = None) -> Row:
     """The weighted average of the members' probabilities, measured. `fit_weights` refits `weights` on each
     cross-fitting part's complement (None: the weights are fixed, only T is refitted)."""
-    val = mixture_log_probs(data.val, weights)
+    fit = mixture_log_probs(data.fit, weights)
     test = mixture_log_probs(data.test, weights)
-    fitted = fit_temperature(val, data.y_val)
-    heldout = cross_fit(data.val, data.y_val, fit_weights or fixed(weights), parts(data.y_val))
-    fit_accuracy = accuracy(val.argmax(axis=1), data.y_val)
-    temperature = shipped_temperature(fitted, heldout, fit_accuracy, len(data.y_val))
+    fitted = fit_temperature(fit, data.y_fit)
+    heldout = cross_fit(data.fit, data.y_fit, fit_weights or fixed(weights), parts(data.y_fit))
+    fit_accuracy = accuracy(fit.argmax(axis=1), data.y_fit)
+    temperature = shipped_temperature(fitted, heldout, fit_accuracy, len(data.y_fit))
     scaled = scale(test, temperature)
     nonzero = [i for i, w in enumerate(weights) if w > 0]
     return Row(key, name, tuple(trials[i] for i in nonzero), tuple(float(weights[i]) for i in nonzero),
-               nll(val, data.y_val), accuracy(test.argmax(axis=1), data.y_test), nll(test, data.y_test),
+               nll(fit, data.y_fit), accuracy(test.argmax(axis=1), data.y_test), nll(test, data.y_test),
                expected_calibration_error(test, data.y_test), temperature, nll(scaled, data.y_test),
                expected_calibration_error(scaled, data.y_test), fit_accuracy, degenerate(fitted, fit_accuracy), fitted,
                heldout)
@@ -103,8 +103,8 @@ def hard_row(data: Outputs, trials: Sequence[int]) -> tuple[Row, int]:
     predictions, share, ties = hard_vote(data.test)
     correct = predictions == data.y_test
     m = len(trials)
-    val_predictions, _, _ = hard_vote(data.val)
-    val_accuracy = accuracy(val_predictions, data.y_val)
+    fit_predictions, _, _ = hard_vote(data.fit)
+    val_accuracy = accuracy(fit_predictions, data.y_fit)
     row = Row("hard", "hard voting", tuple(trials), (1.0 / m,) * m, None, accuracy(predictions, data.y_test),
               None, ece_from(share, correct), None, None, None, val_accuracy,
               heldout=HeldOut(val_accuracy, float("nan"), float("nan")))

@@ -12,7 +12,8 @@ accuracy does not drop (>=). Averaging weights changes the function, so every st
 on the study's validation split: the data is loaded from the config the study recorded, and its split must
 still hash to the study's `split_sha256`. The final soup is kept only when validation says it beats the best
 single trial, re-run the same way: higher validation accuracy, or the same accuracy and a lower validation NLL.
-Its comparison row (test metrics, temperature fitted on validation) is computed like every other row.
+Its comparison row (test metrics, temperature fitted on the calibration split, or on validation where the study
+has none) is computed like every other row.
 
 Every floating tensor is averaged, BatchNorm running statistics included; integer buffers (BatchNorm's
 `num_batches_tracked`) are the best trial's.
@@ -206,6 +207,10 @@ def soup_decision(ingredients: Sequence[int], steps: Sequence[SoupStep]) -> tupl
 # ------------------------------------------------------------------------------------------ the study
 
 
+def _labels(pool: ImagePool, part: np.ndarray) -> np.ndarray:
+    return pool.labels[torch.from_numpy(part)].numpy().astype(np.int64)
+
+
 def _rebuilt(record: StudyRecord, cfg: StudyConfig, first: TrialOutputs) -> tuple[ImagePool, Split]:
     """The study's pool and split as the data here gives them, checked against its record and the labels its
     trials stored: averaged weights are re-run on the very images the trials were validated on."""
@@ -244,8 +249,10 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
     pool, split = _rebuilt(record, cfg, candidates[0].outputs)
     pre = study_preprocess(study)
     val, test = DeviceData(pool, split.val, device), DeviceData(pool, split.test, device)
-    y_val = pool.labels[torch.from_numpy(split.val)].numpy().astype(np.int64)
-    y_test = pool.labels[torch.from_numpy(split.test)].numpy().astype(np.int64)
+    y_val, y_test = _labels(pool, split.val), _labels(pool, split.test)
+    # The row's T and evidence come from the same outputs as every other row's: calibration where there is one.
+    fit, y_fit = (DeviceData(pool, split.calibration, device), _labels(pool, split.calibration)) if len(
+        split.calibration) else (val, y_val)
     n_classes = len(record.classes or ()) or pool.num_classes
     model = plain_model(arch, n_classes, builder_kwargs(arch, pre.image_size)).to(device).eval()
 
@@ -261,7 +268,7 @@ def make_soup(study: optuna.Study, store: ArtifactStore, candidates: Sequence[Ca
     ingredients, state, steps = greedy_soup([c.trial for c in candidates],
                                             lambda t: load_weights(store, by_trial[t].weights_artifact), evaluate)
     kept, reason = soup_decision(ingredients, steps)
-    data = Outputs(val=log_probs(state, val)[None], test=log_probs(state, test)[None], y_val=y_val, y_test=y_test)
+    data = Outputs(fit=log_probs(state, fit)[None], test=log_probs(state, test)[None], y_fit=y_fit, y_test=y_test)
     name = "greedy soup (" + "+".join(f"#{t}" for t in ingredients) + ")"
     row = soft_row("soup", name, data, np.ones(1), ingredients[:1])
     row = dataclasses.replace(row, trials=tuple(ingredients), weights=(1.0 / len(ingredients),) * len(ingredients))

@@ -79,7 +79,7 @@ def report_markdown(result: EnsembleResult, study_name: str, candidates: Sequenc
     parts = [
         f"# Ensemble of study `{study_name}`",
         "",
-        f"Split `{result.split_sha256}`: {result.sizes['val']} {result.fit_data}, {result.sizes['test']} test "
+        f"Split `{result.split_sha256}`: {result.sizes['fit']} {result.fit_data}, {result.sizes['test']} test "
         "samples. Weights and temperatures are fitted on those outputs; what ships is decided by cross-fitting on "
         "them (refitted without each part, scored on it); the test split only measures.",
         "",

@@ -41,7 +41,7 @@ WEIGHTS_FILE = "ensemble_weights.png"
 RELIABILITY_FILE = "ensemble_reliability.png"
 RELIABILITY_BINS = ECE_BINS  # the table's ECE and the diagram's bins are one computation (calibration_bins)
 # The comparison's columns as ensemble.json names them, in the order a reader compares them.
-COMPARISON = ("name", "trials", "weights", "val_accuracy", "test_accuracy", "test_nll", "test_ece", "temperature",
+COMPARISON = ("name", "trials", "weights", "fit_accuracy", "test_accuracy", "test_nll", "test_ece", "temperature",
               "test_nll_scaled", "test_ece_scaled")
 
 Builder = tuple[str, str, Callable[[], Figure]]

@@ -344,9 +344,13 @@ class Objective:
             remove_artifact(self.store, artifact)
 
     def _store(self, trial: optuna.Trial, result: TrainResult) -> None:
-        # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere.
+        # Test outputs are stored for the ensemble's final report only; no test metric is set anywhere. The
+        # calibration outputs are the ensemble's to fit on; nothing here reads them.
+        calibration = self.data.calibration
         outputs = TrialOutputs(result.val_logits, result.test_logits, self.prepared.split.sha256(),
-                               self.data.val.labels.cpu(), self.data.test.labels.cpu())
+                               self.data.val.labels.cpu(), self.data.test.labels.cpu(),
+                               calibration_logits=result.calibration_logits,
+                               calibration_labels=None if calibration is None else calibration.labels.cpu())
         metadata = {"arch": self.cfg.trial_model(trial.params).arch, "num_classes": str(self.data.num_classes),
                     "trial": str(trial.number)}
         self.state_bytes = _nbytes(result.state_dict)

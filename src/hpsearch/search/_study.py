@@ -143,7 +143,7 @@ def _check_resume(cfg: StudyConfig, storage: optuna.storages.BaseStorage, record
     if record.split_sha256 not in (None, prepared.split.sha256()):
         raise ConfigError("data", f"the split differs from the one study {cfg.study.name!r} recorded (the dataset, "
                           "subset, fractions or seed changed); trials' outputs would not line up: use a new "
-                          "[study] name", cfg.source)
+                          "[study] name" + _calibration_hint(cfg, record), cfg.source)
     _check_folds(cfg, record, prepared.folds.sha256() if prepared.folds is not None else None)
     _check_config(cfg, record)
 
@@ -203,6 +203,15 @@ def _check_config(cfg: StudyConfig, record: StudyRecord) -> None:
         where = f"{cfg.source}: " if cfg.source else ""
         raise StudyRecordError(f"{where}study {cfg.study.name!r} was created with {key} = {old!r}; this file says "
                                f"{new!r}: use another [study] name, or the original file")
+
+
+def _calibration_hint(cfg: StudyConfig, record: StudyRecord) -> str:
+    """A study recorded before splits had a calibration part resumes with none: say how."""
+    recorded = record.split_sizes or {}
+    if cfg.data.calibration_share and "calibration" not in recorded:
+        return (f", or set [data] calibration_fraction = 0 (study {cfg.study.name!r} was made without a "
+                "calibration part; its ensembles then fit on validation outputs)")
+    return ""
 
 
 def _check_folds(cfg: StudyConfig, record: StudyRecord, folds_sha: str | None) -> None:

@@ -293,6 +293,9 @@ class TrialOutputs:
     val_index: torch.Tensor | None = None  # int64 [n_val]
     folds_sha256: str = ""
     fold: int | None = None
+    # The calibration split's (hpsearch.data), on which the ensemble fits; None where the study has none.
+    calibration_logits: torch.Tensor | None = None  # float32 [n_calibration, classes]
+    calibration_labels: torch.Tensor | None = None  # int64 [n_calibration]
 
 
 def upload_trial_artifacts(
@@ -327,6 +330,9 @@ def upload_model_files(files: StudyArtifacts, trial_number: int, state_dict: dic
         if outputs.val_index is not None:
             tensors["val_index"] = outputs.val_index.contiguous()
             out_meta.update(folds_sha256=outputs.folds_sha256, fold=str(outputs.fold))
+        if outputs.calibration_logits is not None and outputs.calibration_labels is not None:
+            tensors["calibration_logits"] = outputs.calibration_logits.contiguous()
+            tensors["calibration_labels"] = outputs.calibration_labels.contiguous()
         save_file(tensors, str(out), metadata=out_meta)
         ids: dict[str, str] = {}
         try:
@@ -376,10 +382,15 @@ def load_outputs(store: ArtifactStore, artifact_id: str) -> TrialOutputs:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             fold = meta.get("fold")
+            names = set(f.keys())
+
+            def optional(name: str) -> torch.Tensor | None:
+                return f.get_tensor(name) if name in names else None
+
             return TrialOutputs(f.get_tensor("val_logits"), f.get_tensor("test_logits"), meta.get("split_sha256", ""),
-                                f.get_tensor("val_labels"), f.get_tensor("test_labels"),
-                                f.get_tensor("val_index") if "val_index" in f.keys() else None,  # noqa: SIM118
-                                meta.get("folds_sha256", ""), int(fold) if fold is not None else None)
+                                f.get_tensor("val_labels"), f.get_tensor("test_labels"), optional("val_index"),
+                                meta.get("folds_sha256", ""), int(fold) if fold is not None else None,
+                                optional("calibration_logits"), optional("calibration_labels"))
 
 
 def store_size_bytes(location: str) -> int:

@@ -60,6 +60,7 @@ class TrainResult:
     val_logits: torch.Tensor  # float32 [n_val, classes], split order, best epoch
     test_logits: torch.Tensor  # float32 [n_test, classes], split order, best epoch
     extra: dict[str, object] = field(default_factory=dict)
+    calibration_logits: torch.Tensor | None = None  # float32 [n_calibration, classes], best epoch; None: no part
 
     def summary(self) -> dict[str, object]:
         return {keys.BEST_EPOCH: self.best.epoch, "val_accuracy": self.best.val_accuracy,
@@ -397,4 +398,6 @@ def _train(model_cfg: ModelSettings, train_cfg: TrainSettings, data: TrialData, 
     # The stored outputs: fp32 whatever the training precision (they are what the ensemble is fit on).
     val_logits = predict_logits(run.forward, data.val, data.preprocess, train_cfg.eval_batch_size).cpu()
     test_logits = predict_logits(run.forward, data.test, data.preprocess, train_cfg.eval_batch_size).cpu()
-    return TrainResult(best, history, best_state, val_logits, test_logits)
+    calibration_logits = None if data.calibration is None else predict_logits(
+        run.forward, data.calibration, data.preprocess, train_cfg.eval_batch_size).cpu()
+    return TrainResult(best, history, best_state, val_logits, test_logits, calibration_logits=calibration_logits)
