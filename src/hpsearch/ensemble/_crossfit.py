@@ -1,10 +1,10 @@
 """Held-out evidence from the fitting data itself: cross-fitting, so that no weight or temperature is judged on
 the samples it was fitted to.
 
-One validation split (or, with `[data] folds`, the out-of-fold outputs) already picked each trial's best epoch
-and ranked the trials. Fitting the ensemble's weights and its temperature on the same outputs and then judging
-them there rewards a fit to noise: on a few hundred images, many members and a validation accuracy near 1, the
-weights and T that look best there made test NLL worse. Cross-fitting asks the question honestly without
+Fitting the ensemble's weights and its temperature on some outputs and then judging them there rewards a fit to
+noise: on a few hundred images, many members and an accuracy near 1, the weights and T that look best there made
+test NLL worse, the more so on validation outputs, which also picked each trial's best epoch and ranked the
+trials. Cross-fitting asks the question honestly without
 retraining anything: the fitting outputs are cut into `PARTS` stratified parts; for each part, the weights and
 T are fitted on the other parts and the combination is scored on that part; every sample is thus predicted by
 a fit that never saw it. The pooled out-of-part predictions give each combination a held-out accuracy and NLL,
@@ -16,10 +16,9 @@ with T = 1 and with its fitted T, and those decide:
 - which combination ships when the user leaves the choice to hpsearch (`--method auto`): the lowest held-out
   NLL among the best single trial, uniform and weighted soft voting.
 
-What is shipped is then fitted on all the fitting outputs (more data than any part's fit). What this does not
-remove: the held-out parts also picked the trials' epochs and ranking, a milder selection (a handful of epochs
-and the top k of the trials) that only a calibration split set aside before training would remove, at the cost
-of training images.
+What is shipped is then fitted on all the fitting outputs (more data than any part's fit). The fitting outputs
+are the calibration split's (hpsearch.data), which no selection touched; on validation or out-of-fold outputs the
+held-out parts also picked the trials' epochs and ranking, a selection cross-fitting cannot remove.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from rich.table import Table
 
 from hpsearch.ensemble import Candidate, EnsembleResult, Row, at_bound
 
-# `held-out NLL` and `held-out acc` are cross-fitted on the fitting outputs (validation, or out-of-fold), of what
-# the row ships (with its T where one ships); the rest is measured on the test split; `(T)`: at the shipped T.
+# `held-out NLL` and `held-out acc` are cross-fitted on the fitting outputs (calibration, out-of-fold or validation),
+# of what the row ships (with its T where one ships); the rest is measured on the test split; `(T)`: at the shipped
+# T.
 COMPARISON_HEADERS = ("method", "members", "weights", "held-out acc", "held-out NLL", "acc", "NLL", "ECE", "T",
                       "NLL (T)", "ECE (T)")
 
