@@ -304,7 +304,8 @@ def with_soup(result: EnsembleResult, soup: Soup, candidates: Sequence[Candidate
         note = (f"greedy soup not kept: {info.reason}; the export is the {result.method} ensemble instead")
         return dataclasses.replace(result, rows=rows, soup=info, notes=(*result.notes, note))
     params: dict[str, Any] = dict(next(c.params for c in candidates if c.trial == info.ingredients[0]))
-    member = Member(info.ingredients[0], params, soup.arch, 1.0, "", soup.row.val_accuracy,
+    validated = [s.val_accuracy for s in info.steps if s.added][-1]  # the kept soup's, re-run on validation
+    member = Member(info.ingredients[0], params, soup.arch, 1.0, "", validated,
                     state=soup.state_dict, soup_of=info.ingredients)
     note = (f"greedy soup kept: {info.reason}; the export is one model, the average of trials "
             + ", ".join(f"#{t}" for t in info.ingredients) + "'s weights")
