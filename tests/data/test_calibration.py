@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from hpsearch.config import DataSection
+from hpsearch.config import DataSection, StudyConfig
 from hpsearch.data import ImagePool, load_pool, make_split
 
 
@@ -51,3 +51,13 @@ def test_bad_calibration_settings_are_refused_by_name(fields: dict[str, float], 
         DataSection(dataset="digits", **fields)
     for word in words:
         assert word in str(caught.value)
+
+
+def test_a_recorded_config_without_a_calibration_part_rebuilds_the_split_it_ran_with() -> None:
+    recorded = {"study": {"name": "old"}, "data": {"dataset": "digits"}}
+    before = StudyConfig.recorded(recorded, {"train": 1078, "val": 359, "test": 360})
+    assert before.data.calibration_share == 0
+    assert StudyConfig.recorded(recorded, {"train": 900, "val": 359, "test": 360, "calibration": 179}
+                                ).data.calibration_share == 0.1
+    assert StudyConfig.recorded(recorded, None).data.calibration_share == 0.1
+

@@ -46,3 +46,12 @@ class StudyConfig(Strict):
         `[model] arch`."""
         arch = trial_arch(self.model.arch, params)
         return self.model if arch == self.model.arch else self.model.model_copy(update={"arch": arch})
+
+    @classmethod
+    def recorded(cls, config: Mapping[str, Any] | None, split_sizes: Mapping[str, int] | None) -> StudyConfig:
+        """The config a study recorded, as it ran: a study whose recorded split has no calibration part (made
+        before there was one) gets `calibration_fraction = 0`, so its split rebuilds as it was."""
+        cfg = cls.model_validate(config or {})
+        if split_sizes is not None and "calibration" not in split_sizes and cfg.data.calibration_fraction is None:
+            return cfg.model_copy(update={"data": cfg.data.model_copy(update={"calibration_fraction": 0.0})})
+        return cfg

@@ -94,7 +94,7 @@ def soup_config(study: optuna.Study) -> StudyConfig:
     if not recorded:
         raise SoupError(f"--method soup: study {study.study_name!r} records no config (not created by hpsearch); "
                         "cannot tell which weights its trials started from")
-    cfg = StudyConfig.model_validate(recorded)
+    cfg = StudyConfig.recorded(recorded, read_study_record(study).split_sizes)
     if not cfg.model.pretrained:
         raise SoupError(f"--method soup: study {study.study_name!r} trained from random initialisations "
                         "(model.weights = none), so its trials did not start from the same weights and averaging "

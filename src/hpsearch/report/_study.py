@@ -194,7 +194,7 @@ def validation_images(study: optuna.Study, outputs: TrialOutputs | None = None) 
     rebuilt and checked too. PlotSkipped where it cannot (data absent here, no recorded config, another split)."""
     record = read_study_record(study)
     try:
-        cfg = StudyConfig.model_validate(record.config or {})
+        cfg = StudyConfig.recorded(record.config, record.split_sizes)
         data = rebuild_study_data(record, cfg.data, cfg.study.seed)
     except RecordMismatch as err:
         raise plots.PlotSkipped(f"the data here no longer gives the study's recorded {err.part}") from None

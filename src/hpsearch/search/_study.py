@@ -233,7 +233,7 @@ def study_preprocess(study: optuna.Study) -> Preprocess:
     record = read_study_record(study)
     if record.preprocess:
         return Preprocess.of(**record.preprocess)
-    cfg = StudyConfig.model_validate(record.config or {})
+    cfg = StudyConfig.recorded(record.config, record.split_sizes)
     try:
         data = rebuild_study_data(record, cfg.data, cfg.study.seed)
     except RecordMismatch as err:
