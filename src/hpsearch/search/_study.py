@@ -140,11 +140,13 @@ def _check_resume(cfg: StudyConfig, storage: optuna.storages.BaseStorage, record
                           f"({changes}); Optuna cannot mix the two spaces: give the study a new [study] name "
                           f"or delete it (optuna delete-study --study-name {cfg.study.name} --storage URL)",
                           cfg.source)
+    # Folds first: turning them on or off also changes the split (a single split cuts a calibration part), and the
+    # folds are what the user changed.
+    _check_folds(cfg, record, prepared.folds.sha256() if prepared.folds is not None else None)
     if record.split_sha256 not in (None, prepared.split.sha256()):
         raise ConfigError("data", f"the split differs from the one study {cfg.study.name!r} recorded (the dataset, "
                           "subset, fractions or seed changed); trials' outputs would not line up: use a new "
                           "[study] name" + _calibration_hint(cfg, record), cfg.source)
-    _check_folds(cfg, record, prepared.folds.sha256() if prepared.folds is not None else None)
     _check_config(cfg, record)
 
 
