@@ -39,7 +39,7 @@ class _Overflowing(nn.Module):
 
 @pytest.fixture(scope="module")
 def data() -> TrialData:
-    cfg = DataSection(dataset="digits", image_size=16, subset=80, augment=[])
+    cfg = DataSection(dataset="digits", image_size=16, subset=80, augment=[], calibration_fraction=0)
     pool = load_pool(cfg)
     return trial_data(pool, make_split(pool, cfg, seed=0), cfg, pretrained=False, device=CPU)
 

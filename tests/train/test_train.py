@@ -167,7 +167,8 @@ HP = Hyperparams(lr=1e-3, optimizer="adam", scheduler="exponential", exp_gamma=3
 
 @pytest.fixture(scope="module")
 def tiny() -> TrialData:
-    cfg = DataSection(dataset="digits", image_size=32, subset=200, augment=["crop", "cutout"])
+    cfg = DataSection(dataset="digits", image_size=32, subset=200, augment=["crop", "cutout"],
+                      calibration_fraction=0)
     pool = load_pool(cfg)
     return trial_data(pool, make_split(pool, cfg, seed=0), cfg, pretrained=False, device=CPU)
 
