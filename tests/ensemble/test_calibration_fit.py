@@ -83,11 +83,12 @@ def test_a_single_trial_export_fits_its_temperature_on_calibration() -> None:
 
 
 def test_calibration_outputs_round_trip_through_the_store_and_the_cli_records_what_fitted_what(
-        tmp_path: Path) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path, url, store_dir = study_of_outputs(tmp_path, "cal", lucky_first(1, calibration=True), CLASSES)
     out = tmp_path / "ens"
     assert main(["ensemble", str(path), "--storage", url, "--artifacts", str(store_dir), "--out", str(out),
                  "--top-k", "6", "--no-export"]) == 0
+    assert "cross-fitted on the 400 calibration images" in " ".join(capsys.readouterr().out.split())
     payload = json.loads((out / "ensemble.json").read_text())
     assert payload["method"] in ("soft", "weighted")
     fitting = payload["fitting"]

@@ -36,18 +36,21 @@ def cmd_export(args: argparse.Namespace) -> ExitCode:
                                out=args.out or f"trial-{args.trial}", onnx=args.onnx, trial=args.trial)
     return _print_exported(exported, False, args.onnx, args.json)
 
+# The table title's words for what fitted the weights and T (hpsearch.ensemble's fit_part).
+FIT_PART_WORDS = {"calibration": "calibration images", "validation": "validation images",
+                  "out-of-fold": "out-of-fold train+val images"}
+
 
 def _print_exported(exported: Exported, no_export: bool, onnx: bool, as_json: bool) -> ExitCode:
     from hpsearch.export import result_table
 
     result, folder = exported.result, exported.folder
-    folds = any(m.fold_artifacts for m in result.members)
     if as_json:
         print_json_object(_ensemble_object(folder, exported=not no_export, onnx=onnx))
     else:
         show(result_table(result, f"top {len(exported.selection.candidates)} trials of {exported.study_name!r}: "
-                                  f"held-out acc and NLL cross-fitted on "
-                                  f"{'out-of-fold train+val' if folds else 'validation'}, the rest on test; "
+                                  f"held-out acc and NLL cross-fitted on the {result.sizes['fit']} "
+                                  f"{FIT_PART_WORDS[result.fit_part]}, the rest on test; "
                                   "(T) at the shipped temperature"))
         for note in result.notes:  # plain text: a note may hold "[data] folds", which rich would take as markup
             show(f"- {note}", markup=False, highlight=False)

@@ -86,7 +86,7 @@ PROBABILISTIC: tuple[Method, ...] = ("single", "soft", "weighted")  # in the ord
 FIT_NAMES = {"greedy": "greedy selection", "slsqp": "direct NLL minimisation (SLSQP)", "uniform": "uniform"}
 # What fitted the weights and T, in words, by hpsearch.ensemble._candidates.fit_part.
 FIT_DATA: dict[FitPart, str] = {
-    "calibration": "calibration outputs (a split no trial trained on, picked its epoch by or was ranked by)",
+    "calibration": "calibration outputs (images no trial trained on and no choice of the search read)",
     "validation": "validation outputs",
     "out-of-fold": "out-of-fold outputs of train+val (each image predicted by the fold model that never saw it)",
 }
