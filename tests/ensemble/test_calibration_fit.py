@@ -64,6 +64,8 @@ def test_fitting_on_calibration_ships_no_lucky_trial_and_beats_it_on_test(seed: 
     assert on_validation.fit_part == "validation"
     assert on_validation.method == "single" or on_validation.weight_fit.weights[0] > 0.9
     assert on_calibration.fit_part == "calibration" and on_calibration.sizes["fit"] == 400
+    said = [[n for n in r.notes if n.startswith("no calibration part")] for r in (on_validation, on_calibration)]
+    assert len(said[0]) == 1 and not said[1]
     assert on_calibration.method in ("soft", "weighted")
     shipped = on_calibration.row(on_calibration.method)
     assert shipped.nll_scaled < on_calibration.row("single").nll_scaled - 0.05

@@ -1,9 +1,9 @@
 """Ensembles of a study's best trials, built from their stored outputs only (no model is re-run).
 
 The top k candidates (hpsearch.candidates) are combined. The fitting outputs are the calibration split's: a
-part of the data no trial trained on, picked its best epoch or was pruned or ranked by (`[data]
+part of the data no trial trained on and no choice of the search (best epoch, pruning, ranking) read (`[data]
 calibration_fraction`, 0.1 by default). With `[data] folds` they are the out-of-fold outputs of every train+val
-image; a study that cut no calibration part falls back to its validation outputs, and says so. Member weights
+image; a study that cut no calibration part falls back to its validation outputs, and a note says so. Member weights
 are fitted there two ways, and the one with the lower NLL wins (hpsearch.combine):
 
 - greedy ensemble selection with replacement (Caruana et al., 2004): add, one round at a time, the member
@@ -235,6 +235,10 @@ def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = 
     k = len(candidates[0].fold_weights)
     part = fit_part(candidates[0].outputs)
     notes = _notes(fits, chosen, rows, collapsed, ties, len(data.y_test), method, shipped)
+    if part == "validation":
+        notes += ("no calibration part: weights, T and the choice rest on the validation outputs, which also picked "
+                  "the trials' epochs and ranked them; a study with [data] calibration_fraction > 0 (a new one) gives "
+                  "evidence nothing else was chosen on",)
     notes += _thin_evidence(single, len(data.y_fit), method, part)
     if k:
         notes = (f"cross-validated: each member is one trial's {k} fold models, their softmaxes averaged uniformly; "
