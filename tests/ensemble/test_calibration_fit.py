@@ -8,6 +8,7 @@ member like the others. Fitting on validation ships that trial alone; fitting on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -97,3 +98,19 @@ def test_calibration_outputs_round_trip_through_the_store_and_the_cli_records_wh
     assert "400 calibration outputs" in fitting["evidence"]
     assert fitting["selection"].endswith("validation outputs")
     assert "calibration" in (out / "report.md").read_text()
+
+
+def test_a_calibration_part_with_few_mistakes_says_its_evidence_is_thin() -> None:
+    """Members that get nearly every calibration image right leave `auto` little to choose by: a note says so,
+    naming the count and the ways to more evidence; with plenty of mistakes it does not."""
+    def sharp(o: TrialOutputs) -> TrialOutputs:  # confidently right on every calibration image
+        assert o.calibration_logits is not None and o.calibration_labels is not None
+        right = 30.0 * torch.nn.functional.one_hot(o.calibration_labels, CLASSES)
+        return dataclasses.replace(o, calibration_logits=o.calibration_logits + right)
+
+    thin = build_ensemble(candidates([sharp(o) for o in lucky_first(0, calibration=True)]), arch="resnet18")
+    warning = [n for n in thin.notes if n.startswith("thin evidence")]
+    assert len(warning) == 1 and "400 calibration images on which the best trial makes 0 mistakes" in warning[0]
+    assert "calibration_fraction" in warning[0] and "[data] folds" in warning[0]
+    ample = build_ensemble(candidates(lucky_first(0, calibration=True)), arch="resnet18")
+    assert not [n for n in ample.notes if n.startswith("thin evidence")]
