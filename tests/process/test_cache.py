@@ -63,7 +63,8 @@ while not go.exists():
 pool = load_pool(cfg)
 data = trial_data(pool, make_split(pool, cfg, 0), cfg, False, torch.device("cpu"))
 seen = sum(len(x) for x, _ in data.train.batches(64, shuffle=True, generator=torch.Generator().manual_seed(0)))
-seen += sum(len(x) for part in (data.val, data.test) for x, _ in part.batches(256))
+parts = [p for p in (data.val, data.test, data.calibration) if p is not None]
+seen += sum(len(x) for part in parts for x, _ in part.batches(256))
 print(json.dumps({"before": before, "after": anon_mib(), "seen": seen, "placement": data.train.placement}))
 '''
 
