@@ -125,7 +125,7 @@ def test_build_ensemble_rows_match_the_hand_case() -> None:
     # bin 4 (4/15, 5/15], 2/3 in bin 9 (9/15, 10/15]: ECE = 2/4*|0 - 1/3| + 2/4*|1 - 2/3| = 1/3
     assert hard.ece == pytest.approx(1 / 3)
     assert soft.accuracy == 0.5 and soft.nll == pytest.approx(0.874795, abs=1e-6)
-    assert weighted.val_nll <= soft.val_nll + 1e-12
+    assert weighted.fit_nll <= soft.fit_nll + 1e-12
     assert sum(result.weight_fit.weights) == pytest.approx(1.0)
     assert result.method == "weighted"
     assert sum(m.weight for m in result.members) == pytest.approx(1.0)
@@ -196,8 +196,8 @@ def test_weighted_is_no_worse_than_uniform_on_validation_nll(seed: int) -> None:
     true = true_class_log_probs(log_probs, labels)
     uniform = nll(mixture_log_probs(log_probs, np.full(4, .25)), labels)
     fit = fit_nll_weights(true)
-    assert fit.val_nll <= uniform + 1e-9
-    assert fit.val_nll == pytest.approx(nll(mixture_log_probs(log_probs, np.array(fit.weights)), labels))
+    assert fit.fit_nll <= uniform + 1e-9
+    assert fit.fit_nll == pytest.approx(nll(mixture_log_probs(log_probs, np.array(fit.weights)), labels))
 
 
 def test_weighted_row_no_worse_than_uniform_through_build_ensemble() -> None:
@@ -206,7 +206,7 @@ def test_weighted_row_no_worse_than_uniform_through_build_ensemble() -> None:
     candidates = [Candidate(i, {}, 0.9, "", TrialOutputs(torch.tensor(lp), torch.tensor(lp), SHA, y, y))
                   for i, lp in enumerate(log_probs)]
     result = build_ensemble(candidates, arch="resnet18")
-    assert result.row("weighted").val_nll <= result.row("soft").val_nll + 1e-9
+    assert result.row("weighted").fit_nll <= result.row("soft").fit_nll + 1e-9
     assert result.weight_fit.name in ("greedy", "slsqp")
 
 
@@ -229,7 +229,7 @@ def test_greedy_keeps_the_best_prefix() -> None:
     bad = np.log(np.full((4, 2), .5))
     fit, picks = greedy_selection(true_class_log_probs(np.stack([bad, good]), labels), rounds=5)
     assert picks == [1] * 5 and fit.weights == (0.0, 1.0)
-    assert fit.val_nll == pytest.approx(-math.log(.99))
+    assert fit.fit_nll == pytest.approx(-math.log(.99))
 
 
 def test_temperature_scaling_lowers_nll_of_an_overconfident_model() -> None:

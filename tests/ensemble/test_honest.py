@@ -83,7 +83,7 @@ def test_auto_ships_what_held_out_evidence_favours_not_the_validation_fit() -> N
     shipped, weighted, single = [], [], []
     for seed in range(6):
         result = build_ensemble(candidates(members(seed, margin=7.0, noise=1.5)), arch="resnet18")
-        assert result.row("weighted").val_nll <= result.row("soft").val_nll  # what fooled the old choice
+        assert result.row("weighted").fit_nll <= result.row("soft").fit_nll  # what fooled the old choice
         assert any(n.startswith(f"chosen: {result.method}, the lowest cross-fitted held-out NLL")
                    for n in result.notes)
         shipped.append(result.row(result.method).nll_scaled)
@@ -149,7 +149,7 @@ def test_auto_on_a_validation_split_with_few_mistakes_says_its_evidence_is_thin(
     assert "([data] calibration_fraction, in a new study) or cross-validate it ([data] folds)" in printed, printed
     # (not eaten as rich markup)
     thin = build_ensemble(candidates(members(0, margin=8.0, noise=0.3)), arch="resnet18")
-    mistakes = round((1 - thin.row("single").val_accuracy) * 200)
+    mistakes = round((1 - thin.row("single").fit_accuracy) * 200)
     assert mistakes < 10
     warning = [n for n in thin.notes if n.startswith("thin evidence")]
     assert len(warning) == 1 and f"on which the best trial makes {mistakes} mistakes" in warning[0], thin.notes
@@ -157,5 +157,5 @@ def test_auto_on_a_validation_split_with_few_mistakes_says_its_evidence_is_thin(
     asked = build_ensemble(candidates(members(0, margin=8.0, noise=0.3)), arch="resnet18", method="soft")
     assert not [n for n in asked.notes if n.startswith("thin evidence")]
     ample = build_ensemble(candidates(members(0, margin=4.0, noise=1.5, n_val=600)), arch="resnet18")
-    assert round((1 - ample.row("single").val_accuracy) * 600) >= 10
+    assert round((1 - ample.row("single").fit_accuracy) * 600) >= 10
     assert not [n for n in ample.notes if n.startswith("thin evidence")]

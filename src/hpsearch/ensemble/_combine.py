@@ -6,10 +6,10 @@ member's argmax; a tie between classes with the most votes goes to the class wit
 probability over all members, then to the lowest class index. Hard voting yields votes, not probabilities,
 so it has no NLL or temperature; its ECE uses the winning class's vote share as the confidence.
 
-Member weights are fitted on validation outputs only, two ways (`greedy_selection`, Caruana et al. 2004, and
-`fit_nll_weights`, direct minimisation of the validation NLL over the simplex); temperature scaling is fitted on
-the same outputs too. What judges those fits is cross-fitting (hpsearch.ensemble._crossfit); a comparison line is
-a `Row` (hpsearch.ensemble._rows).
+Member weights are fitted on the fitting outputs only (calibration, out-of-fold or validation: `Outputs.fit`), two
+ways (`greedy_selection`, Caruana et al. 2004, and `fit_nll_weights`, direct minimisation of their NLL over the
+simplex); temperature scaling is fitted on the same outputs too. What judges those fits is cross-fitting
+(hpsearch.ensemble._crossfit); a comparison line is a `Row` (hpsearch.ensemble._rows).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ HARD_TIE_RULE = "ties between the most-voted classes go to the highest summed pr
 class WeightFit:
     name: Literal["greedy", "slsqp", "uniform"]
     weights: tuple[float, ...]  # one per candidate, in candidate order; >= 0, sum 1
-    val_nll: float
+    fit_nll: float  # on the outputs it was fitted to
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def mixture_nll(true_log_probs: np.ndarray, weights: np.ndarray) -> float:
 
 
 def greedy_selection(true_log_probs: np.ndarray, rounds: int = GREEDY_ROUNDS) -> tuple[WeightFit, list[int]]:
-    """Caruana et al. (2004): forward selection with replacement by validation NLL, best prefix kept.
+    """Caruana et al. (2004): forward selection with replacement by NLL on the fitting outputs, best prefix kept.
 
     Returns the fit (weights = pick counts of the best prefix / its length) and the full pick order.
     Ties between candidates go to the lower index (the better-ranked trial).
@@ -155,7 +155,7 @@ def greedy_selection(true_log_probs: np.ndarray, rounds: int = GREEDY_ROUNDS) ->
 
 
 def fit_nll_weights(true_log_probs: np.ndarray, min_weight: float = MIN_WEIGHT) -> WeightFit:
-    """Weights on the simplex minimising the validation NLL of the weighted average (SLSQP, exact gradient).
+    """Weights on the simplex minimising the NLL of the weighted average on the fitting outputs (SLSQP, exact gradient).
 
     Weights below `min_weight` are set to 0 and the rest renormalised; the NLL reported is after that.
     """
@@ -184,18 +184,18 @@ def scale(log_probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def fit_temperature(log_probs: np.ndarray, labels: np.ndarray) -> float:
-    """The T > 0 minimising the NLL of softmax(log p / T) on these (validation) outputs; 1-D, bounded on log T."""
+    """The T > 0 minimising the NLL of softmax(log p / T) on these (fitting) outputs; 1-D, bounded on log T."""
     result = minimize_scalar(lambda t: nll(scale(log_probs, math.exp(t)), labels),
                              bounds=(math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])), method="bounded",
                              options={"xatol": 1e-5})
     best = math.exp(float(result.x))
-    # The bounded search never evaluates T = 1 exactly; never report a "calibration" that makes validation worse.
+    # The bounded search never evaluates T = 1 exactly; never report a "calibration" that makes these outputs worse.
     return best if nll(scale(log_probs, best), labels) < nll(log_probs, labels) else 1.0
 
 
 def at_bound(temperature: float) -> bool:
-    """Whether a fitted T ran to the search's edge: then NLL has no finite minimiser on validation (for T -> 0:
-    every validation sample is classified correctly, so sharper is always better there) and T overfits it."""
+    """Whether a fitted T ran to the search's edge: then NLL has no finite minimiser on the outputs (for T -> 0:
+    every sample is classified correctly, so sharper is always better there) and T overfits it."""
     return temperature <= T_BOUNDS[0] * 1.01 or temperature >= T_BOUNDS[1] * 0.99
 
 
@@ -208,7 +208,7 @@ def degenerate(fitted: float, fit_accuracy: float) -> bool:
 
 def choose_weights(fits: Sequence[WeightFit], uniform_nll: float, m: int) -> WeightFit:
     """The fit with the lowest validation NLL (ties: the first, greedy); uniform if none beats uniform."""
-    best = min(fits, key=lambda f: f.val_nll)
-    if best.val_nll > uniform_nll:
+    best = min(fits, key=lambda f: f.fit_nll)
+    if best.fit_nll > uniform_nll:
         return WeightFit("uniform", (1.0 / m,) * m, uniform_nll)
     return best

@@ -253,9 +253,9 @@ def build_ensemble(candidates: Sequence[Candidate], arch: str, method: Method = 
 def _notes(fits: Sequence[WeightFit], chosen: WeightFit, rows: Sequence[Row], collapsed: bool, ties: int,
            n_test: int, asked: Method, shipped: Method) -> tuple[str, ...]:
     weighted = rows[-1]
-    tried = ", ".join(f"{FIT_NAMES[f.name]} {f.val_nll:.6f}" for f in fits)
-    others = [f.val_nll for f in fits if f.name != chosen.name]
-    margin = f" (lower by {min(others) - chosen.val_nll:.2g})" if others and chosen.name != "uniform" else ""
+    tried = ", ".join(f"{FIT_NAMES[f.name]} {f.fit_nll:.6f}" for f in fits)
+    others = [f.fit_nll for f in fits if f.name != chosen.name]
+    margin = f" (lower by {min(others) - chosen.fit_nll:.2g})" if others and chosen.name != "uniform" else ""
     notes = [f"weights: NLL on the fitting outputs {tried}; the weighted row uses {FIT_NAMES[chosen.name]}{margin}"
              + (" (neither fit beat uniform weights)" if chosen.name == "uniform" else "")]
     heldout = "; ".join(f"{r.key} {r.shipped_heldout_nll:.4f}" for r in rows if r.shipped_heldout_nll is not None)
@@ -274,8 +274,8 @@ def _notes(fits: Sequence[WeightFit], chosen: WeightFit, rows: Sequence[Row], co
                  "lowers held-out NLL; the 'after T' columns are at the T each row ships")
     for row in rows:
         if row.temperature_at_bound and row.fitted_temperature is not None:
-            why = (f"its accuracy on the fitting outputs is {row.val_accuracy:.4f}, so sharper is always better there"
-                   if row.val_accuracy == 1.0 else "NLL has no minimum inside the bounds")
+            why = (f"its accuracy on the fitting outputs is {row.fit_accuracy:.4f}, so sharper is always better there"
+                   if row.fit_accuracy == 1.0 else "NLL has no minimum inside the bounds")
             notes.append(f"{row.name}: T ran to the search bound ({row.fitted_temperature:.3g}): {why}; T overfits, "
                          "and T = 1 is kept")
         elif row.fitted_temperature is not None and row.fitted_temperature != 1.0 and not row.temperature_ships:
@@ -292,7 +292,7 @@ def _thin_evidence(single: Row, n_fit: int, asked: Method, part: FitPart) -> tup
     calibration part) the best trial is also best there partly by luck: the split ranked it. Measured on digits
     (bench/RESULTS.md): on validation, uniform soft voting had a higher test accuracy than what `auto` shipped on
     every seed; on 179 calibration images, one seed in three shipped a trial that test ranked below the best."""
-    mistakes = round((1.0 - single.val_accuracy) * n_fit)
+    mistakes = round((1.0 - single.fit_accuracy) * n_fit)
     if asked != "auto" or part == "out-of-fold" or mistakes >= MIN_MISTAKES:
         return ()
     said = (f"thin evidence: the choice rests on {n_fit} {part} images on which the best trial makes {mistakes} "
@@ -333,7 +333,7 @@ def single_trial(candidate: Candidate, arch: str) -> EnsembleResult:
     row = soft_row("single", f"trial #{candidate.trial}", data, np.ones(1), [candidate.trial])
     member = Member(candidate.trial, dict(candidate.params), trial_arch(arch, candidate.params), 1.0,
                     candidate.weights_artifact, candidate.val_accuracy, fold_artifacts=candidate.fold_weights)
-    fit = WeightFit("uniform", (1.0,), float(row.val_nll or 0.0))
+    fit = WeightFit("uniform", (1.0,), float(row.fit_nll or 0.0))
     notes = [f"trial {candidate.trial} exported alone (--trial); T: shipped only where cross-fitting ({PARTS} "
              "parts) shows it lowers held-out NLL"]
     if row.fitted_temperature is not None and not row.temperature_ships and row.fitted_temperature != 1.0:

@@ -40,14 +40,14 @@ class Row:
     name: str
     trials: tuple[int, ...]  # members with non-zero weight
     weights: tuple[float, ...]  # their weights
-    val_nll: float | None  # on all the fitting outputs, fitted there (the optimistic figure)
+    fit_nll: float | None  # on all the fitting outputs, fitted there (the optimistic figure)
     accuracy: float
     nll: float | None  # None for hard voting (votes are not probabilities)
     ece: float
     temperature: float | None  # the T this row ships: fitted, or 1.0 when held out it did not help; None for hard
     nll_scaled: float | None  # on test, at the shipped temperature
     ece_scaled: float | None
-    val_accuracy: float  # of this combination on the fitting outputs
+    fit_accuracy: float  # of this combination on the fitting outputs
     temperature_at_bound: bool = False  # the fitted T is degenerate (a bound, or sharpening a perfect fit): kept 1
     fitted_temperature: float | None = None  # T fitted on all the fitting outputs, shipped or not
     heldout: HeldOut | None = None  # cross-fitted evidence; for hard voting, accuracy only (nll = nll_scaled = nan)
@@ -104,10 +104,10 @@ def hard_row(data: Outputs, trials: Sequence[int]) -> tuple[Row, int]:
     correct = predictions == data.y_test
     m = len(trials)
     fit_predictions, _, _ = hard_vote(data.fit)
-    val_accuracy = accuracy(fit_predictions, data.y_fit)
+    fit_accuracy = accuracy(fit_predictions, data.y_fit)
     row = Row("hard", "hard voting", tuple(trials), (1.0 / m,) * m, None, accuracy(predictions, data.y_test),
-              None, ece_from(share, correct), None, None, None, val_accuracy,
-              heldout=HeldOut(val_accuracy, float("nan"), float("nan")))
+              None, ece_from(share, correct), None, None, None, fit_accuracy,
+              heldout=HeldOut(fit_accuracy, float("nan"), float("nan")))
     return row, ties
 
 

@@ -170,7 +170,7 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
         "temperature": _number(result.temperature),
         "weight_fit": result.weight_fit.name,
         "candidates": list(result.candidates),
-        "fits": [{"name": f.name, "fit_nll": _number(f.val_nll), "weights": list(f.weights)}  # one per candidate
+        "fits": [{"name": f.name, "fit_nll": _number(f.fit_nll), "weights": list(f.weights)}  # one per candidate
                  for f in result.fits],
         "collapsed": result.collapsed,
         "members": [{"trial": m.trial, "arch": m.arch, "weight": m.weight, "weights_artifact": m.weights_artifact,
@@ -178,10 +178,10 @@ def result_json(result: EnsembleResult, study_name: str, classes: Sequence[str],
                      **({"fold_artifacts": list(m.fold_artifacts)} if m.fold_artifacts else {})}
                     for m in result.members],
         "metrics": [{"method": r.key, "name": r.name, "trials": list(r.trials), "weights": list(r.weights),
-                     "fit_nll": _number(r.val_nll), "test_accuracy": _number(r.accuracy),
+                     "fit_nll": _number(r.fit_nll), "test_accuracy": _number(r.accuracy),
                      "test_nll": _number(r.nll), "test_ece": _number(r.ece), "temperature": _number(r.temperature),
                      "test_nll_scaled": _number(r.nll_scaled), "test_ece_scaled": _number(r.ece_scaled),
-                     "fit_accuracy": _number(r.val_accuracy), "temperature_at_bound": r.temperature_at_bound,
+                     "fit_accuracy": _number(r.fit_accuracy), "temperature_at_bound": r.temperature_at_bound,
                      "fitted_temperature": _number(r.fitted_temperature),
                      "heldout_accuracy": None if r.heldout is None else _number(r.heldout.accuracy),
                      "heldout_nll": _number(r.shipped_heldout_nll)}
