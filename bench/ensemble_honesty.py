@@ -48,18 +48,24 @@ def hpsearch(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "hpsearch", *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def fitted_on_validation(storage: str, artifacts: Path, name: str) -> dict[str, float | str]:
-    """What `auto` ships from the same trials' outputs with their calibration outputs set aside."""
-    import dataclasses
-
+def study_candidates(storage: str, artifacts: Path, name: str, result: dict) -> list:
+    """The candidates `hpsearch ensemble` combined (the study's top k, read back from its store)."""
     import optuna
 
     from hpsearch.ensemble._candidates import select_candidates
-    from hpsearch.ensemble._fit import build_ensemble
     from hpsearch.store import open_artifact_store, open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    candidates = select_candidates(study, open_artifact_store(artifacts, create=False), top_k=5).candidates
+    store = open_artifact_store(artifacts, create=False)
+    return list(select_candidates(study, store, top_k=len(result["candidates"])).candidates)
+
+
+def fitted_on_validation(candidates: list) -> dict[str, float | str]:
+    """What `auto` ships from the same trials' outputs with their calibration outputs set aside."""
+    import dataclasses
+
+    from hpsearch.ensemble._fit import build_ensemble
+
     plain = [dataclasses.replace(c, outputs=dataclasses.replace(c.outputs, calibration_logits=None,
                                                                 calibration_labels=None)) for c in candidates]
     result = build_ensemble(plain, arch="resnet18")
@@ -67,18 +73,13 @@ def fitted_on_validation(storage: str, artifacts: Path, name: str) -> dict[str, 
     return {"val-fit method": result.method, "val-fit NLL": row.nll_scaled, "val-fit acc": row.accuracy}
 
 
-def paired_differences(storage: str, artifacts: Path, name: str, result: dict) -> dict[str, float | str]:
+def paired_differences(candidates: list, result: dict) -> dict[str, float | str]:
     """Shipped minus best single and minus uniform soft voting: test NLL per image, mean and standard error."""
     import numpy as np
-    import optuna
 
-    from hpsearch.ensemble._candidates import select_candidates, stack_outputs
+    from hpsearch.ensemble._candidates import stack_outputs
     from hpsearch.ensemble._combine import mixture_log_probs, scale
-    from hpsearch.store import open_artifact_store, open_storage
 
-    study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    candidates = select_candidates(study, open_artifact_store(artifacts, create=False),
-                                   top_k=len(result["candidates"])).candidates
     data = stack_outputs(candidates)
     trials = [c.trial for c in candidates]
     rows = {r["method"]: r for r in result["metrics"]}
@@ -110,8 +111,9 @@ def one_seed(study: Path, folder: Path, seed: int, n_trials: int | None,
     result = json.loads((out / "ensemble.json").read_text())
     rows = {r["method"]: r for r in result["metrics"]}
     shipped = rows[result["method"]]
-    paired = fitted_on_validation(common[1], Path(common[3]), name) if also_on_validation else {}
-    return paired | paired_differences(common[1], Path(common[3]), name, result) | {
+    candidates = study_candidates(common[1], Path(common[3]), name, result)
+    paired = fitted_on_validation(candidates) if also_on_validation else {}
+    return paired | paired_differences(candidates, result) | {
         "method": result["method"], "T": shipped["temperature"] or 1.0, "T fitted": shipped["fitted_temperature"],
         "NLL T=1": shipped["test_nll"], "NLL shipped": shipped["test_nll_scaled"], "acc": shipped["test_accuracy"],
         "single NLL": rows["single"]["test_nll_scaled"], "single acc": rows["single"]["test_accuracy"],

@@ -77,9 +77,10 @@ def lab_study(lab: Lab, name: str, states: Sequence[State], weights: str | None 
         model = models.get_model(archs[i] if archs else "resnet18", num_classes=10)
         model.load_state_dict(state)
         with torch.no_grad():
-            val, test, calibration = model.eval()(x["val"]), model(x["test"]), model(x["calibration"])
+            val, test = model.eval()(x["val"]), model(x["test"])
+            calibration = model(x["calibration"]) if len(split.calibration) else None  # as a trial stores it
         outputs = TrialOutputs(val, test, split.sha256(), y["val"], y["test"], calibration_logits=calibration,
-                               calibration_labels=y["calibration"])
+                               calibration_labels=y["calibration"] if calibration is not None else None)
         upload_trial_artifacts(files, trial, state, outputs, {"arch": "resnet18"})
         study.tell(trial, float((val.argmax(1) == y["val"]).float().mean()))
     return path

@@ -192,7 +192,7 @@ def stack_outputs(candidates: Sequence[Candidate]) -> Outputs:
         o = c.outputs
         if o.split_sha256 != first.split_sha256 or o.val_logits.shape != first.val_logits.shape \
                 or o.test_logits.shape != first.test_logits.shape or not o.val_labels.equal(first.val_labels) \
-                or not o.test_labels.equal(first.test_labels) or fit_part(o) != fit_part(first) \
+                or not o.test_labels.equal(first.test_labels) \
                 or not _same(o.calibration_labels, first.calibration_labels):
             raise EnsembleError(f"trial {c.trial}'s outputs do not line up with trial {candidates[0].trial}'s "
                                 "(split, shape or labels differ)")
